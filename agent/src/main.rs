@@ -1,0 +1,32 @@
+//! `capsa-agent`: PID 1 inside every Capsa microVM.
+//!
+//! For now it brings up the basic filesystems, reports that the guest is
+//! ready (with its CPU count and memory) on the console, and powers the VM
+//! off when the kernel command line asks it to.
+
+mod init;
+mod params;
+mod ready;
+
+use anyhow::Result;
+
+fn main() {
+    if let Err(e) = run() {
+        // As PID 1 our exit panics the kernel; the VMM then reports that
+        // panic with this message in the console tail.
+        eprintln!("capsa-agent: fatal: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    init::mount_basics()?;
+    init::attach_console();
+    let params = params::BootParams::from_proc()?;
+    let report = ready::ReadyReport::collect()?;
+    println!("{}", report.line());
+    if params.exit_after_ready {
+        init::power_off()?;
+    }
+    init::reap_forever()
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the guest initramfs: a newc cpio whose /init is the statically
+# linked capsa-agent. Prints the path of the cpio on stdout.
+#
+#   rootfs/build.sh [OUTPUT]    default OUTPUT: target/capsa/initramfs.cpio
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+out="${1:-$root/target/capsa/initramfs.cpio}"
+target=x86_64-unknown-linux-gnu
+
+# No musl target here: link glibc statically. Passing --target keeps the
+# flag away from build scripts and proc macros, which must stay dynamic.
+RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+    cargo build --quiet --release --locked -p capsa-agent --target "$target" \
+    --manifest-path "$root/Cargo.toml" >&2
+agent="$root/target/$target/release/capsa-agent"
+if readelf -l "$agent" | grep -q INTERP; then
+    echo "rootfs: $agent is dynamically linked; the guest has no libc" >&2
+    exit 1
+fi
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage"/{dev,proc,sys,run,tmp}
+install -m 0755 "$agent" "$stage/init"
+mkdir -p "$(dirname "$out")"
+# Sorted names and fixed owners and times keep the archive reproducible.
+(cd "$stage" && find . -mindepth 1 -exec touch -h -d @0 {} + &&
+    find . -mindepth 1 | LC_ALL=C sort |
+    cpio --quiet -o -H newc -R 0:0 --reproducible) > "$out.tmp"
+mv "$out.tmp" "$out"
+echo "rootfs: $(stat -c %s "$out") bytes" >&2
+echo "$out"

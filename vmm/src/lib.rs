@@ -1,0 +1,13 @@
+//! Capsa's virtual machine monitor: boots a Linux kernel with a PVH entry
+//! into a KVM microVM with an 8250 console, ACPI power-off and pvpanic.
+
+pub mod acpi;
+pub mod boot;
+pub mod cpu;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+mod vcpu;
+pub mod vm;
+
+pub use vm::{run, ConsoleOutput, GuestExit, VmConfig, VmError, VmOutcome, REQUIRED_CMDLINE};

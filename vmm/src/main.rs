@@ -1,0 +1,68 @@
+//! `capsa-vmm`: boot one microVM and exit with the guest's outcome.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use capsa_vmm::{ConsoleOutput, VmConfig};
+use clap::Parser;
+
+/// Lines of console output shown when the guest crashes.
+const CRASH_TAIL_LINES: usize = 40;
+
+#[derive(Parser, Debug)]
+#[command(name = "capsa-vmm", version, about = "Boot a Capsa microVM on KVM")]
+struct Args {
+    /// Uncompressed ELF kernel (vmlinux) with a PVH entry point.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (cpio, newc) to hand to the kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    /// Extra kernel parameters, appended to the ones the VMM requires
+    /// (console=ttyS0 reboot=k panic=-1).
+    #[arg(long, default_value = "quiet")]
+    cmdline: String,
+    /// Write the guest console to this file instead of stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match boot(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("capsa-vmm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn boot(args: Args) -> anyhow::Result<ExitCode> {
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        vcpus: args.cpus,
+        memory_mib: args.memory_mib,
+        cmdline: args.cmdline,
+        console: args
+            .console
+            .map_or(ConsoleOutput::Stdout, ConsoleOutput::File),
+    };
+    let outcome = capsa_vmm::run(&config).context("cannot run the microVM")?;
+    if !outcome.exit.is_clean() {
+        eprintln!(
+            "capsa-vmm: {}; last console output:\n{}",
+            outcome.exit.describe(),
+            outcome.console_tail.last_lines(CRASH_TAIL_LINES)
+        );
+    }
+    Ok(ExitCode::from(outcome.exit.exit_code() as u8))
+}

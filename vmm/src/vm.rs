@@ -1,0 +1,291 @@
+//! Building a microVM from a `VmConfig` and running it to completion.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, AcpiError};
+use crate::boot::{self, BootError, BootSpec};
+use crate::cpu::{self, CpuError, Topology};
+use crate::devices::console::{ConsoleTail, ConsoleWriter};
+use crate::devices::legacy::LegacyDevices;
+use crate::devices::{EventSender, GuestEvent};
+use crate::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MIB, SERIAL_IRQ};
+use crate::memory::{self, MemoryError};
+use crate::vcpu;
+
+/// Kernel parameters the VMM itself depends on: the console is the 8250,
+/// reboots go through the i8042 (which the VMM sees), and a panic reboots at
+/// once after pvpanic has told us about it.
+pub const REQUIRED_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Text the kernel prints on panic; a reset preceded by it is a panic that
+/// happened before the pvpanic driver was up.
+const PANIC_BANNER: &str = "Kernel panic - not syncing";
+/// After pvpanic fires, how long the guest gets to finish printing.
+const PANIC_FLUSH_GRACE: Duration = Duration::from_millis(1000);
+const MAX_VCPUS: u8 = 64;
+const MIN_MEMORY_MIB: u64 = 32;
+/// Above this the guest's memory would not fit the 46-bit physical space we
+/// promise the kernel in practice; it also catches unit mistakes (GiB vs MiB).
+const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub enum ConsoleOutput {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    /// Extra kernel parameters, appended after `REQUIRED_CMDLINE`.
+    pub cmdline: String,
+    pub console: ConsoleOutput,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled on this host, and may this user use it?)")]
+    Kvm(kvm_ioctls::Error),
+    #[error("{0} vCPUs requested: Capsa supports 1 to {1} on this host")]
+    VcpuCount(u8, u8),
+    #[error(
+        "{0} MiB of guest memory requested: give between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB"
+    )]
+    MemorySize(u64),
+    #[error("KVM refused to {what}: {source}")]
+    KvmSetup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot open console output {}: {source}", path.display())]
+    ConsoleFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+}
+
+/// How the guest's run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    PowerOff,
+    Reset,
+    Panic,
+    TripleFault,
+    VcpuFailure(String),
+}
+
+impl GuestExit {
+    /// Power-off and reset are the guest's own orderly ways out.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, GuestExit::PowerOff | GuestExit::Reset)
+    }
+
+    /// The VMM process's exit status for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            GuestExit::PowerOff | GuestExit::Reset => 0,
+            GuestExit::Panic => 2,
+            GuestExit::TripleFault => 3,
+            GuestExit::VcpuFailure(_) => 4,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            GuestExit::PowerOff => "guest powered off".into(),
+            GuestExit::Reset => "guest reset".into(),
+            GuestExit::Panic => "guest kernel panicked".into(),
+            GuestExit::TripleFault => "guest triple-faulted".into(),
+            GuestExit::VcpuFailure(why) => format!("vCPU failed: {why}"),
+        }
+    }
+}
+
+pub struct VmOutcome {
+    pub exit: GuestExit,
+    pub console_tail: ConsoleTail,
+}
+
+impl VmConfig {
+    fn validate(&self, kvm: &Kvm) -> Result<(), VmError> {
+        let max = kvm.get_max_vcpus().min(usize::from(MAX_VCPUS)) as u8;
+        if self.vcpus == 0 || self.vcpus > max {
+            return Err(VmError::VcpuCount(self.vcpus, max));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(VmError::MemorySize(self.memory_mib));
+        }
+        Ok(())
+    }
+
+    pub fn full_cmdline(&self) -> String {
+        let extra = self.cmdline.trim();
+        if extra.is_empty() {
+            REQUIRED_CMDLINE.to_string()
+        } else {
+            format!("{REQUIRED_CMDLINE} {extra}")
+        }
+    }
+}
+
+/// Boots the VM described by `config` and runs it until the guest stops.
+pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    config.validate(&kvm)?;
+    let setup = |what| move |source| VmError::KvmSetup { what, source };
+
+    let vm = kvm.create_vm().map_err(setup("create a VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(setup("place the TSS"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(setup("place the identity map"))?;
+    vm.create_irq_chip()
+        .map_err(setup("create the in-kernel irqchip"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(setup("create the in-kernel PIT"))?;
+
+    let memory_size = config.memory_mib * MIB;
+    let memory = memory::allocate(memory_size)?;
+    memory::register(&vm, &memory)?;
+    let cmdline = config.full_cmdline();
+    let entry = boot::load(
+        &memory,
+        &BootSpec {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &cmdline,
+            memory_size,
+        },
+    )?;
+    acpi::write_tables(&memory, config.vcpus)?;
+    cpu::write_gdt(&memory)?;
+
+    let (events_tx, events_rx) = channel();
+    let events = EventSender(events_tx);
+    let tail = ConsoleTail::default();
+    let devices = Arc::new(create_devices(&vm, config, &tail, events.clone())?);
+
+    let supported_cpuid = cpu::supported_cpuid(&kvm)?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(index))
+            .map_err(setup("create a vCPU"))?;
+        let topology = Topology {
+            cpu: index,
+            count: config.vcpus,
+        };
+        cpu::configure(&vcpu, &supported_cpuid, topology, entry)?;
+        vcpus.push(vcpu);
+    }
+
+    vcpu::install_kick_handler().map_err(VmError::Thread)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for (index, vcpu) in vcpus.into_iter().enumerate() {
+        let handle = vcpu::spawn(
+            index as u8,
+            vcpu,
+            devices.clone(),
+            events.clone(),
+            stop.clone(),
+        );
+        match handle {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                vcpu::stop_all(handles, &stop, Duration::from_secs(1));
+                return Err(VmError::Thread(e));
+            }
+        }
+    }
+
+    let exit = wait_for_exit(&events_rx, &tail);
+    vcpu::stop_all(handles, &stop, Duration::from_secs(2));
+    // The guest's memory and VM fd must outlive the vCPU threads.
+    drop(vm);
+    drop(memory);
+    Ok(VmOutcome {
+        exit,
+        console_tail: tail,
+    })
+}
+
+fn create_devices(
+    vm: &VmFd,
+    config: &VmConfig,
+    tail: &ConsoleTail,
+    events: EventSender,
+) -> Result<LegacyDevices, VmError> {
+    let sink: Box<dyn Write + Send> = match &config.console {
+        ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+        ConsoleOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| VmError::ConsoleFile {
+                path: path.clone(),
+                source,
+            })?)
+        }
+    };
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::KvmSetup {
+        what: "create the serial interrupt eventfd",
+        source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+    })?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|source| VmError::KvmSetup {
+            what: "register the serial irqfd",
+            source,
+        })?;
+    Ok(LegacyDevices::new(
+        serial_irq,
+        ConsoleWriter::new(sink, tail.clone()),
+        events,
+    ))
+}
+
+/// Waits for the event that ends the run and classifies it.
+fn wait_for_exit(events: &Receiver<GuestEvent>, tail: &ConsoleTail) -> GuestExit {
+    // Every device and vCPU holds a sender, so this only fails if all of
+    // them are gone, which means every vCPU thread has ended.
+    let Ok(first) = events.recv() else {
+        return GuestExit::VcpuFailure("all vCPU threads ended".into());
+    };
+    match first {
+        GuestEvent::Panic => {
+            // pvpanic fires from the panic notifier; with panic=-1 the guest
+            // then flushes its console and resets. Wait for that, briefly.
+            match events.recv_timeout(PANIC_FLUSH_GRACE) {
+                Ok(_) | Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+            }
+            GuestExit::Panic
+        }
+        GuestEvent::Reset if tail.text().contains(PANIC_BANNER) => GuestExit::Panic,
+        GuestEvent::Reset => GuestExit::Reset,
+        GuestEvent::PowerOff => GuestExit::PowerOff,
+        GuestEvent::TripleFault => GuestExit::TripleFault,
+        GuestEvent::VcpuFailure(why) => GuestExit::VcpuFailure(why),
+    }
+}
