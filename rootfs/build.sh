@@ -23,6 +23,11 @@ fi
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{dev,proc,sys,run,tmp}
+# The kernel opens /dev/console for init before anything mounts devtmpfs.
+if ! mknod -m 0600 "$stage/dev/console" c 5 1; then
+    echo "rootfs: creating /dev/console needs root (mknod)" >&2
+    exit 1
+fi
 install -m 0755 "$agent" "$stage/init"
 mkdir -p "$(dirname "$out")"
 # Sorted names and fixed owners and times keep the archive reproducible.

@@ -8,7 +8,9 @@ mod init;
 mod params;
 mod ready;
 
-use anyhow::Result;
+use std::io::Write;
+
+use anyhow::{Context, Result};
 
 fn main() {
     if let Err(e) = run() {
@@ -24,7 +26,12 @@ fn run() -> Result<()> {
     init::attach_console();
     let params = params::BootParams::from_proc()?;
     let report = ready::ReadyReport::collect()?;
-    println!("{}", report.line());
+    // writeln! rather than println!: a console write error must be reported,
+    // not turned into a panic of PID 1.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", report.line())
+        .and_then(|()| stdout.flush())
+        .context("cannot write the ready line to the console")?;
     if params.exit_after_ready {
         init::power_off()?;
     }

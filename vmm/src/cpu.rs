@@ -61,6 +61,17 @@ fn ceil_log2(n: u8) -> u32 {
     (n.max(1) as u32).next_power_of_two().trailing_zeros()
 }
 
+/// Logical processors sharing a cache, minus one: L1 and L2 are per core,
+/// L3 is shared by the whole socket. `eax` is a leaf 4 / 0x8000001d value.
+fn cache_sharing(eax: u32, count: u32) -> u32 {
+    let level = (eax >> 5) & 0x7;
+    if level >= 3 {
+        count - 1
+    } else {
+        0
+    }
+}
+
 /// Rewrites the host-derived CPUID so each vCPU sees its own APIC id and all
 /// of them agree on how many cores there are.
 pub fn patch_cpuid(cpuid: &mut CpuId, topo: Topology) {
@@ -78,12 +89,12 @@ pub fn patch_cpuid(cpuid: &mut CpuId, topo: Topology) {
                     entry.edx &= !FEATURES_EDX_HTT;
                 }
             }
-            LEAF_CACHE_PARAMS => {
-                if entry.eax & 0x1f != 0 {
-                    let level = (entry.eax >> 5) & 0x7;
-                    let sharing = if level >= 3 { count - 1 } else { 0 };
-                    entry.eax = (entry.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
-                }
+            // Deterministic cache parameters: only valid cache entries carry
+            // the sharing and core counts.
+            LEAF_CACHE_PARAMS if entry.eax & 0x1f != 0 => {
+                entry.eax = (entry.eax & 0x3fff)
+                    | (cache_sharing(entry.eax, count) << 14)
+                    | ((count - 1) << 26);
             }
             LEAF_EXT_TOPOLOGY | LEAF_EXT_TOPOLOGY_V2 => {
                 entry.edx = apic_id;
@@ -115,12 +126,8 @@ pub fn patch_cpuid(cpuid: &mut CpuId, topo: Topology) {
             LEAF_AMD_SIZE_IDS => {
                 entry.ecx = (entry.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
             }
-            LEAF_AMD_CACHE_TOPOLOGY => {
-                if entry.eax & 0x1f != 0 {
-                    let level = (entry.eax >> 5) & 0x7;
-                    let sharing = if level >= 3 { count - 1 } else { 0 };
-                    entry.eax = (entry.eax & !(0xfff << 14)) | (sharing << 14);
-                }
+            LEAF_AMD_CACHE_TOPOLOGY if entry.eax & 0x1f != 0 => {
+                entry.eax = (entry.eax & !(0xfff << 14)) | (cache_sharing(entry.eax, count) << 14);
             }
             LEAF_AMD_EXT_APIC_ID => {
                 entry.eax = apic_id;

@@ -70,7 +70,7 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
             });
         }
     }
-    debug_assert!(ACPI_START > EBDA_START && ACPI_START < HIMEM_START);
+    const { assert!(ACPI_START > EBDA_START && ACPI_START < HIMEM_START) };
     map
 }
 
