@@ -23,8 +23,9 @@ fi
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{dev,proc,sys,run,tmp}
-# The kernel opens /dev/console for init before anything mounts devtmpfs.
-if ! mknod -m 0600 "$stage/dev/console" c 5 1; then
+# The kernel opens /dev/console for init before anything mounts devtmpfs,
+# and the agent logs fatal errors to /dev/kmsg.
+if ! { mknod -m 0600 "$stage/dev/console" c 5 1 && mknod -m 0600 "$stage/dev/kmsg" c 1 11; }; then
     echo "rootfs: creating /dev/console needs root (mknod)" >&2
     exit 1
 fi

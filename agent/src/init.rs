@@ -92,6 +92,11 @@ pub fn attach_console() {
     }
 }
 
+/// Waits until everything written to the console has left the UART.
+pub fn drain_console() {
+    let _ = nix::sys::termios::tcdrain(std::io::stdout());
+}
+
 pub fn power_off() -> Result<()> {
     sync();
     reboot(RebootMode::RB_POWER_OFF).context("reboot(RB_POWER_OFF) failed")?;

@@ -5,6 +5,7 @@
 //! off when the kernel command line asks it to.
 
 mod init;
+mod kmsg;
 mod params;
 mod ready;
 
@@ -13,10 +14,11 @@ use std::io::Write;
 use anyhow::{Context, Result};
 
 fn main() {
+    kmsg::install_panic_hook();
     if let Err(e) = run() {
         // As PID 1 our exit panics the kernel; the VMM then reports that
         // panic with this message in the console tail.
-        eprintln!("capsa-agent: fatal: {e:#}");
+        kmsg::error(&format!("fatal: {e:#}"));
         std::process::exit(1);
     }
 }
@@ -32,6 +34,8 @@ fn run() -> Result<()> {
     writeln!(stdout, "{}", report.line())
         .and_then(|()| stdout.flush())
         .context("cannot write the ready line to the console")?;
+    // The tty sends output from a buffer; let it drain before power-off.
+    init::drain_console();
     if params.exit_after_ready {
         init::power_off()?;
     }

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{
     ACPI_SIZE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, IOAPIC_ADDR,
-    LAPIC_ADDR, PVPANIC_PORT,
+    LAPIC_ADDR, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_COUNT,
 };
 
 const OEM_ID: [u8; 6] = *b"CAPSA ";
@@ -49,7 +49,21 @@ fn dsdt() -> Vec<u8> {
     let pvpanic_hid = aml::Name::new("_HID".into(), &"QEMU0001");
     let pvpanic_res = aml::Name::new("_CRS".into(), &pvpanic_crs);
     let pvpanic = aml::Device::new("PEVT".into(), vec![&pvpanic_hid, &pvpanic_res]);
-    let system_bus = aml::Scope::new("\\_SB_".into(), vec![&pvpanic]);
+    // Hardware-reduced ACPI means no legacy PIC: the kernel maps the UART's
+    // IRQ only if the device, with its interrupt, is described here.
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &0u8);
+    let com1_io = aml::IO::new(
+        SERIAL_PORT_BASE,
+        SERIAL_PORT_BASE,
+        1,
+        SERIAL_PORT_COUNT as u8,
+    );
+    let com1_irq = aml::Interrupt::new(true, true, false, false, SERIAL_IRQ);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_res = aml::Name::new("_CRS".into(), &com1_crs);
+    let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_res]);
+    let system_bus = aml::Scope::new("\\_SB_".into(), vec![&com1, &pvpanic]);
 
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"CAPSADSD", OEM_REVISION);
     let mut body = Vec::new();
@@ -175,6 +189,7 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(8).any(|w| w == b"QEMU0001"));
+        assert!(dsdt.windows(4).any(|w| w == b"COM1"));
         let madt = read_table(entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         let mut kinds = Vec::new();
