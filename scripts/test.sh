@@ -16,7 +16,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 if [ -d /sys/module/kvm_pvm ] && ! grep -qw -e vmx -e svm /proc/cpuinfo; then
     echo "test: /dev/kvm here is PVM, which cannot boot a stock Linux guest;" \
          "KVM boot tests run nested under QEMU instead of on this host" >&2
-    export CAPSA_SKIP_KVM_TESTS=1
+    export CAPSA_SKIP_BOOT_TESTS=1
     nested=1
 fi
 

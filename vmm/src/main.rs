@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use capsa_vmm::{ConsoleOutput, VmConfig};
 use clap::Parser;
 
@@ -39,13 +38,15 @@ fn main() -> ExitCode {
     match boot(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("capsa-vmm: error: {e:#}");
+            // Every VmError message already names its cause; printing the
+            // source chain as well would say it twice.
+            eprintln!("capsa-vmm: error: {e}");
             ExitCode::from(1)
         }
     }
 }
 
-fn boot(args: Args) -> anyhow::Result<ExitCode> {
+fn boot(args: Args) -> Result<ExitCode, capsa_vmm::VmError> {
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -56,7 +57,7 @@ fn boot(args: Args) -> anyhow::Result<ExitCode> {
             .console
             .map_or(ConsoleOutput::Stdout, ConsoleOutput::File),
     };
-    let outcome = capsa_vmm::run(&config).context("cannot run the microVM")?;
+    let outcome = capsa_vmm::run(&config)?;
     if !outcome.exit.is_clean() {
         eprintln!(
             "capsa-vmm: {}; last console output:\n{}",
