@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Boots Capsa microVMs on a real KVM that runs inside a QEMU (TCG) machine
-# with emulated AMD SVM, for hosts whose own /dev/kvm cannot run a stock
-# Linux guest (see README, "Hosts with PVM"). It checks what the KVM
+# Boots Capsa microVMs on a real KVM nested in QEMU (scripts/nested-kvm.sh),
+# for hosts whose own /dev/kvm cannot run a stock Linux guest (README,
+# "Hosts with PVM"). It checks what the KVM
 # integration tests in vmm/tests/boot.rs check: 1 and 2 vCPUs reach the
 # agent's ready line with the right CPU count and MemTotal and the VMM exits
 # 0 on power-off; a guest panic exits 2 with the panic text.
@@ -10,67 +10,30 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 kernel=$1 initrd=$2
-cache="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested"
-mkdir -p "$cache"
-
-need=()
-for p in qemu-system-x86 busybox-static cpio; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if [ "${#need[@]}" -gt 0 ]; then
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
-fi
-
-# The outer machine runs Debian's own kernel with its kvm-amd module.
-host_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
-host_dir="$cache/$host_pkg"
-if [ ! -f "$host_dir/.done" ]; then
-    rm -rf "$host_dir" && mkdir -p "$host_dir"
-    (cd "$host_dir" && apt-get download "$host_pkg" >&2 && dpkg-deb -x ./*.deb x && rm ./*.deb)
-    touch "$host_dir/.done"
-fi
-modules=$(echo "$host_dir"/x/lib/modules/*/kernel)
+log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested/boot-check.log"
 
 target=x86_64-unknown-linux-gnu
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
     cargo build --quiet --release --locked -p capsa-vmm --target "$target" \
     --manifest-path "$root/Cargo.toml" >&2
 
-stage=$(mktemp -d)
-trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{bin,dev,proc,sys,capsa,modules}
-cp /bin/busybox "$stage/bin/"
-for applet in sh mount insmod echo poweroff; do ln -s busybox "$stage/bin/$applet"; done
-for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd; do
-    cp "$modules/$m.ko" "$stage/modules/"
-done
-cp "$root/target/$target/release/capsa-vmm" "$kernel" "$initrd" "$stage/capsa/"
-kname=$(basename "$kernel") iname=$(basename "$initrd")
-cat > "$stage/init" <<INIT
-#!/bin/sh
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in irqbypass kvm ccp kvm-amd; do insmod /modules/\$m.ko; done
+payload=$(mktemp -d)
+trap 'rm -rf "$payload"' EXIT
+cp "$root/target/$target/release/capsa-vmm" "$payload/"
+cp "$kernel" "$payload/vmlinux"
+cp "$initrd" "$payload/initramfs.cpio"
+cat > "$payload/run.sh" <<'RUN'
 run() {
-    name=\$1; shift
-    echo "=== BEGIN \$name"
-    /capsa/capsa-vmm --kernel /capsa/$kname --initrd /capsa/$iname --memory-mib 128 "\$@" 2>&1
-    echo "=== END \$name exit=\$?"
+    name=$1; shift
+    echo "=== BEGIN $name"
+    timeout 120 ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio --memory-mib 128 "$@" 2>&1
+    echo "=== END $name exit=$?"
 }
 run boot-1cpu --cpus 1 --cmdline "quiet capsa.exit_after_ready=1"
 run boot-2cpu --cpus 2 --cmdline "quiet capsa.exit_after_ready=1"
 run panic --cpus 1 --cmdline "quiet rdinit=/does-not-exist root=/dev/nothing"
-poweroff -f
-INIT
-chmod +x "$stage/init"
-(cd "$stage" && find . | cpio --quiet -o -H newc -R 0:0) > "$cache/outer.cpio"
-
-log="$cache/outer.log"
-echo "boot-check-nested: booting the outer machine (QEMU TCG, emulated SVM)" >&2
-timeout 900 qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 2048 -nodefaults \
-    -no-user-config -nographic -serial stdio -no-reboot \
-    -kernel "$(echo "$host_dir"/x/boot/vmlinuz-*)" -initrd "$cache/outer.cpio" \
-    -append "console=ttyS0 quiet panic=-1" | tr -d '\r' > "$log" || true
+RUN
+"$root/scripts/nested-kvm.sh" "$payload" "$log"
 
 # QEMU's firmware leaves terminal escapes before the first line: no ^ on BEGIN.
 section() { sed -n "/=== BEGIN $1\$/,/^=== END $1 /p" "$log"; }

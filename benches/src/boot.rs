@@ -1,0 +1,227 @@
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::stats::Summary;
+
+const READY_PREFIX: &str = "CAPSA_READY ";
+const GUEST_CMDLINE: &str = "quiet capsa.exit_after_ready=1";
+
+#[derive(clap::Args)]
+pub struct BootArgs {
+    /// The capsa-vmm binary.
+    #[arg(long)]
+    vmm: PathBuf,
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: PathBuf,
+    /// QEMU to boot the same guest with `-M microvm` for comparison.
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// Directory with QEMU's firmware (bios-microvm.bin), passed as `-L`.
+    #[arg(long)]
+    qemu_data_dir: Option<PathBuf>,
+    /// Boots per runner.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    /// Give up on one boot after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct RunnerResult {
+    runner: String,
+    runs: usize,
+    wall_ms: Option<Summary>,
+    ready_uptime_ms: Option<Summary>,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    benchmark: &'static str,
+    kernel: &'a Path,
+    cpus: u8,
+    memory_mib: u64,
+    results: Vec<RunnerResult>,
+}
+
+struct Sample {
+    wall_ms: f64,
+    ready_uptime_ms: Option<f64>,
+}
+
+fn boot_once(mut command: Command, timeout: Duration) -> Result<Sample> {
+    let start = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the runner")?;
+    let mut stdout = child.stdout.take().context("no stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("boot did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let wall_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let output = reader.join().unwrap_or_default();
+    if !status.success() {
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        bail!("runner exited with {status}: {stderr}{output}");
+    }
+    let ready_uptime_ms = output
+        .lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(READY_PREFIX))
+        .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+        .and_then(|v| v.get("uptime_ms").and_then(|u| u.as_f64()));
+    if ready_uptime_ms.is_none() {
+        bail!("no ready line in the guest output:\n{output}");
+    }
+    Ok(Sample {
+        wall_ms,
+        ready_uptime_ms,
+    })
+}
+
+fn capsa_command(args: &BootArgs) -> Command {
+    let mut c = Command::new(&args.vmm);
+    c.arg("--kernel")
+        .arg(&args.kernel)
+        .arg("--initrd")
+        .arg(&args.initrd)
+        .arg("--cpus")
+        .arg(args.cpus.to_string())
+        .arg("--memory-mib")
+        .arg(args.memory_mib.to_string())
+        .arg("--cmdline")
+        .arg(GUEST_CMDLINE);
+    c
+}
+
+fn qemu_command(qemu: &Path, args: &BootArgs) -> Command {
+    let mut c = Command::new(qemu);
+    c.args([
+        "-M",
+        "microvm,acpi=on,pit=on,pic=off,rtc=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+    ])
+    .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+    .args(["-serial", "stdio", "-smp"])
+    .arg(args.cpus.to_string())
+    .arg("-m")
+    .arg(args.memory_mib.to_string())
+    .arg("-kernel")
+    .arg(&args.kernel)
+    .arg("-initrd")
+    .arg(&args.initrd)
+    .arg("-append")
+    .arg(format!("console=ttyS0 reboot=k panic=-1 {GUEST_CMDLINE}"));
+    if let Some(dir) = &args.qemu_data_dir {
+        c.arg("-L").arg(dir);
+    }
+    c
+}
+
+fn measure(
+    name: &str,
+    runs: usize,
+    timeout: Duration,
+    make: impl Fn() -> Command,
+) -> Result<RunnerResult> {
+    let mut wall = Vec::with_capacity(runs);
+    let mut uptime = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let sample =
+            boot_once(make(), timeout).with_context(|| format!("{name}, boot {}", run + 1))?;
+        wall.push(sample.wall_ms);
+        uptime.extend(sample.ready_uptime_ms);
+    }
+    Ok(RunnerResult {
+        runner: name.to_string(),
+        runs,
+        wall_ms: Summary::of(&wall),
+        ready_uptime_ms: Summary::of(&uptime),
+    })
+}
+
+fn cell(summary: &Option<Summary>) -> String {
+    summary.as_ref().map_or("-".into(), |s| {
+        format!("{:.1} ({:.1}-{:.1})", s.median, s.min, s.max)
+    })
+}
+
+pub fn run(args: &BootArgs) -> Result<()> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut results = vec![measure("capsa-vmm", args.runs, timeout, || {
+        capsa_command(args)
+    })?];
+    if let Some(qemu) = &args.qemu {
+        results.push(measure("qemu -M microvm", args.runs, timeout, || {
+            qemu_command(qemu, args)
+        })?);
+    }
+
+    println!(
+        "boot to ready line and power-off, {} vCPU, {} MiB, {} runs each; median (min-max) ms",
+        args.cpus, args.memory_mib, args.runs
+    );
+    println!("| runner | wall, process start to exit | guest uptime at ready |");
+    println!("|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {} | {} |",
+            r.runner,
+            cell(&r.wall_ms),
+            cell(&r.ready_uptime_ms)
+        );
+    }
+
+    let report = Report {
+        benchmark: "boot",
+        kernel: &args.kernel,
+        cpus: args.cpus,
+        memory_mib: args.memory_mib,
+        results,
+    };
+    let path = args
+        .json
+        .clone()
+        .unwrap_or_else(|| crate::default_json("boot"));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("results written to {}", path.display());
+    Ok(())
+}

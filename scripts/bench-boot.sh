@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Boot-time benchmark: capsa-vmm and QEMU `-M microvm` booting the same
+# kernel and initramfs to the agent's ready line and power-off, in one run.
+# Prints a table and writes target/capsa/bench-boot.json.
+#
+# On a PVM host (README, "Hosts with PVM") both run on a KVM nested in QEMU
+# TCG: absolute times there are emulation times; only the ratio means much.
+#
+#   scripts/bench-boot.sh [RUNS]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+runs=${1:-10}
+{ read -r kernel; read -r initrd; } < <("$root/scripts/setup.sh")
+dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "install ok installed" ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >&2
+
+target=x86_64-unknown-linux-gnu
+RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+    cargo build --quiet --release --locked -p capsa-vmm -p capsa-benches --target "$target" \
+    --manifest-path "$root/Cargo.toml" >&2
+bin="$root/target/$target/release"
+json="$root/target/capsa/bench-boot.json"
+mkdir -p "$(dirname "$json")"
+
+if ! { [ -d /sys/module/kvm_pvm ] && ! grep -qw -e vmx -e svm /proc/cpuinfo; }; then
+    exec "$bin/capsa-bench" boot --vmm "$bin/capsa-vmm" --kernel "$kernel" --initrd "$initrd" \
+        --qemu "$(command -v qemu-system-x86_64)" --runs "$runs" --json "$json"
+fi
+
+echo "bench-boot: /dev/kvm here is PVM; measuring on a KVM nested in QEMU TCG" >&2
+payload=$(mktemp -d)
+trap 'rm -rf "$payload"' EXIT
+mkdir -p "$payload"/{lib,qemu/share}
+cp "$bin/capsa-bench" "$bin/capsa-vmm" "$payload/"
+cp "$kernel" "$payload/vmlinux"
+cp "$initrd" "$payload/initramfs.cpio"
+qemu=$(command -v qemu-system-x86_64)
+cp "$qemu" "$payload/qemu/"
+cp /usr/share/qemu/bios-microvm.bin "$payload/qemu/share/"
+ldd "$qemu" | awk '$3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
+    cp -L "$lib" "$payload/lib/"
+done
+cat > "$payload/qemu.sh" <<'QEMU'
+#!/bin/sh
+exec /payload/lib/ld-linux-x86-64.so.2 --library-path /payload/lib /payload/qemu/qemu-system-x86_64 "$@"
+QEMU
+chmod +x "$payload/qemu.sh"
+cat > "$payload/run.sh" <<RUN
+./capsa-bench boot --vmm ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio \
+    --qemu ./qemu.sh --qemu-data-dir ./qemu/share --runs $runs --json /tmp/bench-boot.json 2>&1
+echo "=== JSON"
+cat /tmp/bench-boot.json
+echo
+echo "=== END JSON"
+RUN
+log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested/bench-boot.log"
+"$root/scripts/nested-kvm.sh" "$payload" "$log"
+sed -n '/^boot to ready line/,/^results written/p' "$log"
+sed -n '/^=== JSON$/,/^=== END JSON$/p' "$log" | sed '1d;$d' > "$json"
+if ! grep -q '"benchmark": "boot"' "$json"; then
+    echo "bench-boot: no results; outer console in $log" >&2
+    tail -30 "$log" >&2
+    exit 1
+fi
+echo "bench-boot: results in $json" >&2

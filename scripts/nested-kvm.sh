@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs a payload on a real KVM inside a QEMU (TCG) machine with emulated AMD
+# SVM: for hosts whose own /dev/kvm cannot run a stock Linux guest (README,
+# "Hosts with PVM"). The outer machine runs Debian's kernel and kvm-amd from
+# a busybox initramfs; PAYLOAD_DIR is copied to /payload and its run.sh is
+# executed there with /dev/kvm ready. The outer console goes to LOG.
+#
+#   scripts/nested-kvm.sh PAYLOAD_DIR LOG
+set -euo pipefail
+payload=$1 log=$2
+cache="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested"
+mkdir -p "$cache"
+
+need=()
+for p in qemu-system-x86 busybox-static cpio; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+fi
+
+host_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+host_dir="$cache/$host_pkg"
+if [ ! -f "$host_dir/.done" ]; then
+    rm -rf "$host_dir" && mkdir -p "$host_dir"
+    (cd "$host_dir" && apt-get download "$host_pkg" >&2 && dpkg-deb -x ./*.deb x && rm ./*.deb)
+    touch "$host_dir/.done"
+fi
+modules=$(echo "$host_dir"/x/lib/modules/*/kernel)
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage"/{bin,dev,proc,sys,tmp,modules}
+cp /bin/busybox "$stage/bin/"
+for applet in sh mount insmod echo cat poweroff timeout; do ln -s busybox "$stage/bin/$applet"; done
+for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd; do
+    cp "$modules/$m.ko" "$stage/modules/"
+done
+cp -a "$payload" "$stage/payload"
+cat > "$stage/init" <<'INIT'
+#!/bin/sh
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+for m in irqbypass kvm ccp kvm-amd; do insmod /modules/$m.ko; done
+cd /payload && sh ./run.sh
+poweroff -f
+INIT
+chmod +x "$stage/init"
+(cd "$stage" && find . | cpio --quiet -o -H newc -R 0:0) > "$cache/outer.cpio"
+
+echo "nested-kvm: booting the outer machine (QEMU TCG, emulated SVM)" >&2
+# QEMU's firmware writes terminal escapes before the payload's first line.
+timeout "${CAPSA_NESTED_TIMEOUT_SECS:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3072 -nodefaults \
+    -no-user-config -nographic -serial stdio -no-reboot \
+    -kernel "$(echo "$host_dir"/x/boot/vmlinuz-*)" -initrd "$cache/outer.cpio" \
+    -append "console=ttyS0 quiet panic=-1" | tr -d '\r' > "$log" || true
