@@ -22,7 +22,7 @@ bin="$root/target/$target/release"
 json="$root/target/capsa/bench-boot.json"
 mkdir -p "$(dirname "$json")"
 
-if ! { [ -d /sys/module/kvm_pvm ] && ! grep -qw -e vmx -e svm /proc/cpuinfo; }; then
+if ! "$root/scripts/kvm-is-pvm.sh"; then
     exec "$bin/capsa-bench" boot --vmm "$bin/capsa-vmm" --kernel "$kernel" --initrd "$initrd" \
         --qemu "$(command -v qemu-system-x86_64)" --runs "$runs" --json "$json"
 fi

@@ -13,7 +13,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 # A PVM host (kvm_pvm, no VMX/SVM) emulates a stock guest kernel instruction
 # by instruction and cannot run its user space: boot there is impossible, so
 # the boot tests run on a real KVM nested inside QEMU instead (README).
-if [ -d /sys/module/kvm_pvm ] && ! grep -qw -e vmx -e svm /proc/cpuinfo; then
+if scripts/kvm-is-pvm.sh; then
     echo "test: /dev/kvm here is PVM, which cannot boot a stock Linux guest;" \
          "KVM boot tests run nested under QEMU instead of on this host" >&2
     export CAPSA_SKIP_BOOT_TESTS=1
