@@ -7,14 +7,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="${1:-$root/target/capsa/initramfs.cpio}"
-target=x86_64-unknown-linux-gnu
-
-# No musl target here: link glibc statically. Passing --target keeps the
-# flag away from build scripts and proc macros, which must stay dynamic.
-RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-    cargo build --quiet --release --locked -p capsa-agent --target "$target" \
-    --manifest-path "$root/Cargo.toml" >&2
-agent="$root/target/$target/release/capsa-agent"
+agent="$("$root/scripts/build-static.sh" capsa-agent)/capsa-agent"
 if readelf -l "$agent" | grep -q INTERP; then
     echo "rootfs: $agent is dynamically linked; the guest has no libc" >&2
     exit 1

@@ -14,11 +14,7 @@ runs=${1:-10}
 dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "install ok installed" ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >&2
 
-target=x86_64-unknown-linux-gnu
-RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-    cargo build --quiet --release --locked -p capsa-vmm -p capsa-benches --target "$target" \
-    --manifest-path "$root/Cargo.toml" >&2
-bin="$root/target/$target/release"
+bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-benches)
 json="$root/target/capsa/bench-boot.json"
 mkdir -p "$(dirname "$json")"
 

@@ -12,14 +12,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 kernel=$1 initrd=$2
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested/boot-check.log"
 
-target=x86_64-unknown-linux-gnu
-RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-    cargo build --quiet --release --locked -p capsa-vmm --target "$target" \
-    --manifest-path "$root/Cargo.toml" >&2
+bin=$("$root/scripts/build-static.sh" capsa-vmm)
 
 payload=$(mktemp -d)
 trap 'rm -rf "$payload"' EXIT
-cp "$root/target/$target/release/capsa-vmm" "$payload/"
+cp "$bin/capsa-vmm" "$payload/"
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
 cat > "$payload/run.sh" <<'RUN'

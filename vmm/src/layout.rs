@@ -27,6 +27,8 @@ pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_SIZE: u64 = 0x20000;
 /// First byte above the legacy hole.
 pub const HIMEM_START: u64 = 0x10_0000;
+// The ACPI tables must sit in the reserved hole the e820 map declares.
+const _: () = assert!(ACPI_START > EBDA_START && ACPI_START + ACPI_SIZE <= HIMEM_START);
 
 /// The MMIO gap: no RAM from here to 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;

@@ -96,6 +96,15 @@ fn boot_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// Drains a pipe on its own thread so a chatty child never blocks on it.
+fn read_in_background(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
 fn vmm(args: &[&str]) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_capsa-vmm"))
         .args(args)
@@ -104,18 +113,8 @@ fn vmm(args: &[&str]) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start capsa-vmm");
-    let mut stdout = child.stdout.take().expect("stdout piped");
-    let mut stderr = child.stderr.take().expect("stderr piped");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    let out = read_in_background(child.stdout.take().expect("stdout piped"));
+    let err = read_in_background(child.stderr.take().expect("stderr piped"));
     let deadline = Instant::now() + boot_timeout();
     let code = loop {
         if let Some(status) = child.try_wait().expect("wait for capsa-vmm") {
