@@ -57,3 +57,11 @@ pub const MIB: u64 = 1 << 20;
 /// e820 entry types (ACPI spec, "Address Range Types").
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
+
+/// virtio-mmio register windows, one page each, at the bottom of the MMIO
+/// gap.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Legacy (ISA) interrupt lines free for virtio devices: Linux treats IRQs
+/// below 16 as edge-triggered, which is what an irqfd delivers. 4 is the
+/// serial port's, 8 the RTC's.
+pub const VIRTIO_IRQS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 13, 14, 15];

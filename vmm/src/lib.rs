@@ -8,6 +8,7 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use vm::{run, ConsoleOutput, GuestExit, VmConfig, VmError, VmOutcome, REQUIRED_CMDLINE};

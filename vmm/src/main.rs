@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use capsa_vmm::virtio::block::DiskConfig;
 use capsa_vmm::{ConsoleOutput, VmConfig};
 use clap::Parser;
 
@@ -31,6 +32,31 @@ struct Args {
     /// Write the guest console to this file instead of stdout.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// Attach a raw disk image as virtio-blk: PATH[,ro][,id=SERIAL].
+    /// Repeat for more disks; the guest sees them as vda, vdb, ...
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// Do not attach the virtio-rng entropy device.
+    #[arg(long)]
+    no_rng: bool,
+}
+
+fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
+    let mut parts = spec.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or("a disk needs a path")?;
+    let mut disk = DiskConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        id: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => disk.read_only = true,
+            Some(("id", id)) => disk.id = Some(id.to_string()),
+            _ => return Err(format!("unknown disk option {option:?} (expected ro or id=SERIAL)")),
+        }
+    }
+    Ok(disk)
 }
 
 fn main() -> ExitCode {
@@ -56,6 +82,8 @@ fn boot(args: Args) -> Result<ExitCode, capsa_vmm::VmError> {
         console: args
             .console
             .map_or(ConsoleOutput::Stdout, ConsoleOutput::File),
+        disks: args.disks,
+        rng: !args.no_rng,
     };
     let outcome = capsa_vmm::run(&config)?;
     if !outcome.exit.is_clean() {

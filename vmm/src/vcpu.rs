@@ -10,7 +10,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::devices::legacy::LegacyDevices;
+use crate::devices::bus::DeviceBus;
 use crate::devices::{EventSender, GuestEvent};
 
 /// The signal that interrupts KVM_RUN so a vCPU thread notices it must stop.
@@ -35,7 +35,7 @@ enum Stop {
 pub fn spawn(
     index: u8,
     mut vcpu: VcpuFd,
-    devices: Arc<LegacyDevices>,
+    devices: Arc<DeviceBus>,
     events: EventSender,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -48,17 +48,16 @@ pub fn spawn(
         })
 }
 
-fn run_loop(vcpu: &mut VcpuFd, devices: &LegacyDevices, stop: &AtomicBool) -> Stop {
+fn run_loop(vcpu: &mut VcpuFd, devices: &DeviceBus, stop: &AtomicBool) -> Stop {
     loop {
         if stop.load(Ordering::Acquire) {
             return Stop::Requested;
         }
         match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
-            // No MMIO devices yet: reads float high, writes go nowhere.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::IoIn(port, data)) => devices.legacy.pio_read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => devices.legacy.pio_write(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio_write(addr, data),
             Ok(VcpuExit::Shutdown) => return Stop::Guest(GuestEvent::TripleFault),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => return Stop::Guest(GuestEvent::PowerOff),

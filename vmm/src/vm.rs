@@ -9,18 +9,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootSpec};
 use crate::cpu::{self, CpuError, Topology};
+use crate::devices::bus::DeviceBus;
 use crate::devices::console::{ConsoleTail, ConsoleWriter};
 use crate::devices::legacy::LegacyDevices;
 use crate::devices::{EventSender, GuestEvent};
-use crate::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MIB, SERIAL_IRQ};
+use crate::layout::{
+    KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MIB, SERIAL_IRQ, VIRTIO_IRQS, VIRTIO_MMIO_BASE,
+};
 use crate::memory::{self, MemoryError};
 use crate::vcpu;
+use crate::virtio::block::{Block, DiskConfig, DiskError};
+use crate::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW_SIZE};
+use crate::virtio::rng::Rng;
+use crate::virtio::{Interrupt, VirtioDevice};
 
 /// Kernel parameters the VMM itself depends on: the console is the 8250,
 /// reboots go through the i8042 (which the VMM sees), and a panic reboots at
@@ -52,6 +59,10 @@ pub struct VmConfig {
     /// Extra kernel parameters, appended after `REQUIRED_CMDLINE`.
     pub cmdline: String,
     pub console: ConsoleOutput,
+    /// virtio-blk disks, in the order the guest names them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// Attach a virtio-rng fed from the host's getrandom.
+    pub rng: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +87,12 @@ pub enum VmError {
     },
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0} virtio devices requested: at most {1} fit")]
+    TooManyDevices(usize, usize),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -140,13 +157,31 @@ impl VmConfig {
         Ok(())
     }
 
-    pub fn full_cmdline(&self) -> String {
+    /// The kernel command line: what the VMM needs, the virtio devices'
+    /// announcements, then the caller's extra parameters.
+    pub fn full_cmdline(&self, devices: &[String]) -> String {
+        let mut words = vec![REQUIRED_CMDLINE.to_string()];
+        words.extend(devices.iter().cloned());
         let extra = self.cmdline.trim();
-        if extra.is_empty() {
-            REQUIRED_CMDLINE.to_string()
-        } else {
-            format!("{REQUIRED_CMDLINE} {extra}")
+        if !extra.is_empty() {
+            words.push(extra.to_string());
         }
+        words.join(" ")
+    }
+
+    /// Opens every backend, in the order the guest will see the devices.
+    fn virtio_devices(&self) -> Result<Vec<Box<dyn VirtioDevice>>, VmError> {
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for disk in &self.disks {
+            devices.push(Box::new(Block::open(disk)?));
+        }
+        if self.rng {
+            devices.push(Box::new(Rng));
+        }
+        if devices.len() > VIRTIO_IRQS.len() {
+            return Err(VmError::TooManyDevices(devices.len(), VIRTIO_IRQS.len()));
+        }
+        Ok(devices)
     }
 }
 
@@ -169,10 +204,18 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     })
     .map_err(setup("create the in-kernel PIT"))?;
 
+    let virtio = config.virtio_devices()?;
     let memory_size = config.memory_mib * MIB;
     let memory = memory::allocate(memory_size)?;
     memory::register(&vm, &memory)?;
-    let cmdline = config.full_cmdline();
+
+    let (events_tx, events_rx) = channel();
+    let events = EventSender(events_tx);
+    let tail = ConsoleTail::default();
+    let mut bus = DeviceBus::new(create_legacy_devices(&vm, config, &tail, events.clone())?);
+    let announcements = attach_virtio(&vm, &memory, &mut bus, virtio)?;
+    let devices = Arc::new(bus);
+    let cmdline = config.full_cmdline(&announcements);
     let entry = boot::load(
         &memory,
         &BootSpec {
@@ -184,11 +227,6 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     )?;
     acpi::write_tables(&memory, config.vcpus)?;
     cpu::write_gdt(&memory)?;
-
-    let (events_tx, events_rx) = channel();
-    let events = EventSender(events_tx);
-    let tail = ConsoleTail::default();
-    let devices = Arc::new(create_devices(&vm, config, &tail, events.clone())?);
 
     let supported_cpuid = cpu::supported_cpuid(&kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -226,6 +264,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
 
     let exit = wait_for_exit(&events_rx, &tail);
     vcpu::stop_all(handles, &stop, Duration::from_secs(2));
+    devices.shut_down();
     // The guest's memory and VM fd must outlive the vCPU threads.
     drop(vm);
     drop(memory);
@@ -235,7 +274,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     })
 }
 
-fn create_devices(
+fn create_legacy_devices(
     vm: &VmFd,
     config: &VmConfig,
     tail: &ConsoleTail,
@@ -264,6 +303,37 @@ fn create_devices(
         ConsoleWriter::new(sink, tail.clone()),
         events,
     ))
+}
+
+/// Puts each virtio device in its MMIO window with its own interrupt line,
+/// wires its queue notifications to ioeventfds and its interrupt to an
+/// irqfd, and returns the kernel parameters that announce the devices.
+fn attach_virtio(
+    vm: &VmFd,
+    memory: &crate::virtio::Memory,
+    bus: &mut DeviceBus,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<Vec<String>, VmError> {
+    let setup = |what| move |source| VmError::KvmSetup { what, source };
+    let mut announcements = Vec::with_capacity(devices.len());
+    for (index, (device, &irq)) in devices.into_iter().zip(VIRTIO_IRQS).enumerate() {
+        let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW_SIZE;
+        let irq_event = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::KvmSetup {
+            what: "create a virtio interrupt eventfd",
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        vm.register_irqfd(&irq_event, irq)
+            .map_err(setup("register a virtio irqfd"))?;
+        let transport = MmioTransport::new(device, memory.clone(), Interrupt::new(irq_event))?;
+        let notify = base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(event, &IoEventAddress::Mmio(notify), queue as u32)
+                .map_err(setup("register a virtio queue ioeventfd"))?;
+        }
+        announcements.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        bus.add_virtio(base, transport);
+    }
+    Ok(announcements)
 }
 
 /// Waits for the event that ends the run and classifies it.

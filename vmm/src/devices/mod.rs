@@ -1,5 +1,6 @@
 //! Devices of the microVM and the port I/O bus that dispatches to them.
 
+pub mod bus;
 pub mod console;
 pub mod legacy;
 

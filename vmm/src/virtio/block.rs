@@ -1,0 +1,437 @@
+//! virtio-blk on a raw image file: read, write, flush, get-id, discard and
+//! write-zeroes. The guest sees the disk as `/dev/vdX`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::{ByteValued, Le32, Le64};
+
+use super::worker::{DeviceBroken, QueueHandler, Registrar, Worker};
+use super::{
+    complete, next_chain, notify, read_config_bytes, ActivateContext, ActivateError, Interrupt,
+    Memory,
+};
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZES: &[u16] = &[256];
+/// Longest device ID GET_ID returns (virtio spec 5.2.6).
+pub const MAX_ID_LEN: usize = 20;
+/// Data moves between the file and guest memory through a buffer this big.
+const COPY_CHUNK: usize = 128 * 1024;
+/// One discard or write-zeroes segment per request keeps parsing simple;
+/// Linux merges into larger ranges instead.
+const MAX_DISCARD_SEGMENTS: u32 = 1;
+const MAX_DISCARD_SECTORS: u32 = u32::MAX / SECTOR_SIZE as u32;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// What GET_ID answers (the disk's serial in the guest), at most 20 bytes.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open disk image {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk image {} is {size} bytes, not a multiple of {SECTOR_SIZE}-byte sectors", path.display())]
+    Size { path: PathBuf, size: u64 },
+    #[error("disk image {} is in use by another VM (it is locked)", path.display())]
+    Locked { path: PathBuf },
+    #[error("disk ID {0:?} is longer than {MAX_ID_LEN} bytes")]
+    IdTooLong(String),
+}
+
+/// A virtio-blk device before and between activations.
+pub struct Block {
+    file: File,
+    read_only: bool,
+    sectors: u64,
+    id: [u8; MAX_ID_LEN],
+    config: Vec<u8>,
+}
+
+impl Block {
+    pub fn open(config: &DiskConfig) -> Result<Self, DiskError> {
+        let open_error = |source| DiskError::Open {
+            path: config.path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(open_error)?;
+        // Two VMs writing one image corrupt it; readers may share.
+        let locked = if config.read_only {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        if locked.is_err() {
+            return Err(DiskError::Locked {
+                path: config.path.clone(),
+            });
+        }
+        let size = file.metadata().map_err(open_error)?.len();
+        if size % SECTOR_SIZE != 0 {
+            return Err(DiskError::Size {
+                path: config.path.clone(),
+                size,
+            });
+        }
+        let mut id = [0u8; MAX_ID_LEN];
+        if let Some(text) = &config.id {
+            if text.len() > MAX_ID_LEN {
+                return Err(DiskError::IdTooLong(text.clone()));
+            }
+            id[..text.len()].copy_from_slice(text.as_bytes());
+        }
+        let sectors = size / SECTOR_SIZE;
+        Ok(Self {
+            file,
+            read_only: config.read_only,
+            sectors,
+            id,
+            config: config_space(sectors),
+        })
+    }
+}
+
+/// The virtio_blk_config fields we fill in (the rest read as zero).
+fn config_space(sectors: u64) -> Vec<u8> {
+    let mut config = vec![0u8; 60];
+    config[0..8].copy_from_slice(&sectors.to_le_bytes());
+    // seg_max: the queue size less the header and status descriptors.
+    config[12..16].copy_from_slice(&u32::from(QUEUE_SIZES[0] - 2).to_le_bytes());
+    config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    config[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+    config[44..48].copy_from_slice(&1u32.to_le_bytes());
+    config[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    config[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+    config[56] = 1; // write_zeroes_may_unmap
+    config
+}
+
+impl super::VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_BLK_F_SEG_MAX;
+        if self.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, mut context: ActivateContext) -> Result<Worker, ActivateError> {
+        let file = self.file.try_clone().map_err(ActivateError::Dup)?;
+        let handler = BlockQueue {
+            disk: Disk {
+                file,
+                read_only: self.read_only,
+                sectors: self.sectors,
+                id: self.id,
+            },
+            memory: context.memory,
+            queue: context.queues.remove(0),
+            interrupt: context.interrupt.clone(),
+        };
+        Worker::spawn(handler, context.queue_events, context.interrupt)
+    }
+}
+
+/// The backend as the worker uses it.
+pub struct Disk {
+    pub file: File,
+    pub read_only: bool,
+    pub sectors: u64,
+    pub id: [u8; MAX_ID_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RequestHeader {
+    request_type: Le32,
+    reserved: Le32,
+    sector: Le64,
+}
+// SAFETY: plain little-endian integers with no padding; any bytes are valid.
+unsafe impl ByteValued for RequestHeader {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct DiscardSegment {
+    sector: Le64,
+    num_sectors: Le32,
+    flags: Le32,
+}
+// SAFETY: plain little-endian integers with no padding; any bytes are valid.
+unsafe impl ByteValued for DiscardSegment {}
+
+/// Why a request failed; each maps to a status byte for the driver.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RequestError {
+    /// The chain is malformed: no header, bad addresses, wrong directions.
+    Malformed(&'static str),
+    /// Outside the disk, or data not a whole number of sectors.
+    OutOfRange,
+    ReadOnly,
+    Unsupported(u32),
+    Io(std::io::ErrorKind),
+}
+
+impl RequestError {
+    fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP as u8,
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+}
+
+pub struct BlockQueue {
+    pub disk: Disk,
+    pub memory: Memory,
+    pub queue: Queue,
+    pub interrupt: Interrupt,
+}
+
+impl BlockQueue {
+    pub fn process(&mut self) -> Result<(), DeviceBroken> {
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut served = false;
+        while let Some(chain) = next_chain(&mut self.queue, &self.memory)? {
+            let head = chain.head_index();
+            let used = self.disk.serve(&self.memory, chain, &mut buf);
+            complete(&mut self.queue, &self.memory, head, used)?;
+            served = true;
+        }
+        if served {
+            notify(&mut self.queue, &self.memory, &self.interrupt)?;
+        }
+        Ok(())
+    }
+}
+
+impl QueueHandler for BlockQueue {
+    fn name(&self) -> &'static str {
+        "virtio-blk"
+    }
+
+    fn queue_event(&mut self, _index: usize, _epoll: &Registrar) -> Result<(), DeviceBroken> {
+        self.process()
+    }
+}
+
+impl Disk {
+    /// Carries out one request and writes its status byte. Returns how many
+    /// bytes the device wrote into the chain (the used length).
+    pub fn serve(
+        &self,
+        memory: &Memory,
+        chain: DescriptorChain<&Memory>,
+        buf: &mut [u8],
+    ) -> u32 {
+        // The status byte is the last device-writable byte of the chain.
+        let Ok(mut writer) = chain.clone().writer(memory) else {
+            return 0;
+        };
+        let Some(data_len) = writer.available_bytes().checked_sub(1) else {
+            // Nowhere to put a status: the driver broke the protocol and
+            // learns nothing back.
+            return 0;
+        };
+        let Ok(mut status_writer) = writer.split_at(data_len) else {
+            return 0;
+        };
+        let (status, written) = match self.execute(memory, chain, &mut writer, buf) {
+            Ok(()) => (VIRTIO_BLK_S_OK as u8, writer.bytes_written()),
+            Err(e) => (e.status(), writer.bytes_written()),
+        };
+        if status_writer.write_all(&[status]).is_err() {
+            return 0;
+        }
+        (written + 1) as u32
+    }
+
+    fn execute(
+        &self,
+        memory: &Memory,
+        chain: DescriptorChain<&Memory>,
+        writer: &mut virtio_queue::Writer<'_>,
+        buf: &mut [u8],
+    ) -> Result<(), RequestError> {
+        let mut reader = chain
+            .reader(memory)
+            .map_err(|_| RequestError::Malformed("unreadable request buffers"))?;
+        let header: RequestHeader = reader
+            .read_obj()
+            .map_err(|_| RequestError::Malformed("request header missing"))?;
+        let sector = header.sector.to_native();
+        match header.request_type.to_native() {
+            VIRTIO_BLK_T_IN => {
+                let len = writer.available_bytes() as u64;
+                let offset = self.byte_range(sector, len)?;
+                self.copy_to_guest(offset, len, writer, buf)
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return Err(RequestError::ReadOnly);
+                }
+                let len = reader.available_bytes() as u64;
+                let offset = self.byte_range(sector, len)?;
+                self.copy_from_guest(offset, len, &mut reader, buf)
+            }
+            VIRTIO_BLK_T_FLUSH => self
+                .file
+                .sync_data()
+                .map_err(|e| RequestError::Io(e.kind())),
+            VIRTIO_BLK_T_GET_ID => {
+                let n = writer.available_bytes().min(MAX_ID_LEN);
+                writer
+                    .write_all(&self.id[..n])
+                    .map_err(|_| RequestError::Malformed("ID buffer unwritable"))
+            }
+            kind @ (VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES) => {
+                if self.read_only {
+                    return Err(RequestError::ReadOnly);
+                }
+                if reader.available_bytes() != std::mem::size_of::<DiscardSegment>() {
+                    return Err(RequestError::Malformed("expected exactly one segment"));
+                }
+                let segment: DiscardSegment = reader
+                    .read_obj()
+                    .map_err(|_| RequestError::Malformed("segment unreadable"))?;
+                let len = u64::from(segment.num_sectors.to_native()) * SECTOR_SIZE;
+                let offset = self.byte_range(segment.sector.to_native(), len)?;
+                self.deallocate(offset, len, kind == VIRTIO_BLK_T_WRITE_ZEROES)
+            }
+            other => Err(RequestError::Unsupported(other)),
+        }
+    }
+
+    /// The byte offset of `len` bytes at `sector`, if they lie on the disk
+    /// and are whole sectors.
+    fn byte_range(&self, sector: u64, len: u64) -> Result<u64, RequestError> {
+        if len % SECTOR_SIZE != 0 {
+            return Err(RequestError::OutOfRange);
+        }
+        let end = sector
+            .checked_add(len / SECTOR_SIZE)
+            .ok_or(RequestError::OutOfRange)?;
+        if end > self.sectors {
+            return Err(RequestError::OutOfRange);
+        }
+        Ok(sector * SECTOR_SIZE)
+    }
+
+    fn copy_to_guest(
+        &self,
+        mut offset: u64,
+        len: u64,
+        writer: &mut virtio_queue::Writer<'_>,
+        buf: &mut [u8],
+    ) -> Result<(), RequestError> {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], offset)
+                .map_err(|e| RequestError::Io(e.kind()))?;
+            writer
+                .write_all(&buf[..n])
+                .map_err(|_| RequestError::Malformed("data buffer unwritable"))?;
+            offset += n as u64;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    fn copy_from_guest(
+        &self,
+        mut offset: u64,
+        len: u64,
+        reader: &mut virtio_queue::Reader<'_>,
+        buf: &mut [u8],
+    ) -> Result<(), RequestError> {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            reader
+                .read_exact(&mut buf[..n])
+                .map_err(|_| RequestError::Malformed("data buffer unreadable"))?;
+            self.file
+                .write_all_at(&buf[..n], offset)
+                .map_err(|e| RequestError::Io(e.kind()))?;
+            offset += n as u64;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Discard punches a hole; write-zeroes zeroes the range (and may
+    /// unmap it, which the config space allows).
+    fn deallocate(&self, offset: u64, len: u64, _zero: bool) -> Result<(), RequestError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(RequestError::OutOfRange);
+        };
+        // SAFETY: fallocate on a descriptor we own, with plain integers; a
+        // punched hole reads back as zeroes, which both requests require.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // A filesystem without hole punching: zero the bytes instead.
+            let zeroes = vec![0u8; COPY_CHUNK];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(COPY_CHUNK as u64) as usize;
+                self.file
+                    .write_all_at(&zeroes[..n], at)
+                    .map_err(|e| RequestError::Io(e.kind()))?;
+                at += n as u64;
+            }
+            return Ok(());
+        }
+        Err(RequestError::Io(err.kind()))
+    }
+}
+
+/// Opens every disk in order, failing on the first bad one.
+pub fn open_all(disks: &[DiskConfig]) -> Result<Vec<Block>, DiskError> {
+    disks.iter().map(Block::open).collect()
+}
+
+/// For messages: the path a disk came from.
+pub fn describe(config: &DiskConfig) -> &Path {
+    &config.path
+}

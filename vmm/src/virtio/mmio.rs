@@ -1,0 +1,356 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x "modern" only): the
+//! register file a driver uses to negotiate features, set up queues and
+//! drive the device status state machine (virtio spec 4.2.2).
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::Worker;
+use super::{
+    ActivateContext, Interrupt, Memory, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+
+const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+/// "QEMU"'s vendor ID is taken; any value works for Linux.
+const VENDOR_ID: u32 = 0x4153_5043; // "CPSA"
+/// Size of each device's register window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot create a queue of {0} entries: {1}")]
+    Queue(u16, virtio_queue::Error),
+    #[error("cannot create a queue notification eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// One virtio device as the guest sees it at one MMIO window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    memory: Memory,
+    interrupt: Interrupt,
+    queues: Vec<Queue>,
+    /// Registered with KVM as ioeventfds on QueueNotify, one per queue.
+    queue_events: Vec<EventFd>,
+    status: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    queue_select: u32,
+    worker: Option<Worker>,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: Memory,
+        interrupt: Interrupt,
+    ) -> Result<Self, TransportError> {
+        let mut queues = Vec::new();
+        let mut queue_events = Vec::new();
+        for &max in device.queue_max_sizes() {
+            queues.push(Queue::new(max).map_err(|e| TransportError::Queue(max, e))?);
+            queue_events
+                .push(EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?);
+        }
+        Ok(Self {
+            device,
+            memory,
+            interrupt,
+            queues,
+            queue_events,
+            status: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            worker: None,
+        })
+    }
+
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// The queue notification eventfds, for registration as ioeventfds.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn status_is(&self, bits: u32) -> bool {
+        self.status & bits == bits
+    }
+
+    /// Queue registers may change only between FEATURES_OK and DRIVER_OK,
+    /// and only while the queue is not live.
+    fn queue_config_writable(&self) -> bool {
+        self.status_is(VIRTIO_CONFIG_S_FEATURES_OK)
+            && self.status & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED) == 0
+    }
+
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.device
+                .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        data.fill(0);
+        // Registers are 32 bits wide and read as a whole (spec 4.2.2.2).
+        if data.len() != 4 || offset % 4 != 0 {
+            return;
+        }
+        let value = match offset as u32 {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_select {
+                0 => self.offered_features() as u32,
+                1 => (self.offered_features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
+            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => {
+                let broken = if self.interrupt.needs_reset() {
+                    VIRTIO_CONFIG_S_NEEDS_RESET
+                } else {
+                    0
+                };
+                self.status | broken
+            }
+            VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            if self.status & VIRTIO_CONFIG_S_FAILED == 0 {
+                self.device
+                    .write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            }
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if offset % 4 != 0 {
+            return;
+        }
+        let value = u32::from_le_bytes(bytes);
+        let queue_writable = self.queue_config_writable();
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
+                // Only between DRIVER and FEATURES_OK (spec 3.1.1).
+                if self.status_is(VIRTIO_CONFIG_S_DRIVER)
+                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
+                {
+                    let value = u64::from(value);
+                    match self.driver_features_select {
+                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (value << 32)
+                        }
+                        // Feature words beyond 64 bits: nothing to accept.
+                        _ => {}
+                    }
+                }
+            }
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,
+            VIRTIO_MMIO_QUEUE_NUM if queue_writable => {
+                if let Some(q) = self.selected_queue() {
+                    if !q.ready() {
+                        // Sizes above the maximum or not a power of two are
+                        // refused by the queue; `is_valid` catches them at ready.
+                        q.set_size(value.min(u32::from(u16::MAX)) as u16);
+                    }
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY if queue_writable => self.set_queue_ready(value == 1),
+            VIRTIO_MMIO_QUEUE_DESC_LOW if queue_writable => {
+                self.with_idle_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if queue_writable => {
+                self.with_idle_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if queue_writable => {
+                self.with_idle_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if queue_writable => {
+                self.with_idle_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW if queue_writable => {
+                self.with_idle_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH if queue_writable => {
+                self.with_idle_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                // Normally KVM signals the ioeventfd itself and this exit
+                // never happens; without one, do what KVM would have done.
+                if let Some(event) = self.queue_events.get(value as usize) {
+                    let _ = event.write(1);
+                }
+            }
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            // Read-only or unknown registers, or queue registers written at
+            // the wrong time: ignored.
+            _ => {}
+        }
+    }
+
+    fn with_idle_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected_queue() {
+            if !q.ready() {
+                f(q);
+            }
+        }
+    }
+
+    fn set_queue_ready(&mut self, ready: bool) {
+        let memory = self.memory.clone();
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        if ready && !q.is_valid(&memory) {
+            // Size, alignment or ring placement is wrong: the queue stays
+            // down and the device is broken until reset.
+            self.interrupt.mark_broken();
+            return;
+        }
+        q.set_ready(ready);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let added = value & !self.status;
+        // The driver may not clear bits other than by reset, nor set
+        // NEEDS_RESET, which is the device's.
+        if value & self.status != self.status || added & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            return;
+        }
+        if added & VIRTIO_CONFIG_S_FAILED != 0 {
+            self.status |= VIRTIO_CONFIG_S_FAILED;
+            self.worker = None;
+            return;
+        }
+        // Each step needs the one before it (spec 3.1.1).
+        let steps = [
+            (VIRTIO_CONFIG_S_ACKNOWLEDGE, 0),
+            (VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_ACKNOWLEDGE),
+            (VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER),
+            (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK),
+        ];
+        let mut next = self.status;
+        for (bit, needs) in steps {
+            if added & bit == 0 {
+                continue;
+            }
+            if next & needs != needs {
+                return;
+            }
+            next |= bit;
+        }
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 && !self.features_acceptable() {
+            // The driver reads FEATURES_OK back and gives up when unset.
+            return;
+        }
+        let activate = added & VIRTIO_CONFIG_S_DRIVER_OK != 0;
+        self.status = next;
+        if activate {
+            self.activate();
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        self.driver_features & !self.offered_features() == 0
+            && self.driver_features & VIRTIO_F_VERSION_1 != 0
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        let mut queue_events = Vec::with_capacity(self.queues.len());
+        for (queue, event) in self.queues.iter().zip(&self.queue_events) {
+            // The worker gets its own copy; ours keeps answering register
+            // reads (QueueReady and so on) until the next reset.
+            let copy = Queue::try_from(queue.state()).map_err(|e| e.to_string());
+            let event = event.try_clone().map_err(|e| e.to_string());
+            match (copy, event) {
+                (Ok(mut copy), Ok(event)) => {
+                    copy.set_event_idx(event_idx);
+                    queues.push(copy);
+                    queue_events.push(event);
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("capsa-vmm: cannot activate a virtio device: {e}");
+                    self.interrupt.mark_broken();
+                    return;
+                }
+            }
+        }
+        let context = ActivateContext {
+            memory: self.memory.clone(),
+            queues,
+            queue_events,
+            interrupt: self.interrupt.clone(),
+            acked_features: self.driver_features,
+        };
+        match self.device.activate(context) {
+            Ok(worker) => self.worker = Some(worker),
+            Err(e) => {
+                eprintln!(
+                    "capsa-vmm: cannot activate virtio device type {}: {e}",
+                    self.device.device_type()
+                );
+                self.interrupt.mark_broken();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        // Stops and joins the worker: no queue is touched after this.
+        self.worker = None;
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        for event in &self.queue_events {
+            let _ = event.read();
+        }
+        self.interrupt.reset();
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.queue_select = 0;
+    }
+
+    /// True while a worker serves the device (for tests and diagnostics).
+    pub fn is_active(&self) -> bool {
+        self.worker.is_some()
+    }
+}

@@ -1,0 +1,202 @@
+//! Virtio 1.x devices on the MMIO transport.
+//!
+//! The transport (`mmio`) owns the register file the guest's driver talks to
+//! from vCPU threads. Once the driver sets DRIVER_OK the device is activated:
+//! it gets the guest memory, its queues, one ioeventfd per queue (KVM signals
+//! them on a queue notify without leaving the kernel) and an `Interrupt`, and
+//! runs on a worker thread of its own (`worker`). A device that meets a
+//! guest error it cannot skip sets `DEVICE_NEEDS_RESET`; nothing the guest
+//! writes makes the VMM panic.
+
+pub mod block;
+pub mod mmio;
+pub mod net;
+pub mod rng;
+pub mod vsock;
+pub mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Every Capsa device is a modern (virtio 1.x) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit numbers shared by all device types.
+pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
+
+/// Guest memory as the devices see it.
+pub type Memory = GuestMemoryMmap;
+
+/// What a device does when its driver makes it go live.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (virtio spec, "Device Types").
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of the device's queues; its length is the
+    /// number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space. Bytes beyond it read
+    /// as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&[], offset, data);
+    }
+    /// Writes to the configuration space; most devices ignore them.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts serving the queues with the features the driver accepted.
+    fn activate(&mut self, context: ActivateContext) -> Result<worker::Worker, ActivateError>;
+}
+
+/// Everything a device needs to serve its queues.
+pub struct ActivateContext {
+    pub memory: Memory,
+    pub queues: Vec<Queue>,
+    /// One per queue, signalled when the driver notifies that queue.
+    pub queue_events: Vec<EventFd>,
+    pub interrupt: Interrupt,
+    pub acked_features: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("cannot duplicate a file descriptor for the device worker: {0}")]
+    Dup(std::io::Error),
+    #[error("cannot start the device worker: {0}")]
+    Worker(std::io::Error),
+}
+
+/// Raises the device's interrupt line and records why, for the driver to
+/// read in InterruptStatus. Also where a device reports itself broken.
+#[derive(Clone)]
+pub struct Interrupt {
+    inner: Arc<InterruptState>,
+}
+
+struct InterruptState {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            inner: Arc::new(InterruptState {
+                status: AtomicU32::new(0),
+                needs_reset: AtomicBool::new(false),
+                irq,
+            }),
+        }
+    }
+
+    /// Tells the driver that used buffers are waiting.
+    pub fn signal_used_queue(&self) {
+        self.raise(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the driver
+    /// through a configuration change interrupt, as the spec asks.
+    pub fn mark_broken(&self) {
+        self.inner.needs_reset.store(true, Ordering::Release);
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.inner.needs_reset.load(Ordering::Acquire)
+    }
+
+    pub fn status(&self) -> u32 {
+        self.inner.status.load(Ordering::Acquire)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.inner.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// Back to the state of a fresh device.
+    pub fn reset(&self) {
+        self.inner.status.store(0, Ordering::Release);
+        self.inner.needs_reset.store(false, Ordering::Release);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.inner.status.fetch_or(bit, Ordering::AcqRel);
+        // A full eventfd counter already means "interrupt pending".
+        let _ = self.inner.irq.write(1);
+    }
+
+    #[cfg(test)]
+    pub fn for_test() -> Self {
+        Self::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+    }
+}
+
+/// Copies the part of `config` at `offset` into `data`; bytes past its end
+/// read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// Takes the next request the driver made available on `queue`, if any.
+/// A driver that claims more new entries than the ring holds is broken.
+pub fn next_chain<'m>(
+    queue: &mut Queue,
+    memory: &'m Memory,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m Memory>>, worker::DeviceBroken> {
+    use virtio_queue::QueueT;
+    if !queue.ready() {
+        return Ok(None);
+    }
+    let avail = queue
+        .avail_idx(memory, Ordering::Acquire)
+        .map_err(|e| worker::DeviceBroken(format!("cannot read the available ring: {e}")))?;
+    let pending = avail - std::num::Wrapping(queue.next_avail());
+    if pending.0 > queue.size() {
+        return Err(worker::DeviceBroken(format!(
+            "the driver made {} entries available on a queue of {}",
+            pending.0,
+            queue.size()
+        )));
+    }
+    Ok(queue.pop_descriptor_chain(memory))
+}
+
+/// Returns a finished request to the driver.
+pub fn complete(
+    queue: &mut Queue,
+    memory: &Memory,
+    head: u16,
+    len: u32,
+) -> Result<(), worker::DeviceBroken> {
+    use virtio_queue::QueueT;
+    queue
+        .add_used(memory, head, len)
+        .map_err(|e| worker::DeviceBroken(format!("cannot write the used ring: {e}")))
+}
+
+/// Interrupts the driver if it wants to hear about the used buffers.
+pub fn notify(
+    queue: &mut Queue,
+    memory: &Memory,
+    interrupt: &Interrupt,
+) -> Result<(), worker::DeviceBroken> {
+    use virtio_queue::QueueT;
+    let needed = queue
+        .needs_notification(memory)
+        .map_err(|e| worker::DeviceBroken(format!("cannot read the used event index: {e}")))?;
+    if needed {
+        interrupt.signal_used_queue();
+    }
+    Ok(())
+}

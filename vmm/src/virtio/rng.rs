@@ -1,0 +1,85 @@
+//! virtio-rng (entropy source): fills the driver's buffers from the host's
+//! getrandom, so the guest's CRNG is seeded at boot without waiting.
+
+use std::io::Write;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use virtio_queue::Queue;
+
+use super::worker::{DeviceBroken, QueueHandler, Registrar, Worker};
+use super::{complete, next_chain, notify, ActivateContext, ActivateError, Interrupt, Memory};
+
+const QUEUE_SIZES: &[u16] = &[256];
+/// Caps the work one request can ask for; the driver asks again for more.
+const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
+
+#[derive(Default)]
+pub struct Rng;
+
+impl super::VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn activate(&mut self, mut context: ActivateContext) -> Result<Worker, ActivateError> {
+        let queue = context.queues.remove(0);
+        let handler = RngQueue {
+            memory: context.memory,
+            queue,
+            interrupt: context.interrupt.clone(),
+        };
+        Worker::spawn(handler, context.queue_events, context.interrupt)
+    }
+}
+
+pub struct RngQueue {
+    pub memory: Memory,
+    pub queue: Queue,
+    pub interrupt: Interrupt,
+}
+
+impl RngQueue {
+    /// Serves every request waiting on the queue.
+    pub fn process(&mut self) -> Result<(), DeviceBroken> {
+        let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST];
+        let mut served = false;
+        while let Some(chain) = next_chain(&mut self.queue, &self.memory)? {
+            let head = chain.head_index();
+            // A chain the device cannot write into (bad addresses, read-only
+            // buffers) gets nothing; the request still completes.
+            let written = match chain.writer(&self.memory) {
+                Ok(mut writer) => {
+                    let n = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
+                    getrandom::fill(&mut buf[..n])
+                        .map_err(|e| DeviceBroken(format!("host getrandom failed: {e}")))?;
+                    writer.write_all(&buf[..n]).map(|()| n).unwrap_or(0)
+                }
+                Err(_) => 0,
+            };
+            complete(&mut self.queue, &self.memory, head, written as u32)?;
+            served = true;
+        }
+        if served {
+            notify(&mut self.queue, &self.memory, &self.interrupt)?;
+        }
+        Ok(())
+    }
+}
+
+impl QueueHandler for RngQueue {
+    fn name(&self) -> &'static str {
+        "virtio-rng"
+    }
+
+    fn queue_event(&mut self, _index: usize, _epoll: &Registrar) -> Result<(), DeviceBroken> {
+        self.process()
+    }
+}
