@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use capsa_vmm::virtio::block::DiskConfig;
+use capsa_vmm::virtio::vsock::{VsockConfig, DEFAULT_GUEST_CID};
 use capsa_vmm::{ConsoleOutput, VmConfig};
 use clap::Parser;
 
@@ -36,9 +37,32 @@ struct Args {
     /// Repeat for more disks; the guest sees them as vda, vdb, ...
     #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
+    /// Attach a virtio-vsock bridged to the Unix socket PATH (host
+    /// processes connect to it with `CONNECT <port>`; guest connections to
+    /// port P go to PATH_P). The guest's CID defaults to 3.
+    #[arg(long, value_name = "PATH[,cid=N]", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
     /// Do not attach the virtio-rng entropy device.
     #[arg(long)]
     no_rng: bool,
+}
+
+fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
+    let mut parts = spec.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or("vsock needs a socket path")?;
+    let mut vsock = VsockConfig {
+        path: PathBuf::from(path),
+        guest_cid: DEFAULT_GUEST_CID,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("cid", cid)) => {
+                vsock.guest_cid = cid.parse().map_err(|_| format!("bad vsock CID {cid:?}"))?
+            }
+            _ => return Err(format!("unknown vsock option {option:?} (expected cid=N)")),
+        }
+    }
+    Ok(vsock)
 }
 
 fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
@@ -84,6 +108,7 @@ fn boot(args: Args) -> Result<ExitCode, capsa_vmm::VmError> {
             .map_or(ConsoleOutput::Stdout, ConsoleOutput::File),
         disks: args.disks,
         rng: !args.no_rng,
+        vsock: args.vsock,
     };
     let outcome = capsa_vmm::run(&config)?;
     if !outcome.exit.is_clean() {

@@ -27,6 +27,7 @@ use crate::vcpu;
 use crate::virtio::block::{Block, DiskConfig, DiskError};
 use crate::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW_SIZE};
 use crate::virtio::rng::Rng;
+use crate::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use crate::virtio::{Interrupt, VirtioDevice};
 
 /// Kernel parameters the VMM itself depends on: the console is the 8250,
@@ -63,6 +64,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Attach a virtio-rng fed from the host's getrandom.
     pub rng: bool,
+    /// A virtio-vsock bridged to Unix sockets.
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +94,8 @@ pub enum VmError {
     TooManyDevices(usize, usize),
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error(transparent)]
@@ -174,6 +179,9 @@ impl VmConfig {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for disk in &self.disks {
             devices.push(Box::new(Block::open(disk)?));
+        }
+        if let Some(vsock) = &self.vsock {
+            devices.push(Box::new(Vsock::new(vsock)?));
         }
         if self.rng {
             devices.push(Box::new(Rng));
