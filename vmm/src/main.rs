@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use capsa_vmm::virtio::block::DiskConfig;
+use capsa_vmm::virtio::net::NetConfig;
 use capsa_vmm::virtio::vsock::{VsockConfig, DEFAULT_GUEST_CID};
 use capsa_vmm::{ConsoleOutput, VmConfig};
 use clap::Parser;
@@ -37,6 +38,10 @@ struct Args {
     /// Repeat for more disks; the guest sees them as vda, vdb, ...
     #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
+    /// Attach a virtio-net interface on the host tap NAME, with a MAC
+    /// address (random, locally administered, by default). Repeatable.
+    #[arg(long = "net", value_name = "TAP[,mac=XX:XX:XX:XX:XX:XX]", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
     /// Attach a virtio-vsock bridged to the Unix socket PATH (host
     /// processes connect to it with `CONNECT <port>`; guest connections to
     /// port P go to PATH_P). The guest's CID defaults to 3.
@@ -47,9 +52,52 @@ struct Args {
     no_rng: bool,
 }
 
+fn parse_net(spec: &str) -> Result<NetConfig, String> {
+    let mut parts = spec.split(',');
+    let tap = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("a net device needs a tap name")?;
+    let mut net = NetConfig {
+        tap: tap.to_string(),
+        mac: NetConfig::random_mac(),
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("mac", mac)) => net.mac = parse_mac(mac)?,
+            _ => return Err(format!("unknown net option {option:?} (expected mac=...)")),
+        }
+    }
+    Ok(net)
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad =
+        || format!("bad MAC address {text:?} (expected six hex bytes like 02:ca:95:00:00:01)");
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| {
+            if b.len() == 2 {
+                u8::from_str_radix(b, 16).ok()
+            } else {
+                None
+            }
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC address {text} is a multicast address"));
+    }
+    Ok(mac)
+}
+
 fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
     let mut parts = spec.split(',');
-    let path = parts.next().filter(|p| !p.is_empty()).ok_or("vsock needs a socket path")?;
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("vsock needs a socket path")?;
     let mut vsock = VsockConfig {
         path: PathBuf::from(path),
         guest_cid: DEFAULT_GUEST_CID,
@@ -67,7 +115,10 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
 
 fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
     let mut parts = spec.split(',');
-    let path = parts.next().filter(|p| !p.is_empty()).ok_or("a disk needs a path")?;
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("a disk needs a path")?;
     let mut disk = DiskConfig {
         path: PathBuf::from(path),
         read_only: false,
@@ -77,7 +128,11 @@ fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
         match option.split_once('=') {
             None if option == "ro" => disk.read_only = true,
             Some(("id", id)) => disk.id = Some(id.to_string()),
-            _ => return Err(format!("unknown disk option {option:?} (expected ro or id=SERIAL)")),
+            _ => {
+                return Err(format!(
+                    "unknown disk option {option:?} (expected ro or id=SERIAL)"
+                ))
+            }
         }
     }
     Ok(disk)
@@ -109,6 +164,7 @@ fn boot(args: Args) -> Result<ExitCode, capsa_vmm::VmError> {
         disks: args.disks,
         rng: !args.no_rng,
         vsock: args.vsock,
+        nets: args.nets,
     };
     let outcome = capsa_vmm::run(&config)?;
     if !outcome.exit.is_clean() {

@@ -26,6 +26,8 @@ use crate::memory::{self, MemoryError};
 use crate::vcpu;
 use crate::virtio::block::{Block, DiskConfig, DiskError};
 use crate::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW_SIZE};
+use crate::virtio::net::tap::TapError;
+use crate::virtio::net::{Net, NetConfig};
 use crate::virtio::rng::Rng;
 use crate::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use crate::virtio::{Interrupt, VirtioDevice};
@@ -64,6 +66,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Attach a virtio-rng fed from the host's getrandom.
     pub rng: bool,
+    /// virtio-net interfaces on host taps (eth0, eth1, ... in the guest).
+    pub nets: Vec<NetConfig>,
     /// A virtio-vsock bridged to Unix sockets.
     pub vsock: Option<VsockConfig>,
 }
@@ -96,6 +100,8 @@ pub enum VmError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error(transparent)]
@@ -179,6 +185,9 @@ impl VmConfig {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for disk in &self.disks {
             devices.push(Box::new(Block::open(disk)?));
+        }
+        for net in &self.nets {
+            devices.push(Box::new(Net::new(net)?));
         }
         if let Some(vsock) = &self.vsock {
             devices.push(Box::new(Vsock::new(vsock)?));

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -84,7 +84,7 @@ impl Block {
             });
         }
         let size = file.metadata().map_err(open_error)?.len();
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(DiskError::Size {
                 path: config.path.clone(),
                 size,
@@ -249,12 +249,7 @@ impl QueueHandler for BlockQueue {
 impl Disk {
     /// Carries out one request and writes its status byte. Returns how many
     /// bytes the device wrote into the chain (the used length).
-    pub fn serve(
-        &self,
-        memory: &Memory,
-        chain: DescriptorChain<&Memory>,
-        buf: &mut [u8],
-    ) -> u32 {
+    pub fn serve(&self, memory: &Memory, chain: DescriptorChain<&Memory>, buf: &mut [u8]) -> u32 {
         // The status byte is the last device-writable byte of the chain.
         let Ok(mut writer) = chain.clone().writer(memory) else {
             return 0;
@@ -315,7 +310,7 @@ impl Disk {
                     .write_all(&self.id[..n])
                     .map_err(|_| RequestError::Malformed("ID buffer unwritable"))
             }
-            kind @ (VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES) => {
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 if self.read_only {
                     return Err(RequestError::ReadOnly);
                 }
@@ -327,7 +322,7 @@ impl Disk {
                     .map_err(|_| RequestError::Malformed("segment unreadable"))?;
                 let len = u64::from(segment.num_sectors.to_native()) * SECTOR_SIZE;
                 let offset = self.byte_range(segment.sector.to_native(), len)?;
-                self.deallocate(offset, len, kind == VIRTIO_BLK_T_WRITE_ZEROES)
+                self.deallocate(offset, len)
             }
             other => Err(RequestError::Unsupported(other)),
         }
@@ -336,7 +331,7 @@ impl Disk {
     /// The byte offset of `len` bytes at `sector`, if they lie on the disk
     /// and are whole sectors.
     fn byte_range(&self, sector: u64, len: u64) -> Result<u64, RequestError> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(RequestError::OutOfRange);
         }
         let end = sector
@@ -394,7 +389,7 @@ impl Disk {
 
     /// Discard punches a hole; write-zeroes zeroes the range (and may
     /// unmap it, which the config space allows).
-    fn deallocate(&self, offset: u64, len: u64, _zero: bool) -> Result<(), RequestError> {
+    fn deallocate(&self, offset: u64, len: u64) -> Result<(), RequestError> {
         if len == 0 {
             return Ok(());
         }
@@ -424,14 +419,4 @@ impl Disk {
         }
         Err(RequestError::Io(err.kind()))
     }
-}
-
-/// Opens every disk in order, failing on the first bad one.
-pub fn open_all(disks: &[DiskConfig]) -> Result<Vec<Block>, DiskError> {
-    disks.iter().map(Block::open).collect()
-}
-
-/// For messages: the path a disk came from.
-pub fn describe(config: &DiskConfig) -> &Path {
-    &config.path
 }

@@ -56,8 +56,7 @@ impl MmioTransport {
         let mut queue_events = Vec::new();
         for &max in device.queue_max_sizes() {
             queues.push(Queue::new(max).map_err(|e| TransportError::Queue(max, e))?);
-            queue_events
-                .push(EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?);
+            queue_events.push(EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?);
         }
         Ok(Self {
             device,
@@ -110,7 +109,7 @@ impl MmioTransport {
         }
         data.fill(0);
         // Registers are 32 bits wide and read as a whole (spec 4.2.2.2).
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let value = match offset as u32 {
@@ -151,7 +150,7 @@ impl MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         let value = u32::from_le_bytes(bytes);
@@ -159,21 +158,19 @@ impl MmioTransport {
         match offset as u32 {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_select = value,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_select = value,
-            VIRTIO_MMIO_DRIVER_FEATURES => {
-                // Only between DRIVER and FEATURES_OK (spec 3.1.1).
+            // Only between DRIVER and FEATURES_OK (spec 3.1.1).
+            VIRTIO_MMIO_DRIVER_FEATURES
                 if self.status_is(VIRTIO_CONFIG_S_DRIVER)
-                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
-                {
-                    let value = u64::from(value);
-                    match self.driver_features_select {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (value << 32)
-                        }
-                        // Feature words beyond 64 bits: nothing to accept.
-                        _ => {}
+                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 =>
+            {
+                let value = u64::from(value);
+                match self.driver_features_select {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+                    1 => {
+                        self.driver_features = (self.driver_features & 0xffff_ffff) | (value << 32)
                     }
+                    // Feature words beyond 64 bits: nothing to accept.
+                    _ => {}
                 }
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,

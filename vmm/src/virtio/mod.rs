@@ -67,6 +67,8 @@ pub enum ActivateError {
     Dup(std::io::Error),
     #[error("cannot start the device worker: {0}")]
     Worker(std::io::Error),
+    #[error("cannot set up the device backend: {0}")]
+    Backend(String),
 }
 
 /// Raises the device's interrupt line and records why, for the driver to

@@ -133,7 +133,10 @@ impl VsockMuxer {
     fn allocate_host_port(&mut self, guest_port: u32) -> Option<u32> {
         for _ in 0..MAX_CONNECTIONS + 1 {
             let port = self.next_host_port;
-            self.next_host_port = self.next_host_port.checked_add(1).unwrap_or(FIRST_EPHEMERAL_PORT);
+            self.next_host_port = self
+                .next_host_port
+                .checked_add(1)
+                .unwrap_or(FIRST_EPHEMERAL_PORT);
             if !self.connections.contains_key(&(port, guest_port)) {
                 return Some(port);
             }
@@ -170,7 +173,9 @@ impl VsockMuxer {
                     // No trustworthy header, so nobody to reset: drop it.
                     self.bad_packets += 1;
                     if self.bad_packets == 1 {
-                        eprintln!("capsa-vmm: virtio-vsock: dropping malformed packets from the guest");
+                        eprintln!(
+                            "capsa-vmm: virtio-vsock: dropping malformed packets from the guest"
+                        );
                     }
                 }
             }
@@ -204,7 +209,11 @@ impl VsockMuxer {
             OP_RESPONSE => self.guest_accepted(key, registrar),
             OP_RW => self.guest_data(key, data_len, registrar),
             OP_CREDIT_UPDATE => {
-                if self.connections.get(&key).is_some_and(|c| c.peer_credit() > 0) {
+                if self
+                    .connections
+                    .get(&key)
+                    .is_some_and(|c| c.peer_credit() > 0)
+                {
                     self.wake_rx(key);
                 } else if !self.connections.contains_key(&key) {
                     self.reset(key);
@@ -404,7 +413,10 @@ impl VsockMuxer {
                 self.rx_ready.push_front(key);
                 return None;
             };
-            let room = data.len().min(credit as usize).min(MAX_PACKET_DATA as usize);
+            let room = data
+                .len()
+                .min(credit as usize)
+                .min(MAX_PACKET_DATA as usize);
             let target: VolatileSlice<'_, ()> = match data.subslice(0, room) {
                 Ok(s) => s,
                 Err(_) => return None,
@@ -556,7 +568,9 @@ impl VsockMuxer {
             }
             self.finish_if_done(key, registrar);
         }
-        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP) {
+        if events
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
+        {
             self.schedule_rx(key);
         }
     }
@@ -572,7 +586,9 @@ fn read_into(stream: &mut UnixStream, target: &VolatileSlice<'_, ()>) -> std::io
     loop {
         match stream.read_volatile(&mut target.clone()) {
             Ok(n) => return Ok(n),
-            Err(vm_memory::VolatileMemoryError::IOError(e)) if e.kind() == ErrorKind::Interrupted => {
+            Err(vm_memory::VolatileMemoryError::IOError(e))
+                if e.kind() == ErrorKind::Interrupted =>
+            {
                 continue
             }
             Err(vm_memory::VolatileMemoryError::IOError(e)) => return Err(e),

@@ -1,0 +1,281 @@
+//! virtio-net on a tap device, with checksum and TSO offloads both ways and
+//! mergeable receive buffers (so the guest need not post 64 KiB buffers to
+//! receive TSO frames).
+
+pub mod tap;
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{Queue, QueueOwnedT};
+use vmm_sys_util::epoll::EventSet;
+
+use super::worker::{DeviceBroken, QueueHandler, Registrar, Worker, FIRST_BACKEND_TOKEN};
+use super::{
+    complete, next_chain, notify, read_config_bytes, ActivateContext, ActivateError, Interrupt,
+    Memory,
+};
+use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+
+const QUEUE_SIZES: &[u16] = &[256, 256];
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const TAP_TOKEN: u64 = FIRST_BACKEND_TOKEN;
+/// The largest frame either side may pass: a 64 KiB TSO segment with its
+/// Ethernet (and VLAN) header, after the virtio-net header.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65536 + 18;
+/// Where num_buffers sits in virtio_net_hdr_v1.
+const NUM_BUFFERS_OFFSET: usize = 10;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of the host tap device to attach to.
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+impl NetConfig {
+    /// A locally administered unicast address, random in its last bytes.
+    pub fn random_mac() -> [u8; 6] {
+        let mut mac = [0x02, 0xca, 0x95, 0, 0, 0];
+        // Without randomness the address is still valid, only less unique.
+        let _ = getrandom::fill(&mut mac[3..]);
+        mac
+    }
+}
+
+pub struct Net {
+    tap: Tap,
+    config_space: Vec<u8>,
+}
+
+impl Net {
+    pub fn new(config: &NetConfig) -> Result<Self, TapError> {
+        let tap = Tap::open(&config.tap)?;
+        Ok(Self {
+            tap,
+            config_space: config.mac.to_vec(),
+        })
+    }
+}
+
+impl super::VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        [
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_MRG_RXBUF,
+        ]
+        .iter()
+        .fold(0, |acc, bit| acc | 1u64 << bit)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn activate(&mut self, mut context: ActivateContext) -> Result<Worker, ActivateError> {
+        let acked = context.acked_features;
+        let has = |bit: u32| acked & (1u64 << bit) != 0;
+        // The tap may hand us only what the guest said it can take.
+        let mut offload = 0;
+        if has(VIRTIO_NET_F_GUEST_CSUM) {
+            offload |= TUN_F_CSUM;
+            if has(VIRTIO_NET_F_GUEST_TSO4) {
+                offload |= TUN_F_TSO4;
+            }
+            if has(VIRTIO_NET_F_GUEST_TSO6) {
+                offload |= TUN_F_TSO6;
+            }
+        }
+        self.tap
+            .set_offload(offload)
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let tap = self.tap.try_clone().map_err(ActivateError::Dup)?;
+        let tx = context.queues.remove(TX_QUEUE);
+        let rx = context.queues.remove(RX_QUEUE);
+        let handler = NetQueues {
+            tap,
+            memory: context.memory,
+            rx,
+            tx,
+            interrupt: context.interrupt.clone(),
+            mergeable: has(VIRTIO_NET_F_MRG_RXBUF),
+            frame: vec![0u8; MAX_FRAME],
+            held: None,
+            tap_readable: true,
+            dropped: 0,
+        };
+        Worker::spawn(handler, context.queue_events, context.interrupt)
+    }
+}
+
+pub struct NetQueues {
+    pub tap: Tap,
+    pub memory: Memory,
+    pub rx: Queue,
+    pub tx: Queue,
+    pub interrupt: Interrupt,
+    pub mergeable: bool,
+    frame: Vec<u8>,
+    /// A frame read from the tap that waits for receive buffers.
+    held: Option<usize>,
+    /// The tap may have more frames (edge-triggered: until WouldBlock).
+    tap_readable: bool,
+    pub dropped: u64,
+}
+
+impl NetQueues {
+    /// Moves frames from the guest to the tap.
+    pub fn process_tx(&mut self) -> Result<(), DeviceBroken> {
+        let memory = self.memory.clone();
+        let mut served = false;
+        while let Some(chain) = next_chain(&mut self.tx, &memory)? {
+            let head = chain.head_index();
+            let sent = chain.reader(&memory).ok().and_then(|mut reader| {
+                let len = reader.available_bytes();
+                if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
+                    return None;
+                }
+                reader.read_exact(&mut self.frame[..len]).ok()?;
+                self.tap.write_frame(&self.frame[..len]).ok()
+            });
+            if sent.is_none() {
+                self.dropped += 1;
+            }
+            complete(&mut self.tx, &memory, head, 0)?;
+            served = true;
+        }
+        if served {
+            notify(&mut self.tx, &memory, &self.interrupt)?;
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the tap to the guest while both have some.
+    pub fn process_rx(&mut self) -> Result<(), DeviceBroken> {
+        let mut delivered = false;
+        loop {
+            let len = match self.held.take() {
+                Some(len) => len,
+                None if self.tap_readable => match self.tap.read_frame(&mut self.frame) {
+                    Ok(len) if len >= VNET_HDR_LEN => len,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        // WouldBlock, or the tap went away: wait for epoll.
+                        self.tap_readable = false;
+                        break;
+                    }
+                },
+                None => break,
+            };
+            if !self.deliver(len)? {
+                self.held = Some(len);
+                break;
+            }
+            delivered = true;
+        }
+        if delivered {
+            notify(&mut self.rx, &self.memory.clone(), &self.interrupt)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the frame in `self.frame[..len]` into receive buffers. Returns
+    /// false, touching nothing, when the guest has not posted enough.
+    fn deliver(&mut self, len: usize) -> Result<bool, DeviceBroken> {
+        let memory = self.memory.clone();
+        let mut writers = Vec::new();
+        let mut room = 0usize;
+        while room < len {
+            let Some(chain) = next_chain(&mut self.rx, &memory)? else {
+                for _ in 0..writers.len() {
+                    self.rx.go_to_previous_position();
+                }
+                return Ok(false);
+            };
+            let head = chain.head_index();
+            let writer = chain
+                .writer(&memory)
+                .map_err(|e| DeviceBroken(format!("receive buffer outside guest memory: {e}")))?;
+            room += writer.available_bytes();
+            writers.push((head, writer));
+            if !self.mergeable {
+                break;
+            }
+        }
+        if room < len {
+            // One buffer too small for the frame (no mergeable buffers):
+            // the frame is dropped, the buffer returned empty.
+            self.dropped += 1;
+            for (head, _) in writers {
+                complete(&mut self.rx, &memory, head, 0)?;
+            }
+            return Ok(true);
+        }
+        let count = writers.len() as u16;
+        self.frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
+            .copy_from_slice(&count.to_le_bytes());
+        let mut offset = 0;
+        for (head, mut writer) in writers {
+            let n = writer.available_bytes().min(len - offset);
+            writer
+                .write_all(&self.frame[offset..offset + n])
+                .map_err(|e| DeviceBroken(format!("cannot write a receive buffer: {e}")))?;
+            offset += n;
+            complete(&mut self.rx, &memory, head, n as u32)?;
+        }
+        Ok(true)
+    }
+}
+
+impl QueueHandler for NetQueues {
+    fn name(&self) -> &'static str {
+        "virtio-net"
+    }
+
+    fn register(&mut self, registrar: &Registrar) -> std::io::Result<()> {
+        registrar.add(
+            self.tap.as_raw_fd(),
+            TAP_TOKEN,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        )
+    }
+
+    fn queue_event(&mut self, index: usize, _epoll: &Registrar) -> Result<(), DeviceBroken> {
+        if index == TX_QUEUE {
+            self.process_tx()?;
+        }
+        self.process_rx()
+    }
+
+    fn backend_event(
+        &mut self,
+        _token: u64,
+        _events: EventSet,
+        _epoll: &Registrar,
+    ) -> Result<(), DeviceBroken> {
+        self.tap_readable = true;
+        self.process_rx()
+    }
+
+    fn quiesce(&mut self, registrar: &Registrar) {
+        registrar.remove(self.tap.as_raw_fd());
+    }
+}
