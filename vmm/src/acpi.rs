@@ -41,7 +41,18 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-fn dsdt() -> Vec<u8> {
+/// Where a virtio-mmio device sits, for its DSDT entry.
+#[derive(Clone, Copy, Debug)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub gsi: u32,
+}
+
+/// The ACPI ID Linux's virtio-mmio driver matches.
+const VIRTIO_MMIO_HID: &str = "LNRO0005";
+
+fn dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]);
     let s5_name = aml::Name::new("_S5_".into(), &s5);
     let pvpanic_io = aml::IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
@@ -63,7 +74,17 @@ fn dsdt() -> Vec<u8> {
     let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
     let com1_res = aml::Name::new("_CRS".into(), &com1_crs);
     let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_res]);
-    let system_bus = aml::Scope::new("\\_SB_".into(), vec![&com1, &pvpanic]);
+    // The same goes for virtio-mmio devices: announced on the command line
+    // their IRQ numbers would never be mapped to IOAPIC pins.
+    let virtio_devices: Vec<VirtioAml> = virtio
+        .iter()
+        .enumerate()
+        .map(|(index, device)| VirtioAml::new(index, device))
+        .collect();
+    let virtio_aml: Vec<aml::Device> = virtio_devices.iter().map(VirtioAml::device).collect();
+    let mut bus_children: Vec<&dyn Aml> = vec![&com1, &pvpanic];
+    bus_children.extend(virtio_aml.iter().map(|d| d as &dyn Aml));
+    let system_bus = aml::Scope::new("\\_SB_".into(), bus_children);
 
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"CAPSADSD", OEM_REVISION);
     let mut body = Vec::new();
@@ -71,6 +92,36 @@ fn dsdt() -> Vec<u8> {
     system_bus.to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
+}
+
+/// The pieces of one virtio device's AML, owned so the borrowed tree can
+/// be built from them.
+struct VirtioAml {
+    name: String,
+    hid: aml::Name,
+    uid: aml::Name,
+    crs: aml::Name,
+}
+
+impl VirtioAml {
+    fn new(index: usize, device: &MmioDevice) -> Self {
+        let memory = aml::Memory32Fixed::new(true, device.base as u32, device.size as u32);
+        let irq = aml::Interrupt::new(true, true, false, false, device.gsi);
+        let crs = aml::ResourceTemplate::new(vec![&memory, &irq]);
+        Self {
+            name: format!("V{index:03}"),
+            hid: aml::Name::new("_HID".into(), &VIRTIO_MMIO_HID),
+            uid: aml::Name::new("_UID".into(), &(index as u32)),
+            crs: aml::Name::new("_CRS".into(), &crs),
+        }
+    }
+
+    fn device(&self) -> aml::Device<'_> {
+        aml::Device::new(
+            self.name.as_str().into(),
+            vec![&self.hid, &self.uid, &self.crs],
+        )
+    }
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -114,13 +165,17 @@ fn madt(vcpus: u8) -> Vec<u8> {
 
 /// Lays the tables out from `ACPI_START` (RSDP first, as `hvm_start_info`
 /// points there) and writes them into guest memory.
-pub fn write_tables(memory: &GuestMemoryMmap, vcpus: u8) -> Result<(), AcpiError> {
+pub fn write_tables(
+    memory: &GuestMemoryMmap,
+    vcpus: u8,
+    virtio: &[MmioDevice],
+) -> Result<(), AcpiError> {
     let align = |addr: u64| (addr + 15) & !15;
     let xsdt_addr = align(ACPI_START + Rsdp::len() as u64);
     // The XSDT holds two pointers (FADT, MADT): header plus 16 bytes.
     let fadt_addr = align(xsdt_addr + 36 + 16);
     let dsdt_addr = align(fadt_addr + FADT::len() as u64);
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
     let madt = madt(vcpus);
     let end = madt_addr + madt.len() as u64;
@@ -159,7 +214,19 @@ mod tests {
     #[test]
     fn tables_have_valid_checksums_and_links() {
         let memory = crate::memory::allocate(16 * MIB).unwrap();
-        write_tables(&memory, 3).unwrap();
+        let virtio = [
+            MmioDevice {
+                base: 0xd000_0000,
+                size: 0x1000,
+                gsi: 5,
+            },
+            MmioDevice {
+                base: 0xd000_1000,
+                size: 0x1000,
+                gsi: 6,
+            },
+        ];
+        write_tables(&memory, 3, &virtio).unwrap();
         let mut rsdp = [0u8; 36];
         memory
             .read_slice(&mut rsdp, GuestAddress(ACPI_START))
@@ -190,6 +257,10 @@ mod tests {
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(8).any(|w| w == b"QEMU0001"));
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        for name in [b"V000", b"V001"] {
+            assert!(dsdt.windows(4).any(|w| w == name), "virtio device in DSDT");
+        }
+        assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
         let madt = read_table(entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         let mut kinds = Vec::new();

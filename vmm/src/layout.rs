@@ -61,7 +61,9 @@ pub const E820_RESERVED: u32 = 2;
 /// virtio-mmio register windows, one page each, at the bottom of the MMIO
 /// gap.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// Legacy (ISA) interrupt lines free for virtio devices: Linux treats IRQs
-/// below 16 as edge-triggered, which is what an irqfd delivers. 4 is the
-/// serial port's, 8 the RTC's.
-pub const VIRTIO_IRQS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 13, 14, 15];
+/// IOAPIC pins (GSIs) for virtio devices, declared edge-triggered in the
+/// DSDT since an irqfd delivers edges. 4 is the serial port's; the IOAPIC
+/// has 24 pins.
+pub const VIRTIO_IRQS: &[u32] = &[
+    5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+];

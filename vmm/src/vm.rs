@@ -12,7 +12,7 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi::{self, AcpiError};
+use crate::acpi::{self, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootSpec};
 use crate::cpu::{self, CpuError, Topology};
 use crate::devices::bus::DeviceBus;
@@ -168,16 +168,13 @@ impl VmConfig {
         Ok(())
     }
 
-    /// The kernel command line: what the VMM needs, the virtio devices'
-    /// announcements, then the caller's extra parameters.
-    pub fn full_cmdline(&self, devices: &[String]) -> String {
-        let mut words = vec![REQUIRED_CMDLINE.to_string()];
-        words.extend(devices.iter().cloned());
+    pub fn full_cmdline(&self) -> String {
         let extra = self.cmdline.trim();
-        if !extra.is_empty() {
-            words.push(extra.to_string());
+        if extra.is_empty() {
+            REQUIRED_CMDLINE.to_string()
+        } else {
+            format!("{REQUIRED_CMDLINE} {extra}")
         }
-        words.join(" ")
     }
 
     /// Opens every backend, in the order the guest will see the devices.
@@ -230,9 +227,9 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     let events = EventSender(events_tx);
     let tail = ConsoleTail::default();
     let mut bus = DeviceBus::new(create_legacy_devices(&vm, config, &tail, events.clone())?);
-    let announcements = attach_virtio(&vm, &memory, &mut bus, virtio)?;
+    let virtio_layout = attach_virtio(&vm, &memory, &mut bus, virtio)?;
     let devices = Arc::new(bus);
-    let cmdline = config.full_cmdline(&announcements);
+    let cmdline = config.full_cmdline();
     let entry = boot::load(
         &memory,
         &BootSpec {
@@ -242,7 +239,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
             memory_size,
         },
     )?;
-    acpi::write_tables(&memory, config.vcpus)?;
+    acpi::write_tables(&memory, config.vcpus, &virtio_layout)?;
     cpu::write_gdt(&memory)?;
 
     let supported_cpuid = cpu::supported_cpuid(&kvm)?;
@@ -324,15 +321,16 @@ fn create_legacy_devices(
 
 /// Puts each virtio device in its MMIO window with its own interrupt line,
 /// wires its queue notifications to ioeventfds and its interrupt to an
-/// irqfd, and returns the kernel parameters that announce the devices.
+/// irqfd, and returns where each device is, for the DSDT that announces
+/// them to the guest.
 fn attach_virtio(
     vm: &VmFd,
     memory: &crate::virtio::Memory,
     bus: &mut DeviceBus,
     devices: Vec<Box<dyn VirtioDevice>>,
-) -> Result<Vec<String>, VmError> {
+) -> Result<Vec<MmioDevice>, VmError> {
     let setup = |what| move |source| VmError::KvmSetup { what, source };
-    let mut announcements = Vec::with_capacity(devices.len());
+    let mut layout = Vec::with_capacity(devices.len());
     for (index, (device, &irq)) in devices.into_iter().zip(VIRTIO_IRQS).enumerate() {
         let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW_SIZE;
         let irq_event = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::KvmSetup {
@@ -347,10 +345,14 @@ fn attach_virtio(
             vm.register_ioevent(event, &IoEventAddress::Mmio(notify), queue as u32)
                 .map_err(setup("register a virtio queue ioeventfd"))?;
         }
-        announcements.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        layout.push(MmioDevice {
+            base,
+            size: MMIO_WINDOW_SIZE,
+            gsi: irq,
+        });
         bus.add_virtio(base, transport);
     }
-    Ok(announcements)
+    Ok(layout)
 }
 
 /// Waits for the event that ends the run and classifies it.

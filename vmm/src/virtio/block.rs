@@ -420,3 +420,233 @@ impl Disk {
         Err(RequestError::Io(err.kind()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::{readable, writable, Guest, DATA_START};
+    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+    const HEADER: u64 = DATA_START;
+    const DATA: u64 = DATA_START + 0x1000;
+    const STATUS: u64 = DATA_START + 0x800;
+
+    fn disk(sectors: u64, read_only: bool) -> (tempfile::NamedTempFile, DiskConfig) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let content: Vec<u8> = (0..sectors * SECTOR_SIZE)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(file.path(), &content).unwrap();
+        let config = DiskConfig {
+            path: file.path().to_path_buf(),
+            read_only,
+            id: Some("capsa-test-disk".into()),
+        };
+        (file, config)
+    }
+
+    fn guest(config: &DiskConfig) -> Guest {
+        let mut guest = Guest::new(Box::new(Block::open(config).unwrap()));
+        guest.activate(0, 1, 16);
+        guest
+    }
+
+    fn header(g: &Guest, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        g.write(HEADER, &h);
+    }
+
+    /// Runs one request and returns (status byte, used length).
+    fn request(g: &mut Guest, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
+        header(g, kind, sector);
+        g.write(STATUS, &[0xee]);
+        let mut descs = vec![readable(HEADER, 16)];
+        if let Some((len, device_writes)) = data {
+            descs.push(if device_writes {
+                writable(DATA, len)
+            } else {
+                readable(DATA, len)
+            });
+        }
+        descs.push(writable(STATUS, 1));
+        let before = g.used_idx(0);
+        g.add_chain(0, &descs);
+        g.notify(0);
+        assert!(g.wait_used(0, before + 1), "request not completed");
+        (g.read(STATUS, 1)[0], g.used_entry(0, before).1)
+    }
+
+    #[test]
+    fn reads_and_writes_reach_the_image() {
+        let (file, config) = disk(64, false);
+        let mut g = guest(&config);
+        let (status, used) = request(&mut g, VIRTIO_BLK_T_IN, 2, Some((1024, true)));
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        assert_eq!(used, 1025);
+        let expected: Vec<u8> = (1024..2048u64).map(|i| (i % 251) as u8).collect();
+        assert_eq!(g.read(DATA, 1024), expected);
+
+        g.write(DATA, &[0xab; 512]);
+        let (status, used) = request(&mut g, VIRTIO_BLK_T_OUT, 5, Some((512, false)));
+        assert_eq!((status, used), (VIRTIO_BLK_S_OK as u8, 1));
+        let (status, _) = request(&mut g, VIRTIO_BLK_T_FLUSH, 0, None);
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        let on_disk = std::fs::read(file.path()).unwrap();
+        assert_eq!(&on_disk[5 * 512..6 * 512], &[0xab; 512][..]);
+        assert_eq!(
+            on_disk[6 * 512],
+            ((6 * 512) % 251) as u8,
+            "neighbours untouched"
+        );
+    }
+
+    #[test]
+    fn get_id_discard_and_write_zeroes() {
+        let (file, config) = disk(64, false);
+        let mut g = guest(&config);
+        let (status, _) = request(&mut g, VIRTIO_BLK_T_GET_ID, 0, Some((20, true)));
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        assert_eq!(&g.read(DATA, 15), b"capsa-test-disk");
+
+        for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            let mut segment = [0u8; 16];
+            segment[0..8].copy_from_slice(&8u64.to_le_bytes());
+            segment[8..12].copy_from_slice(&8u32.to_le_bytes());
+            g.write(DATA, &segment);
+            let (status, _) = request(&mut g, kind, 0, Some((16, false)));
+            assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        }
+        let on_disk = std::fs::read(file.path()).unwrap();
+        assert!(on_disk[8 * 512..16 * 512].iter().all(|&b| b == 0));
+        assert_eq!(on_disk.len(), 64 * 512, "size kept");
+        assert_ne!(on_disk[16 * 512 + 1], 0);
+    }
+
+    #[test]
+    fn bad_requests_fail_with_a_status_and_the_device_keeps_going() {
+        let (_file, config) = disk(64, false);
+        let mut g = guest(&config);
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        // Past the end, straddling the end, not whole sectors.
+        assert_eq!(
+            request(&mut g, VIRTIO_BLK_T_IN, 64, Some((512, true))).0,
+            ioerr
+        );
+        assert_eq!(
+            request(&mut g, VIRTIO_BLK_T_IN, 63, Some((1024, true))).0,
+            ioerr
+        );
+        assert_eq!(
+            request(&mut g, VIRTIO_BLK_T_IN, u64::MAX, Some((512, true))).0,
+            ioerr
+        );
+        assert_eq!(
+            request(&mut g, VIRTIO_BLK_T_OUT, 0, Some((100, false))).0,
+            ioerr
+        );
+        assert_eq!(request(&mut g, 0x77, 0, None).0, VIRTIO_BLK_S_UNSUPP as u8);
+        // Data in the wrong direction: a read whose buffer the device may
+        // not write is seen as zero-length data plus the status byte.
+        assert_eq!(
+            request(&mut g, VIRTIO_BLK_T_IN, 0, Some((512, false))).0,
+            VIRTIO_BLK_S_OK as u8
+        );
+        // Still serving.
+        assert_eq!(
+            request(&mut g, VIRTIO_BLK_T_IN, 0, Some((512, true))).0,
+            VIRTIO_BLK_S_OK as u8
+        );
+        assert_eq!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes() {
+        let (file, config) = disk(8, true);
+        let mut g = guest(&config);
+        assert_ne!(g.device_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        g.write(DATA, &[1; 512]);
+        let (status, _) = request(&mut g, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(std::fs::read(file.path()).unwrap()[0], 0);
+    }
+
+    #[test]
+    fn hostile_chains_complete_without_touching_the_image() {
+        let (file, config) = disk(8, false);
+        let before = std::fs::read(file.path()).unwrap();
+        let mut g = guest(&config);
+        let next = VRING_DESC_F_NEXT as u16;
+        let write = VRING_DESC_F_WRITE as u16;
+        header(&g, VIRTIO_BLK_T_OUT, 0);
+        // A loop: 0 -> 1 -> 0.
+        g.write_raw_desc(0, 0, HEADER, 16, next, 1);
+        g.write_raw_desc(0, 1, DATA, 512, next, 0);
+        g.publish(0, 0);
+        // Out of guest memory, and a length that wraps the address space.
+        g.write_raw_desc(0, 2, HEADER, 16, next, 3);
+        g.write_raw_desc(0, 3, 1 << 40, 512, next, 4);
+        g.write_raw_desc(0, 4, STATUS, 1, write, 0);
+        g.publish(0, 2);
+        g.write_raw_desc(0, 5, HEADER, 16, next, 6);
+        g.write_raw_desc(0, 6, u64::MAX - 10, u32::MAX, next, 7);
+        g.write_raw_desc(0, 7, STATUS, 1, write, 0);
+        g.publish(0, 5);
+        // A next index beyond the table, and a zero-length chain.
+        g.write_raw_desc(0, 8, HEADER, 16, next, 999);
+        g.publish(0, 8);
+        g.write_raw_desc(0, 9, HEADER, 0, 0, 0);
+        g.publish(0, 9);
+        g.notify(0);
+        assert!(g.wait_used(0, 5), "the well-indexed chains complete");
+        assert_eq!(std::fs::read(file.path()).unwrap(), before);
+        // A good request afterwards is still served.
+        let (status, _) = request(&mut g, VIRTIO_BLK_T_IN, 0, Some((512, true)));
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn an_avail_index_running_ahead_of_the_ring_breaks_the_device() {
+        let (_file, config) = disk(8, false);
+        let mut g = guest(&config);
+        g.set_avail_idx(0, 500);
+        g.notify(0);
+        assert!(g.wait_broken());
+        g.write_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(g.status(), 0);
+        // So does a head index beyond the descriptor table.
+        g.activate(0, 1, 16);
+        g.publish(0, 4000);
+        g.notify(0);
+        assert!(g.wait_broken());
+        // Reset brings it back.
+        g.write_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(g.status(), 0);
+        g.activate(0, 1, 16);
+        let (status, _) = request(&mut g, VIRTIO_BLK_T_IN, 0, Some((512, true)));
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn images_that_are_not_whole_sectors_are_refused() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), [0u8; 1000]).unwrap();
+        let config = DiskConfig {
+            path: file.path().to_path_buf(),
+            read_only: false,
+            id: None,
+        };
+        let err = Block::open(&config).err().unwrap();
+        assert!(err.to_string().contains("not a multiple of 512"), "{err}");
+    }
+
+    #[test]
+    fn a_disk_open_read_write_is_locked_against_a_second_writer() {
+        let (_file, config) = disk(8, false);
+        let _first = Block::open(&config).unwrap();
+        let err = Block::open(&config).err().unwrap();
+        assert!(err.to_string().contains("in use"), "{err}");
+    }
+}

@@ -230,13 +230,14 @@ impl MmioTransport {
         let Some(q) = self.selected_queue() else {
             return;
         };
-        if ready && !q.is_valid(&memory) {
-            // Size, alignment or ring placement is wrong: the queue stays
-            // down and the device is broken until reset.
-            self.interrupt.mark_broken();
-            return;
-        }
         q.set_ready(ready);
+        // is_valid judges a queue marked ready.
+        if ready && !q.is_valid(&memory) {
+            // Rings outside guest memory: the queue stays down and the
+            // device is broken until reset.
+            q.set_ready(false);
+            self.interrupt.mark_broken();
+        }
     }
 
     fn set_status(&mut self, value: u32) {

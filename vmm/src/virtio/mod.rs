@@ -12,6 +12,8 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+#[cfg(test)]
+pub mod testing;
 pub mod vsock;
 pub mod worker;
 
@@ -152,6 +154,7 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 
 /// Takes the next request the driver made available on `queue`, if any.
 /// A driver that claims more new entries than the ring holds is broken.
+/// Devices call this until it returns None, which leaves notifications on.
 pub fn next_chain<'m>(
     queue: &mut Queue,
     memory: &'m Memory,
@@ -171,7 +174,20 @@ pub fn next_chain<'m>(
             queue.size()
         )));
     }
-    Ok(queue.pop_descriptor_chain(memory))
+    if let Some(chain) = queue.pop_descriptor_chain(memory) {
+        return Ok(Some(chain));
+    }
+    // Empty: ask the driver to notify us of its next buffer (with
+    // EVENT_IDX this publishes avail_event), then look again, since a
+    // buffer added meanwhile would come without a notification.
+    let more = queue
+        .enable_notification(memory)
+        .map_err(|e| worker::DeviceBroken(format!("cannot write the used ring: {e}")))?;
+    Ok(if more {
+        queue.pop_descriptor_chain(memory)
+    } else {
+        None
+    })
 }
 
 /// Returns a finished request to the driver.
