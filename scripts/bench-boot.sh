@@ -26,24 +26,15 @@ fi
 echo "bench-boot: /dev/kvm here is PVM; measuring on a KVM nested in QEMU TCG" >&2
 payload=$(mktemp -d)
 trap 'rm -rf "$payload"' EXIT
-mkdir -p "$payload"/{lib,qemu/share}
+mkdir -p "$payload/qemu-share"
 cp "$bin/capsa-bench" "$bin/capsa-vmm" "$payload/"
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
-qemu=$(command -v qemu-system-x86_64)
-cp "$qemu" "$payload/qemu/"
-cp /usr/share/qemu/bios-microvm.bin "$payload/qemu/share/"
-ldd "$qemu" | awk '$3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
-    cp -L "$lib" "$payload/lib/"
-done
-cat > "$payload/qemu.sh" <<'QEMU'
-#!/bin/sh
-exec /payload/lib/ld-linux-x86-64.so.2 --library-path /payload/lib /payload/qemu/qemu-system-x86_64 "$@"
-QEMU
-chmod +x "$payload/qemu.sh"
+"$root/scripts/nested-add-program.sh" "$payload" qemu-system-x86_64
+cp /usr/share/qemu/bios-microvm.bin "$payload/qemu-share/"
 cat > "$payload/run.sh" <<RUN
 ./capsa-bench boot --vmm ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio \
-    --qemu ./qemu.sh --qemu-data-dir ./qemu/share --runs $runs --json /tmp/bench-boot.json 2>&1
+    --qemu ./bin/qemu-system-x86_64 --qemu-data-dir ./qemu-share --runs $runs --json /tmp/bench-boot.json 2>&1
 echo "=== JSON"
 cat /tmp/bench-boot.json
 echo

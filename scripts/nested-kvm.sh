@@ -4,6 +4,8 @@
 # "Hosts with PVM"). The outer machine runs Debian's kernel and kvm-amd from
 # a busybox initramfs; PAYLOAD_DIR is copied to /payload and its run.sh is
 # executed there with /dev/kvm ready. The outer console goes to LOG.
+# CAPSA_NESTED_MODULES lists more modules to load, as paths under the
+# kernel's module tree without .ko (drivers/net/tun, say).
 #
 #   scripts/nested-kvm.sh PAYLOAD_DIR LOG
 set -euo pipefail
@@ -33,20 +35,27 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,dev,proc,sys,tmp,modules}
 cp /bin/busybox "$stage/bin/"
-for applet in sh mount insmod echo cat poweroff timeout; do ln -s busybox "$stage/bin/$applet"; done
-for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd; do
+for applet in sh mount insmod echo cat poweroff timeout sleep mkdir dd rm ls grep; do
+    ln -s busybox "$stage/bin/$applet"
+done
+load=()
+for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd \
+         ${CAPSA_NESTED_MODULES:-}; do
     cp "$modules/$m.ko" "$stage/modules/"
+    load+=("$(basename "$m")")
 done
 cp -a "$payload" "$stage/payload"
 cat > "$stage/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
-for m in irqbypass kvm ccp kvm-amd; do insmod /modules/$m.ko; done
+for m in $(cat /modules/order); do insmod /modules/$m.ko; done
+export PATH=/payload/bin:/bin
 cd /payload && sh ./run.sh
 poweroff -f
 INIT
 chmod +x "$stage/init"
+printf '%s\n' "${load[@]}" > "$stage/modules/order"
 (cd "$stage" && find . | cpio --quiet -o -H newc -R 0:0) > "$cache/outer.cpio"
 
 echo "nested-kvm: booting the outer machine (QEMU TCG, emulated SVM)" >&2

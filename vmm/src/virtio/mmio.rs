@@ -352,3 +352,174 @@ impl MmioTransport {
         self.worker.is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::testing::{writable, Guest, DATA_START};
+
+    fn rng_guest() -> Guest {
+        Guest::new(Box::new(Rng))
+    }
+
+    #[test]
+    fn identifies_as_a_modern_virtio_mmio_device() {
+        let mut g = rng_guest();
+        assert_eq!(g.read_reg(VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
+        assert_eq!(g.read_reg(VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(g.read_reg(VIRTIO_MMIO_DEVICE_ID), 4);
+        assert_ne!(g.device_features() & VIRTIO_F_VERSION_1, 0);
+        // Narrow or unaligned register reads return nothing.
+        let mut narrow = [0xaau8; 2];
+        g.transport.read(0, &mut narrow);
+        assert_eq!(narrow, [0, 0]);
+        let mut unaligned = [0xaau8; 4];
+        g.transport.read(1, &mut unaligned);
+        assert_eq!(unaligned, [0; 4]);
+    }
+
+    #[test]
+    fn features_must_include_version_1_and_nothing_unoffered() {
+        let mut g = rng_guest();
+        assert_eq!(
+            g.negotiate(0) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0,
+            "legacy driver refused"
+        );
+        g.write_reg(VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(
+            g.negotiate(VIRTIO_F_VERSION_1 | 1 << 40) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0,
+            "unoffered feature refused"
+        );
+        g.write_reg(VIRTIO_MMIO_STATUS, 0);
+        assert_ne!(
+            g.negotiate(VIRTIO_F_VERSION_1) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0
+        );
+    }
+
+    #[test]
+    fn status_steps_cannot_be_skipped_or_cleared() {
+        let mut g = rng_guest();
+        // DRIVER_OK straight away, or FEATURES_OK without DRIVER: ignored.
+        g.write_reg(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_DRIVER_OK);
+        assert_eq!(g.status(), 0);
+        g.write_reg(
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(g.status(), 0);
+        g.write_reg(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        g.write_reg(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_DRIVER);
+        assert_eq!(
+            g.status(),
+            VIRTIO_CONFIG_S_ACKNOWLEDGE,
+            "bits only reset clears"
+        );
+        g.write_reg(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_NEEDS_RESET | 1);
+        assert_eq!(
+            g.status(),
+            VIRTIO_CONFIG_S_ACKNOWLEDGE,
+            "NEEDS_RESET is the device's"
+        );
+        assert!(!g.transport.is_active());
+    }
+
+    #[test]
+    fn queues_cannot_be_set_up_before_features_ok_or_changed_while_live() {
+        let mut g = rng_guest();
+        g.write_reg(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        g.write_reg(
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
+        g.setup_queue(0, 16);
+        assert_eq!(g.read_reg(VIRTIO_MMIO_QUEUE_READY), 0, "before FEATURES_OK");
+        g.write_reg(VIRTIO_MMIO_STATUS, 0);
+        g.activate(0, 1, 16);
+        g.write_reg(VIRTIO_MMIO_QUEUE_SEL, 0);
+        g.write_reg(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1234_5000);
+        g.write_reg(VIRTIO_MMIO_QUEUE_NUM, 2);
+        // Still working with the original rings.
+        g.write(DATA_START, &[0; 64]);
+        g.add_chain(0, &[writable(DATA_START, 64)]);
+        g.notify(0);
+        assert!(g.wait_used(0, 1));
+    }
+
+    #[test]
+    fn rings_outside_memory_or_bad_sizes_never_go_live() {
+        let mut g = rng_guest();
+        g.negotiate(VIRTIO_F_VERSION_1);
+        g.write_reg(VIRTIO_MMIO_QUEUE_SEL, 0);
+        g.write_reg(VIRTIO_MMIO_QUEUE_NUM, 16);
+        g.write_reg(VIRTIO_MMIO_QUEUE_DESC_LOW, 0);
+        g.write_reg(VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x10);
+        g.write_reg(VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(g.read_reg(VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_ne!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        // A size that is not a power of two, or too big, is not taken.
+        g.write_reg(VIRTIO_MMIO_STATUS, 0);
+        g.negotiate(VIRTIO_F_VERSION_1);
+        g.write_reg(VIRTIO_MMIO_QUEUE_NUM, 3);
+        g.write_reg(VIRTIO_MMIO_QUEUE_NUM, 4096);
+        g.write_reg(VIRTIO_MMIO_QUEUE_SEL, 7);
+        g.write_reg(VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(g.read_reg(VIRTIO_MMIO_QUEUE_NUM_MAX), 0, "no queue 7");
+    }
+
+    #[test]
+    fn notifications_for_unknown_queues_and_garbage_writes_are_harmless() {
+        let mut g = rng_guest();
+        g.activate(0, 1, 16);
+        for offset in (0..0x200u64).step_by(4) {
+            if offset == u64::from(VIRTIO_MMIO_STATUS) {
+                continue;
+            }
+            g.transport.write(offset, &0xffff_ffffu32.to_le_bytes());
+            g.transport.write(offset + 1, &[0xff]);
+        }
+        g.notify(9999);
+        assert!(g.transport.is_active());
+        g.write(DATA_START, &[0; 64]);
+        g.add_chain(0, &[writable(DATA_START, 64)]);
+        g.notify(0);
+        assert!(g.wait_used(0, 1), "still serving");
+    }
+
+    #[test]
+    fn reset_stops_the_worker_and_clears_everything() {
+        let mut g = rng_guest();
+        g.activate(0, 1, 16);
+        g.write_reg(VIRTIO_MMIO_STATUS, 0);
+        assert!(!g.transport.is_active());
+        assert_eq!(g.status(), 0);
+        g.write_reg(VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(g.read_reg(VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(g.read_reg(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn interrupt_status_is_acknowledged_bit_by_bit() {
+        let mut g = rng_guest();
+        g.activate(0, 1, 16);
+        g.write(DATA_START, &[0; 64]);
+        g.add_chain(0, &[writable(DATA_START, 64)]);
+        g.notify(0);
+        assert!(g.wait_used(0, 1));
+        assert_eq!(
+            g.read_reg(VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        g.write_reg(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(
+            g.read_reg(VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        g.write_reg(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(g.read_reg(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        assert_ne!(g.read(DATA_START, 64), vec![0; 64], "random bytes arrived");
+    }
+}

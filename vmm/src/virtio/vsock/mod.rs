@@ -132,3 +132,331 @@ impl super::VirtioDevice for Vsock {
         Worker::spawn(muxer, context.queue_events, context.interrupt)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::packet::*;
+    use super::*;
+    use crate::virtio::testing::{readable, writable, Guest, DATA_START};
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    const GUEST_CID: u64 = 3;
+    const TX_HEADER: u64 = DATA_START;
+    const TX_DATA: u64 = DATA_START + 0x1000;
+    const RX_BUFFERS: u64 = DATA_START + 0x10_0000;
+
+    struct Harness {
+        g: Guest,
+        dir: tempfile::TempDir,
+        rx_heads: HashMap<u32, u64>,
+        rx_seen: u16,
+        tx_sent: u16,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Packet {
+        src_port: u32,
+        dst_port: u32,
+        op: u16,
+        flags: u32,
+        data: Vec<u8>,
+        buf_alloc: u32,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let config = VsockConfig {
+                path: dir.path().join("vsock.sock"),
+                guest_cid: GUEST_CID,
+            };
+            let mut g = Guest::new(Box::new(Vsock::new(&config).unwrap()));
+            g.activate(0, 3, 64);
+            let mut h = Self {
+                g,
+                dir,
+                rx_heads: HashMap::new(),
+                rx_seen: 0,
+                tx_sent: 0,
+            };
+            for i in 0..16 {
+                h.post_rx(i);
+            }
+            h
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            self.dir.path().join("vsock.sock")
+        }
+
+        fn post_rx(&mut self, slot: u64) {
+            let header = RX_BUFFERS + slot * 0x2000;
+            let head = self.g.add_chain(
+                RX_QUEUE,
+                &[writable(header, 44), writable(header + 0x1000, 4096)],
+            );
+            self.rx_heads.insert(u32::from(head), header);
+            self.g.notify(RX_QUEUE as u32);
+        }
+
+        fn send(
+            &mut self,
+            src_cid: u64,
+            src_port: u32,
+            dst_port: u32,
+            op: u16,
+            flags: u32,
+            data: &[u8],
+        ) {
+            let mut h = [0u8; 44];
+            h[0..8].copy_from_slice(&src_cid.to_le_bytes());
+            h[8..16].copy_from_slice(&HOST_CID.to_le_bytes());
+            h[16..20].copy_from_slice(&src_port.to_le_bytes());
+            h[20..24].copy_from_slice(&dst_port.to_le_bytes());
+            h[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            h[28..30].copy_from_slice(&TYPE_STREAM.to_le_bytes());
+            h[30..32].copy_from_slice(&op.to_le_bytes());
+            h[32..36].copy_from_slice(&flags.to_le_bytes());
+            h[36..40].copy_from_slice(&65536u32.to_le_bytes());
+            self.send_raw(&h, data);
+        }
+
+        fn send_raw(&mut self, header: &[u8], data: &[u8]) {
+            self.g.write(TX_HEADER, header);
+            self.g.write(TX_DATA, data);
+            let mut descs = vec![readable(TX_HEADER, header.len() as u32)];
+            if !data.is_empty() {
+                descs.push(readable(TX_DATA, data.len() as u32));
+            }
+            self.g.add_chain(TX_QUEUE, &descs);
+            self.g.notify(TX_QUEUE as u32);
+            self.tx_sent += 1;
+            assert!(self.g.wait_used(TX_QUEUE, self.tx_sent), "tx completes");
+        }
+
+        /// The next packet the device put on the RX queue.
+        fn receive(&mut self) -> Packet {
+            assert!(
+                self.g.wait_used(RX_QUEUE, self.rx_seen + 1),
+                "no packet for the guest"
+            );
+            let (head, len) = self.g.used_entry(RX_QUEUE, self.rx_seen);
+            self.rx_seen += 1;
+            let at = self.rx_heads[&head];
+            let h = self.g.read(at, 44);
+            let field32 = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
+            let data_len = field32(24) as usize;
+            assert_eq!(len as usize, 44 + data_len);
+            assert_eq!(u64::from_le_bytes(h[8..16].try_into().unwrap()), GUEST_CID);
+            let packet = Packet {
+                src_port: field32(16),
+                dst_port: field32(20),
+                op: u16::from_le_bytes([h[30], h[31]]),
+                flags: field32(32),
+                data: self.g.read(at + 0x1000, data_len),
+                buf_alloc: field32(36),
+            };
+            self.post_rx(u64::from(self.rx_seen) + 16);
+            packet
+        }
+
+        fn nothing_received(&self) -> bool {
+            std::thread::sleep(Duration::from_millis(50));
+            self.g.used_idx(RX_QUEUE) == self.rx_seen
+        }
+    }
+
+    #[test]
+    fn guest_connects_to_a_host_listener_and_both_sides_talk() {
+        let mut h = Harness::new();
+        let listener =
+            std::os::unix::net::UnixListener::bind(format!("{}_5000", h.path().display())).unwrap();
+        h.send(GUEST_CID, 1234, 5000, OP_REQUEST, 0, &[]);
+        let reply = h.receive();
+        assert_eq!(
+            (reply.op, reply.src_port, reply.dst_port),
+            (OP_RESPONSE, 5000, 1234)
+        );
+        let (mut host, _) = listener.accept().unwrap();
+        h.send(GUEST_CID, 1234, 5000, OP_RW, 0, b"hello host");
+        let mut buf = [0u8; 10];
+        host.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello host");
+        host.write_all(b"hello guest").unwrap();
+        let data = h.receive();
+        assert_eq!(
+            (data.op, data.data.as_slice()),
+            (OP_RW, &b"hello guest"[..])
+        );
+        h.send(GUEST_CID, 1234, 5000, OP_SHUTDOWN, SHUTDOWN_BOTH, &[]);
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(host.read(&mut buf).unwrap(), 0, "host sees end of stream");
+        assert_eq!(h.receive().op, OP_RST);
+    }
+
+    #[test]
+    fn host_connects_with_connect_and_gets_ok_once_the_guest_accepts() {
+        let mut h = Harness::new();
+        let mut host = UnixStream::connect(h.path()).unwrap();
+        host.write_all(b"CONNECT 6000\n").unwrap();
+        let request = h.receive();
+        assert_eq!((request.op, request.dst_port), (OP_REQUEST, 6000));
+        h.send(GUEST_CID, 6000, request.src_port, OP_RESPONSE, 0, &[]);
+        let mut reply = [0u8; 64];
+        let n = host.read(&mut reply).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&reply[..n]),
+            format!("OK {}\n", request.src_port)
+        );
+        host.write_all(b"ping").unwrap();
+        let data = h.receive();
+        assert_eq!(data.data, b"ping");
+        drop(host);
+        let shutdown = h.receive();
+        assert_eq!((shutdown.op, shutdown.flags), (OP_SHUTDOWN, SHUTDOWN_BOTH));
+    }
+
+    #[test]
+    fn host_data_waits_for_guest_credit() {
+        let mut h = Harness::new();
+        let listener =
+            std::os::unix::net::UnixListener::bind(format!("{}_5001", h.path().display())).unwrap();
+        // The guest advertises 65536 bytes of buffer in `send`.
+        h.send(GUEST_CID, 1, 5001, OP_REQUEST, 0, &[]);
+        assert_eq!(h.receive().op, OP_RESPONSE);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(&vec![7u8; 100_000]).unwrap();
+        let mut got = 0;
+        while got < 65536 {
+            let p = h.receive();
+            assert_eq!(p.op, OP_RW);
+            got += p.data.len();
+        }
+        assert_eq!(got, 65536, "never more than the credit");
+        assert!(h.nothing_received());
+        // The guest consumed everything: credit for the rest.
+        let mut header = [0u8; 44];
+        header[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
+        header[8..16].copy_from_slice(&HOST_CID.to_le_bytes());
+        header[16..20].copy_from_slice(&1u32.to_le_bytes());
+        header[20..24].copy_from_slice(&5001u32.to_le_bytes());
+        header[28..30].copy_from_slice(&TYPE_STREAM.to_le_bytes());
+        header[30..32].copy_from_slice(&OP_CREDIT_UPDATE.to_le_bytes());
+        header[36..40].copy_from_slice(&65536u32.to_le_bytes());
+        header[40..44].copy_from_slice(&65536u32.to_le_bytes());
+        h.send_raw(&header, &[]);
+        while got < 100_000 {
+            got += h.receive().data.len();
+        }
+        assert_eq!(got, 100_000);
+    }
+
+    #[test]
+    fn connections_to_nothing_and_packets_for_no_connection_are_reset() {
+        let mut h = Harness::new();
+        h.send(GUEST_CID, 1, 5999, OP_REQUEST, 0, &[]);
+        assert_eq!(h.receive().op, OP_RST, "nobody listens on 5999");
+        h.send(GUEST_CID, 2, 5000, OP_RW, 0, b"stray");
+        assert_eq!(h.receive().op, OP_RST);
+        h.send(GUEST_CID, 3, 5000, 99, 0, &[]);
+        assert_eq!(h.receive().op, OP_RST, "unknown op");
+        // An RST for nothing gets no answer.
+        h.send(GUEST_CID, 4, 5000, OP_RST, 0, &[]);
+        assert!(h.nothing_received());
+    }
+
+    #[test]
+    fn spoofed_and_malformed_packets_are_dropped_and_the_device_keeps_working() {
+        let mut h = Harness::new();
+        let listener =
+            std::os::unix::net::UnixListener::bind(format!("{}_5000", h.path().display())).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        h.send(99, 1, 5000, OP_REQUEST, 0, &[]);
+        assert!(h.nothing_received(), "wrong source CID");
+        assert!(listener.accept().is_err(), "no connection was made for it");
+        h.send_raw(&[0u8; 10], &[]);
+        // Header claims more data than the packet carries.
+        let mut header = [0u8; 44];
+        header[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
+        header[24..28].copy_from_slice(&1_000_000u32.to_le_bytes());
+        h.send_raw(&header, b"short");
+        // A header in a device-writable buffer.
+        h.g.add_chain(TX_QUEUE, &[writable(TX_HEADER, 44)]);
+        h.g.notify(TX_QUEUE as u32);
+        h.tx_sent += 1;
+        assert!(h.g.wait_used(TX_QUEUE, h.tx_sent));
+        assert!(h.nothing_received());
+        h.send(GUEST_CID, 1, 5000, OP_REQUEST, 0, &[]);
+        assert_eq!(h.receive().op, OP_RESPONSE, "still serving");
+    }
+
+    #[test]
+    fn a_guest_overrunning_its_credit_is_reset() {
+        let mut h = Harness::new();
+        let listener =
+            std::os::unix::net::UnixListener::bind(format!("{}_5000", h.path().display())).unwrap();
+        h.send(GUEST_CID, 1, 5000, OP_REQUEST, 0, &[]);
+        let response = h.receive();
+        assert_eq!(response.buf_alloc, super::connection::HOST_BUF_ALLOC);
+        let (host, _) = listener.accept().unwrap();
+        // The host never reads: its socket fills, then our buffer, then
+        // the guest is past its credit.
+        let chunk = vec![1u8; 4096];
+        let mut reset = false;
+        for _ in 0..2048 {
+            h.send(GUEST_CID, 1, 5000, OP_RW, 0, &chunk);
+            if h.g.used_idx(RX_QUEUE) > h.rx_seen {
+                let p = h.receive();
+                if p.op == OP_RST {
+                    reset = true;
+                    break;
+                }
+            }
+        }
+        assert!(reset, "overrun reset");
+        drop(host);
+    }
+
+    #[test]
+    fn bad_connect_lines_are_answered_and_closed() {
+        let h = Harness::new();
+        let mut host = UnixStream::connect(h.path()).unwrap();
+        host.write_all(b"HELLO\n").unwrap();
+        let mut reply = String::new();
+        host.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("ERROR"), "{reply}");
+        let mut host = UnixStream::connect(h.path()).unwrap();
+        host.write_all(&[b'x'; 100]).unwrap();
+        let mut reply = String::new();
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Closed with the rest unread: the reply may be cut by a reset.
+        match host.read_to_string(&mut reply) {
+            Ok(_) => assert!(reply.starts_with("ERROR"), "{reply}"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        }
+    }
+
+    #[test]
+    fn reserved_cids_and_occupied_paths_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = VsockConfig {
+            path: dir.path().join("v.sock"),
+            guest_cid: 2,
+        };
+        assert!(matches!(
+            Vsock::new(&config),
+            Err(VsockError::ReservedCid(2))
+        ));
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let config = VsockConfig {
+            path: file,
+            guest_cid: 3,
+        };
+        let err = Vsock::new(&config).err().unwrap();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+    }
+}
