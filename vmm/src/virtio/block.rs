@@ -147,19 +147,36 @@ impl super::VirtioDevice for Block {
     }
 
     fn activate(&mut self, mut context: ActivateContext) -> Result<Worker, ActivateError> {
-        let file = self.file.try_clone().map_err(ActivateError::Dup)?;
-        let handler = BlockQueue {
+        let handler = self
+            .queue_handler(
+                context.memory,
+                context.queues.remove(0),
+                context.interrupt.clone(),
+            )
+            .map_err(ActivateError::Dup)?;
+        Worker::spawn(handler, context.queue_events, context.interrupt)
+    }
+}
+
+impl Block {
+    /// What serves the request queue, with its own handle on the image.
+    pub fn queue_handler(
+        &self,
+        memory: Memory,
+        queue: Queue,
+        interrupt: Interrupt,
+    ) -> std::io::Result<BlockQueue> {
+        Ok(BlockQueue {
             disk: Disk {
-                file,
+                file: self.file.try_clone()?,
                 read_only: self.read_only,
                 sectors: self.sectors,
                 id: self.id,
             },
-            memory: context.memory,
-            queue: context.queues.remove(0),
-            interrupt: context.interrupt.clone(),
-        };
-        Worker::spawn(handler, context.queue_events, context.interrupt)
+            memory,
+            queue,
+            interrupt,
+        })
     }
 }
 

@@ -9,6 +9,8 @@
 //! writes makes the VMM panic.
 
 pub mod block;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod mmio;
 pub mod net;
 pub mod rng;

@@ -144,6 +144,43 @@ impl Guest {
         self.queues[slot] = queue;
     }
 
+    /// Lays out queue `index` in memory without telling the transport,
+    /// for tests that drive a device's queue handler directly.
+    pub fn layout_queue(&mut self, index: usize, size: u16) {
+        let base = RINGS_START + index as u64 * RING_AREA;
+        while self.queues.len() <= index {
+            self.queues.push(TestQueue {
+                size: 0,
+                desc: 0,
+                avail: 0,
+                used: 0,
+                next_desc: 0,
+                avail_idx: 0,
+            });
+        }
+        self.queues[index] = TestQueue {
+            size,
+            desc: base,
+            avail: base + 16 * u64::from(size),
+            used: base + 0x8000,
+            next_desc: 0,
+            avail_idx: 0,
+        };
+    }
+
+    /// A live device-side queue over the layout of queue `index`.
+    pub fn device_queue(&self, index: usize) -> virtio_queue::Queue {
+        use virtio_queue::QueueT;
+        let q = &self.queues[index];
+        let mut queue = virtio_queue::Queue::new(q.size).unwrap();
+        queue.set_size(q.size);
+        queue.set_desc_table_address(Some(q.desc as u32), Some(0));
+        queue.set_avail_ring_address(Some(q.avail as u32), Some(0));
+        queue.set_used_ring_address(Some(q.used as u32), Some(0));
+        queue.set_ready(true);
+        queue
+    }
+
     pub fn driver_ok(&mut self) {
         let status = self.status();
         self.write_reg(VIRTIO_MMIO_STATUS, status | VIRTIO_CONFIG_S_DRIVER_OK);

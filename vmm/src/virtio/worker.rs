@@ -51,6 +51,12 @@ pub struct Registrar {
 }
 
 impl Registrar {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            epoll: Epoll::new()?,
+        })
+    }
+
     pub fn add(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
         self.epoll
             .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
@@ -83,8 +89,7 @@ impl Worker {
     ) -> Result<Self, ActivateError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let stop_for_thread = stop.try_clone().map_err(ActivateError::Worker)?;
-        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
-        let registrar = Registrar { epoll };
+        let registrar = Registrar::new().map_err(ActivateError::Worker)?;
         registrar
             .add(stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)
             .map_err(ActivateError::Worker)?;

@@ -109,18 +109,14 @@ impl super::VirtioDevice for Net {
         let tap = self.tap.try_clone().map_err(ActivateError::Dup)?;
         let tx = context.queues.remove(TX_QUEUE);
         let rx = context.queues.remove(RX_QUEUE);
-        let handler = NetQueues {
+        let handler = NetQueues::new(
             tap,
-            memory: context.memory,
+            context.memory,
             rx,
             tx,
-            interrupt: context.interrupt.clone(),
-            mergeable: has(VIRTIO_NET_F_MRG_RXBUF),
-            frame: vec![0u8; MAX_FRAME],
-            held: None,
-            tap_readable: true,
-            dropped: 0,
-        };
+            context.interrupt.clone(),
+            has(VIRTIO_NET_F_MRG_RXBUF),
+        );
         Worker::spawn(handler, context.queue_events, context.interrupt)
     }
 }
@@ -141,6 +137,28 @@ pub struct NetQueues {
 }
 
 impl NetQueues {
+    pub fn new(
+        tap: Tap,
+        memory: Memory,
+        rx: Queue,
+        tx: Queue,
+        interrupt: Interrupt,
+        mergeable: bool,
+    ) -> Self {
+        Self {
+            tap,
+            memory,
+            rx,
+            tx,
+            interrupt,
+            mergeable,
+            frame: vec![0u8; MAX_FRAME],
+            held: None,
+            tap_readable: true,
+            dropped: 0,
+        }
+    }
+
     /// Moves frames from the guest to the tap.
     pub fn process_tx(&mut self) -> Result<(), DeviceBroken> {
         let memory = self.memory.clone();
@@ -277,5 +295,121 @@ impl QueueHandler for NetQueues {
 
     fn quiesce(&mut self, registrar: &Registrar) {
         registrar.remove(self.tap.as_raw_fd());
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// Runs `f` with a tap inside a network namespace of its own (on a
+    /// thread that unshares it), so tests never touch the host's network.
+    /// None when this process may not create namespaces or taps.
+    pub fn in_private_netns<T: Send + 'static>(
+        f: impl FnOnce(Tap) -> T + Send + 'static,
+    ) -> Option<T> {
+        std::thread::spawn(move || {
+            // SAFETY: unshare only changes this thread's namespaces.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return None;
+            }
+            let tap = Tap::open("capsa-test0").ok()?;
+            Some(f(tap))
+        })
+        .join()
+        .ok()
+        .flatten()
+    }
+
+    use crate::virtio::testing::{writable, Guest, DATA_START};
+    use proptest::prelude::*;
+
+    fn with_handler<T: Send + 'static>(
+        guest: &Guest,
+        mergeable: bool,
+        f: impl FnOnce(&mut NetQueues) -> T + Send + 'static,
+    ) -> Option<T> {
+        let memory = guest.memory.clone();
+        let (rx, tx) = (guest.device_queue(RX_QUEUE), guest.device_queue(TX_QUEUE));
+        in_private_netns(move |tap| {
+            let mut handler = NetQueues::new(tap, memory, rx, tx, Interrupt::for_test(), mergeable);
+            f(&mut handler)
+        })
+    }
+
+    fn frame(handler: &mut NetQueues, len: usize) {
+        for (i, b) in handler.frame[..len].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+    }
+
+    #[test]
+    fn a_frame_spreads_over_mergeable_buffers_with_their_count_in_the_header() {
+        let mut guest = Guest::new(Box::new(crate::virtio::rng::Rng));
+        guest.layout_queue(RX_QUEUE, 16);
+        guest.layout_queue(TX_QUEUE, 16);
+        for i in 0..4 {
+            guest.add_chain(RX_QUEUE, &[writable(DATA_START + i * 0x1000, 1000)]);
+        }
+        let Some(delivered) = with_handler(&guest, true, |h| {
+            frame(h, 2500);
+            h.deliver(2500).unwrap()
+        }) else {
+            eprintln!("skipped: cannot create a network namespace here");
+            return;
+        };
+        assert!(delivered);
+        assert_eq!(guest.used_idx(RX_QUEUE), 3);
+        let lens: Vec<u32> = (0..3).map(|n| guest.used_entry(RX_QUEUE, n).1).collect();
+        assert_eq!(lens, vec![1000, 1000, 500]);
+        let first = guest.read(DATA_START, 12);
+        assert_eq!(u16::from_le_bytes([first[10], first[11]]), 3, "num_buffers");
+        assert_eq!(guest.read(DATA_START + 0x1000, 4), vec![232, 233, 234, 235]);
+    }
+
+    #[test]
+    fn a_frame_waits_when_buffers_run_short_and_is_dropped_when_one_is_too_small() {
+        let mut guest = Guest::new(Box::new(crate::virtio::rng::Rng));
+        guest.layout_queue(RX_QUEUE, 16);
+        guest.layout_queue(TX_QUEUE, 16);
+        guest.add_chain(RX_QUEUE, &[writable(DATA_START, 1000)]);
+        let Some(mergeable_delivered) = with_handler(&guest, true, |h| {
+            frame(h, 2500);
+            h.deliver(2500).unwrap()
+        }) else {
+            return;
+        };
+        assert!(!mergeable_delivered, "held until more buffers come");
+        assert_eq!(guest.used_idx(RX_QUEUE), 0, "and nothing consumed");
+        let dropped = with_handler(&guest, false, |h| {
+            frame(h, 2500);
+            (h.deliver(2500).unwrap(), h.dropped)
+        });
+        assert_eq!(dropped, Some((true, 1)));
+        assert_eq!(guest.used_entry(RX_QUEUE, 0).1, 0, "buffer returned empty");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn hostile_receive_buffers(
+            descs in crate::virtio::fuzz::descriptors(),
+            heads in prop::collection::vec(0u16..20, 0..20),
+            len in 12usize..MAX_FRAME,
+            mergeable: bool,
+        ) {
+            let mut guest = Guest::new(Box::new(crate::virtio::rng::Rng));
+            crate::virtio::fuzz::hostile_guest(&mut guest, RX_QUEUE, &descs, &heads, &[]);
+            guest.layout_queue(TX_QUEUE, 16);
+            let outcome = with_handler(&guest, mergeable, move |h| {
+                frame(h, len);
+                h.deliver(len).map(|delivered| (delivered, h.dropped))
+            });
+            if let Some(Ok((true, 0))) = outcome {
+                let used = guest.used_idx(RX_QUEUE);
+                let total: u64 = (0..used).map(|n| u64::from(guest.used_entry(RX_QUEUE, n).1)).sum();
+                prop_assert_eq!(total, len as u64);
+            }
+        }
     }
 }

@@ -122,14 +122,26 @@ impl super::VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, context: ActivateContext) -> Result<Worker, ActivateError> {
-        let muxer = VsockMuxer::new(
+        let muxer = self.muxer(context.memory, context.queues, context.interrupt.clone());
+        Worker::spawn(muxer, context.queue_events, context.interrupt)
+    }
+}
+
+impl Vsock {
+    /// What serves the queues and the host sockets.
+    pub fn muxer(
+        &self,
+        memory: crate::virtio::Memory,
+        queues: Vec<virtio_queue::Queue>,
+        interrupt: crate::virtio::Interrupt,
+    ) -> VsockMuxer {
+        VsockMuxer::new(
             self.config.clone(),
             self.listener.clone(),
-            context.memory,
-            context.queues,
-            context.interrupt.clone(),
-        );
-        Worker::spawn(muxer, context.queue_events, context.interrupt)
+            memory,
+            queues,
+            interrupt,
+        )
     }
 }
 
