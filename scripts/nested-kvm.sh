@@ -63,4 +63,4 @@ echo "nested-kvm: booting the outer machine (QEMU TCG, emulated SVM)" >&2
 timeout "${CAPSA_NESTED_TIMEOUT_SECS:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3072 -nodefaults \
     -no-user-config -nographic -serial stdio -no-reboot \
     -kernel "$(echo "$host_dir"/x/boot/vmlinuz-*)" -initrd "$cache/outer.cpio" \
-    -append "console=ttyS0 quiet panic=-1" | tr -d '\r' > "$log" || true
+    -append "console=ttyS0 quiet panic=-1" | stdbuf -oL tr -d '\r' > "$log" || true

@@ -367,6 +367,40 @@ mod tests {
     }
 
     #[test]
+    fn credit_carried_by_a_data_packet_resumes_a_stalled_stream() {
+        let mut h = Harness::new();
+        let listener =
+            std::os::unix::net::UnixListener::bind(format!("{}_5002", h.path().display())).unwrap();
+        h.send(GUEST_CID, 1, 5002, OP_REQUEST, 0, &[]);
+        assert_eq!(h.receive().op, OP_RESPONSE);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(&vec![7u8; 70_000]).unwrap();
+        let mut got = 0;
+        while got < 65536 {
+            got += h.receive().data.len();
+        }
+        assert!(h.nothing_received(), "stalled on credit");
+        // The guest's next data packet says it consumed everything.
+        let mut header = [0u8; 44];
+        header[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
+        header[8..16].copy_from_slice(&HOST_CID.to_le_bytes());
+        header[16..20].copy_from_slice(&1u32.to_le_bytes());
+        header[20..24].copy_from_slice(&5002u32.to_le_bytes());
+        header[24..28].copy_from_slice(&3u32.to_le_bytes());
+        header[28..30].copy_from_slice(&TYPE_STREAM.to_le_bytes());
+        header[30..32].copy_from_slice(&OP_RW.to_le_bytes());
+        header[36..40].copy_from_slice(&65536u32.to_le_bytes());
+        header[40..44].copy_from_slice(&65536u32.to_le_bytes());
+        h.send_raw(&header, b"abc");
+        while got < 70_000 {
+            got += h.receive().data.len();
+        }
+        let mut buf = [0u8; 3];
+        host.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"abc");
+    }
+
+    #[test]
     fn connections_to_nothing_and_packets_for_no_connection_are_reset() {
         let mut h = Harness::new();
         h.send(GUEST_CID, 1, 5999, OP_REQUEST, 0, &[]);

@@ -202,7 +202,12 @@ impl VsockMuxer {
             return;
         }
         if let Some(conn) = self.connections.get_mut(&key) {
+            // Any packet, not only CREDIT_UPDATE, may carry the credit a
+            // stalled host-to-guest direction waits for.
             conn.update_peer_credit(header.buf_alloc, header.fwd_cnt);
+            if conn.peer_credit() > 0 {
+                self.wake_rx(key);
+            }
         }
         match header.op {
             OP_REQUEST => self.guest_connect(key, header, registrar),
