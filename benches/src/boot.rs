@@ -1,12 +1,11 @@
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::stats::Summary;
+use crate::stats::{cell, Summary};
 
 const READY_PREFIX: &str = "CAPSA_READY ";
 const GUEST_CMDLINE: &str = "quiet capsa.exit_after_ready=1";
@@ -63,40 +62,10 @@ struct Sample {
     ready_uptime_ms: Option<f64>,
 }
 
-fn boot_once(mut command: Command, timeout: Duration) -> Result<Sample> {
-    let start = Instant::now();
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start the runner")?;
-    let mut stdout = child.stdout.take().context("no stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("boot did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    let wall_ms = start.elapsed().as_secs_f64() * 1000.0;
-    let output = reader.join().unwrap_or_default();
-    if !status.success() {
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut stderr);
-        }
-        bail!("runner exited with {status}: {stderr}{output}");
-    }
+fn boot_once(command: Command, timeout: Duration) -> Result<Sample> {
+    let finished = crate::process::run(command, timeout)?.success()?;
+    let wall_ms = finished.wall.as_secs_f64() * 1000.0;
+    let output = finished.stdout;
     let ready_uptime_ms = output
         .lines()
         .find_map(|l| l.trim_end_matches('\r').strip_prefix(READY_PREFIX))
@@ -174,12 +143,6 @@ fn measure(
     })
 }
 
-fn cell(summary: &Option<Summary>) -> String {
-    summary.as_ref().map_or("-".into(), |s| {
-        format!("{:.1} ({:.1}-{:.1})", s.median, s.min, s.max)
-    })
-}
-
 pub fn run(args: &BootArgs) -> Result<()> {
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut results = vec![measure("capsa-vmm", args.runs, timeout, || {
@@ -217,11 +180,5 @@ pub fn run(args: &BootArgs) -> Result<()> {
         .json
         .clone()
         .unwrap_or_else(|| crate::default_json("boot"));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("results written to {}", path.display());
-    Ok(())
+    crate::write_json(&path, &report)
 }

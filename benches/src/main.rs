@@ -4,8 +4,14 @@
 //! guest agent printed its ready line and powered off, and the guest's own
 //! uptime at the ready line; for capsa-vmm and, in the same run, QEMU's
 //! `microvm` machine booting the same kernel and initramfs.
+//!
+//! `devices`: vsock throughput both ways and virtio-blk sequential and
+//! random-read speed measured in the guest, with the host's own Unix
+//! sockets and disk file measured by the same code as the reference.
 
 mod boot;
+mod devices;
+mod process;
 mod stats;
 
 use std::path::PathBuf;
@@ -24,15 +30,30 @@ struct Cli {
 enum Bench {
     /// Boot to the agent's ready line and power off, N times per runner.
     Boot(boot::BootArgs),
+    /// vsock and virtio-blk throughput in the guest, next to the host's.
+    Devices(devices::DevicesArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Boot(args) => boot::run(&args),
+        Bench::Devices(args) => devices::run(&args),
     }
 }
 
 /// Where a benchmark writes its JSON unless told otherwise.
 pub fn default_json(name: &str) -> PathBuf {
     PathBuf::from(format!("target/capsa/bench-{name}.json"))
+}
+
+/// Writes a benchmark's report as pretty JSON, creating its directory.
+pub fn write_json(path: &std::path::Path, report: &impl serde::Serialize) -> Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("results written to {}", path.display());
+    Ok(())
 }

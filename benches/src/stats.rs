@@ -29,6 +29,13 @@ impl Summary {
     }
 }
 
+/// "median (min-max)" for a table cell, or "-" when nothing was measured.
+pub fn cell(summary: &Option<Summary>) -> String {
+    summary.as_ref().map_or("-".into(), |s| {
+        format!("{:.1} ({:.1}-{:.1})", s.median, s.min, s.max)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

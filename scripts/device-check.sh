@@ -8,13 +8,14 @@
 #   - virtio-net: the guest pings and TCP-connects to an address on a tap
 #     inside a network namespace this test creates;
 #   - virtio-rng: getrandom does not block at boot and hw_random is virtio.
-# On a PVM host (README, "Hosts with PVM") it runs on a KVM nested in QEMU.
+# On a PVM host (README, "Hosts with PVM") it runs on a KVM nested in QEMU;
+# elsewhere on this host's KVM. Needs root (network namespaces, taps).
 #
-#   scripts/device-check-nested.sh KERNEL [BULK_BYTES]
+#   scripts/device-check.sh KERNEL [BULK_BYTES]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 kernel=$1 bulk=${2:-1073741824}
-log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested/device-check.log"
+log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/device-check.log"
 
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >&2
@@ -25,41 +26,55 @@ trap 'rm -rf "$payload"' EXIT
     --add /bin/busybox=bin/busybox "$payload/initramfs.cpio" > /dev/null
 cp "$bin/capsa-vmm" "$bin/capsa-io-probe" "$payload/"
 cp "$kernel" "$payload/vmlinux"
-"$root/scripts/nested-add-program.sh" "$payload" ip
+nested=0
+if "$root/scripts/kvm-is-pvm.sh"; then
+    nested=1
+    "$root/scripts/nested-add-program.sh" "$payload" ip
+fi
 
 blk=4194304
 steps="rng blk-read=vdb:$blk:11 blk-write=vda:$blk:12 vsock-serve=6000:32"
 steps="$steps vsock-connect=5000:32:1048576 vsock-bulk=5000:$bulk"
 steps="$steps net=10.0.2.15/24:10.0.2.1:7000 vsock-wait"
-cat > "$payload/run.sh" <<RUN
-mkdir -p /run /var/run
-dd if=/dev/zero of=/tmp/vda.img bs=1M count=8 2>/dev/null
-dd if=/dev/zero of=/tmp/vdb.img bs=1M count=8 2>/dev/null
-./capsa-io-probe fill /tmp/vdb.img $blk 11
+# Runs in the payload directory with \$work for its files and \$ip as iproute2.
+payload_dir=$payload
+[ "$nested" = 1 ] && payload_dir=/payload
+cat > "$payload/check.sh" <<RUN
+mkdir -p /run /var/run \$work
+cd "$payload_dir"
+dd if=/dev/zero of=\$work/vda.img bs=1M count=8 2>/dev/null
+dd if=/dev/zero of=\$work/vdb.img bs=1M count=8 2>/dev/null
+./capsa-io-probe fill \$work/vdb.img $blk 11
 # 32 echo streams plus the two bulk transfers, guest-initiated.
-./capsa-io-probe serve-unix /tmp/vsock.sock_5000 34 > /tmp/serve-unix.out 2>&1 &
-# The outer shell is busybox, whose own ip applet would win over PATH.
-ip=/payload/bin/ip
-\$ip netns add capsa-test
+./capsa-io-probe serve-unix \$work/vsock.sock_5000 34 > \$work/serve-unix.out 2>&1 &
+\$ip netns add capsa-test || exit 1
 in_ns() { \$ip netns exec capsa-test "\$@"; }
 in_ns \$ip tuntap add capsa-tap0 mode tap
 in_ns \$ip addr add 10.0.2.1/24 dev capsa-tap0
 in_ns \$ip link set capsa-tap0 up
 in_ns \$ip link set lo up
-in_ns ./capsa-io-probe serve-tcp 10.0.2.1:7000 1 > /tmp/serve-tcp.out 2>&1 &
-./capsa-io-probe connect-vsock /tmp/vsock.sock 6000 32 1048576 > /tmp/connect.out 2>&1 &
+in_ns ./capsa-io-probe serve-tcp 10.0.2.1:7000 1 > \$work/serve-tcp.out 2>&1 &
+./capsa-io-probe connect-vsock \$work/vsock.sock 6000 32 1048576 > \$work/connect.out 2>&1 &
 echo "=== BEGIN vm"
 timeout 900 \$ip netns exec capsa-test ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio \\
-    --memory-mib 256 --cpus 2 --disk /tmp/vda.img --disk /tmp/vdb.img,ro \\
-    --net capsa-tap0,mac=02:ca:95:00:00:02 --vsock /tmp/vsock.sock \\
+    --memory-mib 256 --cpus 2 --disk \$work/vda.img --disk \$work/vdb.img,ro \\
+    --net capsa-tap0,mac=02:ca:95:00:00:02 --vsock \$work/vsock.sock \\
     --cmdline "quiet rdinit=/bin/capsa-io-probe -- $steps" 2>&1
 echo "=== END vm exit=\$?"
 sleep 1
-echo "=== HOST verify-vda \$(./capsa-io-probe verify /tmp/vda.img $blk 12 2>&1)"
-for f in serve-unix serve-tcp connect; do echo "=== HOST \$f \$(cat /tmp/\$f.out)"; done
+echo "=== HOST verify-vda \$(./capsa-io-probe verify \$work/vda.img $blk 12 2>&1)"
+for f in serve-unix serve-tcp connect; do echo "=== HOST \$f \$(cat \$work/\$f.out)"; done
+\$ip netns delete capsa-test
 RUN
-CAPSA_NESTED_MODULES=drivers/net/tun CAPSA_NESTED_TIMEOUT_SECS=1200 \
-    "$root/scripts/nested-kvm.sh" "$payload" "$log"
+mkdir -p "$(dirname "$log")"
+if [ "$nested" = 1 ]; then
+    # The outer shell is busybox, whose own ip applet would win over PATH.
+    printf 'work=/tmp/check ip=/payload/bin/ip\n. ./check.sh\n' > "$payload/run.sh"
+    CAPSA_NESTED_MODULES=drivers/net/tun CAPSA_NESTED_TIMEOUT_SECS=1200 \
+        "$root/scripts/nested-kvm.sh" "$payload" "$log"
+else
+    work="$payload/work" ip=$(command -v ip) timeout 1200 sh "$payload/check.sh" > "$log" 2>&1 || true
+fi
 
 passed=0 failed=0
 check() {

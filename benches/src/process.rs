@@ -1,0 +1,82 @@
+//! Running a child process to completion with a deadline, keeping its
+//! output: every benchmark's runner goes through here.
+
+use std::io::Read;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub struct Finished {
+    pub wall: Duration,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The output, or an error with all of it when the process failed.
+    pub fn success(self) -> Result<Self> {
+        if !self.status.success() {
+            bail!(
+                "exited with {}: {}{}",
+                self.status,
+                self.stderr,
+                self.stdout
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// Runs `command` to the end, killing it after `timeout`.
+pub fn run(mut command: Command, timeout: Duration) -> Result<Finished> {
+    let start = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{:?} did not finish within {timeout:?}",
+                command.get_program()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    Ok(Finished {
+        wall: start.elapsed(),
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
