@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The project's checks: formatting, clippy, and every test (unit tests and
-# the integration tests that boot real microVMs on /dev/kvm).
+# The project's checks: formatting, clippy, and every test (unit and
+# property tests, the integration tests that boot real microVMs on
+# /dev/kvm, and the device check).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -25,3 +26,5 @@ cargo test --locked --workspace -- --test-threads=2
 if [ "${nested:-0}" = 1 ]; then
     scripts/boot-check-nested.sh "$kernel" "$initrd"
 fi
+# The virtio devices end to end, from both sides (nested on a PVM host).
+scripts/device-check.sh "$kernel"
