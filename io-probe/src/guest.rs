@@ -260,21 +260,7 @@ fn wait_servers(servers: &mut Vec<JoinHandle<Result<String>>>) -> Result<String>
 fn vsock_connect(arg: &str) -> Result<String> {
     let [port, streams, bytes] = fields(arg)?;
     let (port, streams, bytes) = (number(port)? as u32, number(streams)?, number(bytes)?);
-    let handles: Vec<_> = (0..streams)
-        .map(|i| {
-            std::thread::spawn(move || -> Result<()> {
-                let conn = vsock::guest_connect(port)?;
-                stream::request(conn, Mode::Echo, bytes, 1000 + i)?;
-                Ok(())
-            })
-        })
-        .collect();
-    for (i, handle) in handles.into_iter().enumerate() {
-        handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("stream {i} panicked"))?
-            .with_context(|| format!("stream {i}"))?;
-    }
+    stream::echo_streams(streams, bytes, 1000, move || vsock::guest_connect(port))?;
     Ok(format!("{streams} streams of {bytes} bytes echoed intact"))
 }
 

@@ -96,26 +96,10 @@ fn host(args: &[String]) -> Result<String> {
             let path = arg(args, 1, "PATH")?.to_string();
             let port = num(args, 2, "PORT")? as u32;
             let (streams, bytes) = (num(args, 3, "STREAMS")?, num(args, 4, "BYTES")?);
-            let handles: Vec<_> = (0..streams)
-                .map(|i| {
-                    let path = path.clone();
-                    std::thread::spawn(move || -> Result<()> {
-                        let conn = vsock::host_connect_patiently(
-                            Path::new(&path),
-                            port,
-                            Duration::from_secs(120),
-                        )?;
-                        stream::request(conn, Mode::Echo, bytes, 2000 + i)?;
-                        Ok(())
-                    })
-                })
-                .collect();
-            for (i, handle) in handles.into_iter().enumerate() {
-                handle
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("stream {i} panicked"))?
-                    .with_context(|| format!("stream {i}"))?;
-            }
+            stream::echo_streams(streams, bytes, 2000, move || {
+                // The guest may still be booting: retry until it listens.
+                vsock::host_connect_patiently(Path::new(&path), port, Duration::from_secs(120))
+            })?;
             Ok(format!(
                 "connect-vsock: {streams} streams of {bytes} bytes echoed intact"
             ))

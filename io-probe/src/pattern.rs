@@ -10,8 +10,14 @@ pub struct Pattern {
 
 impl Pattern {
     pub fn new(seed: u64) -> Self {
+        // splitmix64 spreads nearby seeds apart; xorshift needs a non-zero
+        // state.
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
         Self {
-            state: seed | 1,
+            state: if z == 0 { 1 } else { z },
             word: [0; 8],
             used: 8,
         }

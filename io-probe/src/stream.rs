@@ -177,6 +177,32 @@ pub fn request<S: Duplex>(mut stream: S, mode: Mode, len: u64, seed: u64) -> Res
     })
 }
 
+/// Runs `streams` echo requests of `bytes` each at once, each on its own
+/// connection from `connect`, and fails if any stream does.
+pub fn echo_streams<S: Duplex>(
+    streams: u64,
+    bytes: u64,
+    seed_base: u64,
+    connect: impl Fn() -> Result<S> + Send + Sync + Clone + 'static,
+) -> Result<()> {
+    let handles: Vec<_> = (0..streams)
+        .map(|i| {
+            let connect = connect.clone();
+            std::thread::spawn(move || -> Result<()> {
+                request(connect()?, Mode::Echo, bytes, seed_base + i)?;
+                Ok(())
+            })
+        })
+        .collect();
+    for (i, handle) in handles.into_iter().enumerate() {
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream {i} panicked"))?
+            .with_context(|| format!("stream {i}"))?;
+    }
+    Ok(())
+}
+
 fn send_pattern<W: Write>(mut writer: W, len: u64, seed: u64) -> Result<()> {
     let mut pattern = Pattern::new(seed);
     let mut buf = vec![0u8; CHUNK];

@@ -52,17 +52,27 @@ struct Args {
     no_rng: bool,
 }
 
-fn parse_net(spec: &str) -> Result<NetConfig, String> {
+/// Splits a device spec `HEAD[,OPTION]...` into its head (a path or a
+/// name, which must be there) and its options.
+fn split_spec<'a>(
+    spec: &'a str,
+    what: &str,
+) -> Result<(&'a str, std::str::Split<'a, char>), String> {
     let mut parts = spec.split(',');
-    let tap = parts
+    let head = parts
         .next()
         .filter(|p| !p.is_empty())
-        .ok_or("a net device needs a tap name")?;
+        .ok_or_else(|| format!("{what} is missing"))?;
+    Ok((head, parts))
+}
+
+fn parse_net(spec: &str) -> Result<NetConfig, String> {
+    let (tap, options) = split_spec(spec, "the tap name")?;
     let mut net = NetConfig {
         tap: tap.to_string(),
         mac: NetConfig::random_mac(),
     };
-    for option in parts {
+    for option in options {
         match option.split_once('=') {
             Some(("mac", mac)) => net.mac = parse_mac(mac)?,
             _ => return Err(format!("unknown net option {option:?} (expected mac=...)")),
@@ -77,11 +87,9 @@ fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let bytes: Vec<u8> = text
         .split(':')
         .map(|b| {
-            if b.len() == 2 {
-                u8::from_str_radix(b, 16).ok()
-            } else {
-                None
-            }
+            (b.len() == 2)
+                .then(|| u8::from_str_radix(b, 16).ok())
+                .flatten()
         })
         .collect::<Option<_>>()
         .ok_or_else(bad)?;
@@ -93,16 +101,12 @@ fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 }
 
 fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
-    let mut parts = spec.split(',');
-    let path = parts
-        .next()
-        .filter(|p| !p.is_empty())
-        .ok_or("vsock needs a socket path")?;
+    let (path, options) = split_spec(spec, "the vsock socket path")?;
     let mut vsock = VsockConfig {
         path: PathBuf::from(path),
         guest_cid: DEFAULT_GUEST_CID,
     };
-    for option in parts {
+    for option in options {
         match option.split_once('=') {
             Some(("cid", cid)) => {
                 vsock.guest_cid = cid.parse().map_err(|_| format!("bad vsock CID {cid:?}"))?
@@ -114,17 +118,13 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
 }
 
 fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
-    let mut parts = spec.split(',');
-    let path = parts
-        .next()
-        .filter(|p| !p.is_empty())
-        .ok_or("a disk needs a path")?;
+    let (path, options) = split_spec(spec, "the disk image path")?;
     let mut disk = DiskConfig {
         path: PathBuf::from(path),
         read_only: false,
         id: None,
     };
-    for option in parts {
+    for option in options {
         match option.split_once('=') {
             None if option == "ro" => disk.read_only = true,
             Some(("id", id)) => disk.id = Some(id.to_string()),

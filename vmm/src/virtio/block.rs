@@ -13,10 +13,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Le32, Le64};
 
 use super::worker::{DeviceBroken, QueueHandler, Registrar, Worker};
-use super::{
-    complete, next_chain, notify, read_config_bytes, ActivateContext, ActivateError, Interrupt,
-    Memory,
-};
+use super::{read_config_bytes, serve_queue, ActivateContext, ActivateError, Interrupt, Memory};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZES: &[u16] = &[256];
@@ -239,17 +236,10 @@ pub struct BlockQueue {
 impl BlockQueue {
     pub fn process(&mut self) -> Result<(), DeviceBroken> {
         let mut buf = vec![0u8; COPY_CHUNK];
-        let mut served = false;
-        while let Some(chain) = next_chain(&mut self.queue, &self.memory)? {
-            let head = chain.head_index();
-            let used = self.disk.serve(&self.memory, chain, &mut buf);
-            complete(&mut self.queue, &self.memory, head, used)?;
-            served = true;
-        }
-        if served {
-            notify(&mut self.queue, &self.memory, &self.interrupt)?;
-        }
-        Ok(())
+        let (disk, memory) = (&self.disk, &self.memory);
+        serve_queue(&mut self.queue, memory, &self.interrupt, |chain| {
+            Ok(disk.serve(memory, chain, &mut buf))
+        })
     }
 }
 

@@ -205,6 +205,30 @@ pub fn complete(
         .map_err(|e| worker::DeviceBroken(format!("cannot write the used ring: {e}")))
 }
 
+/// Serves every request waiting on a queue whose requests are independent
+/// (block, rng): `serve` handles one chain and says how many bytes it wrote
+/// into it; the driver is interrupted once for the batch.
+pub fn serve_queue<'m>(
+    queue: &mut Queue,
+    memory: &'m Memory,
+    interrupt: &Interrupt,
+    mut serve: impl FnMut(
+        virtio_queue::DescriptorChain<&'m Memory>,
+    ) -> Result<u32, worker::DeviceBroken>,
+) -> Result<(), worker::DeviceBroken> {
+    let mut served = false;
+    while let Some(chain) = next_chain(queue, memory)? {
+        let head = chain.head_index();
+        let used = serve(chain)?;
+        complete(queue, memory, head, used)?;
+        served = true;
+    }
+    if served {
+        notify(queue, memory, interrupt)?;
+    }
+    Ok(())
+}
+
 /// Interrupts the driver if it wants to hear about the used buffers.
 pub fn notify(
     queue: &mut Queue,

@@ -7,7 +7,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::Queue;
 
 use super::worker::{DeviceBroken, QueueHandler, Registrar, Worker};
-use super::{complete, next_chain, notify, ActivateContext, ActivateError, Interrupt, Memory};
+use super::{serve_queue, ActivateContext, ActivateError, Interrupt, Memory};
 
 const QUEUE_SIZES: &[u16] = &[256];
 /// Caps the work one request can ask for; the driver asks again for more.
@@ -50,27 +50,18 @@ impl RngQueue {
     /// Serves every request waiting on the queue.
     pub fn process(&mut self) -> Result<(), DeviceBroken> {
         let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST];
-        let mut served = false;
-        while let Some(chain) = next_chain(&mut self.queue, &self.memory)? {
-            let head = chain.head_index();
+        let memory = &self.memory;
+        serve_queue(&mut self.queue, memory, &self.interrupt, |chain| {
             // A chain the device cannot write into (bad addresses, read-only
             // buffers) gets nothing; the request still completes.
-            let written = match chain.writer(&self.memory) {
-                Ok(mut writer) => {
-                    let n = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
-                    getrandom::fill(&mut buf[..n])
-                        .map_err(|e| DeviceBroken(format!("host getrandom failed: {e}")))?;
-                    writer.write_all(&buf[..n]).map(|()| n).unwrap_or(0)
-                }
-                Err(_) => 0,
+            let Ok(mut writer) = chain.writer(memory) else {
+                return Ok(0);
             };
-            complete(&mut self.queue, &self.memory, head, written as u32)?;
-            served = true;
-        }
-        if served {
-            notify(&mut self.queue, &self.memory, &self.interrupt)?;
-        }
-        Ok(())
+            let n = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
+            getrandom::fill(&mut buf[..n])
+                .map_err(|e| DeviceBroken(format!("host getrandom failed: {e}")))?;
+            Ok(writer.write_all(&buf[..n]).map_or(0, |()| n as u32))
+        })
     }
 }
 

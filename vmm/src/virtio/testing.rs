@@ -41,6 +41,7 @@ pub fn writable(addr: u64, len: u32) -> Desc {
     }
 }
 
+#[derive(Default)]
 pub struct TestQueue {
     pub size: u16,
     pub desc: u64,
@@ -132,14 +133,7 @@ impl Guest {
         self.write_reg(VIRTIO_MMIO_QUEUE_READY, 1);
         let slot = index as usize;
         if self.queues.len() <= slot {
-            self.queues.resize_with(slot + 1, || TestQueue {
-                size: 0,
-                desc: 0,
-                avail: 0,
-                used: 0,
-                next_desc: 0,
-                avail_idx: 0,
-            });
+            self.queues.resize_with(slot + 1, TestQueue::default);
         }
         self.queues[slot] = queue;
     }
@@ -148,15 +142,8 @@ impl Guest {
     /// for tests that drive a device's queue handler directly.
     pub fn layout_queue(&mut self, index: usize, size: u16) {
         let base = RINGS_START + index as u64 * RING_AREA;
-        while self.queues.len() <= index {
-            self.queues.push(TestQueue {
-                size: 0,
-                desc: 0,
-                avail: 0,
-                used: 0,
-                next_desc: 0,
-                avail_idx: 0,
-            });
+        if self.queues.len() <= index {
+            self.queues.resize_with(index + 1, TestQueue::default);
         }
         self.queues[index] = TestQueue {
             size,
