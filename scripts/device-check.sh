@@ -97,5 +97,5 @@ check "32 host-initiated vsock streams (host side)" '^=== HOST connect connect-v
 check "host vsock server saw every stream intact" '^=== HOST serve-unix serve-unix: served 34'
 check "ping and TCP over virtio-net to a tap in a netns" '^PROBE net ok pinged'
 check "no guest step failed" '^PROBE done failed=0$'
-echo "nested-devices: $passed passed, $failed failed (outer console: $log)"
+echo "device-check: $passed passed, $failed failed (outer console: $log)"
 [ "$failed" = 0 ]

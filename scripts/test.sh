@@ -27,4 +27,4 @@ if [ "${nested:-0}" = 1 ]; then
     scripts/boot-check-nested.sh "$kernel" "$initrd"
 fi
 # The virtio devices end to end, from both sides (nested on a PVM host).
-scripts/device-check.sh "$kernel" "${CAPSA_DEVICE_CHECK_BULK:-67108864}"
+scripts/device-check.sh "$kernel" "${CAPSA_DEVICE_CHECK_BULK:-1073741824}"

@@ -490,6 +490,21 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_notifications_coalesces_and_the_device_still_serves() {
+        let mut g = rng_guest();
+        g.activate(0, 1, 16);
+        for _ in 0..100_000 {
+            g.notify(0);
+        }
+        g.write(DATA_START, &[0; 64]);
+        g.add_chain(0, &[writable(DATA_START, 64)]);
+        g.notify(0);
+        assert!(g.wait_used(0, 1));
+        assert_eq!(g.used_idx(0), 1, "no phantom requests from the kicks");
+        assert_eq!(g.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    }
+
+    #[test]
     fn reset_stops_the_worker_and_clears_everything() {
         let mut g = rng_guest();
         g.activate(0, 1, 16);
