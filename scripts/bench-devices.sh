@@ -8,16 +8,17 @@
 # TCG, where the disk's backing file is on tmpfs: absolute figures there
 # are emulation figures; compare guest and host within one run.
 #
-#   scripts/bench-devices.sh [RUNS] [VSOCK_MIB] [DISK_MIB]
+#   scripts/bench-devices.sh [RUNS] [VSOCK_MIB] [DISK_MIB] [RANDOM_READS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-runs=${1:-3} vsock_mib=${2:-256} disk_mib=${3:-256}
+runs=${1:-3} vsock_mib=${2:-256} disk_mib=${3:-256} reads=${4:-20000}
 { read -r kernel; read -r _; } < <("$root/scripts/setup.sh")
 bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-io-probe capsa-benches)
 json="$root/target/capsa/bench-devices.json"
 initrd="$root/target/capsa/initramfs-probe.cpio"
 "$root/rootfs/build.sh" --add "$bin/capsa-io-probe=bin/capsa-io-probe" "$initrd" > /dev/null
-bench_args=(--runs "$runs" --vsock-bytes $((vsock_mib << 20)) --disk-mib "$disk_mib")
+bench_args=(--runs "$runs" --vsock-bytes $((vsock_mib << 20)) --disk-mib "$disk_mib"
+            --random-reads "$reads")
 
 if ! "$root/scripts/kvm-is-pvm.sh"; then
     exec "$bin/capsa-bench" devices --vmm "$bin/capsa-vmm" --kernel "$kernel" --initrd "$initrd" \

@@ -191,7 +191,14 @@ pub fn run(args: &DevicesArgs) -> Result<()> {
     };
     let mut samples = Vec::with_capacity(args.runs);
     for run in 0..args.runs {
-        samples.push(run_once(args, &dir).with_context(|| format!("run {}", run + 1))?);
+        let sample = run_once(args, &dir).with_context(|| format!("run {}", run + 1))?;
+        eprintln!(
+            "devices run {}: guest {:?}, host {:?}",
+            run + 1,
+            sample.guest,
+            sample.host
+        );
+        samples.push(sample);
     }
     let column = |guest: bool, i: usize| {
         let values: Vec<f64> = samples
