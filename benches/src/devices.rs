@@ -110,6 +110,7 @@ fn run_once(args: &DevicesArgs, dir: &Path) -> Result<Sample> {
     drop(file);
 
     // Host reference: the same probe code on a socketpair and on the file.
+    eprintln!("devices: host reference");
     let mut bulk = Command::new(&args.probe);
     bulk.arg("bulk-unix").arg(args.vsock_bytes.to_string());
     let bulk = process::run(bulk, timeout)?.success()?.stdout;
@@ -123,6 +124,7 @@ fn run_once(args: &DevicesArgs, dir: &Path) -> Result<Sample> {
     let disk = probe_line(&disk, "blk-bench:")?;
 
     // The guest: the host end serves the two bulk streams.
+    eprintln!("devices: guest");
     let socket = dir.join("bench-vsock.sock");
     let mut server = spawn_quiet(
         Command::new(&args.probe)

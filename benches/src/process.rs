@@ -59,19 +59,25 @@ pub fn run(mut command: Command, timeout: Duration) -> Result<Finished> {
             .take()
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
+    // Wait on a thread of its own rather than polling: a tight poll loop
+    // competes for the CPUs the measured VM runs on.
+    let pid = child.id();
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait());
+    });
+    let status = match exited.recv_timeout(timeout) {
+        Ok(status) => status?,
+        Err(_) => {
+            // SAFETY: kill(2) on the child's pid, which is not reaped yet
+            // (the waiting thread still holds it).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let _ = exited.recv();
             bail!(
                 "{:?} did not finish within {timeout:?}",
                 command.get_program()
             );
         }
-        std::thread::sleep(Duration::from_millis(1));
     };
     Ok(Finished {
         wall: start.elapsed(),
