@@ -56,7 +56,7 @@ in_ns \$ip link set lo up
 in_ns ./capsa-io-probe serve-tcp 10.0.2.1:7000 1 > \$work/serve-tcp.out 2>&1 &
 ./capsa-io-probe connect-vsock \$work/vsock.sock 6000 32 1048576 > \$work/connect.out 2>&1 &
 echo "=== BEGIN vm"
-timeout 900 \$ip netns exec capsa-test ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio \\
+timeout 600 \$ip netns exec capsa-test ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio \\
     --memory-mib 256 --cpus 2 --disk \$work/vda.img --disk \$work/vdb.img,ro \\
     --net capsa-tap0,mac=02:ca:95:00:00:02 --vsock \$work/vsock.sock \\
     --cmdline "quiet rdinit=/bin/capsa-io-probe -- $steps" 2>&1

@@ -67,10 +67,13 @@ boot_outer() {
         -append "console=ttyS0 quiet panic=-1" | stdbuf -oL tr -d '\r' > "$log" || true
 }
 boot_outer
-# Now and then a microVM triple-faults early in boot on this emulated SVM
-# (README, "Hosts with PVM"); no payload expects one, so run it once more.
-if grep -q 'capsa-vmm: guest triple-faulted' "$log"; then
-    cp "$log" "$log.triple-fault"
-    echo "nested-kvm: a microVM triple-faulted (kept in $log.triple-fault); running the payload once more" >&2
+# Now and then a microVM triple-faults early in boot, or hangs, on this
+# emulated SVM (README, "Hosts with PVM"). No payload expects either; a
+# payload reports a run it had to time out as "exit=124" (GNU timeout) or
+# "exit=143" (busybox's). Run it once more, keeping the first log.
+if grep -q -E -e 'capsa-vmm: guest triple-faulted' -e ' exit=(124|143)$' "$log"; then
+    cp "$log" "$log.first-try"
+    echo "nested-kvm: a microVM triple-faulted or timed out (log kept in $log.first-try);" \
+         "running the payload once more" >&2
     boot_outer
 fi
