@@ -18,7 +18,7 @@ json="$root/target/capsa/bench-devices.json"
 initrd="$root/target/capsa/initramfs-probe.cpio"
 "$root/rootfs/build.sh" --add "$bin/capsa-io-probe=bin/capsa-io-probe" "$initrd" > /dev/null
 bench_args=(--runs "$runs" --vsock-bytes $((vsock_mib << 20)) --disk-mib "$disk_mib"
-            --random-reads "$reads")
+            --random-reads "$reads" --timeout-secs 600)
 
 if ! "$root/scripts/kvm-is-pvm.sh"; then
     exec "$bin/capsa-bench" devices --vmm "$bin/capsa-vmm" --kernel "$kernel" --initrd "$initrd" \

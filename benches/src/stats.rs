@@ -1,6 +1,6 @@
 use serde::Serialize;
 
-/// Summary of repeated measurements, in milliseconds.
+/// Summary of repeated measurements, in the unit of the samples.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Summary {
     pub median: f64,
