@@ -1,0 +1,123 @@
+//! The wire API between the Capsa host side (daemon, shim, tests) and the
+//! guest agent: ttrpc services generated from `protos/` at build time, and
+//! the API version both sides check on connect.
+
+#[allow(clippy::all, unused, nonstandard_style, missing_docs)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+#[allow(clippy::all, unused, nonstandard_style, missing_docs)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+/// The API version this build speaks. Bump it with any change that an
+/// older peer would misread.
+pub const API_VERSION: u32 = 1;
+
+/// The vsock port the agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VersionError {
+    #[error("the agent speaks API version {agent} (build {build}), this host speaks {host}: upgrade the older side")]
+    Mismatch {
+        agent: u32,
+        host: u32,
+        build: String,
+    },
+    #[error("cannot ask the agent for its version: {0}")]
+    Call(#[from] ttrpc::Error),
+}
+
+/// Asks the agent for its API version and refuses a mismatch.
+pub fn check_version(
+    client: &agent_ttrpc::AgentClient,
+    timeout_nanos: i64,
+) -> Result<agent::VersionResponse, VersionError> {
+    let request = agent::VersionRequest {
+        host_api_version: API_VERSION,
+        ..Default::default()
+    };
+    let response = client.version(ttrpc::context::with_timeout(timeout_nanos), &request)?;
+    if response.api_version != API_VERSION {
+        return Err(VersionError::Mismatch {
+            agent: response.api_version,
+            host: API_VERSION,
+            build: response.agent_version.clone(),
+        });
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// An agent that claims `api_version`.
+    struct FakeAgent {
+        api_version: u32,
+    }
+
+    impl agent_ttrpc::Agent for FakeAgent {
+        fn version(
+            &self,
+            _ctx: &ttrpc::TtrpcContext,
+            request: agent::VersionRequest,
+        ) -> ttrpc::Result<agent::VersionResponse> {
+            assert_eq!(request.host_api_version, API_VERSION);
+            Ok(agent::VersionResponse {
+                api_version: self.api_version,
+                agent_version: "test".into(),
+                ..Default::default()
+            })
+        }
+    }
+
+    fn serve(api_version: u32) -> (tempfile::TempDir, ttrpc::Server, agent_ttrpc::AgentClient) {
+        let dir = tempfile::tempdir().unwrap();
+        let address = format!("unix://{}", dir.path().join("agent.sock").display());
+        let service = agent_ttrpc::create_agent(Arc::new(FakeAgent { api_version }));
+        let mut server = ttrpc::Server::new()
+            .bind(&address)
+            .unwrap()
+            .register_service(service);
+        server.start().unwrap();
+        let client = agent_ttrpc::AgentClient::new(ttrpc::Client::connect(&address).unwrap());
+        (dir, server, client)
+    }
+
+    const SECOND: i64 = 1_000_000_000;
+
+    #[test]
+    fn matching_versions_connect() {
+        let (_dir, server, client) = serve(API_VERSION);
+        let response = check_version(&client, SECOND).unwrap();
+        assert_eq!(response.agent_version, "test");
+        server.shutdown();
+    }
+
+    #[test]
+    fn a_version_mismatch_is_a_clear_error() {
+        let (_dir, server, client) = serve(API_VERSION + 1);
+        let err = check_version(&client, SECOND).unwrap_err();
+        assert!(matches!(err, VersionError::Mismatch { .. }), "{err}");
+        assert!(err.to_string().contains("upgrade the older side"), "{err}");
+        server.shutdown();
+    }
+
+    #[test]
+    fn unimplemented_calls_are_errors_not_hangs() {
+        let (_dir, server, client) = serve(API_VERSION);
+        let err = client
+            .ping(
+                ttrpc::context::with_timeout(SECOND),
+                &agent::PingRequest::new(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("not supported"), "{err}");
+        server.shutdown();
+    }
+}
