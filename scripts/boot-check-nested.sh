@@ -4,7 +4,8 @@
 # "Hosts with PVM"). It checks what the KVM
 # integration tests in vmm/tests/boot.rs check: 1 and 2 vCPUs reach the
 # agent's ready line with the right CPU count and MemTotal and the VMM exits
-# 0 on power-off; a guest panic exits 2 with the panic text.
+# 0 on power-off; a guest panic exits 2 with the panic text; the agent
+# answers its ttrpc API over vsock and powers off on request.
 #
 #   scripts/boot-check-nested.sh KERNEL INITRD
 set -euo pipefail
@@ -12,11 +13,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 kernel=$1 initrd=$2
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested/boot-check.log"
 
-bin=$("$root/scripts/build-static.sh" capsa-vmm)
+bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-io-probe)
 
 payload=$(mktemp -d)
 trap 'rm -rf "$payload"' EXIT
-cp "$bin/capsa-vmm" "$payload/"
+cp "$bin/capsa-vmm" "$bin/capsa-io-probe" "$payload/"
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
 cat > "$payload/run.sh" <<'RUN'
@@ -29,6 +30,14 @@ run() {
 run boot-1cpu --cpus 1 --cmdline "quiet capsa.exit_after_ready=1"
 run boot-2cpu --cpus 2 --cmdline "quiet capsa.exit_after_ready=1"
 run panic --cpus 1 --cmdline "quiet rdinit=/does-not-exist root=/dev/nothing"
+# The agent's API over vsock, as the host reaches it: version, ping, shutdown.
+echo "=== BEGIN agent-api"
+timeout 120 ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio --memory-mib 128 \
+    --vsock /tmp/agent.sock > /tmp/agent-vm.out 2>&1 &
+vm=$!
+./capsa-io-probe agent-check /tmp/agent.sock 2>&1
+wait $vm
+echo "=== END agent-api exit=$?"
 RUN
 "$root/scripts/nested-kvm.sh" "$payload" "$log"
 
@@ -61,6 +70,9 @@ panic_reported() {
         section panic | grep -q 'Kernel panic - not syncing'
 }
 check panic "VMM exits 2 on a guest panic" exit_is panic 2
+agent_answers() { section agent-api | grep -q '^agent-check: api_version=1 .* shutdown=ok$'; }
+check agent-api "agent answers version and ping over vsock" agent_answers
+check agent-api "VMM exits 0 after the agent's shutdown call" exit_is agent-api 0
 check panic "panic text in the console tail" panic_reported
 echo "nested-boot: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -1,9 +1,11 @@
 //! `capsa-agent`: PID 1 inside every Capsa microVM.
 //!
-//! For now it brings up the basic filesystems, reports that the guest is
-//! ready (with its CPU count and memory) on the console, and powers the VM
-//! off when the kernel command line asks it to.
+//! It brings up the basic filesystems, reports that the guest is ready
+//! (with its CPU count and memory) on the console, and serves the ttrpc API
+//! of `capsa-protocol` on vsock port 1024 (or powers the VM off at once when
+//! the kernel command line asks it to).
 
+mod api;
 mod init;
 mod kmsg;
 mod params;
@@ -39,5 +41,7 @@ fn run() -> Result<()> {
     if params.exit_after_ready {
         init::power_off()?;
     }
+    // Kept alive for as long as PID 1 runs.
+    let _server = api::serve()?;
     init::reap_forever()
 }

@@ -67,6 +67,11 @@ fn mem_total_kib(meminfo: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("no MemTotal in /proc/meminfo"))
 }
 
+/// Milliseconds since the kernel booted.
+pub fn current_uptime_ms() -> Result<u64> {
+    uptime_ms(&std::fs::read_to_string("/proc/uptime").context("cannot read /proc/uptime")?)
+}
+
 fn uptime_ms(uptime: &str) -> Result<u64> {
     let seconds: f64 = uptime
         .split_whitespace()

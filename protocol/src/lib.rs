@@ -12,6 +12,8 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod vmm_socket;
+
 /// The API version this build speaks. Bump it with any change that an
 /// older peer would misread.
 pub const API_VERSION: u32 = 1;
@@ -29,6 +31,29 @@ pub enum VersionError {
     },
     #[error("cannot ask the agent for its version: {0}")]
     Call(#[from] ttrpc::Error),
+}
+
+/// A client for the agent of the VM whose vsock Unix socket is `path`,
+/// retrying while the guest boots, with the API version checked.
+pub fn connect_agent(
+    path: &std::path::Path,
+    patience: std::time::Duration,
+) -> Result<(agent_ttrpc::AgentClient, agent::VersionResponse), AgentConnectError> {
+    use std::os::fd::IntoRawFd;
+    let stream = vmm_socket::connect_patiently(path, AGENT_VSOCK_PORT, patience)?;
+    let client = agent_ttrpc::AgentClient::new(ttrpc::Client::new(stream.into_raw_fd())?);
+    let version = check_version(&client, patience.as_nanos().min(i64::MAX as u128) as i64)?;
+    Ok((client, version))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConnectError {
+    #[error(transparent)]
+    Connect(#[from] vmm_socket::ConnectError),
+    #[error("cannot set up the ttrpc client: {0}")]
+    Client(#[from] ttrpc::Error),
+    #[error(transparent)]
+    Version(#[from] VersionError),
 }
 
 /// Asks the agent for its API version and refuses a mismatch.
