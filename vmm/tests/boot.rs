@@ -139,20 +139,28 @@ fn vmm(args: &[&str]) -> Run {
 }
 
 fn boot(cpus: u8, memory_mib: u64, cmdline: &str) -> Run {
+    boot_with(cpus, memory_mib, cmdline, &[])
+}
+
+fn boot_with(cpus: u8, memory_mib: u64, cmdline: &str, extra: &[&str]) -> Run {
     let kernel = kernel();
     let initrd = initrd();
-    vmm(&[
+    let cpus = cpus.to_string();
+    let memory_mib = memory_mib.to_string();
+    let mut args = vec![
         "--kernel",
         kernel.to_str().expect("utf-8 path"),
         "--initrd",
         initrd.to_str().expect("utf-8 path"),
         "--cpus",
-        &cpus.to_string(),
+        &cpus,
         "--memory-mib",
-        &memory_mib.to_string(),
+        &memory_mib,
         "--cmdline",
         cmdline,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    vmm(&args)
 }
 
 /// The JSON fields of the agent's ready line.
@@ -317,4 +325,33 @@ fn unparsable_arguments_are_rejected_by_the_cli() {
     );
     let run = vmm(&[]);
     assert!(run.stderr.contains("--kernel"), "{}", run.stderr);
+}
+
+#[test]
+fn agent_answers_its_api_over_vsock_and_shuts_down_on_request() {
+    use capsa_protocol::agent::{PingRequest, ShutdownRequest};
+    if guest_boots_available().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("vsock.sock");
+    let socket_arg = socket.to_str().expect("utf-8 path").to_string();
+    let vm = std::thread::spawn(move || boot_with(1, 128, "quiet", &["--vsock", &socket_arg]));
+    let (client, version) =
+        capsa_protocol::connect_agent(&socket, boot_timeout()).expect("agent reachable");
+    assert_eq!(version.api_version, capsa_protocol::API_VERSION);
+    let ctx = || ttrpc::context::with_timeout(boot_timeout().as_nanos() as i64);
+    let ping = client.ping(ctx(), &PingRequest::new()).expect("ping");
+    assert!(ping.uptime_ms > 0);
+    client
+        .shutdown(ctx(), &ShutdownRequest::new())
+        .expect("shutdown");
+    let run = vm.join().expect("VMM thread");
+    assert_eq!(
+        run.code,
+        Some(0),
+        "VMM should exit 0 after the agent's shutdown\nstdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
 }
