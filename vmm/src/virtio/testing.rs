@@ -113,29 +113,18 @@ impl Guest {
 
     /// Lays out queue `index` with `size` entries and marks it ready.
     pub fn setup_queue(&mut self, index: u32, size: u16) {
-        let base = RINGS_START + u64::from(index) * RING_AREA;
-        let queue = TestQueue {
-            size,
-            desc: base,
-            avail: base + 16 * u64::from(size),
-            used: base + 0x8000,
-            next_desc: 0,
-            avail_idx: 0,
-        };
+        self.layout_queue(index as usize, size);
+        let q = &self.queues[index as usize];
+        let (desc, avail, used) = (q.desc, q.avail, q.used);
         self.write_reg(VIRTIO_MMIO_QUEUE_SEL, index);
         self.write_reg(VIRTIO_MMIO_QUEUE_NUM, u32::from(size));
-        self.write_reg(VIRTIO_MMIO_QUEUE_DESC_LOW, queue.desc as u32);
+        self.write_reg(VIRTIO_MMIO_QUEUE_DESC_LOW, desc as u32);
         self.write_reg(VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
-        self.write_reg(VIRTIO_MMIO_QUEUE_AVAIL_LOW, queue.avail as u32);
+        self.write_reg(VIRTIO_MMIO_QUEUE_AVAIL_LOW, avail as u32);
         self.write_reg(VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
-        self.write_reg(VIRTIO_MMIO_QUEUE_USED_LOW, queue.used as u32);
+        self.write_reg(VIRTIO_MMIO_QUEUE_USED_LOW, used as u32);
         self.write_reg(VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
         self.write_reg(VIRTIO_MMIO_QUEUE_READY, 1);
-        let slot = index as usize;
-        if self.queues.len() <= slot {
-            self.queues.resize_with(slot + 1, TestQueue::default);
-        }
-        self.queues[slot] = queue;
     }
 
     /// Lays out queue `index` in memory without telling the transport,
