@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
 
-use crate::pattern::Pattern;
+use crate::pattern::{read_and_check, write_pattern, Pattern};
 use crate::stream::{self, Mode};
 use crate::vsock;
 
@@ -113,20 +113,10 @@ fn blk_read(arg: &str) -> Result<String> {
     let [dev, len, seed] = fields(arg)?;
     let (len, seed) = (number(len)?, number(seed)?);
     let mut disk = File::open(format!("/dev/{dev}"))?;
-    let mut checker = Pattern::new(seed);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    while offset < len {
-        let n = (len - offset).min(buf.len() as u64) as usize;
-        disk.read_exact(&mut buf[..n])
-            .with_context(|| format!("reading /dev/{dev} at {offset}"))?;
-        if let Some(at) = checker.check(&buf[..n]) {
-            bail!(
-                "/dev/{dev} byte {} is not what the host wrote",
-                offset + at as u64
-            );
-        }
-        offset += n as u64;
+    let bad =
+        read_and_check(&mut disk, len, seed).with_context(|| format!("reading /dev/{dev}"))?;
+    if let Some(at) = bad {
+        bail!("/dev/{dev} byte {at} is not what the host wrote");
     }
     Ok(format!("{len} bytes match"))
 }
@@ -136,15 +126,7 @@ fn blk_write(arg: &str) -> Result<String> {
     let [dev, len, seed] = fields(arg)?;
     let (len, seed) = (number(len)?, number(seed)?);
     let mut disk = OpenOptions::new().write(true).open(format!("/dev/{dev}"))?;
-    let mut pattern = Pattern::new(seed);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        pattern.fill(&mut buf[..n]);
-        disk.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
+    write_pattern(&mut disk, len, seed)?;
     disk.sync_all().context("flushing the disk")?;
     Ok(format!("{len} bytes written and flushed"))
 }

@@ -22,14 +22,13 @@ mod stream;
 mod vsock;
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use pattern::Pattern;
+use pattern::{read_and_check, write_pattern};
 use stream::Mode;
 
 fn main() {
@@ -189,35 +188,15 @@ fn fill(path: &Path, len: u64, seed: u64) -> Result<()> {
         .write(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let mut pattern = Pattern::new(seed);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        pattern.fill(&mut buf[..n]);
-        file.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
+    write_pattern(&mut file, len, seed)?;
     file.sync_all()?;
     Ok(())
 }
 
 fn verify(path: &Path, len: u64, seed: u64) -> Result<()> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut checker = Pattern::new(seed);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0;
-    while offset < len {
-        let n = (len - offset).min(buf.len() as u64) as usize;
-        file.read_exact(&mut buf[..n])?;
-        if let Some(at) = checker.check(&buf[..n]) {
-            bail!(
-                "{} byte {} is not what the guest wrote",
-                path.display(),
-                offset + at as u64
-            );
-        }
-        offset += n as u64;
+    if let Some(at) = read_and_check(&mut file, len, seed)? {
+        bail!("{} byte {at} is not what the guest wrote", path.display());
     }
     Ok(())
 }

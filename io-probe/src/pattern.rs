@@ -1,6 +1,54 @@
 //! The byte stream both ends of a transfer can produce independently, so
 //! that the receiver checks every byte without a hash or a copy of the data.
 
+use std::io::{Read, Write};
+
+use anyhow::{bail, Result};
+
+/// Bytes moved per read or write by `write_pattern` and `read_and_check`.
+const CHUNK: usize = 1 << 20;
+
+/// Writes `len` bytes of the pattern for `seed`.
+pub fn write_pattern(writer: &mut impl Write, len: u64, seed: u64) -> Result<()> {
+    let mut pattern = Pattern::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        pattern.fill(&mut buf[..n]);
+        writer.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    writer.flush()?;
+    Ok(())
+}
+
+/// Reads `len` bytes and checks them against the pattern for `seed`.
+/// Returns the offset of the first byte that differs, after reading all
+/// of them; an early end of the data is an error.
+pub fn read_and_check(reader: &mut impl Read, len: u64, seed: u64) -> Result<Option<u64>> {
+    let mut checker = Pattern::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    let mut first_bad = None;
+    while offset < len {
+        let want = (len - offset).min(CHUNK as u64) as usize;
+        let n = match reader.read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            bail!("the data ended after {offset} of {len} bytes");
+        }
+        if let (None, Some(at)) = (first_bad, checker.check(&buf[..n])) {
+            first_bad = Some(offset + at as u64);
+        }
+        offset += n as u64;
+    }
+    Ok(first_bad)
+}
+
 /// xorshift64*: fast, and any seed but 0 gives a long period.
 pub struct Pattern {
     state: u64,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::pattern::Pattern;
+use crate::pattern::{read_and_check, write_pattern};
 
 const CHUNK: usize = 64 * 1024;
 
@@ -91,36 +91,13 @@ pub fn serve<S: Duplex>(mut stream: S) -> Result<()> {
             }
         }
         Mode::Sink => {
-            let mut checker = Pattern::new(seed);
-            let mut offset = 0u64;
-            let mut bad = None;
-            while offset < len {
-                let want = (len - offset).min(CHUNK as u64) as usize;
-                let n = stream.read(&mut buf[..want])?;
-                if n == 0 {
-                    bail!("sink: peer closed after {offset} of {len} bytes");
-                }
-                if let (None, Some(at)) = (bad, checker.check(&buf[..n])) {
-                    bad = Some(offset + at as u64);
-                }
-                offset += n as u64;
-            }
-            let reply = match bad {
+            let reply = match read_and_check(&mut stream, len, seed)? {
                 None => "OK\n".to_string(),
                 Some(at) => format!("BAD {at}\n"),
             };
             stream.write_all(reply.as_bytes())?;
         }
-        Mode::Generate => {
-            let mut pattern = Pattern::new(seed);
-            let mut left = len;
-            while left > 0 {
-                let n = left.min(CHUNK as u64) as usize;
-                pattern.fill(&mut buf[..n]);
-                stream.write_all(&buf[..n])?;
-                left -= n as u64;
-            }
-        }
+        Mode::Generate => write_pattern(&mut stream, len, seed)?,
     }
     stream.flush()?;
     Ok(())
@@ -150,15 +127,14 @@ pub fn request<S: Duplex>(mut stream: S, mode: Mode, len: u64, seed: u64) -> Res
     match mode {
         Mode::Echo => {
             let writer = stream.split()?;
-            let sender = std::thread::spawn(move || send_pattern(writer, len, seed));
+            let sender = std::thread::spawn(move || write_pattern(&mut { writer }, len, seed));
             receive_pattern(&mut stream, len, seed).context("echo")?;
             sender
                 .join()
                 .map_err(|_| anyhow::anyhow!("echo sender panicked"))??;
         }
         Mode::Sink => {
-            let writer = stream.split()?;
-            send_pattern(writer, len, seed)?;
+            write_pattern(&mut stream, len, seed)?;
             let mut reply = Vec::new();
             let mut byte = [0u8; 1];
             while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
@@ -203,34 +179,10 @@ pub fn echo_streams<S: Duplex>(
     Ok(())
 }
 
-fn send_pattern<W: Write>(mut writer: W, len: u64, seed: u64) -> Result<()> {
-    let mut pattern = Pattern::new(seed);
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        pattern.fill(&mut buf[..n]);
-        writer.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    writer.flush()?;
-    Ok(())
-}
-
+/// Reads back what the peer was to send and fails on the first wrong byte.
 fn receive_pattern<R: Read>(reader: &mut R, len: u64, seed: u64) -> Result<()> {
-    let mut checker = Pattern::new(seed);
-    let mut buf = vec![0u8; CHUNK];
-    let mut offset = 0u64;
-    while offset < len {
-        let want = (len - offset).min(CHUNK as u64) as usize;
-        let n = reader.read(&mut buf[..want])?;
-        if n == 0 {
-            bail!("peer closed after {offset} of {len} bytes");
-        }
-        if let Some(at) = checker.check(&buf[..n]) {
-            bail!("byte {} differs from what was sent", offset + at as u64);
-        }
-        offset += n as u64;
+    if let Some(at) = read_and_check(reader, len, seed)? {
+        bail!("byte {at} differs from what was sent");
     }
     Ok(())
 }
@@ -238,6 +190,7 @@ fn receive_pattern<R: Read>(reader: &mut R, len: u64, seed: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pattern::Pattern;
     use std::os::unix::net::UnixStream;
 
     fn roundtrip(mode: Mode, len: u64) -> Result<Transfer> {
