@@ -81,17 +81,14 @@ fn boot_once(command: Command, timeout: Duration) -> Result<Sample> {
 }
 
 fn capsa_command(args: &BootArgs) -> Command {
-    let mut c = Command::new(&args.vmm);
-    c.arg("--kernel")
-        .arg(&args.kernel)
-        .arg("--initrd")
-        .arg(&args.initrd)
-        .arg("--cpus")
-        .arg(args.cpus.to_string())
-        .arg("--memory-mib")
-        .arg(args.memory_mib.to_string())
-        .arg("--cmdline")
-        .arg(GUEST_CMDLINE);
+    let mut c = crate::process::vmm_command(
+        &args.vmm,
+        &args.kernel,
+        &args.initrd,
+        args.cpus,
+        args.memory_mib,
+    );
+    c.arg("--cmdline").arg(GUEST_CMDLINE);
     c
 }
 

@@ -136,16 +136,14 @@ fn run_once(args: &DevicesArgs, dir: &Path) -> Result<Sample> {
         "vsock-bulk={VSOCK_PORT}:{} blk-bench=vda:{}:{}",
         args.vsock_bytes, args.disk_mib, args.random_reads
     );
-    let mut vm = Command::new(&args.vmm);
-    vm.arg("--kernel")
-        .arg(&args.kernel)
-        .arg("--initrd")
-        .arg(&args.initrd)
-        .arg("--cpus")
-        .arg(args.cpus.to_string())
-        .arg("--memory-mib")
-        .arg(args.memory_mib.to_string())
-        .arg("--disk")
+    let mut vm = process::vmm_command(
+        &args.vmm,
+        &args.kernel,
+        &args.initrd,
+        args.cpus,
+        args.memory_mib,
+    );
+    vm.arg("--disk")
         .arg(&image)
         .arg("--vsock")
         .arg(&socket)

@@ -29,6 +29,27 @@ impl Finished {
     }
 }
 
+/// capsa-vmm booting `kernel` and `initrd` with `cpus` and `memory_mib`;
+/// each benchmark adds its devices and command line.
+pub fn vmm_command(
+    vmm: &std::path::Path,
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    cpus: u8,
+    memory_mib: u64,
+) -> Command {
+    let mut c = Command::new(vmm);
+    c.arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .arg("--cpus")
+        .arg(cpus.to_string())
+        .arg("--memory-mib")
+        .arg(memory_mib.to_string());
+    c
+}
+
 /// Runs `command` to the end, killing it after `timeout`.
 pub fn run(mut command: Command, timeout: Duration) -> Result<Finished> {
     let start = Instant::now();
