@@ -16,10 +16,21 @@ pub mod vmm_socket;
 
 /// The API version this build speaks. Bump it with any change that an
 /// older peer would misread.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 
-/// The vsock port the agent listens on.
+/// The vsock port the agent serves its ttrpc API on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The vsock port for process stdio streams (see protos/agent.proto).
+pub const STDIO_VSOCK_PORT: u32 = 1025;
+
+/// Where the agent mounts the group's volumes; container specs bind-mount
+/// them from `VOLUMES_DIR/<name>`.
+pub const VOLUMES_DIR: &str = "/run/capsa/volumes";
+
+/// Layer blobs travel in WriteLayer chunks of at most this size, well under
+/// ttrpc's 4 MiB message limit.
+pub const LAYER_CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VersionError {
