@@ -5,19 +5,25 @@
 # integration tests in vmm/tests/boot.rs check: 1 and 2 vCPUs reach the
 # agent's ready line with the right CPU count and MemTotal and the VMM exits
 # 0 on power-off; a guest panic exits 2 with the panic text; the agent
-# answers its ttrpc API over vsock and powers off on request.
+# answers its ttrpc API over vsock and powers off on request; and the
+# agent runs containers from a busybox OCI image built here with umoci
+# (capsa-agent-check: output, exit codes, signals, exec, TTY, memory limit,
+# localhost between containers, isolation, bad requests, corrupt layers).
 #
 #   scripts/boot-check-nested.sh KERNEL INITRD
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 kernel=$1 initrd=$2
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested/boot-check.log"
+# The container scenarios add a few minutes under emulation.
+export CAPSA_NESTED_TIMEOUT_SECS="${CAPSA_NESTED_TIMEOUT_SECS:-1200}"
 
-bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-io-probe)
+bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-io-probe capsa-guest-client)
 
 payload=$(mktemp -d)
 trap 'rm -rf "$payload"' EXIT
-cp "$bin/capsa-vmm" "$bin/capsa-io-probe" "$payload/"
+cp "$bin/capsa-vmm" "$bin/capsa-io-probe" "$bin/capsa-agent-check" "$payload/"
+"$root/scripts/busybox-image.sh" "$payload/busybox-oci" > /dev/null
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
 cat > "$payload/run.sh" <<'RUN'
@@ -38,6 +44,17 @@ vm=$!
 ./capsa-io-probe agent-check /tmp/agent.sock 2>&1
 wait $vm
 echo "=== END agent-api exit=$?"
+# Containers from the busybox image: the scenarios of capsa-agent-check.
+echo "=== BEGIN containers"
+timeout 600 ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio --cpus 2 --memory-mib 512 \
+    --vsock /tmp/containers.sock > /tmp/containers-vm.out 2>&1 &
+vm=$!
+timeout 540 ./capsa-agent-check --socket /tmp/containers.sock --image busybox-oci 2>&1
+wait $vm
+status=$?
+echo "--- the VM's console, last lines"
+tail -30 /tmp/containers-vm.out
+echo "=== END containers exit=$status"
 RUN
 "$root/scripts/nested-kvm.sh" "$payload" "$log"
 
@@ -70,9 +87,13 @@ panic_reported() {
         section panic | grep -q 'Kernel panic - not syncing'
 }
 check panic "VMM exits 2 on a guest panic" exit_is panic 2
-agent_answers() { section agent-api | grep -q '^agent-check: api_version=1 .* shutdown=ok$'; }
+agent_answers() { section agent-api | grep -q '^agent-check: api_version=[0-9]* .* shutdown=ok$'; }
 check agent-api "agent answers version and ping over vsock" agent_answers
 check agent-api "VMM exits 0 after the agent's shutdown call" exit_is agent-api 0
 check panic "panic text in the console tail" panic_reported
+scenarios=$(section containers | grep -c '^agent-check: .* ok' || true)
+no_failures() { section containers | grep -q '^agent-check: done failed=0$'; }
+check containers "all container scenarios pass ($scenarios ok)" no_failures
+check containers "VMM exits 0 after the agent stops its containers and powers off" exit_is containers 0
 echo "nested-boot: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -19,10 +19,11 @@ use oci_spec::runtime::Mount;
 
 use crate::errors::ApiError;
 use crate::images::Images;
-use crate::stdio::{close_input, copy_input, copy_output, Slot, StdioHub, StreamKind};
+use crate::stdio::{close_input, copy_input, copy_output, Slot, StdioHub};
+use capsa_protocol::stdio::{StreamHeader, StreamKind};
 
-/// The stdio key of a container's own process.
-const INIT: &str = "-";
+/// The exec id of a container's own process, as requests give it.
+const INIT: &str = "";
 /// How long an exec'd process's exit waits for its output streams to end
 /// (children it left behind may hold them open); a container's own
 /// process needs no bound, its PID namespace dies with it.
@@ -176,7 +177,7 @@ impl Containers {
         stdio: StdioRequest,
     ) -> Result<(), ApiError> {
         let entry = self.entry(id)?;
-        if exec_id.is_empty() || exec_id == INIT {
+        if exec_id == INIT {
             return Err(ApiError::invalid("exec_id is empty".into()));
         }
         capsa_runtime::validate_id(exec_id)
@@ -219,7 +220,7 @@ impl Containers {
 
     pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<ProcessEntry>, ApiError> {
         let entry = self.entry(id)?;
-        if exec_id.is_empty() || exec_id == INIT {
+        if exec_id == INIT {
             return Ok(entry.init.clone());
         }
         let execs = entry.execs.lock().unwrap_or_else(|e| e.into_inner());
@@ -371,10 +372,7 @@ impl Containers {
         cgroup: &Cgroup,
         output_patience: Option<Duration>,
     ) -> Arc<ProcessEntry> {
-        let register = |kind| {
-            self.hub
-                .register((id.to_string(), exec_id.to_string(), kind))
-        };
+        let register = |kind| self.hub.register(StreamHeader::new(id, exec_id, kind));
         let mut slots: Vec<Arc<Slot>> = Vec::new();
         let mut copiers = Vec::new();
         let stdin = Arc::new(Mutex::new(None));

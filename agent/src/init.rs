@@ -46,6 +46,14 @@ const BASIC_MOUNTS: &[Mount] = &[
         flags: MsFlags::MS_NOSUID,
         data: Some("mode=0755"),
     },
+    // Terminals for containers (openpty) come from here.
+    Mount {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("ptmxmode=0666,mode=0620"),
+    },
     Mount {
         source: "tmpfs",
         target: "/run",

@@ -21,36 +21,18 @@ use nix::sys::socket::{
     VsockAddr,
 };
 
+use capsa_protocol::stdio::{read_line, StreamHeader};
+
 use crate::kmsg;
 
-/// A line longer than this is not a stream header.
-const MAX_HEADER: usize = 512;
 /// How long a connection may take to name its stream.
 const HEADER_PATIENCE: Duration = Duration::from_secs(10);
 /// How long output waits for the host to attach once its process has
 /// exited; after that it is dropped rather than hold up the exit forever.
 pub const ATTACH_GRACE_AFTER_EXIT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StreamKind {
-    Stdin,
-    Stdout,
-    Stderr,
-}
-
-impl StreamKind {
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "stdin" => Some(StreamKind::Stdin),
-            "stdout" => Some(StreamKind::Stdout),
-            "stderr" => Some(StreamKind::Stderr),
-            _ => None,
-        }
-    }
-}
-
-/// (container id, exec id or "-", stream)
-pub type StreamKey = (String, String, StreamKind);
+/// Streams are registered under their header.
+pub type StreamKey = StreamHeader;
 
 /// Where a host connection waits to be picked up by its copier.
 #[derive(Default)]
@@ -112,7 +94,7 @@ impl StdioHub {
     /// Forgets every stream of a container.
     pub fn forget_container(&self, container_id: &str) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.retain(|key, _| key.0 != container_id);
+        slots.retain(|key, _| key.container_id != container_id);
     }
 
     /// Accepts stream connections on vsock `port`, each on its own thread.
@@ -184,22 +166,15 @@ impl StdioHub {
     fn route(&self, connection: &mut File) -> Result<Arc<Slot>, String> {
         let line =
             read_header(connection).map_err(|e| format!("reading the stream header: {e}"))?;
-        let mut fields = line.split(' ');
-        let (Some(container), Some(exec), Some(kind), None) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            return Err(format!("malformed header {line:?}"));
-        };
-        let kind = StreamKind::parse(kind).ok_or_else(|| format!("unknown stream {kind:?}"))?;
-        let key = (container.to_string(), exec.to_string(), kind);
+        let header = StreamHeader::parse(&line)?;
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots
-            .get(&key)
-            .ok_or_else(|| format!("no such stream: {container} {exec} {line}"))?
+            .get(&header)
+            .ok_or_else(|| format!("no such stream: {header}"))?
             .clone();
         let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.attached {
-            return Err("stream already attached".into());
+            return Err(format!("{header} is already attached"));
         }
         state.attached = true;
         drop(state);
@@ -209,25 +184,9 @@ impl StdioHub {
 
 fn read_header(connection: &mut File) -> io::Result<String> {
     set_receive_timeout(connection, Some(HEADER_PATIENCE))?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        if connection.read(&mut byte)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
-        if line.len() > MAX_HEADER {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "header too long",
-            ));
-        }
-    }
+    let line = read_line(connection)?.ok_or(io::ErrorKind::UnexpectedEof)?;
     set_receive_timeout(connection, None)?;
-    String::from_utf8(line).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8"))
+    Ok(line)
 }
 
 fn set_receive_timeout(connection: &File, timeout: Option<Duration>) -> io::Result<()> {

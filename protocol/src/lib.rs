@@ -12,6 +12,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod stdio;
 pub mod vmm_socket;
 
 /// The API version this build speaks. Bump it with any change that an

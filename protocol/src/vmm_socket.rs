@@ -2,7 +2,7 @@
 //! socket: connect, write `CONNECT <port>\n`, read `OK <host port>\n`; the
 //! socket then carries the guest connection's bytes.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -29,19 +29,11 @@ pub fn connect(path: &Path, port: u32) -> Result<UnixStream, ConnectError> {
         source,
     })?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    // Byte by byte: whatever follows the line is the guest's.
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 64 {
-        if stream.read(&mut byte)? == 0 {
-            return Err(ConnectError::NotListening(port));
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
-    }
-    let line = String::from_utf8_lossy(&line).into_owned();
+    // Whatever follows the line is the guest's.
+    let line = match crate::stdio::read_line(&mut stream)? {
+        Some(line) => line,
+        None => return Err(ConnectError::NotListening(port)),
+    };
     if !line.starts_with("OK ") {
         return Err(ConnectError::Handshake(line));
     }
@@ -67,6 +59,7 @@ pub fn connect_patiently(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use std::os::unix::net::UnixListener;
 
     #[test]

@@ -58,7 +58,16 @@ impl Cgroup {
         resources: Option<&LinuxResources>,
     ) -> Result<Self, CgroupError> {
         fs::create_dir_all(parent).map_err(io_error(parent, "creating"))?;
-        enable_controllers(parent)?;
+        // A controller reaches `parent`'s children only if every cgroup
+        // from the root down has it enabled for its children.
+        let mut path_down: Vec<&Path> = parent
+            .ancestors()
+            .take_while(|dir| dir.join("cgroup.controllers").exists())
+            .collect();
+        path_down.reverse();
+        for dir in path_down {
+            enable_controllers(dir)?;
+        }
         let path = parent.join(name);
         fs::create_dir(&path).map_err(io_error(&path, "creating"))?;
         let cgroup = Cgroup { path };
@@ -79,16 +88,14 @@ impl Cgroup {
         if let Some(memory) = resources.memory() {
             if let Some(limit) = memory.limit() {
                 self.write("memory", "memory.max", &limit_value(limit))?;
-                // A limit with swap would only move the pressure to swap.
-                let swap = memory
-                    .swap()
-                    .map_or("0".to_string(), |s| limit_value(s - limit.max(0)));
-                self.write("memory", "memory.swap.max", &swap)
-                    .or_else(|e| match e {
-                        // No swap accounting in the kernel: nothing to limit.
-                        CgroupError::Io { .. } => Ok(()),
-                        other => Err(other),
-                    })?;
+                // A limit with swap would only move the pressure to swap;
+                // without swap support in the kernel there is none to limit.
+                if self.path.join("memory.swap.max").exists() {
+                    let swap = memory
+                        .swap()
+                        .map_or("0".to_string(), |s| limit_value(s - limit.max(0)));
+                    self.write("memory", "memory.swap.max", &swap)?;
+                }
             }
             if let Some(reservation) = memory.reservation() {
                 self.write("memory", "memory.low", &limit_value(reservation))?;
@@ -224,16 +231,17 @@ fn enable_controllers(parent: &Path) -> Result<(), CgroupError> {
     let available_path = parent.join("cgroup.controllers");
     let available =
         fs::read_to_string(&available_path).map_err(io_error(&available_path, "reading"))?;
-    let wanted: Vec<String> = available
+    let control = parent.join("cgroup.subtree_control");
+    for controller in available
         .split_whitespace()
         .filter(|c| CONTROLLERS.contains(c))
-        .map(|c| format!("+{c}"))
-        .collect();
-    if wanted.is_empty() {
-        return Ok(());
+    {
+        // One at a time and best effort: a controller that cannot be
+        // enabled fails only the containers whose limits need it, with
+        // MissingController.
+        let _ = fs::write(&control, format!("+{controller}"));
     }
-    let control = parent.join("cgroup.subtree_control");
-    fs::write(&control, wanted.join(" ")).map_err(io_error(&control, "writing"))
+    Ok(())
 }
 
 fn limit_value(limit: i64) -> String {

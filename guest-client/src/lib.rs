@@ -1,0 +1,432 @@
+//! The host's side of a Capsa guest, over the VMM's vsock socket: sends an
+//! OCI image's layers to the agent, creates and runs containers, attaches
+//! their stdio. The daemon, the containerd shim and the checks build on it.
+
+pub mod image;
+
+use std::io::Read;
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use capsa_protocol::agent::*;
+use capsa_protocol::agent_ttrpc::AgentClient;
+use capsa_protocol::stdio::{attach, AttachError, StreamHeader, StreamKind};
+use capsa_protocol::{check_version, vmm_socket, AgentConnectError, LAYER_CHUNK_BYTES};
+use oci_spec::runtime::{Process, Spec};
+
+pub use image::{ImageError, ImageLayer, OciImage};
+
+/// Calls that return at once get this long.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error(transparent)]
+    Connect(#[from] AgentConnectError),
+    #[error("{call}: {source}")]
+    Call {
+        call: &'static str,
+        #[source]
+        source: ttrpc::Error,
+    },
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error("reading layer {}: {source}", path.display())]
+    Layer {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("encoding the spec: {0}")]
+    Spec(#[from] serde_json::Error),
+}
+
+impl GuestError {
+    /// The ttrpc status code of a refused call.
+    pub fn code(&self) -> Option<ttrpc::Code> {
+        match self {
+            GuestError::Call {
+                source: ttrpc::Error::RpcStatus(status),
+                ..
+            } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// How a process exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub code: i32,
+    /// Nonzero when a signal ended it.
+    pub signal: i32,
+    pub oom_killed: bool,
+}
+
+/// Which of a process's streams to attach.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Streams {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
+impl Streams {
+    pub const OUTPUT: Streams = Streams {
+        stdin: false,
+        stdout: true,
+        stderr: true,
+    };
+
+    fn request(self) -> Stdio {
+        Stdio {
+            stdin: self.stdin,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            ..Default::default()
+        }
+    }
+}
+
+pub struct Guest {
+    socket: PathBuf,
+    agent: AgentClient,
+}
+
+fn timeout(duration: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(duration.as_nanos().min(i64::MAX as u128) as i64)
+}
+
+impl Guest {
+    /// Connects to the agent of the VM whose vsock socket is `socket`,
+    /// waiting up to `patience` for it to boot, and checks its API version.
+    pub fn connect(socket: &Path, patience: Duration) -> Result<Self, GuestError> {
+        let (agent, _) = capsa_protocol::connect_agent(socket, patience)?;
+        Ok(Guest {
+            socket: socket.to_path_buf(),
+            agent,
+        })
+    }
+
+    /// A second, independent API connection to the same agent.
+    pub fn reconnect(&self) -> Result<Self, GuestError> {
+        let stream = vmm_socket::connect(&self.socket, capsa_protocol::AGENT_VSOCK_PORT)
+            .map_err(AgentConnectError::from)?;
+        let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(AgentConnectError::from)?;
+        let agent = AgentClient::new(client);
+        check_version(&agent, CALL_TIMEOUT.as_nanos() as i64).map_err(AgentConnectError::from)?;
+        Ok(Guest {
+            socket: self.socket.clone(),
+            agent,
+        })
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends the image's layers the agent does not have yet; returns the
+    /// chain id of its top layer, which containers are created from.
+    pub fn push_image(&self, image: &OciImage) -> Result<String, GuestError> {
+        let mut parent = String::new();
+        for layer in &image.layers {
+            parent = self.push_layer(layer, &parent)?;
+        }
+        Ok(parent)
+    }
+
+    fn push_layer(&self, layer: &ImageLayer, parent: &str) -> Result<String, GuestError> {
+        let started = self
+            .agent
+            .start_layer(
+                timeout(CALL_TIMEOUT),
+                &StartLayerRequest {
+                    digest: layer.digest.clone(),
+                    diff_id: layer.diff_id.clone(),
+                    media_type: layer.media_type.clone(),
+                    size: layer.size,
+                    parent_chain_id: parent.to_string(),
+                    ..Default::default()
+                },
+            )
+            .map_err(call("StartLayer"))?;
+        if started.already_present {
+            return Ok(started.chain_id);
+        }
+        let file = image::open_layer(layer).map_err(|source| GuestError::Layer {
+            path: layer.path.clone(),
+            source,
+        })?;
+        self.send_blob(started.upload_id, file)
+            .map_err(|e| {
+                // Leaves nothing half done in the guest; the first error is
+                // the one worth reporting.
+                let _ = self.agent.abort_layer(
+                    timeout(CALL_TIMEOUT),
+                    &AbortLayerRequest {
+                        upload_id: started.upload_id,
+                        ..Default::default()
+                    },
+                );
+                e
+            })
+            .and_then(|()| {
+                self.agent
+                    .commit_layer(
+                        timeout(CALL_TIMEOUT),
+                        &CommitLayerRequest {
+                            upload_id: started.upload_id,
+                            ..Default::default()
+                        },
+                    )
+                    .map_err(call("CommitLayer"))
+            })
+            .map(|committed| committed.chain_id)
+            .map_err(|e| match e {
+                GuestError::Layer { source, .. } => GuestError::Layer {
+                    path: layer.path.clone(),
+                    source,
+                },
+                other => other,
+            })
+    }
+
+    /// Streams `blob` into upload `upload_id` in chunks.
+    pub fn send_blob(&self, upload_id: u64, mut blob: impl Read) -> Result<(), GuestError> {
+        let mut offset = 0u64;
+        let mut chunk = vec![0u8; LAYER_CHUNK_BYTES];
+        loop {
+            let n = read_full(&mut blob, &mut chunk).map_err(|source| GuestError::Layer {
+                path: PathBuf::new(),
+                source,
+            })?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.agent
+                .write_layer(
+                    timeout(CALL_TIMEOUT),
+                    &WriteLayerRequest {
+                        upload_id,
+                        offset,
+                        data: chunk[..n].to_vec(),
+                        ..Default::default()
+                    },
+                )
+                .map_err(call("WriteLayer"))?;
+            offset += n as u64;
+        }
+    }
+
+    pub fn create(
+        &self,
+        id: &str,
+        chain_id: &str,
+        spec: &Spec,
+        streams: Streams,
+    ) -> Result<(), GuestError> {
+        self.create_raw(id, chain_id, serde_json::to_vec(spec)?, streams)
+    }
+
+    /// Create with the spec as bytes, valid or not.
+    pub fn create_raw(
+        &self,
+        id: &str,
+        chain_id: &str,
+        spec_json: Vec<u8>,
+        streams: Streams,
+    ) -> Result<(), GuestError> {
+        self.agent
+            .create_container(
+                timeout(CALL_TIMEOUT),
+                &CreateContainerRequest {
+                    container_id: id.to_string(),
+                    image_chain_id: chain_id.to_string(),
+                    oci_spec_json: spec_json,
+                    stdio: protobuf::MessageField::some(streams.request()),
+                    ..Default::default()
+                },
+            )
+            .map_err(call("CreateContainer"))?;
+        Ok(())
+    }
+
+    pub fn start(&self, id: &str) -> Result<(), GuestError> {
+        self.agent
+            .start_container(timeout(CALL_TIMEOUT), &container(id))
+            .map_err(call("StartContainer"))?;
+        Ok(())
+    }
+
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &Process,
+        streams: Streams,
+    ) -> Result<(), GuestError> {
+        self.agent
+            .exec_process(
+                timeout(CALL_TIMEOUT),
+                &ExecProcessRequest {
+                    container_id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                    oci_process_json: serde_json::to_vec(process)?,
+                    stdio: protobuf::MessageField::some(streams.request()),
+                    ..Default::default()
+                },
+            )
+            .map_err(call("ExecProcess"))?;
+        Ok(())
+    }
+
+    /// One stream of a process (exec_id empty: the container's own).
+    pub fn attach(
+        &self,
+        id: &str,
+        exec_id: &str,
+        kind: StreamKind,
+    ) -> Result<UnixStream, GuestError> {
+        Ok(attach(&self.socket, &StreamHeader::new(id, exec_id, kind))?)
+    }
+
+    /// Waits for the process to exit, with no time limit.
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<ExitInfo, GuestError> {
+        let response = self
+            .agent
+            .wait_process(ttrpc::context::with_timeout(0), &process(id, exec_id))
+            .map_err(call("WaitProcess"))?;
+        Ok(ExitInfo {
+            code: response.exit_code,
+            signal: response.signal,
+            oom_killed: response.oom_killed,
+        })
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, signal: i32) -> Result<(), GuestError> {
+        self.agent
+            .signal_process(
+                timeout(CALL_TIMEOUT),
+                &SignalProcessRequest {
+                    container_id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                    signal,
+                    ..Default::default()
+                },
+            )
+            .map_err(call("SignalProcess"))?;
+        Ok(())
+    }
+
+    pub fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), GuestError> {
+        self.agent
+            .resize_tty(
+                timeout(CALL_TIMEOUT),
+                &ResizeTtyRequest {
+                    container_id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                    rows,
+                    columns,
+                    ..Default::default()
+                },
+            )
+            .map_err(call("ResizeTty"))?;
+        Ok(())
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), GuestError> {
+        self.agent
+            .close_stdin(timeout(CALL_TIMEOUT), &process(id, exec_id))
+            .map_err(call("CloseStdin"))?;
+        Ok(())
+    }
+
+    pub fn processes(&self, id: &str) -> Result<Vec<u32>, GuestError> {
+        Ok(self
+            .agent
+            .list_processes(timeout(CALL_TIMEOUT), &container(id))
+            .map_err(call("ListProcesses"))?
+            .pids)
+    }
+
+    pub fn stats(&self, id: &str) -> Result<StatsResponse, GuestError> {
+        self.agent
+            .stats(timeout(CALL_TIMEOUT), &container(id))
+            .map_err(call("Stats"))
+    }
+
+    pub fn delete(&self, id: &str) -> Result<(), GuestError> {
+        self.agent
+            .delete_container(timeout(CALL_TIMEOUT), &container(id))
+            .map_err(call("DeleteContainer"))?;
+        Ok(())
+    }
+
+    pub fn ping(&self) -> Result<u64, GuestError> {
+        Ok(self
+            .agent
+            .ping(timeout(CALL_TIMEOUT), &PingRequest::default())
+            .map_err(call("Ping"))?
+            .uptime_ms)
+    }
+
+    /// Stops every container (SIGTERM, then SIGKILL after `grace`) and
+    /// powers the VM off.
+    pub fn shutdown(&self, grace: Duration) -> Result<(), GuestError> {
+        self.agent
+            .shutdown(
+                timeout(CALL_TIMEOUT),
+                &ShutdownRequest {
+                    grace_ms: grace.as_millis().min(u32::MAX as u128) as u32,
+                    ..Default::default()
+                },
+            )
+            .map_err(call("Shutdown"))?;
+        Ok(())
+    }
+}
+
+fn container(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
+fn process(id: &str, exec_id: &str) -> ProcessRequest {
+    ProcessRequest {
+        container_id: id.to_string(),
+        exec_id: exec_id.to_string(),
+        ..Default::default()
+    }
+}
+
+fn call(name: &'static str) -> impl FnOnce(ttrpc::Error) -> GuestError {
+    move |source| GuestError::Call { call: name, source }
+}
+
+/// Fills `buffer` unless the reader ends first; returns how much it read.
+fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}

@@ -1,0 +1,191 @@
+//! The stdio stream header (see protos/agent.proto): the first line a
+//! host sends on a connection to STDIO_VSOCK_PORT, and the agent's answer.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::vmm_socket::{self, ConnectError};
+use crate::STDIO_VSOCK_PORT;
+
+/// Header and reply lines are never longer than this.
+pub const MAX_LINE: usize = 512;
+/// The exec id that names a container's own process.
+const INIT_PROCESS: &str = "-";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+impl StreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Stdin => "stdin",
+            StreamKind::Stdout => "stdout",
+            StreamKind::Stderr => "stderr",
+        }
+    }
+}
+
+/// Which stream of which process a connection carries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamHeader {
+    pub container_id: String,
+    /// Empty for the container's own process.
+    pub exec_id: String,
+    pub kind: StreamKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("attaching {stream}: {source}")]
+    Io {
+        stream: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the agent refused {stream}: {reason}")]
+    Refused { stream: String, reason: String },
+}
+
+impl StreamHeader {
+    pub fn new(container_id: &str, exec_id: &str, kind: StreamKind) -> Self {
+        StreamHeader {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            kind,
+        }
+    }
+
+    pub fn line(&self) -> String {
+        let exec = if self.exec_id.is_empty() {
+            INIT_PROCESS
+        } else {
+            &self.exec_id
+        };
+        format!("{} {exec} {}\n", self.container_id, self.kind.as_str())
+    }
+
+    /// The header in `line` (without its newline), or why it is not one.
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let mut fields = line.split(' ');
+        let (Some(container_id), Some(exec_id), Some(kind), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(format!("malformed stream header {line:?}"));
+        };
+        let kind = match kind {
+            "stdin" => StreamKind::Stdin,
+            "stdout" => StreamKind::Stdout,
+            "stderr" => StreamKind::Stderr,
+            other => return Err(format!("unknown stream {other:?}")),
+        };
+        let exec_id = if exec_id == INIT_PROCESS { "" } else { exec_id };
+        if container_id.is_empty() || exec_id.contains(char::is_whitespace) {
+            return Err(format!("malformed stream header {line:?}"));
+        }
+        Ok(StreamHeader::new(container_id, exec_id, kind))
+    }
+}
+
+impl std::fmt::Display for StreamHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let process = if self.exec_id.is_empty() {
+            "init"
+        } else {
+            &self.exec_id
+        };
+        write!(
+            f,
+            "{} of {}/{process}",
+            self.kind.as_str(),
+            self.container_id
+        )
+    }
+}
+
+/// Reads one line, byte by byte so nothing after it is consumed; None at
+/// end of file before any newline.
+pub fn read_line<R: Read>(reader: &mut R) -> io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if reader.read(&mut byte)? == 0 {
+            return Ok(None);
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+        if line.len() > MAX_LINE {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+        }
+    }
+    String::from_utf8(line)
+        .map(Some)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))
+}
+
+/// Opens one stdio stream through the VMM's vsock socket at `vmm_socket`.
+pub fn attach(vmm_socket: &Path, header: &StreamHeader) -> Result<UnixStream, AttachError> {
+    let mut stream = vmm_socket::connect(vmm_socket, STDIO_VSOCK_PORT)?;
+    let io_error = |source| AttachError::Io {
+        stream: header.to_string(),
+        source,
+    };
+    stream
+        .write_all(header.line().as_bytes())
+        .map_err(io_error)?;
+    match read_line(&mut stream).map_err(io_error)? {
+        Some(reply) if reply == "OK" => Ok(stream),
+        Some(reply) => Err(AttachError::Refused {
+            stream: header.to_string(),
+            reason: reply.strip_prefix("ERR ").unwrap_or(&reply).to_string(),
+        }),
+        None => Err(AttachError::Refused {
+            stream: header.to_string(),
+            reason: "the connection closed".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_garbage_is_refused() {
+        for header in [
+            StreamHeader::new("web", "", StreamKind::Stdout),
+            StreamHeader::new("web", "debug-1", StreamKind::Stdin),
+        ] {
+            let line = header.line();
+            assert_eq!(StreamHeader::parse(line.trim_end()).unwrap(), header);
+        }
+        for bad in [
+            "",
+            "web",
+            "web - ",
+            "web - stdweird",
+            "web - stdout extra",
+            " - stdout",
+        ] {
+            assert!(StreamHeader::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lines_stop_at_newline_and_at_the_limit() {
+        let mut input = &b"first\nrest"[..];
+        assert_eq!(read_line(&mut input).unwrap().as_deref(), Some("first"));
+        assert_eq!(input, b"rest");
+        assert_eq!(read_line(&mut &b"no newline"[..]).unwrap(), None);
+        let long = vec![b'x'; MAX_LINE + 2];
+        assert!(read_line(&mut long.as_slice()).is_err());
+    }
+}
