@@ -86,11 +86,11 @@ impl OciImage {
                 }
             },
         };
-        let manifest_path = blob_path(layout, &manifest.digest().to_string())
+        let manifest_path = blob_path(layout, manifest.digest().as_ref())
             .ok_or_else(|| failed("manifest", format!("bad digest {}", manifest.digest())))?;
         let manifest = ImageManifest::from_file(&manifest_path)
             .map_err(|e| failed("manifest", e.to_string()))?;
-        let config_path = blob_path(layout, &manifest.config().digest().to_string())
+        let config_path = blob_path(layout, manifest.config().digest().as_ref())
             .ok_or_else(|| failed("config", "bad digest".into()))?;
         let config = ImageConfiguration::from_file(&config_path)
             .map_err(|e| failed("config", e.to_string()))?;

@@ -163,38 +163,35 @@ impl Guest {
             path: layer.path.clone(),
             source,
         })?;
-        self.send_blob(started.upload_id, file)
-            .map_err(|e| {
-                // Leaves nothing half done in the guest; the first error is
-                // the one worth reporting.
-                let _ = self.agent.abort_layer(
-                    timeout(CALL_TIMEOUT),
-                    &AbortLayerRequest {
-                        upload_id: started.upload_id,
-                        ..Default::default()
-                    },
-                );
-                e
-            })
-            .and_then(|()| {
-                self.agent
-                    .commit_layer(
-                        timeout(CALL_TIMEOUT),
-                        &CommitLayerRequest {
-                            upload_id: started.upload_id,
-                            ..Default::default()
-                        },
-                    )
-                    .map_err(call("CommitLayer"))
-            })
-            .map(|committed| committed.chain_id)
-            .map_err(|e| match e {
+        let upload = |upload_id| AbortLayerRequest {
+            upload_id,
+            ..Default::default()
+        };
+        if let Err(e) = self.send_blob(started.upload_id, file) {
+            // Leaves nothing half done in the guest; the first error is the
+            // one worth reporting.
+            let _ = self
+                .agent
+                .abort_layer(timeout(CALL_TIMEOUT), &upload(started.upload_id));
+            return Err(match e {
                 GuestError::Layer { source, .. } => GuestError::Layer {
                     path: layer.path.clone(),
                     source,
                 },
                 other => other,
-            })
+            });
+        }
+        let committed = self
+            .agent
+            .commit_layer(
+                timeout(CALL_TIMEOUT),
+                &CommitLayerRequest {
+                    upload_id: started.upload_id,
+                    ..Default::default()
+                },
+            )
+            .map_err(call("CommitLayer"))?;
+        Ok(committed.chain_id)
     }
 
     /// Streams `blob` into upload `upload_id` in chunks.

@@ -26,6 +26,9 @@ struct Args {
     image: PathBuf,
 }
 
+/// Runs against the guest and says what it saw.
+type Scenario = fn(&Check) -> Result<String>;
+
 struct Check {
     guest: Guest,
     image: OciImage,
@@ -59,7 +62,7 @@ fn run(args: &Args) -> Result<usize> {
         image,
         chain,
     };
-    let scenarios: &[(&str, fn(&Check) -> Result<String>)] = &[
+    let scenarios: &[(&str, Scenario)] = &[
         ("image-shared", image_is_shared),
         ("hello", hello),
         ("exit-code", exit_code),
