@@ -355,3 +355,30 @@ fn agent_answers_its_api_over_vsock_and_shuts_down_on_request() {
         run.stderr
     );
 }
+
+/// The agent's container scenarios (capsa_guest_client::check) on a
+/// busybox image built with umoci (scripts/busybox-image.sh).
+#[test]
+fn agent_runs_containers_from_an_oci_image() {
+    if guest_boots_available().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let layout = dir.path().join("busybox-oci");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/busybox-image.sh");
+    let built = std::process::Command::new(script)
+        .arg(&layout)
+        .status()
+        .expect("running busybox-image.sh");
+    assert!(built.success(), "building the busybox image failed");
+    let socket = dir.path().join("vsock.sock");
+    let socket_arg = socket.to_str().expect("utf-8 path").to_string();
+    let vm = std::thread::spawn(move || boot_with(2, 512, "quiet", &["--vsock", &socket_arg]));
+    let failed = capsa_guest_client::check::run(&socket, &layout).expect("scenarios ran");
+    let run = vm.join().expect("VMM thread");
+    assert_eq!(
+        failed, 0,
+        "scenarios failed (see the agent-check lines above)"
+    );
+    assert_eq!(run.code, Some(0), "VMM exit\nstderr:\n{}", run.stderr);
+}

@@ -1,0 +1,536 @@
+//! The agent's container scenarios, run against a booted guest with a
+//! busybox OCI image: output and exit codes, signals, stdin, exec, TTY,
+//! memory limits, localhost between containers, isolation, bad requests
+//! and corrupt layers. The boot checks run them (capsa-agent-check, nested
+//! on PVM hosts; vmm/tests/boot.rs on real KVM).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use capsa_protocol::stdio::StreamKind;
+use oci_spec::runtime::{LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec};
+use ttrpc::Code;
+
+use crate::{ExitInfo, Guest, GuestError, OciImage, Streams};
+
+/// Runs against the guest and says what it saw.
+type Scenario = fn(&Check) -> Result<String>;
+
+struct Check {
+    guest: Guest,
+    image: OciImage,
+    chain: String,
+}
+
+/// Sends the image in `layout` to the guest behind `socket`, runs every
+/// scenario (printing `agent-check: NAME ok|FAIL ...` lines), shuts the
+/// guest down and returns how many scenarios failed.
+pub fn run(socket: &Path, layout: &Path) -> Result<usize> {
+    let guest = Guest::connect(socket, Duration::from_secs(120)).context("connecting")?;
+    let image = OciImage::open(layout, None)?;
+    let started = Instant::now();
+    let chain = guest.push_image(&image).context("sending the image")?;
+    println!(
+        "agent-check: push-image ok {} layer(s) in {} ms, chain {chain}",
+        image.layers.len(),
+        started.elapsed().as_millis()
+    );
+    let check = Check {
+        guest,
+        image,
+        chain,
+    };
+    let scenarios: &[(&str, Scenario)] = &[
+        ("image-shared", image_is_shared),
+        ("hello", hello),
+        ("exit-code", exit_code),
+        ("sigkill", sigkill),
+        ("fast-exit-output", fast_exit_output),
+        ("stdin", stdin_reaches_the_process),
+        ("exec", exec_shares_the_container),
+        ("tty", tty_resize),
+        ("oom", memory_limit),
+        ("localhost", containers_share_localhost),
+        ("isolation", isolation),
+        ("bad-requests", bad_requests),
+        ("corrupt-layer", corrupt_layer),
+    ];
+    let mut failed = 0;
+    for (name, scenario) in scenarios {
+        match scenario(&check) {
+            Ok(detail) => println!("agent-check: {name} ok {detail}"),
+            Err(e) => {
+                failed += 1;
+                println!("agent-check: {name} FAIL {e:#}");
+            }
+        }
+    }
+    println!("agent-check: done failed={failed}");
+    check.guest.shutdown(Duration::from_secs(2))?;
+    Ok(failed)
+}
+
+impl Check {
+    fn spec(&self, args: &[&str]) -> Result<Spec> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Ok(self.image.spec(Some(&args))?)
+    }
+
+    /// Creates `id`, attaches its output, starts it and returns what it
+    /// printed and how it exited; the container is deleted after.
+    fn run(&self, id: &str, spec: &Spec) -> Result<(String, String, ExitInfo)> {
+        self.guest.create(id, &self.chain, spec, Streams::OUTPUT)?;
+        let result = self.run_created(id);
+        self.guest.delete(id)?;
+        result
+    }
+
+    fn run_created(&self, id: &str) -> Result<(String, String, ExitInfo)> {
+        let stdout = self.guest.attach(id, "", StreamKind::Stdout)?;
+        let stderr = self.guest.attach(id, "", StreamKind::Stderr)?;
+        self.guest.start(id)?;
+        let (stdout, stderr) = read_both(stdout, stderr)?;
+        let exit = self.guest.wait(id, "")?;
+        Ok((stdout, stderr, exit))
+    }
+}
+
+fn read_both(stdout: UnixStream, stderr: UnixStream) -> Result<(String, String)> {
+    let reader = std::thread::spawn(move || read_to_string(stderr));
+    let out = read_to_string(stdout)?;
+    let err = reader
+        .join()
+        .map_err(|_| anyhow!("stderr reader panicked"))??;
+    Ok((out, err))
+}
+
+fn read_to_string(mut stream: UnixStream) -> Result<String> {
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+fn image_is_shared(check: &Check) -> Result<String> {
+    let started = Instant::now();
+    let again = check.guest.push_image(&check.image)?;
+    ensure!(again == check.chain, "chain {again} the second time");
+    Ok(format!("second push {} ms", started.elapsed().as_millis()))
+}
+
+fn hello(check: &Check) -> Result<String> {
+    let (out, err, exit) = check.run("hello", &check.spec(&["echo", "hello"])?)?;
+    ensure!(
+        out == "hello\n" && exit.code == 0,
+        "stdout {out:?}, stderr {err:?}, {exit:?}"
+    );
+    Ok("stdout \"hello\"".into())
+}
+
+fn exit_code(check: &Check) -> Result<String> {
+    let (_, err, exit) = check.run("exit42", &check.spec(&["sh", "-c", "exit 42"])?)?;
+    ensure!(
+        exit.code == 42 && exit.signal == 0,
+        "{exit:?}, stderr {err:?}"
+    );
+    Ok("42".into())
+}
+
+fn sigkill(check: &Check) -> Result<String> {
+    let id = "killed";
+    check.guest.create(
+        id,
+        &check.chain,
+        &check.spec(&["sleep", "600"])?,
+        Streams::default(),
+    )?;
+    check.guest.start(id)?;
+    check.guest.signal(id, "", 9)?;
+    let exit = check.guest.wait(id, "")?;
+    check.guest.delete(id)?;
+    ensure!(
+        exit.signal == 9 && exit.code == 137 && !exit.oom_killed,
+        "{exit:?}"
+    );
+    Ok("signal 9".into())
+}
+
+fn fast_exit_output(check: &Check) -> Result<String> {
+    let spec = check.spec(&["sh", "-c", "seq 1 50000; echo done >&2"])?;
+    let (out, err, exit) = check.run("burst", &spec)?;
+    let lines = out.lines().count();
+    ensure!(
+        lines == 50000 && out.ends_with("50000\n") && err == "done\n" && exit.code == 0,
+        "{lines} lines, stderr {err:?}, {exit:?}"
+    );
+    Ok(format!("{} bytes", out.len()))
+}
+
+fn stdin_reaches_the_process(check: &Check) -> Result<String> {
+    let id = "stdin";
+    let streams = Streams {
+        stdin: true,
+        ..Streams::OUTPUT
+    };
+    check
+        .guest
+        .create(id, &check.chain, &check.spec(&["cat"])?, streams)?;
+    let mut input = check.guest.attach(id, "", StreamKind::Stdin)?;
+    let stdout = check.guest.attach(id, "", StreamKind::Stdout)?;
+    let stderr = check.guest.attach(id, "", StreamKind::Stderr)?;
+    check.guest.start(id)?;
+    input.write_all(b"ping\n")?;
+    // End of input: cat sees EOF and exits.
+    input.shutdown(std::net::Shutdown::Write)?;
+    let (out, err) = read_both(stdout, stderr)?;
+    let exit = check.guest.wait(id, "")?;
+    check.guest.delete(id)?;
+    ensure!(
+        out == "ping\n" && exit.code == 0,
+        "stdout {out:?}, stderr {err:?}, {exit:?}"
+    );
+    Ok("echoed, EOF ended it".into())
+}
+
+fn exec_shares_the_container(check: &Check) -> Result<String> {
+    let id = "exec";
+    let spec = check.spec(&["sh", "-c", "echo shared > /tmp/marker; exec sleep 600"])?;
+    check
+        .guest
+        .create(id, &check.chain, &spec, Streams::default())?;
+    check.guest.start(id)?;
+    let result = (|| {
+        let mut process = spec.process().clone().context("no process")?;
+        let mut seen = String::new();
+        for attempt in 0..50 {
+            let exec_id = format!("look-{attempt}");
+            process.set_args(Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "cat /tmp/marker && cat /proc/1/cmdline | tr '\\0' ' ' && echo && echo pid=$$"
+                    .into(),
+            ]));
+            check.guest.exec(id, &exec_id, &process, Streams::OUTPUT)?;
+            let stdout = check.guest.attach(id, &exec_id, StreamKind::Stdout)?;
+            let stderr = check.guest.attach(id, &exec_id, StreamKind::Stderr)?;
+            let (out, err) = read_both(stdout, stderr)?;
+            let exit = check.guest.wait(id, &exec_id)?;
+            seen = format!("{out}{err}{exit:?}");
+            if exit.code == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let lines: Vec<&str> = seen.lines().collect();
+        ensure!(
+            lines.first() == Some(&"shared")
+                && lines.get(1) == Some(&"sleep 600 ")
+                && lines.len() == 4,
+            "exec saw {seen:?}"
+        );
+        let pid: u32 = lines
+            .get(2)
+            .and_then(|l| l.strip_prefix("pid="))
+            .and_then(|p| p.parse().ok())
+            .context("no pid line")?;
+        ensure!(pid > 1, "exec pid {pid}");
+        let pids = check.guest.processes(id)?;
+        ensure!(pids == vec![1], "processes {pids:?}");
+        let stats = check.guest.stats(id)?;
+        ensure!(
+            stats.pids_current >= 1 && stats.memory_current_bytes > 0,
+            "stats {stats:?}"
+        );
+        Ok(format!(
+            "file and PID 1 shared, exec pid {pid}; stats: {} KiB, {} pids",
+            stats.memory_current_bytes / 1024,
+            stats.pids_current
+        ))
+    })();
+    check.guest.delete(id)?;
+    result
+}
+
+fn tty_resize(check: &Check) -> Result<String> {
+    let id = "tty";
+    let mut spec = check.spec(&["sh", "-c", "stty size; read line; stty size"])?;
+    let mut process = spec.process().clone().context("no process")?;
+    process.set_terminal(Some(true));
+    spec.set_process(Some(process));
+    let streams = Streams {
+        stdin: true,
+        stdout: true,
+        stderr: false,
+    };
+    check.guest.create(id, &check.chain, &spec, streams)?;
+    let result = (|| {
+        let mut input = check.guest.attach(id, "", StreamKind::Stdin)?;
+        let mut output = check.guest.attach(id, "", StreamKind::Stdout)?;
+        check.guest.start(id)?;
+        let mut seen = Vec::new();
+        read_until(&mut output, &mut seen, "24 80")?;
+        check.guest.resize(id, "", 40, 100)?;
+        input.write_all(b"go\n")?;
+        read_until(&mut output, &mut seen, "40 100")?;
+        let exit = check.guest.wait(id, "")?;
+        ensure!(exit.code == 0, "{exit:?}");
+        Ok("24 80, then 40 100".to_string())
+    })();
+    check.guest.delete(id)?;
+    result
+}
+
+fn read_until(stream: &mut UnixStream, seen: &mut Vec<u8>, wanted: &str) -> Result<()> {
+    let mut buffer = [0u8; 256];
+    while !String::from_utf8_lossy(seen).contains(wanted) {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            bail!(
+                "terminal ended before {wanted:?}: {:?}",
+                String::from_utf8_lossy(seen)
+            );
+        }
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    Ok(())
+}
+
+fn memory_limit(check: &Check) -> Result<String> {
+    let limit: i64 = 32 * 1024 * 1024;
+    // Bounded (96 MiB, three times the limit), so that a limit that did
+    // not hold would show as a clean exit rather than exhaust the guest.
+    let script = "cat /sys/fs/cgroup/memory.max; x=$(head -c 100663296 /dev/zero | tr '\\0' a); echo survived";
+    let mut spec = check.spec(&["sh", "-c", script])?;
+    let resources = LinuxResourcesBuilder::default()
+        .memory(LinuxMemoryBuilder::default().limit(limit).build()?)
+        .build()?;
+    let mut linux = spec
+        .linux()
+        .clone()
+        .unwrap_or(LinuxBuilder::default().build()?);
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
+    let (out, err, exit) = check.run("oom", &spec)?;
+    ensure!(
+        out.lines().next() == Some(limit.to_string().as_str()),
+        "memory.max in the container: {out:?}, stderr {err:?}"
+    );
+    ensure!(
+        exit.oom_killed && exit.signal == 9,
+        "{exit:?}, stdout {out:?}, stderr {err:?}"
+    );
+    Ok("OOM-killed at 32 MiB and reported".into())
+}
+
+fn containers_share_localhost(check: &Check) -> Result<String> {
+    let server = check.spec(&[
+        "sh",
+        "-c",
+        "mkdir -p /www && echo from-a > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www",
+    ])?;
+    check
+        .guest
+        .create("web", &check.chain, &server, Streams::OUTPUT)?;
+    let web_out = check.guest.attach("web", "", StreamKind::Stdout)?;
+    let web_err = check.guest.attach("web", "", StreamKind::Stderr)?;
+    check.guest.start("web")?;
+    let client = check.spec(&[
+        "sh",
+        "-c",
+        "for i in $(seq 100); do wget -q -O - http://127.0.0.1:8080/ && exit 0; sleep 0.1; done; exit 1",
+    ])?;
+    let result = check.run("client", &client);
+    check.guest.delete("web")?;
+    let (web_out, web_err) = read_both(web_out, web_err)?;
+    let (out, err, exit) = result?;
+    let err = format!(
+        "{}; the server said {web_out:?} {web_err:?}",
+        err.lines().last().unwrap_or("")
+    );
+    ensure!(
+        out == "from-a\n" && exit.code == 0,
+        "stdout {out:?}, stderr {err:?}, {exit:?}"
+    );
+    Ok("b fetched a's page from 127.0.0.1:8080".into())
+}
+
+fn isolation(check: &Check) -> Result<String> {
+    let script = "ls /proc | grep -c '^[0-9]'; ls /; \
+                  test -e /init && echo agent-root-visible; \
+                  test -e /run/capsa && echo agent-state-visible; \
+                  ps -o comm | grep -q capsa-agent && echo agent-visible; true";
+    let (out, err, exit) = check.run("isolated", &check.spec(&["sh", "-c", script])?)?;
+    ensure!(exit.code == 0, "{exit:?}, stderr {err:?}");
+    let count: u32 = out
+        .lines()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .context("no count")?;
+    ensure!(count <= 4, "sees {count} processes: {out:?}");
+    ensure!(!out.contains("visible"), "{out:?}");
+    Ok(format!(
+        "{count} processes visible, none of the agent's files"
+    ))
+}
+
+fn expect_code<T: std::fmt::Debug>(
+    result: std::result::Result<T, GuestError>,
+    code: Code,
+    what: &str,
+) -> Result<()> {
+    match result {
+        Err(e) if e.code() == Some(code) => Ok(()),
+        other => bail!("{what}: expected {code:?}, got {other:?}"),
+    }
+}
+
+fn bad_requests(check: &Check) -> Result<String> {
+    let guest = &check.guest;
+    expect_code(
+        guest.create_raw(
+            "bad",
+            &check.chain,
+            b"{not json".to_vec(),
+            Streams::default(),
+        ),
+        Code::INVALID_ARGUMENT,
+        "a spec that is not JSON",
+    )?;
+    expect_code(
+        guest.create("bad", &check.chain, &check.spec(&[])?, Streams::default()),
+        Code::INVALID_ARGUMENT,
+        "a spec without args",
+    )?;
+    expect_code(
+        guest.create(
+            "../bad",
+            &check.chain,
+            &check.spec(&["true"])?,
+            Streams::default(),
+        ),
+        Code::INVALID_ARGUMENT,
+        "an id with a slash",
+    )?;
+    let unknown_chain = format!("sha256:{}", "0".repeat(64));
+    expect_code(
+        guest.create(
+            "bad",
+            &unknown_chain,
+            &check.spec(&["true"])?,
+            Streams::default(),
+        ),
+        Code::FAILED_PRECONDITION,
+        "an image that was never sent",
+    )?;
+    expect_code(
+        guest.start("nobody"),
+        Code::NOT_FOUND,
+        "starting an unknown container",
+    )?;
+    expect_code(
+        guest.wait("nobody", ""),
+        Code::NOT_FOUND,
+        "waiting for an unknown container",
+    )?;
+    expect_code(
+        guest.signal("nobody", "", 9),
+        Code::NOT_FOUND,
+        "signalling an unknown container",
+    )?;
+    let attached = guest.attach("nobody", "", StreamKind::Stdout);
+    ensure!(
+        attached.is_err(),
+        "attached to an unknown container's stdout"
+    );
+    oversized_message(guest)?;
+    guest.ping().context("the agent stopped answering")?;
+    Ok("each refused with the right code; the agent still answers".into())
+}
+
+/// A ttrpc frame longer than the protocol allows, written by hand (the
+/// client library refuses to send one): the agent must answer with an
+/// error and keep serving.
+fn oversized_message(guest: &Guest) -> Result<()> {
+    let mut stream =
+        capsa_protocol::vmm_socket::connect(guest.socket(), capsa_protocol::AGENT_VSOCK_PORT)?;
+    let length = ttrpc::proto::MESSAGE_LENGTH_MAX + 1;
+    let mut header = Vec::new();
+    header.extend_from_slice(&(length as u32).to_be_bytes());
+    header.extend_from_slice(&1u32.to_be_bytes());
+    header.push(ttrpc::proto::MESSAGE_TYPE_REQUEST);
+    header.push(0);
+    stream.write_all(&header)?;
+    let zeros = vec![0u8; 64 * 1024];
+    let mut left = length;
+    while left > 0 {
+        let n = left.min(zeros.len());
+        stream.write_all(&zeros[..n])?;
+        left -= n;
+    }
+    let mut reply_header = [0u8; ttrpc::proto::MESSAGE_HEADER_LENGTH];
+    stream.read_exact(&mut reply_header)?;
+    let reply_length = u32::from_be_bytes(reply_header[..4].try_into()?) as usize;
+    ensure!(
+        reply_header[8] == ttrpc::proto::MESSAGE_TYPE_RESPONSE && reply_length < 4096,
+        "unexpected reply header {reply_header:?}"
+    );
+    let mut payload = vec![0u8; reply_length];
+    stream.read_exact(&mut payload)?;
+    let response: ttrpc::Response = protobuf::Message::parse_from_bytes(&payload)?;
+    ensure!(
+        response.status.code() == Code::INVALID_ARGUMENT,
+        "oversized message answered with {:?}",
+        response.status
+    );
+    Ok(())
+}
+
+fn corrupt_layer(check: &Check) -> Result<String> {
+    let guest = &check.guest;
+    let layer = &check.image.layers[0];
+    let blob = std::fs::read(&layer.path)?;
+    let mut corrupt = blob.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0xff;
+    // A parent that is not there: a fresh chain, so the agent must unpack.
+    let started = guest.agent().start_layer(
+        ttrpc::context::with_timeout(30_000_000_000),
+        &capsa_protocol::agent::StartLayerRequest {
+            digest: layer.digest.clone(),
+            diff_id: format!("sha256:{}", "1".repeat(64)),
+            media_type: layer.media_type.clone(),
+            size: layer.size,
+            parent_chain_id: String::new(),
+            ..Default::default()
+        },
+    )?;
+    ensure!(
+        !started.already_present,
+        "a made-up diff id was already present"
+    );
+    let sent = guest.send_blob(started.upload_id, corrupt.as_slice());
+    let committed = sent.and_then(|()| {
+        guest
+            .agent()
+            .commit_layer(
+                ttrpc::context::with_timeout(30_000_000_000),
+                &capsa_protocol::agent::CommitLayerRequest {
+                    upload_id: started.upload_id,
+                    ..Default::default()
+                },
+            )
+            .map_err(|source| GuestError::Call {
+                call: "CommitLayer",
+                source,
+            })
+    });
+    let message = match committed {
+        Err(e) if e.code() == Some(Code::DATA_LOSS) => e.to_string(),
+        other => bail!("a corrupt blob: expected DATA_LOSS, got {other:?}"),
+    };
+    ensure!(message.contains(&layer.digest), "{message}");
+    guest.ping().context("the agent stopped answering")?;
+    Ok("refused with DATA_LOSS naming the digest".into())
+}
