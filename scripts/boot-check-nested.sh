@@ -24,6 +24,7 @@ payload=$(mktemp -d)
 trap 'rm -rf "$payload"' EXIT
 cp "$bin/capsa-vmm" "$bin/capsa-io-probe" "$bin/capsa-agent-check" "$payload/"
 "$root/scripts/busybox-image.sh" "$payload/busybox-oci" > /dev/null
+"$root/scripts/nested-add-program.sh" "$payload" ip
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
 cat > "$payload/run.sh" <<'RUN'
@@ -44,19 +45,30 @@ vm=$!
 ./capsa-io-probe agent-check /tmp/agent.sock 2>&1
 wait $vm
 echo "=== END agent-api exit=$?"
-# Containers from the busybox image: the scenarios of capsa-agent-check.
+# Containers from the busybox image: the scenarios of capsa-agent-check,
+# with a NIC on a tap in a network namespace of this test's own for the
+# sandbox's interface and route.
 echo "=== BEGIN containers"
-timeout 600 ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio --cpus 2 --memory-mib 512 \
+ip=/payload/bin/ip
+mkdir -p /run /var/run
+$ip netns add capsa-sandbox
+$ip netns exec capsa-sandbox $ip tuntap add capsa-tap1 mode tap
+$ip netns exec capsa-sandbox $ip addr add 10.0.3.1/24 dev capsa-tap1
+$ip netns exec capsa-sandbox $ip link set capsa-tap1 up
+timeout 600 $ip netns exec capsa-sandbox ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio \
+    --cpus 2 --memory-mib 512 --net capsa-tap1,mac=02:ca:95:00:00:03 \
     --vsock /tmp/containers.sock > /tmp/containers-vm.out 2>&1 &
 vm=$!
-timeout 540 ./capsa-agent-check --socket /tmp/containers.sock --image busybox-oci 2>&1
+timeout 540 ./capsa-agent-check --socket /tmp/containers.sock --image busybox-oci \
+    --nic 02:ca:95:00:00:03 --host-address 10.0.3.1 2>&1
 wait $vm
 status=$?
+$ip netns delete capsa-sandbox
 echo "--- the VM's console, last lines"
 tail -30 /tmp/containers-vm.out
 echo "=== END containers exit=$status"
 RUN
-"$root/scripts/nested-kvm.sh" "$payload" "$log"
+CAPSA_NESTED_MODULES=drivers/net/tun "$root/scripts/nested-kvm.sh" "$payload" "$log"
 
 # QEMU's firmware leaves terminal escapes before the first line: no ^ on BEGIN.
 section() { sed -n "/=== BEGIN $1\$/,/^=== END $1 /p" "$log"; }

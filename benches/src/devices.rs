@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::process;
 use crate::stats::{cell, Summary};
+use crate::workdir::TempDir;
 
 const VSOCK_PORT: u32 = 5000;
 
@@ -277,23 +278,6 @@ pub fn run(args: &DevicesArgs) -> Result<()> {
 }
 
 /// A scratch directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("capsa-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,11 +8,17 @@
 //! `devices`: vsock throughput both ways and virtio-blk sequential and
 //! random-read speed measured in the guest, with the host's own Unix
 //! sockets and disk file measured by the same code as the reference.
+//!
+//! `unpack`: OCI layer import by capsa-layers (digest and diff-id checks,
+//! decompression, unpack into overlay form), uncompressed, gzip and zstd,
+//! next to GNU tar extracting the same archives.
 
 mod boot;
 mod devices;
 mod process;
 mod stats;
+mod unpack;
+mod workdir;
 
 use std::path::PathBuf;
 
@@ -32,12 +38,15 @@ enum Bench {
     Boot(boot::BootArgs),
     /// vsock and virtio-blk throughput in the guest, next to the host's.
     Devices(devices::DevicesArgs),
+    /// OCI layer import (verify, decompress, unpack) next to GNU tar.
+    Unpack(unpack::UnpackArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Boot(args) => boot::run(&args),
         Bench::Devices(args) => devices::run(&args),
+        Bench::Unpack(args) => unpack::run(&args),
     }
 }
 

@@ -23,12 +23,22 @@ struct Check {
     guest: Guest,
     image: OciImage,
     chain: String,
+    nic: Option<Nic>,
+}
+
+/// A network interface the guest has, for the sandbox scenario to
+/// configure: its MAC, and the host's address on the other end of it
+/// (`10.0.3.1/24` gives the guest `10.0.3.2/24`).
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub mac: String,
+    pub host_address: std::net::Ipv4Addr,
 }
 
 /// Sends the image in `layout` to the guest behind `socket`, runs every
 /// scenario (printing `agent-check: NAME ok|FAIL ...` lines), shuts the
 /// guest down and returns how many scenarios failed.
-pub fn run(socket: &Path, layout: &Path) -> Result<usize> {
+pub fn run(socket: &Path, layout: &Path, nic: Option<Nic>) -> Result<usize> {
     let guest = Guest::connect(socket, Duration::from_secs(120)).context("connecting")?;
     let image = OciImage::open(layout, None)?;
     let started = Instant::now();
@@ -42,9 +52,12 @@ pub fn run(socket: &Path, layout: &Path) -> Result<usize> {
         guest,
         image,
         chain,
+        nic,
     };
     let scenarios: &[(&str, Scenario)] = &[
         ("image-shared", image_is_shared),
+        // First: the containers after it get the sandbox's files.
+        ("sandbox", sandbox),
         ("hello", hello),
         ("exit-code", exit_code),
         ("sigkill", sigkill),
@@ -533,4 +546,146 @@ fn corrupt_layer(check: &Check) -> Result<String> {
     ensure!(message.contains(&layer.digest), "{message}");
     guest.ping().context("the agent stopped answering")?;
     Ok("refused with DATA_LOSS naming the digest".into())
+}
+
+fn sandbox(check: &Check) -> Result<String> {
+    use capsa_protocol::agent::{
+        volume, Dns, EmptyDir, Interface, Route, Secret, SecretFile, SetupSandboxRequest, Volume,
+    };
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as i64;
+    let guest_address = check.nic.as_ref().map(|nic| {
+        let mut octets = nic.host_address.octets();
+        octets[3] += 1;
+        std::net::Ipv4Addr::from(octets)
+    });
+    let mut request = SetupSandboxRequest {
+        hostname: "capsa-group".into(),
+        dns: protobuf::MessageField::some(Dns {
+            servers: vec!["10.0.3.53".into()],
+            search: vec!["corp.test".into()],
+            ..Default::default()
+        }),
+        volumes: vec![
+            Volume {
+                name: "scratch".into(),
+                source: Some(volume::Source::EmptyDir(EmptyDir {
+                    size_limit_bytes: 1 << 20,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+            Volume {
+                name: "creds".into(),
+                source: Some(volume::Source::Secret(Secret {
+                    files: vec![SecretFile {
+                        path: "api/token".into(),
+                        content: b"s3cret".to_vec(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+        ],
+        time_unix_ns: now_ns,
+        ..Default::default()
+    };
+    if let (Some(nic), Some(address)) = (&check.nic, guest_address) {
+        request.interfaces = vec![Interface {
+            mac: nic.mac.clone(),
+            name: "eth0".into(),
+            addresses: vec![format!("{address}/24")],
+            mtu: 1400,
+            ..Default::default()
+        }];
+        request.routes = vec![Route {
+            destination: "default".into(),
+            gateway: nic.host_address.to_string(),
+            ..Default::default()
+        }];
+    }
+    let setup = |request: &SetupSandboxRequest| {
+        check
+            .guest
+            .agent()
+            .setup_sandbox(ttrpc::context::with_timeout(60_000_000_000), request)
+            .map_err(|source| GuestError::Call {
+                call: "SetupSandbox",
+                source,
+            })
+    };
+    setup(&request)?;
+    expect_code(setup(&request), Code::FAILED_PRECONDITION, "a second setup")?;
+
+    let mut script = String::from(
+        "hostname; grep nameserver /etc/resolv.conf; grep -c capsa-group /etc/hosts; \
+         stat -c '%a' /creds/api/token; cat /creds/api/token; echo; \
+         (dd if=/dev/zero of=/scratch/fill bs=64k count=32 2>/dev/null && echo scratch-unlimited) || echo scratch-full; \
+         date +%s; ",
+    );
+    if let Some(address) = guest_address {
+        script.push_str(&format!(
+            "ip -o addr show eth0 | grep -o '{address}/24'; cat /sys/class/net/eth0/mtu; \
+             ip route | grep -o 'default via [0-9.]*'; \
+             ping -c 1 -W 5 {} > /dev/null && echo ping-ok",
+            check
+                .nic
+                .as_ref()
+                .map(|n| n.host_address.to_string())
+                .unwrap_or_default()
+        ));
+    }
+    let mut spec = check.spec(&["sh", "-c", &script])?;
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for (name, destination) in [("scratch", "/scratch"), ("creds", "/creds")] {
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(destination)
+                .typ("bind")
+                .source(Path::new(capsa_protocol::VOLUMES_DIR).join(name))
+                .options(vec!["rbind".to_string()])
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
+    let (out, err, exit) = check.run("sandboxed", &spec)?;
+    let lines: Vec<&str> = out.lines().collect();
+    let expected = [
+        "capsa-group",
+        "nameserver 10.0.3.53",
+        "1",
+        "400",
+        "s3cret",
+        "scratch-full",
+    ];
+    ensure!(
+        lines.len() >= 7 && lines[..6] == expected,
+        "saw {out:?}, stderr {err:?}, {exit:?}"
+    );
+    let guest_seconds: i64 = lines[6].parse().context("date")?;
+    ensure!(
+        (guest_seconds - now_ns / 1_000_000_000).abs() < 120,
+        "guest clock {guest_seconds}, host {}",
+        now_ns / 1_000_000_000
+    );
+    let mut detail = "hostname, DNS, hosts, secret 0400, 1 MiB emptyDir full, clock".to_string();
+    if let (Some(nic), Some(address)) = (&check.nic, guest_address) {
+        let wanted = [
+            format!("{address}/24"),
+            "1400".to_string(),
+            format!("default via {}", nic.host_address),
+            "ping-ok".to_string(),
+        ];
+        ensure!(
+            lines.len() == 11 && lines[7..] == wanted,
+            "network: saw {out:?}, stderr {err:?}"
+        );
+        detail.push_str(&format!(
+            "; eth0 {address}/24 mtu 1400, pinged {}",
+            nic.host_address
+        ));
+    }
+    Ok(detail)
 }

@@ -6,7 +6,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
-use oci_spec::runtime::{ProcessBuilder, RootBuilder, Spec, UserBuilder};
+use oci_spec::runtime::{
+    Capabilities, Capability, LinuxCapabilities, LinuxCapabilitiesBuilder, ProcessBuilder,
+    RootBuilder, Spec, UserBuilder,
+};
 
 /// The annotation that carries a manifest's tag in an index.
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -158,12 +161,14 @@ impl OciImage {
                     .build()
                     .expect("all fields set"),
             )
-            .capabilities(defaults.capabilities().clone().unwrap_or_default())
+            .capabilities(docker_capabilities())
             .rlimits(defaults.rlimits().clone().unwrap_or_default())
             .no_new_privileges(true)
             .build()
             .expect("all fields set");
         spec.set_process(Some(process));
+        // The sandbox's hostname, not oci-spec's placeholder.
+        spec.set_hostname(None);
         // Containers write to their own layer, as Docker's do.
         spec.set_root(Some(
             RootBuilder::default()
@@ -174,6 +179,36 @@ impl OciImage {
         ));
         Ok(spec)
     }
+}
+
+/// The capabilities Docker and containerd give a container by default,
+/// which images expect (ping needs NET_RAW, package managers CHOWN...).
+fn docker_capabilities() -> LinuxCapabilities {
+    use Capability::*;
+    let set: Capabilities = [
+        AuditWrite,
+        Chown,
+        DacOverride,
+        Fowner,
+        Fsetid,
+        Kill,
+        Mknod,
+        NetBindService,
+        NetRaw,
+        Setfcap,
+        Setgid,
+        Setpcap,
+        Setuid,
+        SysChroot,
+    ]
+    .into_iter()
+    .collect();
+    LinuxCapabilitiesBuilder::default()
+        .bounding(set.clone())
+        .effective(set.clone())
+        .permitted(set)
+        .build()
+        .expect("all fields set")
 }
 
 /// `blobs/<algorithm>/<hex>` for a digest, refusing anything that could

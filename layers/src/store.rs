@@ -24,6 +24,9 @@ use crate::unpack::{unpack, UnpackError, UnpackSummary};
 /// Longer chains than this would not fit overlayfs' mount options anyway.
 pub const MAX_CHAIN_DEPTH: usize = 128;
 
+/// How much decompressed layer is produced at a time.
+const DECOMPRESS_CHUNK: usize = 256 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     None,
@@ -235,12 +238,18 @@ impl LayerStore {
                 },
             };
             let mut diff = HashingReader::new(decoder);
-            // The diff id covers the tar's trailing padding too, hence the
-            // drain.
-            unpack(&mut diff, &diff_dir).and_then(|summary| {
-                diff.drain().map_err(UnpackError::Read)?;
-                Ok((summary, diff.finish().0))
-            })
+            // tar reads 512-byte blocks; the decompressors run far faster
+            // asked for large pieces.
+            let unpacked = {
+                let mut buffered = io::BufReader::with_capacity(DECOMPRESS_CHUNK, &mut diff);
+                // The diff id covers the tar's trailing padding too, hence
+                // reading to the end.
+                unpack(&mut buffered, &diff_dir).and_then(|summary| {
+                    io::copy(&mut buffered, &mut io::sink()).map_err(UnpackError::Read)?;
+                    Ok(summary)
+                })
+            };
+            unpacked.map(|summary| (summary, diff.finish().0))
         };
         let (summary, diff_digest) = match unpacked {
             Ok(done) => done,

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use capsa_guest_client::check::{self, Nic};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -15,11 +16,21 @@ struct Args {
     /// An OCI image layout holding a busybox image.
     #[arg(long)]
     image: PathBuf,
+    /// MAC of a NIC the guest has, for the sandbox scenario to configure.
+    #[arg(long, requires = "host_address")]
+    nic: Option<String>,
+    /// The host's IPv4 address on that NIC's link (the guest gets the next).
+    #[arg(long)]
+    host_address: Option<std::net::Ipv4Addr>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match capsa_guest_client::check::run(&args.socket, &args.image) {
+    let nic = args
+        .nic
+        .zip(args.host_address)
+        .map(|(mac, host_address)| Nic { mac, host_address });
+    match check::run(&args.socket, &args.image, nic) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
