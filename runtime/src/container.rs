@@ -376,6 +376,11 @@ fn validate_spec(spec: &Spec) -> Result<Process, RuntimeError> {
     if spec.hooks().is_some() {
         return Err(invalid("hooks are not supported"));
     }
+    // Refused rather than ignored: running without the filter the spec
+    // asks for would be a silent loss of confinement.
+    if spec.linux().as_ref().is_some_and(|l| l.seccomp().is_some()) {
+        return Err(invalid("seccomp profiles are not supported yet"));
+    }
     let namespaces = spec
         .linux()
         .as_ref()

@@ -345,6 +345,22 @@ fn bad_specs_and_ids_are_clear_errors() {
         "{error}"
     );
 
+    let mut with_seccomp = spec(&["true"]);
+    let mut linux = LinuxBuilder::default().build().unwrap();
+    linux.set_seccomp(Some(
+        oci_spec::runtime::LinuxSeccompBuilder::default()
+            .default_action(oci_spec::runtime::LinuxSeccompAction::ScmpActErrno)
+            .build()
+            .unwrap(),
+    ));
+    with_seccomp.set_linux(Some(linux));
+    let error = f
+        .runtime
+        .create("seccomp", with_seccomp, layers(), output_request())
+        .err()
+        .unwrap();
+    assert!(error.to_string().contains("seccomp"), "{error}");
+
     for id in ["", "../escape", "a/b", ".hidden"] {
         let error = f
             .runtime
