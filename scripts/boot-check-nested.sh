@@ -25,6 +25,9 @@ trap 'rm -rf "$payload"' EXIT
 cp "$bin/capsa-vmm" "$bin/capsa-io-probe" "$bin/capsa-agent-check" "$payload/"
 "$root/scripts/busybox-image.sh" "$payload/busybox-oci" > /dev/null
 "$root/scripts/nested-add-program.sh" "$payload" ip
+# An empty ext4 disk for the sandbox's block volume.
+truncate -s 16M "$payload/data.img"
+mkfs.ext4 -q -F "$payload/data.img"
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
 cat > "$payload/run.sh" <<'RUN'
@@ -57,10 +60,11 @@ $ip netns exec capsa-sandbox $ip addr add 10.0.3.1/24 dev capsa-tap1
 $ip netns exec capsa-sandbox $ip link set capsa-tap1 up
 timeout 600 $ip netns exec capsa-sandbox ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio \
     --cpus 2 --memory-mib 512 --net capsa-tap1,mac=02:ca:95:00:00:03 \
+    --disk data.img,id=capsa-data \
     --vsock /tmp/containers.sock > /tmp/containers-vm.out 2>&1 &
 vm=$!
 timeout 540 ./capsa-agent-check --socket /tmp/containers.sock --image busybox-oci \
-    --nic 02:ca:95:00:00:03 --host-address 10.0.3.1 2>&1
+    --nic 02:ca:95:00:00:03 --host-address 10.0.3.1 --ext4-disk capsa-data 2>&1
 wait $vm
 status=$?
 $ip netns delete capsa-sandbox

@@ -23,7 +23,7 @@ struct Check {
     guest: Guest,
     image: OciImage,
     chain: String,
-    nic: Option<Nic>,
+    options: Options,
 }
 
 /// A network interface the guest has, for the sandbox scenario to
@@ -35,10 +35,18 @@ pub struct Nic {
     pub host_address: std::net::Ipv4Addr,
 }
 
+/// What the guest has beyond vsock, for the sandbox scenario to use.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub nic: Option<Nic>,
+    /// The serial (`--disk PATH,id=SERIAL`) of an empty ext4 disk.
+    pub ext4_disk: Option<String>,
+}
+
 /// Sends the image in `layout` to the guest behind `socket`, runs every
 /// scenario (printing `agent-check: NAME ok|FAIL ...` lines), shuts the
 /// guest down and returns how many scenarios failed.
-pub fn run(socket: &Path, layout: &Path, nic: Option<Nic>) -> Result<usize> {
+pub fn run(socket: &Path, layout: &Path, options: Options) -> Result<usize> {
     let guest = Guest::connect(socket, Duration::from_secs(120)).context("connecting")?;
     let image = OciImage::open(layout, None)?;
     let started = Instant::now();
@@ -52,7 +60,7 @@ pub fn run(socket: &Path, layout: &Path, nic: Option<Nic>) -> Result<usize> {
         guest,
         image,
         chain,
-        nic,
+        options,
     };
     let scenarios: &[(&str, Scenario)] = &[
         ("image-shared", image_is_shared),
@@ -66,6 +74,7 @@ pub fn run(socket: &Path, layout: &Path, nic: Option<Nic>) -> Result<usize> {
         ("exec", exec_shares_the_container),
         ("tty", tty_resize),
         ("oom", memory_limit),
+        ("limits", cpu_and_pids_limits),
         ("localhost", containers_share_localhost),
         ("isolation", isolation),
         ("bad-requests", bad_requests),
@@ -82,6 +91,14 @@ pub fn run(socket: &Path, layout: &Path, nic: Option<Nic>) -> Result<usize> {
         }
     }
     println!("agent-check: done failed={failed}");
+    // Shutdown must stop what still runs: leave a container running.
+    check.guest.create(
+        "lingering",
+        &check.chain,
+        &check.spec(&["sleep", "600"])?,
+        Streams::default(),
+    )?;
+    check.guest.start("lingering")?;
     check.guest.shutdown(Duration::from_secs(2))?;
     Ok(failed)
 }
@@ -337,6 +354,38 @@ fn memory_limit(check: &Check) -> Result<String> {
     Ok("OOM-killed at 32 MiB and reported".into())
 }
 
+fn cpu_and_pids_limits(check: &Check) -> Result<String> {
+    use oci_spec::runtime::{LinuxCpuBuilder, LinuxPidsBuilder};
+    let script = "cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max; \
+                  i=0; while [ $i -lt 12 ]; do sleep 2 & i=$((i+1)); done; wait";
+    let mut spec = check.spec(&["sh", "-c", script])?;
+    let resources = LinuxResourcesBuilder::default()
+        .pids(LinuxPidsBuilder::default().limit(6).build()?)
+        .cpu(
+            LinuxCpuBuilder::default()
+                .quota(50_000i64)
+                .period(100_000u64)
+                .build()?,
+        )
+        .build()?;
+    let mut linux = spec
+        .linux()
+        .clone()
+        .unwrap_or(LinuxBuilder::default().build()?);
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
+    let (out, err, exit) = check.run("limits", &spec)?;
+    ensure!(
+        out == "6\n50000 100000\n",
+        "limits in the container: {out:?}, stderr {err:?}"
+    );
+    ensure!(
+        err.contains("fork"),
+        "12 children under pids.max 6 all started: {err:?} {exit:?}"
+    );
+    Ok("pids.max 6 refuses the 7th process, cpu.max 50000 100000".into())
+}
+
 fn containers_share_localhost(check: &Check) -> Result<String> {
     let server = check.spec(&[
         "sh",
@@ -370,10 +419,13 @@ fn containers_share_localhost(check: &Check) -> Result<String> {
 }
 
 fn isolation(check: &Check) -> Result<String> {
-    let script = "ls /proc | grep -c '^[0-9]'; ls /; \
+    let script = "ls /proc | grep -c '^[0-9]'; \
                   test -e /init && echo agent-root-visible; \
                   test -e /run/capsa && echo agent-state-visible; \
-                  ps -o comm | grep -q capsa-agent && echo agent-visible; true";
+                  ps -o comm | grep -q capsa-agent && echo agent-visible; \
+                  test -s /proc/kcore && echo kcore-not-masked; \
+                  (echo 1 > /proc/sys/vm/drop_caches) 2>/dev/null && echo proc-sys-writable; \
+                  echo nofile=$(ulimit -n); true";
     let (out, err, exit) = check.run("isolated", &check.spec(&["sh", "-c", script])?)?;
     ensure!(exit.code == 0, "{exit:?}, stderr {err:?}");
     let count: u32 = out
@@ -382,9 +434,16 @@ fn isolation(check: &Check) -> Result<String> {
         .and_then(|l| l.parse().ok())
         .context("no count")?;
     ensure!(count <= 4, "sees {count} processes: {out:?}");
-    ensure!(!out.contains("visible"), "{out:?}");
+    ensure!(
+        !out.contains("visible") && !out.contains("not-masked") && !out.contains("writable"),
+        "{out:?}"
+    );
+    ensure!(
+        out.contains("nofile=1024"),
+        "the spec's RLIMIT_NOFILE: {out:?}"
+    );
     Ok(format!(
-        "{count} processes visible, none of the agent's files"
+        "{count} processes visible, none of the agent's; /proc/kcore masked, /proc/sys read-only, nofile 1024"
     ))
 }
 
@@ -550,12 +609,13 @@ fn corrupt_layer(check: &Check) -> Result<String> {
 
 fn sandbox(check: &Check) -> Result<String> {
     use capsa_protocol::agent::{
-        volume, Dns, EmptyDir, Interface, Route, Secret, SecretFile, SetupSandboxRequest, Volume,
+        volume, BlockDevice, Dns, EmptyDir, Interface, Route, Secret, SecretFile,
+        SetupSandboxRequest, Volume,
     };
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as i64;
-    let guest_address = check.nic.as_ref().map(|nic| {
+    let guest_address = check.options.nic.as_ref().map(|nic| {
         let mut octets = nic.host_address.octets();
         octets[3] += 1;
         std::net::Ipv4Addr::from(octets)
@@ -592,7 +652,18 @@ fn sandbox(check: &Check) -> Result<String> {
         time_unix_ns: now_ns,
         ..Default::default()
     };
-    if let (Some(nic), Some(address)) = (&check.nic, guest_address) {
+    if let Some(serial) = &check.options.ext4_disk {
+        request.volumes.push(Volume {
+            name: "data".into(),
+            source: Some(volume::Source::Block(BlockDevice {
+                serial: serial.clone(),
+                fstype: "ext4".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+    }
+    if let (Some(nic), Some(address)) = (&check.options.nic, guest_address) {
         request.interfaces = vec![Interface {
             mac: nic.mac.clone(),
             name: "eth0".into(),
@@ -625,12 +696,18 @@ fn sandbox(check: &Check) -> Result<String> {
          (dd if=/dev/zero of=/scratch/fill bs=64k count=32 2>/dev/null && echo scratch-unlimited) || echo scratch-full; \
          date +%s; ",
     );
+    if check.options.ext4_disk.is_some() {
+        script.push_str(
+            "grep ' /data ' /proc/mounts | cut -d' ' -f3; echo kept > /data/file && cat /data/file; ",
+        );
+    }
     if let Some(address) = guest_address {
         script.push_str(&format!(
             "ip -o addr show eth0 | grep -o '{address}/24'; cat /sys/class/net/eth0/mtu; \
              ip route | grep -o 'default via [0-9.]*'; \
              ping -c 1 -W 5 {} > /dev/null && echo ping-ok",
             check
+                .options
                 .nic
                 .as_ref()
                 .map(|n| n.host_address.to_string())
@@ -639,7 +716,11 @@ fn sandbox(check: &Check) -> Result<String> {
     }
     let mut spec = check.spec(&["sh", "-c", &script])?;
     let mut mounts = spec.mounts().clone().unwrap_or_default();
-    for (name, destination) in [("scratch", "/scratch"), ("creds", "/creds")] {
+    let mut volumes = vec![("scratch", "/scratch"), ("creds", "/creds")];
+    if check.options.ext4_disk.is_some() {
+        volumes.push(("data", "/data"));
+    }
+    for (name, destination) in volumes {
         mounts.push(
             oci_spec::runtime::MountBuilder::default()
                 .destination(destination)
@@ -671,17 +752,23 @@ fn sandbox(check: &Check) -> Result<String> {
         now_ns / 1_000_000_000
     );
     let mut detail = "hostname, DNS, hosts, secret 0400, 1 MiB emptyDir full, clock".to_string();
-    if let (Some(nic), Some(address)) = (&check.nic, guest_address) {
+    let mut rest = &lines[7..];
+    if check.options.ext4_disk.is_some() {
+        ensure!(
+            rest.len() >= 2 && rest[..2] == ["ext4", "kept"],
+            "ext4 volume: saw {out:?}, stderr {err:?}"
+        );
+        rest = &rest[2..];
+        detail.push_str("; ext4 disk by serial");
+    }
+    if let (Some(nic), Some(address)) = (&check.options.nic, guest_address) {
         let wanted = [
             format!("{address}/24"),
             "1400".to_string(),
             format!("default via {}", nic.host_address),
             "ping-ok".to_string(),
         ];
-        ensure!(
-            lines.len() == 11 && lines[7..] == wanted,
-            "network: saw {out:?}, stderr {err:?}"
-        );
+        ensure!(rest == wanted, "network: saw {out:?}, stderr {err:?}");
         detail.push_str(&format!(
             "; eth0 {address}/24 mtu 1400, pinged {}",
             nic.host_address

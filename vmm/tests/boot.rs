@@ -374,7 +374,8 @@ fn agent_runs_containers_from_an_oci_image() {
     let socket = dir.path().join("vsock.sock");
     let socket_arg = socket.to_str().expect("utf-8 path").to_string();
     let vm = std::thread::spawn(move || boot_with(2, 512, "quiet", &["--vsock", &socket_arg]));
-    let failed = capsa_guest_client::check::run(&socket, &layout, None).expect("scenarios ran");
+    let failed = capsa_guest_client::check::run(&socket, &layout, Default::default())
+        .expect("scenarios ran");
     let run = vm.join().expect("VMM thread");
     assert_eq!(
         failed, 0,

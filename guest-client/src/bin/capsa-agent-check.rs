@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsa_guest_client::check::{self, Nic};
+use capsa_guest_client::check::{self, Nic, Options};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -22,6 +22,9 @@ struct Args {
     /// The host's IPv4 address on that NIC's link (the guest gets the next).
     #[arg(long)]
     host_address: Option<std::net::Ipv4Addr>,
+    /// Serial of an empty ext4 disk the guest has, for a block volume.
+    #[arg(long)]
+    ext4_disk: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -30,7 +33,11 @@ fn main() -> ExitCode {
         .nic
         .zip(args.host_address)
         .map(|(mac, host_address)| Nic { mac, host_address });
-    match check::run(&args.socket, &args.image, nic) {
+    let options = Options {
+        nic,
+        ext4_disk: args.ext4_disk,
+    };
+    match check::run(&args.socket, &args.image, options) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
