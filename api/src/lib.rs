@@ -1,0 +1,138 @@
+//! The daemon's API types, shared by `capsad` and `capsa`: the container
+//! group spec (modelled on Azure Container Instances' container group),
+//! what the daemon reports about groups and images, and its errors.
+
+pub mod spec;
+
+use serde::{Deserialize, Serialize};
+
+pub use spec::{ContainerSpec, GroupSpec, SpecError};
+
+/// The API's path prefix; bumped with any change an older client would
+/// misread.
+pub const API_PREFIX: &str = "/v1";
+
+/// Every error the API returns: a stable code for programs and a message
+/// for people.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Field-level problems of a rejected spec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidSpec,
+    InvalidRequest,
+    NotFound,
+    AlreadyExists,
+    Conflict,
+    ImageNotFound,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidSpec | ErrorCode::InvalidRequest => 400,
+            ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
+            ErrorCode::AlreadyExists | ErrorCode::Conflict => 409,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.message)?;
+        for detail in &self.details {
+            write!(f, "\n  {detail}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupStatus {
+    Created,
+    Running,
+    Stopped,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerStatus {
+    Created,
+    Running,
+    Exited,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerView {
+    pub name: String,
+    pub image: String,
+    pub status: ContainerStatus,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    /// Unix milliseconds.
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GroupView {
+    pub name: String,
+    pub status: GroupStatus,
+    /// Why the group failed, when it did.
+    pub error: Option<String>,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub vmm_pid: Option<u32>,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub containers: Vec<ContainerView>,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageView {
+    pub name: String,
+    pub digest: String,
+    pub size: u64,
+    pub layers: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImportRequest {
+    /// An OCI layout directory, an oci-archive tar or a docker-save tar,
+    /// on the daemon's host.
+    pub path: String,
+    /// The name to give it (for a docker save, its own tag by default).
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WaitResponse {
+    pub exit_code: i32,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+}
+
+/// One line of a container's log, as stored and as `logs` streams it
+/// (JSON lines).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogLine {
+    /// Unix milliseconds when the daemon received it.
+    pub time: u64,
+    pub stream: String,
+    pub line: String,
+}

@@ -1,0 +1,213 @@
+//! The container group spec, JSON (or YAML), with unknown fields refused
+//! and every problem reported with the field it is in.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CPUS: u8 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+const MAX_CPUS: u8 = 64;
+const MIN_MEMORY_MIB: u64 = 64;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GroupSpec {
+    pub name: String,
+    pub containers: Vec<ContainerSpec>,
+    /// vCPUs of the group's microVM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    /// Replaces the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// CPU limit, in CPUs (0.5 = half of one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mib: Option<u64>,
+    /// Give the container a terminal.
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// A spec the daemon refuses, with every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid container group spec: {}", problems.join("; "))]
+pub struct SpecError {
+    pub problems: Vec<String>,
+}
+
+/// Names of groups and containers: they become VM, file and cgroup names.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-')
+}
+
+impl GroupSpec {
+    /// Parses a JSON spec and validates it, naming each field that is wrong.
+    pub fn parse(text: &str) -> Result<Self, SpecError> {
+        let spec: GroupSpec = serde_json::from_str(text).map_err(|e| SpecError {
+            problems: vec![e.to_string()],
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn cpus(&self) -> u8 {
+        self.cpus.unwrap_or(DEFAULT_CPUS)
+    }
+
+    pub fn memory_mib(&self) -> u64 {
+        self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let mut problems = Vec::new();
+        if !valid_name(&self.name) {
+            problems.push(format!(
+                "name: {:?} must be 1-63 lowercase letters, digits or '-', starting with a letter or digit",
+                self.name
+            ));
+        }
+        if self.containers.is_empty() {
+            problems.push("containers: at least one container is needed".into());
+        }
+        if let Some(cpus) = self.cpus {
+            if cpus == 0 || cpus > MAX_CPUS {
+                problems.push(format!("cpus: {cpus} is not between 1 and {MAX_CPUS}"));
+            }
+        }
+        if let Some(memory) = self.memory_mib {
+            if memory < MIN_MEMORY_MIB {
+                problems.push(format!(
+                    "memoryMib: {memory} is below the minimum of {MIN_MEMORY_MIB}"
+                ));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, container) in self.containers.iter().enumerate() {
+            let at = format!("containers[{i}]");
+            if !valid_name(&container.name) {
+                problems.push(format!(
+                    "{at}.name: {:?} is not a valid name",
+                    container.name
+                ));
+            } else if !seen.insert(container.name.clone()) {
+                problems.push(format!("{at}.name: {:?} is used twice", container.name));
+            }
+            if container.image.trim().is_empty() {
+                problems.push(format!("{at}.image: empty"));
+            }
+            if container.command.as_ref().is_some_and(|c| c.is_empty()) {
+                problems.push(format!(
+                    "{at}.command: empty; leave it out to keep the image's"
+                ));
+            }
+            for key in container.env.keys() {
+                if key.is_empty() || key.contains('=') {
+                    problems.push(format!("{at}.env: {key:?} is not a variable name"));
+                }
+            }
+            if let Some(dir) = &container.working_dir {
+                if !dir.starts_with('/') {
+                    problems.push(format!("{at}.workingDir: {dir:?} is not absolute"));
+                }
+            }
+            if let Some(cpu) = container.cpu_limit {
+                if !(cpu > 0.0 && cpu <= f64::from(self.cpus())) {
+                    problems.push(format!(
+                        "{at}.cpuLimit: {cpu} is not above 0 and at most the group's {} CPUs",
+                        self.cpus()
+                    ));
+                }
+            }
+            if let Some(memory) = container.memory_limit_mib {
+                if memory == 0 || memory > self.memory_mib() {
+                    problems.push(format!(
+                        "{at}.memoryLimitMib: {memory} is not above 0 and at most the group's {} MiB",
+                        self.memory_mib()
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecError { problems })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_spec_gets_defaults() {
+        let spec =
+            GroupSpec::parse(r#"{"name":"web","containers":[{"name":"app","image":"busybox"}]}"#)
+                .unwrap();
+        assert_eq!((spec.cpus(), spec.memory_mib()), (1, 256));
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let error = GroupSpec::parse(
+            r#"{"name":"web","containers":[{"name":"app","image":"busybox","imgae":"x"}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("unknown field `imgae`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let error = GroupSpec::parse(
+            r#"{"name":"Web!","cpus":0,"memoryMib":16,"containers":[
+                {"name":"a","image":"","command":[],"workingDir":"rel","cpuLimit":4},
+                {"name":"a","image":"x","env":{"A=B":"c"},"memoryLimitMib":1024}]}"#,
+        )
+        .unwrap_err();
+        let text = error.problems.join("\n");
+        for field in [
+            "name:",
+            "cpus:",
+            "memoryMib:",
+            "containers[0].image",
+            "containers[0].command",
+            "containers[0].workingDir",
+            "containers[0].cpuLimit",
+            "containers[1].name",
+            "containers[1].env",
+            "containers[1].memoryLimitMib",
+        ] {
+            assert!(text.contains(field), "{field} missing from:\n{text}");
+        }
+    }
+}

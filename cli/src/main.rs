@@ -1,0 +1,404 @@
+//! `capsa`: run and manage container groups through capsad.
+
+mod client;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use capsa_api::{
+    ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, WaitResponse,
+};
+use clap::{Parser, Subcommand};
+use hyper::Method;
+
+use client::Client;
+
+#[derive(Parser)]
+#[command(name = "capsa", about = "Container groups in microVMs, through capsad")]
+struct Cli {
+    /// capsad's API socket.
+    #[arg(
+        long,
+        env = "CAPSA_SOCKET",
+        default_value = "/run/capsa/capsad.sock",
+        global = true
+    )]
+    socket: PathBuf,
+    /// JSON instead of tables, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run IMAGE in a one-container group; attached, it prints the output
+    /// and exits with the container's exit code.
+    Run {
+        /// Print the group's name and return at once.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Delete the group when it has exited.
+        #[arg(long)]
+        rm: bool,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        cpus: Option<u8>,
+        /// MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// KEY=VALUE
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        image: String,
+        /// The command, instead of the image's.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Create a group from a spec file (JSON), without starting it.
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(short = 't', long)]
+        timeout: Option<u64>,
+    },
+    /// Delete groups (stopping them first).
+    Rm {
+        names: Vec<String>,
+    },
+    /// List groups.
+    Ps,
+    Inspect {
+        name: String,
+    },
+    /// A container's output: GROUP or GROUP/CONTAINER.
+    Logs {
+        target: String,
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Unix milliseconds.
+        #[arg(long)]
+        since: Option<u64>,
+    },
+    /// Wait for a container to exit and exit with its code.
+    Wait {
+        target: String,
+    },
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import an OCI layout directory, an oci-archive or a docker-save tar
+    /// (a path on the daemon's host).
+    Import {
+        path: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    Ls,
+    Rm {
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("capsa: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// GROUP/CONTAINER, or GROUP alone for its only (or first) container.
+fn target(client: &Client, text: &str) -> Result<(String, String)> {
+    if let Some((group, container)) = text.split_once('/') {
+        return Ok((group.to_string(), container.to_string()));
+    }
+    let view: GroupView = client.call(Method::GET, &format!("/v1/groups/{text}"), None)?;
+    let container = view
+        .containers
+        .first()
+        .context("the group has no containers")?;
+    Ok((text.to_string(), container.name.clone()))
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    let client = Client::new(&cli.socket)?;
+    match cli.command {
+        Command::Run {
+            detach,
+            rm,
+            name,
+            cpus,
+            memory,
+            env,
+            image,
+            args,
+        } => {
+            let name = name
+                .unwrap_or_else(|| format!("run-{:08x}", std::process::id() ^ (now_ms() as u32)));
+            let mut variables = BTreeMap::new();
+            for pair in env {
+                let (key, value) = pair
+                    .split_once('=')
+                    .with_context(|| format!("-e {pair}: expected KEY=VALUE"))?;
+                variables.insert(key.to_string(), value.to_string());
+            }
+            let spec = GroupSpec {
+                name: name.clone(),
+                containers: vec![ContainerSpec {
+                    name: "main".into(),
+                    image,
+                    command: None,
+                    args: (!args.is_empty()).then_some(args),
+                    env: variables,
+                    working_dir: None,
+                    cpu_limit: None,
+                    memory_limit_mib: None,
+                    tty: false,
+                }],
+                cpus,
+                memory_mib: memory,
+                labels: BTreeMap::new(),
+            };
+            let _: GroupView = client.call(
+                Method::POST,
+                "/v1/groups",
+                Some(serde_json::to_string(&spec)?),
+            )?;
+            let started: Result<GroupView> =
+                client.call(Method::POST, &format!("/v1/groups/{name}/start"), None);
+            if let Err(e) = started {
+                if rm {
+                    let _: Result<serde_json::Value> =
+                        client.call(Method::DELETE, &format!("/v1/groups/{name}"), None);
+                }
+                return Err(e);
+            }
+            if detach {
+                println!("{name}");
+                return Ok(0);
+            }
+            follow_logs(&client, &name, "main", true, None, None)?;
+            let exit: WaitResponse = client.call(
+                Method::POST,
+                &format!("/v1/groups/{name}/containers/main/wait"),
+                None,
+            )?;
+            if rm {
+                let _: serde_json::Value =
+                    client.call(Method::DELETE, &format!("/v1/groups/{name}"), None)?;
+            }
+            Ok(exit.exit_code.clamp(0, 255) as u8)
+        }
+        Command::Create { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let view: GroupView = client.call(Method::POST, "/v1/groups", Some(text))?;
+            if cli.json {
+                print_json(&view)?;
+            } else {
+                println!("{}", view.name);
+            }
+            Ok(0)
+        }
+        Command::Start { name } => {
+            let view: GroupView =
+                client.call(Method::POST, &format!("/v1/groups/{name}/start"), None)?;
+            println!("{}", view.name);
+            Ok(0)
+        }
+        Command::Stop { name, timeout } => {
+            let query = timeout.map(|t| format!("?timeout={t}")).unwrap_or_default();
+            let view: GroupView = client.call(
+                Method::POST,
+                &format!("/v1/groups/{name}/stop{query}"),
+                None,
+            )?;
+            println!("{}", view.name);
+            Ok(0)
+        }
+        Command::Rm { names } => {
+            for name in names {
+                let _: serde_json::Value =
+                    client.call(Method::DELETE, &format!("/v1/groups/{name}"), None)?;
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        Command::Ps => {
+            let groups: Vec<GroupView> = client.call(Method::GET, "/v1/groups", None)?;
+            if cli.json {
+                print_json(&groups)?;
+                return Ok(0);
+            }
+            println!(
+                "{:<24} {:<9} {:>4} {:>7}  CONTAINERS",
+                "NAME", "STATUS", "CPUS", "MEMORY"
+            );
+            for group in groups {
+                let containers: Vec<String> = group
+                    .containers
+                    .iter()
+                    .map(|c| match c.exit_code {
+                        Some(code) => format!("{} ({:?}, {code})", c.name, c.status).to_lowercase(),
+                        None => format!("{} ({:?})", c.name, c.status).to_lowercase(),
+                    })
+                    .collect();
+                println!(
+                    "{:<24} {:<9} {:>4} {:>6}M  {}",
+                    group.name,
+                    format!("{:?}", group.status).to_lowercase(),
+                    group.cpus,
+                    group.memory_mib,
+                    containers.join(", ")
+                );
+            }
+            Ok(0)
+        }
+        Command::Inspect { name } => {
+            let view: GroupView = client.call(Method::GET, &format!("/v1/groups/{name}"), None)?;
+            print_json(&view)?;
+            Ok(0)
+        }
+        Command::Logs {
+            target: text,
+            follow,
+            tail,
+            since,
+        } => {
+            let (group, container) = target(&client, &text)?;
+            follow_logs(&client, &group, &container, follow, tail, since)?;
+            Ok(0)
+        }
+        Command::Wait { target: text } => {
+            let (group, container) = target(&client, &text)?;
+            let exit: WaitResponse = client.call(
+                Method::POST,
+                &format!("/v1/groups/{group}/containers/{container}/wait"),
+                None,
+            )?;
+            if cli.json {
+                print_json(&exit)?;
+            }
+            Ok(exit.exit_code.clamp(0, 255) as u8)
+        }
+        Command::Image(ImageCommand::Import { path, name }) => {
+            let path =
+                std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
+            let request = ImportRequest {
+                path: path.to_string_lossy().into_owned(),
+                name,
+            };
+            let view: ImageView = client.call(
+                Method::POST,
+                "/v1/images/import",
+                Some(serde_json::to_string(&request)?),
+            )?;
+            if cli.json {
+                print_json(&view)?;
+            } else {
+                println!("{} {}", view.name, view.digest);
+            }
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Ls) => {
+            let images: Vec<ImageView> = client.call(Method::GET, "/v1/images", None)?;
+            if cli.json {
+                print_json(&images)?;
+                return Ok(0);
+            }
+            println!("{:<40} {:<20} {:>10} LAYERS", "NAME", "DIGEST", "SIZE");
+            for image in images {
+                println!(
+                    "{:<40} {:<20} {:>9.1}M {}",
+                    image.name,
+                    &image.digest[..image.digest.len().min(19)],
+                    image.size as f64 / 1e6,
+                    image.layers
+                );
+            }
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Rm { name }) => {
+            let _: serde_json::Value =
+                client.call(Method::DELETE, &format!("/v1/images?name={name}"), None)?;
+            println!("{name}");
+            Ok(0)
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Prints a container's log lines, stdout to stdout and stderr to stderr.
+fn follow_logs(
+    client: &Client,
+    group: &str,
+    container: &str,
+    follow: bool,
+    tail: Option<usize>,
+    since: Option<u64>,
+) -> Result<()> {
+    let mut query = vec![format!("follow={follow}")];
+    if let Some(tail) = tail {
+        query.push(format!("tail={tail}"));
+    }
+    if let Some(since) = since {
+        query.push(format!("since={since}"));
+    }
+    let path = format!(
+        "/v1/groups/{group}/containers/{container}/logs?{}",
+        query.join("&")
+    );
+    let mut pending = Vec::new();
+    client.stream(&path, |chunk| {
+        pending.extend_from_slice(chunk);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let Ok(record) = serde_json::from_slice::<LogLine>(&line) else {
+                bail!(
+                    "a log line that is not JSON: {}",
+                    String::from_utf8_lossy(&line)
+                );
+            };
+            if record.stream == "stderr" {
+                let _ = writeln!(std::io::stderr(), "{}", record.line);
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{}", record.line)?;
+                out.flush()?;
+            }
+        }
+        Ok(())
+    })
+}

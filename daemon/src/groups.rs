@@ -1,0 +1,600 @@
+//! Container groups: each runs in a microVM of its own. The daemon starts
+//! the VMM, hands the agent the images and the containers, copies their
+//! output into logs, records exits, and stops the VM when nothing runs in
+//! it any more. Calls here block; the HTTP layer runs them off its
+//! threads.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use capsa_api::{
+    ApiError, ContainerSpec, ContainerStatus, ErrorCode, GroupSpec, GroupStatus, GroupView,
+    WaitResponse,
+};
+use capsa_guest_client::{Guest, OciImage, Streams};
+use capsa_image_store::ImageStore;
+use capsa_protocol::stdio::StreamKind;
+use oci_spec::runtime::{
+    LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec,
+};
+
+use crate::logs::LogWriter;
+use crate::state::{self, now_ms, GroupPaths, GroupRecord};
+use crate::vm::{self, VmConfig};
+
+/// How long a booting guest gets to answer.
+const BOOT_PATIENCE: Duration = Duration::from_secs(120);
+/// How long containers get between SIGTERM and SIGKILL when a group stops.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+pub fn error(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError {
+        code,
+        message: message.into(),
+        details: Vec::new(),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    error(ErrorCode::Internal, e.to_string())
+}
+
+pub struct Group {
+    paths: GroupPaths,
+    record: Mutex<GroupRecord>,
+    guest: Mutex<Option<Arc<Guest>>>,
+    changed: Condvar,
+    /// Set while the daemon itself stops the VM, so its exit is no failure.
+    stopping: Mutex<bool>,
+    /// Set once the group is being deleted: nothing is saved after that.
+    deleted: Mutex<bool>,
+}
+
+impl Group {
+    fn update(&self, change: impl FnOnce(&mut GroupRecord)) {
+        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut record);
+        if *self.deleted.lock().unwrap_or_else(|e| e.into_inner()) {
+            self.changed.notify_all();
+            return;
+        }
+        if let Err(e) = state::save(&self.paths, &record) {
+            eprintln!("capsad: saving group {}: {e:#}", record.spec.name);
+        }
+        self.changed.notify_all();
+    }
+
+    fn snapshot(&self) -> GroupRecord {
+        self.record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+pub struct Daemon {
+    pub root: PathBuf,
+    pub images: ImageStore,
+    vm: VmConfig,
+    groups: Mutex<BTreeMap<String, Arc<Group>>>,
+}
+
+impl Daemon {
+    pub fn new(root: PathBuf, images: ImageStore, vm: VmConfig) -> Arc<Self> {
+        Arc::new(Daemon {
+            root,
+            images,
+            vm,
+            groups: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn group(&self, name: &str) -> Result<Arc<Group>, ApiError> {
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| error(ErrorCode::NotFound, format!("no group {name:?}")))
+    }
+
+    pub fn list(&self) -> Vec<GroupView> {
+        let groups: Vec<Arc<Group>> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        groups.iter().map(|g| g.snapshot().view()).collect()
+    }
+
+    pub fn inspect(&self, name: &str) -> Result<GroupView, ApiError> {
+        Ok(self.group(name)?.snapshot().view())
+    }
+
+    /// Who uses image `name`, if any group does.
+    pub fn image_user(&self, name: &str) -> Option<String> {
+        let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.values().find_map(|group| {
+            let record = group.snapshot();
+            let uses = record
+                .spec
+                .containers
+                .iter()
+                .any(|c| capsa_image_store::normalize_name(&c.image).is_ok_and(|n| n == name));
+            uses.then(|| format!("group {}", record.spec.name))
+        })
+    }
+
+    pub fn create(&self, spec: GroupSpec) -> Result<GroupView, ApiError> {
+        spec.validate().map_err(|e| ApiError {
+            code: ErrorCode::InvalidSpec,
+            message: "invalid container group spec".into(),
+            details: e.problems,
+        })?;
+        let mut missing = Vec::new();
+        for (i, container) in spec.containers.iter().enumerate() {
+            if let Err(e) = self.images.summary(&container.image) {
+                missing.push(format!("containers[{i}].image: {e}"));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(ApiError {
+                code: ErrorCode::ImageNotFound,
+                message: "the spec names images the store does not have (capsa image import)"
+                    .into(),
+                details: missing,
+            });
+        }
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if groups.contains_key(&spec.name) {
+            return Err(error(
+                ErrorCode::AlreadyExists,
+                format!("group {:?} already exists", spec.name),
+            ));
+        }
+        let paths = GroupPaths::new(&self.root, &spec.name);
+        let record = GroupRecord::new(spec);
+        state::save(&paths, &record).map_err(internal)?;
+        let view = record.view();
+        groups.insert(
+            record.spec.name.clone(),
+            Arc::new(Group {
+                paths,
+                record: Mutex::new(record),
+                guest: Mutex::new(None),
+                changed: Condvar::new(),
+                stopping: Mutex::new(false),
+                deleted: Mutex::new(false),
+            }),
+        );
+        Ok(view)
+    }
+
+    /// Boots the group's VM and starts its containers; returns once they
+    /// run (or the start failed, which leaves the group Failed).
+    pub fn start(self: &Arc<Self>, name: &str) -> Result<GroupView, ApiError> {
+        let group = self.group(name)?;
+        {
+            let record = group.snapshot();
+            if record.status == GroupStatus::Running {
+                return Err(error(
+                    ErrorCode::Conflict,
+                    format!("group {name:?} is already running"),
+                ));
+            }
+        }
+        *group.stopping.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        let record = group.snapshot();
+        let mut child = vm::spawn(
+            &self.vm,
+            record.spec.cpus(),
+            record.spec.memory_mib(),
+            &group.paths.vsock(),
+            &group.paths.console(),
+        )
+        .map_err(internal)?;
+        let pid = child.id();
+        group.update(|r| {
+            r.status = GroupStatus::Running;
+            r.error = None;
+            r.vmm_pid = Some(pid);
+            r.started_at = Some(now_ms());
+            for c in &mut r.containers {
+                c.status = ContainerStatus::Created;
+                c.exit_code = None;
+                c.signal = None;
+                c.oom_killed = false;
+                c.started_at = None;
+                c.finished_at = None;
+            }
+        });
+        let watched = group.clone();
+        std::thread::spawn(move || {
+            let status = child.wait();
+            vm_exited(
+                &watched,
+                status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string()),
+            );
+        });
+        match self.run_containers(&group) {
+            Ok(()) => Ok(group.snapshot().view()),
+            Err(e) => {
+                let message = e.message.clone();
+                *group.stopping.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                vm::kill(pid);
+                group.update(|r| {
+                    r.status = GroupStatus::Failed;
+                    r.error = Some(message);
+                });
+                Err(e)
+            }
+        }
+    }
+
+    fn run_containers(self: &Arc<Self>, group: &Arc<Group>) -> Result<(), ApiError> {
+        let record = group.snapshot();
+        let guest = Guest::connect(&group.paths.vsock(), BOOT_PATIENCE).map_err(|e| {
+            internal(format!(
+                "the guest did not answer: {e}; console:\n{}",
+                vm::console_tail(&group.paths.console())
+            ))
+        })?;
+        let guest = Arc::new(guest);
+        let sandbox = capsa_protocol::agent::SetupSandboxRequest {
+            hostname: record.spec.name.clone(),
+            time_unix_ns: (now_ms() as i64) * 1_000_000,
+            ..Default::default()
+        };
+        guest
+            .agent()
+            .setup_sandbox(ttrpc::context::with_timeout(60_000_000_000), &sandbox)
+            .map_err(|e| internal(format!("setting up the sandbox: {e}")))?;
+        *group.guest.lock().unwrap_or_else(|e| e.into_inner()) = Some(guest.clone());
+        for container in &record.spec.containers {
+            let image = OciImage::open(self.images.layout(), Some(&normalized(&container.image)))
+                .map_err(internal)?;
+            let chain = guest.push_image(&image).map_err(internal)?;
+            let spec = oci_spec_for(&image, container).map_err(internal)?;
+            guest
+                .create(&container.name, &chain, &spec, Streams::OUTPUT)
+                .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
+            let log = LogWriter::open(&group.paths.log(&container.name)).map_err(internal)?;
+            let mut copiers = Vec::new();
+            for (kind, tag) in [
+                (StreamKind::Stdout, "stdout"),
+                (StreamKind::Stderr, "stderr"),
+            ] {
+                let stream = guest.attach(&container.name, "", kind).map_err(internal)?;
+                let log = log.clone();
+                copiers.push(std::thread::spawn(move || {
+                    let _ = log.copy(tag, stream);
+                }));
+            }
+            guest
+                .start(&container.name)
+                .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
+            let name = container.name.clone();
+            group.update(|r| {
+                if let Some(c) = r.container_mut(&name) {
+                    c.status = ContainerStatus::Running;
+                    c.started_at = Some(now_ms());
+                }
+            });
+            watch_container(group.clone(), guest.clone(), name, copiers);
+        }
+        Ok(())
+    }
+
+    /// Stops the containers (SIGTERM, SIGKILL after `grace`) and the VM.
+    pub fn stop(&self, name: &str, grace: Duration) -> Result<GroupView, ApiError> {
+        let group = self.group(name)?;
+        stop_vm(&group, grace);
+        Ok(group.snapshot().view())
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), ApiError> {
+        let group = self.group(name)?;
+        if group.snapshot().status == GroupStatus::Running {
+            stop_vm(&group, Duration::from_secs(2));
+        }
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        std::fs::remove_dir_all(&group.paths.dir).map_err(internal)
+    }
+
+    /// Blocks until `container` of `name` has exited.
+    pub fn wait(&self, name: &str, container: &str) -> Result<WaitResponse, ApiError> {
+        let group = self.group(name)?;
+        let mut record = group.record.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let c = record
+                .containers
+                .iter()
+                .find(|c| c.name == container)
+                .ok_or_else(|| {
+                    error(
+                        ErrorCode::NotFound,
+                        format!("no container {container:?} in {name:?}"),
+                    )
+                })?;
+            if c.status == ContainerStatus::Exited {
+                return Ok(WaitResponse {
+                    exit_code: c.exit_code.unwrap_or(-1),
+                    signal: c.signal,
+                    oom_killed: c.oom_killed,
+                });
+            }
+            if matches!(record.status, GroupStatus::Failed | GroupStatus::Stopped)
+                && c.status != ContainerStatus::Exited
+            {
+                return Err(error(
+                    ErrorCode::Conflict,
+                    format!(
+                        "group {name:?} is {:?} and container {container:?} never exited: {}",
+                        record.status,
+                        record.error.clone().unwrap_or_default()
+                    ),
+                ));
+            }
+            record = group
+                .changed
+                .wait(record)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Whether `container` of `name` has exited (its log is then complete).
+    pub fn wait_done(&self, name: &str, container: &str) -> bool {
+        self.group(name).is_ok_and(|group| {
+            group
+                .snapshot()
+                .containers
+                .iter()
+                .any(|c| c.name == container && c.status == ContainerStatus::Exited)
+        })
+    }
+
+    /// The log file of a container, checking both exist.
+    pub fn log_path(&self, name: &str, container: &str) -> Result<(PathBuf, Arc<Group>), ApiError> {
+        let group = self.group(name)?;
+        if !group
+            .snapshot()
+            .containers
+            .iter()
+            .any(|c| c.name == container)
+        {
+            return Err(error(
+                ErrorCode::NotFound,
+                format!("no container {container:?} in {name:?}"),
+            ));
+        }
+        Ok((group.paths.log(container), group))
+    }
+
+    /// Loads the groups on disk; groups whose VMM still runs are adopted
+    /// (their containers' exits watched again), the others marked failed.
+    pub fn restore(self: &Arc<Self>) {
+        for (paths, record) in state::load_all(&self.root) {
+            let record = match record {
+                Ok(record) => record,
+                Err(e) => {
+                    eprintln!("capsad: skipping {}: {e:#}", paths.dir.display());
+                    continue;
+                }
+            };
+            let name = record.spec.name.clone();
+            let group = Arc::new(Group {
+                paths,
+                record: Mutex::new(record),
+                guest: Mutex::new(None),
+                changed: Condvar::new(),
+                stopping: Mutex::new(false),
+                deleted: Mutex::new(false),
+            });
+            self.groups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name, group.clone());
+            adopt(group);
+        }
+    }
+}
+
+pub fn is_running(group: &Group) -> bool {
+    group.snapshot().status == GroupStatus::Running
+}
+
+fn normalized(image: &str) -> String {
+    capsa_image_store::normalize_name(image).unwrap_or_else(|_| image.to_string())
+}
+
+/// The OCI runtime spec for one container of the group spec.
+fn oci_spec_for(image: &OciImage, container: &ContainerSpec) -> anyhow::Result<Spec> {
+    let config = image.config.config().clone().unwrap_or_default();
+    let mut spec = image.spec(container.args.as_deref())?;
+    let mut process = spec.process().clone().unwrap_or_default();
+    if let Some(command) = &container.command {
+        let rest = container
+            .args
+            .clone()
+            .unwrap_or_else(|| config.cmd().clone().unwrap_or_default());
+        process.set_args(Some(command.iter().cloned().chain(rest).collect()));
+    }
+    let mut env = process.env().clone().unwrap_or_default();
+    for (key, value) in &container.env {
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(format!("{key}={value}"));
+    }
+    process.set_env(Some(env));
+    if let Some(dir) = &container.working_dir {
+        process.set_cwd(dir.into());
+    }
+    process.set_terminal(Some(container.tty));
+    spec.set_process(Some(process));
+    if container.cpu_limit.is_some() || container.memory_limit_mib.is_some() {
+        let mut resources = LinuxResourcesBuilder::default();
+        if let Some(cpus) = container.cpu_limit {
+            let period = 100_000u64;
+            resources = resources.cpu(
+                LinuxCpuBuilder::default()
+                    .period(period)
+                    .quota((cpus * period as f64) as i64)
+                    .build()?,
+            );
+        }
+        if let Some(mib) = container.memory_limit_mib {
+            resources = resources.memory(
+                LinuxMemoryBuilder::default()
+                    .limit((mib << 20) as i64)
+                    .build()?,
+            );
+        }
+        let mut linux = spec
+            .linux()
+            .clone()
+            .unwrap_or(LinuxBuilder::default().build()?);
+        linux.set_resources(Some(resources.build()?));
+        spec.set_linux(Some(linux));
+    }
+    Ok(spec)
+}
+
+/// Waits for a container's exit (after its output reached the log), and
+/// stops the VM once every container has exited.
+fn watch_container(
+    group: Arc<Group>,
+    guest: Arc<Guest>,
+    name: String,
+    copiers: Vec<JoinHandle<()>>,
+) {
+    std::thread::spawn(move || {
+        let exit = guest.wait(&name, "");
+        for copier in copiers {
+            let _ = copier.join();
+        }
+        let exit = match exit {
+            Ok(exit) => exit,
+            // The VM went away; vm_exited records that.
+            Err(_) => return,
+        };
+        group.update(|r| {
+            if let Some(c) = r.container_mut(&name) {
+                c.status = ContainerStatus::Exited;
+                c.exit_code = Some(exit.code);
+                c.signal = (exit.signal != 0).then_some(exit.signal);
+                c.oom_killed = exit.oom_killed;
+                c.finished_at = Some(now_ms());
+            }
+        });
+        let all_done = group
+            .snapshot()
+            .containers
+            .iter()
+            .all(|c| c.status == ContainerStatus::Exited);
+        if all_done {
+            stop_vm(&group, Duration::from_secs(2));
+        }
+    });
+}
+
+fn stop_vm(group: &Arc<Group>, grace: Duration) {
+    *group.stopping.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    let guest = group.guest.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(guest) = guest {
+        let _ = guest.shutdown(grace);
+    }
+    let pid = group.snapshot().vmm_pid;
+    if let Some(pid) = pid {
+        let deadline = Instant::now() + grace + Duration::from_secs(10);
+        while vm::is_our_vmm(pid, &group.paths.vsock()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if vm::is_our_vmm(pid, &group.paths.vsock()) {
+            vm::kill(pid);
+        }
+    }
+    group.update(|r| {
+        if r.status == GroupStatus::Running {
+            r.status = GroupStatus::Stopped;
+        }
+        r.vmm_pid = None;
+    });
+}
+
+/// The VMM process ended: a failure unless the daemon was stopping it.
+fn vm_exited(group: &Arc<Group>, how: String) {
+    let expected = *group.stopping.lock().unwrap_or_else(|e| e.into_inner());
+    group.guest.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let tail = vm::console_tail(&group.paths.console());
+    group.update(|r| {
+        if r.status != GroupStatus::Running {
+            return;
+        }
+        r.vmm_pid = None;
+        if expected {
+            r.status = GroupStatus::Stopped;
+        } else {
+            r.status = GroupStatus::Failed;
+            r.error = Some(format!("the VMM exited ({how}); console:\n{tail}"));
+        }
+    });
+}
+
+/// After a daemon restart: watch a running group's VMM and containers
+/// again, or record that it died meanwhile.
+fn adopt(group: Arc<Group>) {
+    let record = group.snapshot();
+    if record.status != GroupStatus::Running {
+        return;
+    }
+    let alive = record
+        .vmm_pid
+        .is_some_and(|pid| vm::is_our_vmm(pid, &group.paths.vsock()));
+    if !alive {
+        group.update(|r| {
+            r.status = GroupStatus::Failed;
+            r.error = Some("the VMM exited while the daemon was down".into());
+            r.vmm_pid = None;
+        });
+        return;
+    }
+    let pid = record.vmm_pid.unwrap_or_default();
+    let guest = match Guest::connect(&group.paths.vsock(), Duration::from_secs(10)) {
+        Ok(guest) => Arc::new(guest),
+        Err(e) => {
+            eprintln!(
+                "capsad: group {}: cannot reach its agent: {e}",
+                record.spec.name
+            );
+            return;
+        }
+    };
+    *group.guest.lock().unwrap_or_else(|e| e.into_inner()) = Some(guest.clone());
+    for container in &record.containers {
+        if container.status == ContainerStatus::Running {
+            watch_container(
+                group.clone(),
+                guest.clone(),
+                container.name.clone(),
+                Vec::new(),
+            );
+        }
+    }
+    // Not our child any more: poll for its end.
+    let watched = group.clone();
+    std::thread::spawn(move || {
+        while vm::is_our_vmm(pid, &watched.paths.vsock()) {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        vm_exited(&watched, "after the daemon restarted".into());
+    });
+}

@@ -1,0 +1,313 @@
+//! The HTTP/JSON API on the daemon's Unix socket (docs/api.yaml describes
+//! it). Handlers run the daemon's blocking calls on the blocking pool.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use capsa_api::{ApiError, ErrorCode, GroupSpec, ImageView, ImportRequest};
+use serde::Deserialize;
+
+use crate::groups::{error, is_running, Daemon, DEFAULT_STOP_GRACE};
+use crate::logs;
+
+pub struct Failure(ApiError);
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure(e)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+type Reply<T> = Result<Json<T>, Failure>;
+
+/// Runs blocking daemon work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Failure(error(ErrorCode::Internal, format!("worker failed: {e}"))))?
+        .map_err(Failure)
+}
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/images", get(list_images).delete(remove_image))
+        .route("/v1/images/import", post(import_image))
+        .route("/v1/groups", get(list_groups).post(create_group))
+        .route("/v1/groups/{name}", get(inspect_group).delete(delete_group))
+        .route("/v1/groups/{name}/start", post(start_group))
+        .route("/v1/groups/{name}/stop", post(stop_group))
+        .route(
+            "/v1/groups/{name}/containers/{container}/wait",
+            post(wait_container),
+        )
+        .route(
+            "/v1/groups/{name}/containers/{container}/logs",
+            get(container_logs),
+        )
+        .fallback(|| async {
+            Failure(error(
+                ErrorCode::NotFound,
+                "no such route (see docs/api.yaml)",
+            ))
+        })
+        .with_state(daemon)
+}
+
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "api": "v1"}))
+}
+
+async fn list_images(State(daemon): State<Arc<Daemon>>) -> Reply<Vec<ImageView>> {
+    let images = blocking(move || {
+        daemon
+            .images
+            .list()
+            .map_err(|e| error(ErrorCode::Internal, e.to_string()))
+    })
+    .await?;
+    Ok(Json(images.into_iter().map(view_of).collect()))
+}
+
+fn view_of(summary: capsa_image_store::ImageSummary) -> ImageView {
+    ImageView {
+        name: summary.name,
+        digest: summary.manifest_digest,
+        size: summary.size,
+        layers: summary.layers,
+    }
+}
+
+async fn import_image(
+    State(daemon): State<Arc<Daemon>>,
+    Json(request): Json<ImportRequest>,
+) -> Reply<ImageView> {
+    let summary = blocking(move || {
+        let path = Path::new(&request.path);
+        let store_error = |e: capsa_image_store::StoreError| {
+            error(
+                ErrorCode::InvalidRequest,
+                format!("importing {}: {e}", request.path),
+            )
+        };
+        if path.is_dir() {
+            let name = request.name.clone().ok_or_else(|| {
+                error(
+                    ErrorCode::InvalidRequest,
+                    "importing a layout directory needs a name",
+                )
+            })?;
+            daemon
+                .images
+                .import_layout(path, None, &name)
+                .map_err(store_error)
+        } else if path.is_file() {
+            daemon
+                .images
+                .import_archive(path, request.name.as_deref())
+                .map_err(store_error)
+        } else {
+            Err(error(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "{}: no such file or directory on the daemon's host",
+                    request.path
+                ),
+            ))
+        }
+    })
+    .await?;
+    Ok(Json(view_of(summary)))
+}
+
+#[derive(Deserialize)]
+struct NameQuery {
+    name: String,
+}
+
+async fn remove_image(
+    State(daemon): State<Arc<Daemon>>,
+    Query(query): Query<NameQuery>,
+) -> Reply<serde_json::Value> {
+    blocking(move || {
+        daemon
+            .images
+            .remove(&query.name, |name| daemon.image_user(name))
+            .map_err(|e| match e {
+                capsa_image_store::StoreError::NotFound(_) => {
+                    error(ErrorCode::ImageNotFound, e.to_string())
+                }
+                capsa_image_store::StoreError::InUse(..) => {
+                    error(ErrorCode::Conflict, e.to_string())
+                }
+                other => error(ErrorCode::InvalidRequest, other.to_string()),
+            })?;
+        let (blobs, bytes) = daemon
+            .images
+            .garbage_collect()
+            .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+        Ok(serde_json::json!({"removed": query.name, "blobs_freed": blobs, "bytes_freed": bytes}))
+    })
+    .await
+    .map(Json)
+}
+
+async fn list_groups(State(daemon): State<Arc<Daemon>>) -> Reply<Vec<capsa_api::GroupView>> {
+    Ok(Json(blocking(move || Ok(daemon.list())).await?))
+}
+
+async fn create_group(
+    State(daemon): State<Arc<Daemon>>,
+    body: String,
+) -> Reply<capsa_api::GroupView> {
+    let spec: GroupSpec = serde_json::from_str(&body).map_err(|e| ApiError {
+        code: ErrorCode::InvalidSpec,
+        message: "invalid container group spec".into(),
+        details: vec![e.to_string()],
+    })?;
+    Ok(Json(blocking(move || daemon.create(spec)).await?))
+}
+
+async fn inspect_group(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<capsa_api::GroupView> {
+    Ok(Json(blocking(move || daemon.inspect(&name)).await?))
+}
+
+async fn start_group(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<capsa_api::GroupView> {
+    Ok(Json(blocking(move || daemon.start(&name)).await?))
+}
+
+#[derive(Deserialize)]
+struct StopQuery {
+    /// Seconds between SIGTERM and SIGKILL.
+    timeout: Option<u64>,
+}
+
+async fn stop_group(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+    Query(query): Query<StopQuery>,
+) -> Reply<capsa_api::GroupView> {
+    let grace = query
+        .timeout
+        .map_or(DEFAULT_STOP_GRACE, Duration::from_secs);
+    Ok(Json(blocking(move || daemon.stop(&name, grace)).await?))
+}
+
+async fn delete_group(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<serde_json::Value> {
+    let deleted = name.clone();
+    blocking(move || daemon.delete(&name)).await?;
+    Ok(Json(serde_json::json!({"deleted": deleted})))
+}
+
+async fn wait_container(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath((name, container)): UrlPath<(String, String)>,
+) -> Reply<capsa_api::WaitResponse> {
+    Ok(Json(
+        blocking(move || daemon.wait(&name, &container)).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    tail: Option<usize>,
+    /// Unix milliseconds.
+    since: Option<u64>,
+}
+
+/// JSON lines; with `follow`, the response goes on until the container
+/// has exited and its last line has been sent.
+async fn container_logs(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath((name, container)): UrlPath<(String, String)>,
+    Query(query): Query<LogsQuery>,
+) -> Result<Response, Failure> {
+    let (path, group) = {
+        let daemon = daemon.clone();
+        let (name, container) = (name.clone(), container.clone());
+        blocking(move || daemon.log_path(&name, &container)).await?
+    };
+    let (lines, offset) = {
+        let path = path.clone();
+        blocking(move || {
+            logs::read(&path, query.tail, query.since)
+                .map_err(|e| error(ErrorCode::Internal, e.to_string()))
+        })
+        .await?
+    };
+    let mut first = String::new();
+    for line in &lines {
+        first.push_str(&serde_json::to_string(line).unwrap_or_default());
+        first.push('\n');
+    }
+    if !query.follow {
+        return Ok(([("content-type", "application/x-ndjson")], first).into_response());
+    }
+    let stream = futures::stream::unfold(
+        (Some(first), offset, false),
+        move |(pending, offset, finished)| {
+            let path = path.clone();
+            let daemon = daemon.clone();
+            let group = group.clone();
+            let (name, container) = (name.clone(), container.clone());
+            async move {
+                if let Some(text) = pending {
+                    return Some((Ok::<_, std::io::Error>(text), (None, offset, false)));
+                }
+                if finished {
+                    return None;
+                }
+                let mut offset = offset;
+                loop {
+                    // Whether it had ended before this read: then whatever
+                    // the read finds is the last of it.
+                    let ended = daemon.wait_done(&name, &container) || !is_running(&group);
+                    let mut lines = Vec::new();
+                    offset = logs::read_lines(&path, offset, &mut lines).unwrap_or(offset);
+                    if !lines.is_empty() || ended {
+                        let mut text = String::new();
+                        for line in &lines {
+                            text.push_str(&serde_json::to_string(line).unwrap_or_default());
+                            text.push('\n');
+                        }
+                        return Some((Ok(text), (None, offset, ended)));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        },
+    );
+    Ok((
+        [("content-type", "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

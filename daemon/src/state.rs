@@ -1,0 +1,159 @@
+//! What the daemon knows about each group, on disk under
+//! `ROOT/groups/<name>/group.json` (replaced atomically and fsynced on
+//! every change), so a restarted daemon finds its groups, and the VMMs
+//! still running them, again.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use capsa_api::{ContainerStatus, ContainerView, GroupSpec, GroupStatus, GroupView};
+use serde::{Deserialize, Serialize};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub name: String,
+    pub image: String,
+    pub status: ContainerStatus,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub spec: GroupSpec,
+    pub status: GroupStatus,
+    pub error: Option<String>,
+    pub vmm_pid: Option<u32>,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub containers: Vec<ContainerRecord>,
+}
+
+impl GroupRecord {
+    pub fn new(spec: GroupSpec) -> Self {
+        let containers = spec
+            .containers
+            .iter()
+            .map(|c| ContainerRecord {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                status: ContainerStatus::Created,
+                exit_code: None,
+                signal: None,
+                oom_killed: false,
+                started_at: None,
+                finished_at: None,
+            })
+            .collect();
+        GroupRecord {
+            spec,
+            status: GroupStatus::Created,
+            error: None,
+            vmm_pid: None,
+            created_at: now_ms(),
+            started_at: None,
+            containers,
+        }
+    }
+
+    pub fn container_mut(&mut self, name: &str) -> Option<&mut ContainerRecord> {
+        self.containers.iter_mut().find(|c| c.name == name)
+    }
+
+    pub fn view(&self) -> GroupView {
+        GroupView {
+            name: self.spec.name.clone(),
+            status: self.status,
+            error: self.error.clone(),
+            cpus: self.spec.cpus(),
+            memory_mib: self.spec.memory_mib(),
+            vmm_pid: self.vmm_pid,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            labels: self.spec.labels.clone(),
+            containers: self
+                .containers
+                .iter()
+                .map(|c| ContainerView {
+                    name: c.name.clone(),
+                    image: c.image.clone(),
+                    status: c.status,
+                    exit_code: c.exit_code,
+                    signal: c.signal,
+                    oom_killed: c.oom_killed,
+                    started_at: c.started_at,
+                    finished_at: c.finished_at,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A group's directory and the files in it.
+#[derive(Debug, Clone)]
+pub struct GroupPaths {
+    pub dir: PathBuf,
+}
+
+impl GroupPaths {
+    pub fn new(root: &Path, name: &str) -> Self {
+        GroupPaths {
+            dir: root.join("groups").join(name),
+        }
+    }
+
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("group.json")
+    }
+
+    /// Short on purpose: Unix socket paths are limited to 108 bytes.
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("v.sock")
+    }
+
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    pub fn log(&self, container: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{container}.log"))
+    }
+}
+
+pub fn save(paths: &GroupPaths, record: &GroupRecord) -> Result<()> {
+    fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
+    let bytes = serde_json::to_vec_pretty(record)?;
+    capsa_image_store::write_atomically(&paths.record(), &bytes)?;
+    Ok(())
+}
+
+/// Every group record under `root`; unreadable ones are reported, not
+/// fatal.
+pub fn load_all(root: &Path) -> Vec<(GroupPaths, Result<GroupRecord>)> {
+    let Ok(entries) = fs::read_dir(root.join("groups")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let paths = GroupPaths::new(root, &name);
+            let record = fs::read(paths.record())
+                .with_context(|| format!("reading {}", paths.record().display()))
+                .and_then(|bytes| Ok(serde_json::from_slice(&bytes)?));
+            (paths, record)
+        })
+        .collect()
+}

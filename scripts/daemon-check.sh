@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# End to end through the daemon and the CLI: starts a real capsad in a
+# temporary root, imports a busybox image built here (umoci), and checks
+#   - `capsa run --rm IMAGE echo hi` prints hi and exits 0;
+#   - a failing command's exit code passes through `capsa run`;
+#   - a two-container group from a spec file runs both, logs kept;
+#   - `capsa logs -f` streams lines as they come and ends with the container;
+#   - `kill -9` of capsad while a group runs, then a restart: the group is
+#     still running, and its container's exit is still seen;
+#   - invalid specs and unknown images get clear errors.
+# On a PVM host (README, "Hosts with PVM") it runs on a KVM nested in QEMU.
+#
+#   scripts/daemon-check.sh KERNEL INITRD
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+kernel=$1 initrd=$2
+log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/daemon-check.log"
+
+bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-daemon capsa-cli)
+payload=$(mktemp -d)
+trap 'rm -rf "$payload"' EXIT
+cp "$bin/capsa-vmm" "$bin/capsad" "$bin/capsa" "$payload/"
+cp "$kernel" "$payload/vmlinux"
+cp "$initrd" "$payload/initramfs.cpio"
+"$root/scripts/busybox-image.sh" "$payload/busybox-oci" > /dev/null
+cat > "$payload/pair.json" <<'JSON'
+{"name": "pair", "memoryMib": 256, "containers": [
+  {"name": "first", "image": "busybox", "args": ["sh", "-c", "echo from-first; sleep 1"]},
+  {"name": "second", "image": "busybox", "args": ["sh", "-c", "echo from-second >&2; exit 5"],
+   "env": {"GREETING": "hello"}}
+]}
+JSON
+cat > "$payload/bad.json" <<'JSON'
+{"name": "Bad_Name", "containers": [{"name": "x", "image": "busybox", "colour": "red"}]}
+JSON
+cat > "$payload/bad-fields.json" <<'JSON'
+{"name": "bad", "cpus": 0, "containers": [{"name": "x", "image": "busybox", "workingDir": "relative"}]}
+JSON
+payload_dir=$payload
+nested=0
+if "$root/scripts/kvm-is-pvm.sh"; then nested=1; payload_dir=/payload; fi
+printf 'cd "%s"\n' "$payload_dir" > "$payload/check.sh"
+cat >> "$payload/check.sh" <<'RUN'
+work=$(mktemp -d)
+export work CAPSA_SOCKET=$work/capsad.sock
+daemon() {
+    ./capsad --root "$work/root" --socket "$CAPSA_SOCKET" --kernel vmlinux \
+        --initrd initramfs.cpio --vmm ./capsa-vmm >> "$work/capsad.log" 2>&1 &
+    echo $! > "$work/capsad.pid"
+}
+ready() {
+    for i in $(seq 100); do
+        [ -S "$CAPSA_SOCKET" ] && ./capsa ps > /dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    return 1
+}
+step() { name=$1; shift; echo "=== BEGIN $name"; "$@" 2>&1; echo "=== END $name exit=$?"; }
+pair() {
+    ./capsa create -f pair.json && ./capsa start pair || return 1
+    ./capsa wait pair/first; echo "first=$?"
+    ./capsa wait pair/second; echo "second=$?"
+    ./capsa logs pair/first; ./capsa logs pair/second
+    ./capsa ps; ./capsa rm pair
+}
+follow() {
+    ./capsa run -d --name ticker busybox sh -c 'for i in 1 2 3; do echo tick-$i; sleep 1; done' || return 1
+    ./capsa logs -f ticker | while read -r line; do echo "$(date +%s) $line"; done
+    ./capsa rm ticker
+}
+restart() {
+    ./capsa run -d --name survivor busybox sh -c 'sleep 8; exit 7' || return 1
+    kill -9 "$(cat "$work/capsad.pid")"
+    sleep 1
+    ./capsa ps > /dev/null 2>&1; echo "ps-while-down=$?"
+}
+adopted() {
+    ./capsa ps; ./capsa wait survivor; echo "survivor=$?"; ./capsa rm survivor
+}
+images() { ./capsa image ls && ./capsa image rm busybox && ./capsa image ls; }
+
+step no-daemon ./capsa ps
+daemon; ready || echo "capsad did not come up"
+step import ./capsa image import busybox-oci --name busybox
+step run-hi ./capsa run --rm busybox echo hi
+step run-exit-code ./capsa run --rm busybox sh -c 'echo failing; exit 3'
+step unknown-image ./capsa run --rm no-such-image true
+step bad-spec ./capsa create -f bad.json
+step bad-fields ./capsa create -f bad-fields.json
+step pair pair
+step follow follow
+# The daemon dies hard while a group runs; the new one adopts it.
+step restart restart
+daemon; ready || echo "capsad did not come back"
+step adopted adopted
+step images images
+kill "$(cat "$work/capsad.pid")" 2>/dev/null
+echo "--- capsad's log"
+tail -20 "$work/capsad.log"
+RUN
+mkdir -p "$(dirname "$log")"
+if [ "$nested" = 1 ]; then
+    printf '. ./check.sh\n' > "$payload/run.sh"
+    CAPSA_NESTED_TIMEOUT_SECS=900 "$root/scripts/nested-kvm.sh" "$payload" "$log"
+else
+    timeout 900 sh "$payload/check.sh" > "$log" 2>&1 || true
+fi
+
+section() { sed -n "/=== BEGIN $1\$/,/^=== END $1 /p" "$log"; }
+passed=0 failed=0
+check() {
+    local name=$1 what=$2; shift 2
+    if "$@"; then
+        passed=$((passed + 1)); echo "ok   $name: $what"
+    else
+        failed=$((failed + 1)); echo "FAIL $name: $what"; section "$name" | tail -30
+    fi
+}
+exit_is() { section "$1" | grep -q "^=== END $1 exit=$2\$"; }
+has() { section "$1" | grep -q -- "$2"; }
+check no-daemon "without a daemon the CLI says how to start one" has no-daemon "Start it with: capsad"
+check import "a busybox OCI layout imports" exit_is import 0
+check run-hi "capsa run --rm busybox echo hi prints hi" has run-hi '^hi$'
+check run-hi "and exits 0" exit_is run-hi 0
+check run-exit-code "a failing command's exit code passes through" exit_is run-exit-code 3
+check run-exit-code "with its output" has run-exit-code '^failing$'
+check unknown-image "an unknown image is a clear error" has unknown-image 'images the store does not have'
+check bad-spec "unknown fields are refused" has bad-spec 'unknown field `colour`'
+check bad-fields "field errors name their field" has bad-fields 'containers\[0\].workingDir'
+check pair "both containers of a two-container group ran" has pair '^first=0$'
+check pair "the second's exit code" has pair '^second=5$'
+check pair "logs kept for each container" has pair '^from-second$'
+follow_streams() {
+    local times
+    times=$(section follow | sed -n 's/^\([0-9]*\) tick-[123]$/\1/p' | tr '\n' ' ')
+    set -- $times
+    [ "$#" = 3 ] && [ "$3" -gt "$1" ]
+}
+check follow "logs -f streams lines as they come" follow_streams
+check restart "capsad killed with the group running" has restart 'ps-while-down=125'
+check adopted "the restarted daemon lists the group as running" has adopted 'survivor .*running'
+check adopted "and sees its container exit" has adopted '^survivor=7$'
+check images "an image not in use can be removed" exit_is images 0
+echo "daemon-check: $passed passed, $failed failed"
+[ "$failed" = 0 ]
