@@ -28,3 +28,5 @@ if [ "${nested:-0}" = 1 ]; then
 fi
 # The virtio devices end to end, from both sides (nested on a PVM host).
 scripts/device-check.sh "$kernel" "${CAPSA_DEVICE_CHECK_BULK:-1073741824}"
+# The daemon and the CLI end to end (nested on a PVM host).
+scripts/daemon-check.sh "$kernel" "$initrd"
