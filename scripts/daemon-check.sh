@@ -6,7 +6,8 @@
 #   - a two-container group from a spec file runs both, logs kept;
 #   - `capsa logs -f` streams lines as they come and ends with the container;
 #   - `kill -9` of capsad while a group runs, then a restart: the group is
-#     still running, and its container's exit is still seen;
+#     still running, `exec` (plain and -it, through a pty) works in it, and
+#     its container's exit is still seen;
 #   - invalid specs and unknown images get clear errors.
 # On a PVM host (README, "Hosts with PVM") it runs on a KVM nested in QEMU.
 #
@@ -69,13 +70,17 @@ follow() {
     ./capsa rm ticker
 }
 restart() {
-    ./capsa run -d --name survivor busybox sh -c 'sleep 8; exit 7' || return 1
+    ./capsa run -d --name survivor busybox sh -c 'sleep 20; exit 7' || return 1
     kill -9 "$(cat "$work/capsad.pid")"
     sleep 1
     ./capsa ps > /dev/null 2>&1; echo "ps-while-down=$?"
 }
 adopted() {
-    ./capsa ps; ./capsa wait survivor; echo "survivor=$?"; ./capsa rm survivor
+    ./capsa ps
+    ./capsa exec survivor -- sh -c 'echo in-exec; exit 4'; echo "exec=$?"
+    printf 'stty size; [ -t 0 ] && echo on-a-terminal; exit 3\n' | ./capsa exec -it survivor -- sh
+    echo "exec-tty=$?"
+    ./capsa wait survivor; echo "survivor=$?"; ./capsa rm survivor
 }
 images() { ./capsa image ls && ./capsa image rm busybox && ./capsa image ls; }
 
@@ -139,6 +144,11 @@ follow_streams() {
 check follow "logs -f streams lines as they come" follow_streams
 check restart "capsad killed with the group running" has restart 'ps-while-down=125'
 check adopted "the restarted daemon lists the group as running" has adopted 'survivor .*running'
+check adopted "exec runs in it with its exit code" has adopted '^exec=4$'
+check adopted "exec's output comes back" has adopted '^in-exec$'
+check adopted "exec -it runs on a pty" has adopted '^on-a-terminal'
+check adopted "with the terminal's size" has adopted '24 80'
+check adopted "and its exit code" has adopted 'exec-tty=3'
 check adopted "and sees its container exit" has adopted '^survivor=7$'
 check images "an image not in use can be removed" exit_is images 0
 echo "daemon-check: $passed passed, $failed failed"

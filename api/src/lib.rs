@@ -2,6 +2,7 @@
 //! group spec (modelled on Azure Container Instances' container group),
 //! what the daemon reports about groups and images, and its errors.
 
+pub mod exec;
 pub mod spec;
 
 use serde::{Deserialize, Serialize};

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
+use std::io::Write;
+
+use capsa_api::exec::{self, ExecRequest, Frame};
 use capsa_api::ApiError;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -94,6 +97,161 @@ impl Client {
                 }
             }
             Ok(())
+        })
+    }
+}
+
+/// Puts the local terminal in raw mode until dropped, so keys reach the
+/// remote terminal as typed.
+struct RawTerminal(Option<nix::sys::termios::Termios>);
+
+impl RawTerminal {
+    fn enter() -> Self {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return RawTerminal(None);
+        };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        RawTerminal(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+/// The local terminal's size, if stdout is one.
+pub fn terminal_size() -> Option<(u16, u16)> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into the pointer, which points
+    // at a live local.
+    let result = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    (result == 0 && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
+}
+
+pub fn stdin_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdin().is_terminal()
+}
+
+impl Client {
+    /// Runs an exec over an upgraded connection, relaying stdin, output
+    /// and (on a terminal) window sizes; returns the exit code.
+    pub fn exec(&self, path: &str, request: &ExecRequest) -> Result<i32> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _raw = (request.tty && stdin_is_terminal()).then(RawTerminal::enter);
+        self.runtime.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .with_context(|| format!("cannot reach capsad at {}", self.socket.display()))?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection.with_upgrades());
+            let http_request = Request::builder()
+                .method(Method::POST)
+                .uri(path)
+                .header("host", "capsad")
+                .header("connection", "upgrade")
+                .header("upgrade", exec::UPGRADE_PROTOCOL)
+                .header(exec::REQUEST_HEADER, serde_json::to_string(request)?)
+                .body(Full::new(Bytes::new()))?;
+            let response = sender.send_request(http_request).await?;
+            if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                let status = response.status();
+                let bytes = response.into_body().collect().await?.to_bytes();
+                return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                    Ok(error) => anyhow::Error::new(error),
+                    Err(_) => anyhow!("capsad answered {status} to exec"),
+                });
+            }
+            let upgraded = hyper::upgrade::on(response).await?;
+            let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+            let (frames, mut outgoing) = tokio::sync::mpsc::channel::<Frame>(16);
+            tokio::spawn(async move {
+                while let Some(frame) = outgoing.recv().await {
+                    if writer.write_all(&frame.encode()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            if request.stdin {
+                let frames = frames.clone();
+                tokio::spawn(async move {
+                    let mut stdin = tokio::io::stdin();
+                    let mut chunk = vec![0u8; 32 * 1024];
+                    loop {
+                        match stdin.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if frames
+                                    .send(Frame::Stdin(chunk[..n].to_vec()))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = frames.send(Frame::StdinEnd).await;
+                });
+            }
+            if request.tty {
+                if let Ok(mut resized) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+                {
+                    let frames = frames.clone();
+                    tokio::spawn(async move {
+                        while resized.recv().await.is_some() {
+                            if let Some((rows, columns)) = terminal_size() {
+                                let _ = frames.send(Frame::Resize { rows, columns }).await;
+                            }
+                        }
+                    });
+                }
+            }
+            let mut buffer = Vec::new();
+            let mut chunk = vec![0u8; 32 * 1024];
+            loop {
+                while let Some(frame) = Frame::decode(&mut buffer)? {
+                    match frame {
+                        Frame::Stdout(data) => {
+                            let mut out = std::io::stdout().lock();
+                            out.write_all(&data)?;
+                            out.flush()?;
+                        }
+                        Frame::Stderr(data) => {
+                            let _ = std::io::stderr().write_all(&data);
+                        }
+                        Frame::Exit(code) => return Ok(code),
+                        Frame::Error(message) => return Err(anyhow!("exec: {message}")),
+                        _ => {}
+                    }
+                }
+                let n = reader.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(anyhow!(
+                        "exec: capsad closed the connection before the exit code"
+                    ));
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+            }
         })
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use capsa_api::exec::ExecRequest;
 use capsa_api::{
     ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, WaitResponse,
 };
@@ -93,6 +94,18 @@ enum Command {
         /// Unix milliseconds.
         #[arg(long)]
         since: Option<u64>,
+    },
+    /// Run a command in a running container: GROUP[/CONTAINER] -- CMD...
+    Exec {
+        /// Forward this terminal's input.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Run the command on a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        target: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
     },
     /// Wait for a container to exit and exit with its code.
     Wait {
@@ -294,6 +307,27 @@ fn run(cli: Cli) -> Result<u8> {
             let (group, container) = target(&client, &text)?;
             follow_logs(&client, &group, &container, follow, tail, since)?;
             Ok(0)
+        }
+        Command::Exec {
+            interactive,
+            tty,
+            target: text,
+            command,
+        } => {
+            let (group, container) = target(&client, &text)?;
+            let (rows, columns) = client::terminal_size().unwrap_or((24, 80));
+            let request = ExecRequest {
+                command,
+                tty,
+                stdin: interactive,
+                rows,
+                columns,
+            };
+            let code = client.exec(
+                &format!("/v1/groups/{group}/containers/{container}/exec"),
+                &request,
+            )?;
+            Ok(code.clamp(0, 255) as u8)
         }
         Command::Wait { target: text } => {
             let (group, container) = target(&client, &text)?;

@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use capsa_api::exec::ExecRequest;
 use capsa_api::{
     ApiError, ContainerSpec, ContainerStatus, ErrorCode, GroupSpec, GroupStatus, GroupView,
     WaitResponse,
@@ -80,6 +81,17 @@ pub struct Daemon {
     pub images: ImageStore,
     vm: VmConfig,
     groups: Mutex<BTreeMap<String, Arc<Group>>>,
+    next_exec: std::sync::atomic::AtomicU64,
+}
+
+/// A process started by `exec`, with its streams attached.
+pub struct Exec {
+    pub guest: Arc<Guest>,
+    pub container: String,
+    pub exec_id: String,
+    pub stdin: Option<std::os::unix::net::UnixStream>,
+    pub stdout: std::os::unix::net::UnixStream,
+    pub stderr: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Daemon {
@@ -89,6 +101,7 @@ impl Daemon {
             images,
             vm,
             groups: Mutex::new(BTreeMap::new()),
+            next_exec: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -158,6 +171,7 @@ impl Daemon {
             ));
         }
         let paths = GroupPaths::new(&self.root, &spec.name);
+        std::fs::create_dir_all(&paths.dir).map_err(internal)?;
         let record = GroupRecord::new(spec);
         state::save(&paths, &record).map_err(internal)?;
         let view = record.view();
@@ -350,6 +364,98 @@ impl Daemon {
                 .wait(record)
                 .unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Starts `request.command` in a running container and attaches its
+    /// streams (stdin when asked, stdout, and stderr unless on a terminal).
+    pub fn exec_start(
+        &self,
+        name: &str,
+        container: &str,
+        request: &ExecRequest,
+    ) -> Result<Exec, ApiError> {
+        let group = self.group(name)?;
+        let record = group.snapshot();
+        let spec = record
+            .spec
+            .containers
+            .iter()
+            .find(|c| c.name == container)
+            .ok_or_else(|| {
+                error(
+                    ErrorCode::NotFound,
+                    format!("no container {container:?} in {name:?}"),
+                )
+            })?;
+        let running = record
+            .containers
+            .iter()
+            .any(|c| c.name == container && c.status == ContainerStatus::Running);
+        let guest = group
+            .guest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (Some(guest), true) = (guest, running) else {
+            return Err(error(
+                ErrorCode::Conflict,
+                format!("container {name}/{container} is not running"),
+            ));
+        };
+        if request.command.is_empty() {
+            return Err(error(ErrorCode::InvalidRequest, "exec needs a command"));
+        }
+        let image = OciImage::open(self.images.layout(), Some(&normalized(&spec.image)))
+            .map_err(internal)?;
+        let mut process = oci_spec_for(&image, spec)
+            .map_err(internal)?
+            .process()
+            .clone()
+            .unwrap_or_default();
+        process.set_args(Some(request.command.clone()));
+        process.set_terminal(Some(request.tty));
+        if request.tty {
+            process.set_console_size(Some(
+                oci_spec::runtime::BoxBuilder::default()
+                    .height(u64::from(request.rows.max(1)))
+                    .width(u64::from(request.columns.max(1)))
+                    .build()
+                    .map_err(internal)?,
+            ));
+        }
+        let exec_id = format!(
+            "exec-{}",
+            self.next_exec
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let streams = Streams {
+            stdin: request.stdin,
+            stdout: true,
+            stderr: !request.tty,
+        };
+        guest
+            .exec(container, &exec_id, &process, streams)
+            .map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
+        let attach = |kind| guest.attach(container, &exec_id, kind).map_err(internal);
+        let stdin = if request.stdin {
+            Some(attach(StreamKind::Stdin)?)
+        } else {
+            None
+        };
+        let stdout = attach(StreamKind::Stdout)?;
+        let stderr = if request.tty {
+            None
+        } else {
+            Some(attach(StreamKind::Stderr)?)
+        };
+        Ok(Exec {
+            guest,
+            container: container.to_string(),
+            exec_id,
+            stdin,
+            stdout,
+            stderr,
+        })
     }
 
     /// Whether `container` of `name` has exited (its log is then complete).

@@ -132,8 +132,9 @@ impl GroupPaths {
     }
 }
 
+/// Replaces the group's record; its directory must exist (a deleted
+/// group's is never brought back by a late save).
 pub fn save(paths: &GroupPaths, record: &GroupRecord) -> Result<()> {
-    fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
     let bytes = serde_json::to_vec_pretty(record)?;
     capsa_image_store::write_atomically(&paths.record(), &bytes)?;
     Ok(())
