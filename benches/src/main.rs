@@ -12,8 +12,12 @@
 //! `unpack`: OCI layer import by capsa-layers (digest and diff-id checks,
 //! decompression, unpack into overlay form), uncompressed, gzip and zstd,
 //! next to GNU tar extracting the same archives.
+//!
+//! `containers`: wall time of `capsa run --rm IMAGE true` next to runc and
+//! crun on the same rootfs, and a running group's memory on the host.
 
 mod boot;
+mod containers;
 mod devices;
 mod process;
 mod stats;
@@ -40,6 +44,9 @@ enum Bench {
     Devices(devices::DevicesArgs),
     /// OCI layer import (verify, decompress, unpack) next to GNU tar.
     Unpack(unpack::UnpackArgs),
+    /// `capsa run --rm IMAGE true` next to runc and crun, and a group's
+    /// memory on the host.
+    Containers(containers::ContainersArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,6 +54,7 @@ fn main() -> Result<()> {
         Bench::Boot(args) => boot::run(&args),
         Bench::Devices(args) => devices::run(&args),
         Bench::Unpack(args) => unpack::run(&args),
+        Bench::Containers(args) => containers::run(&args),
     }
 }
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Benchmark: `capsa run --rm busybox true` through a real capsad, next to
+# runc and crun running the same busybox rootfs (an OCI bundle from umoci),
+# N runs each; and a running group's memory on the host. Prints a table and
+# writes target/capsa/bench-containers.json. On a PVM host everything runs
+# inside the nested QEMU machine, peers included, so the figures compare.
+#
+#   scripts/bench-containers.sh [RUNS]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+runs=${1:-20}
+{ read -r kernel; read -r initrd; } < <("$root/scripts/setup.sh")
+for p in runc crun; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >&2
+done
+bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-daemon capsa-cli capsa-benches)
+payload=$(mktemp -d)
+trap 'rm -rf "$payload"' EXIT
+cp "$bin/capsa-vmm" "$bin/capsad" "$bin/capsa" "$bin/capsa-bench" "$payload/"
+cp "$kernel" "$payload/vmlinux"
+cp "$initrd" "$payload/initramfs.cpio"
+"$root/scripts/busybox-image.sh" "$payload/busybox-oci" > /dev/null
+umoci unpack --image "$payload/busybox-oci:latest" "$payload/bundle" > /dev/null
+# The bundle runs `true`, without a terminal.
+python3 - "$payload/bundle/config.json" <<'PY'
+import json, sys
+path = sys.argv[1]
+config = json.load(open(path))
+config["process"]["args"] = ["/bin/true"]
+config["process"]["terminal"] = False
+json.dump(config, open(path, "w"))
+PY
+nested=0
+"$root/scripts/kvm-is-pvm.sh" && nested=1
+dir=$payload runc=$(command -v runc) crun=$(command -v crun)
+if [ "$nested" = 1 ]; then
+    dir=/payload
+    "$root/scripts/nested-add-program.sh" "$payload" runc
+    "$root/scripts/nested-add-program.sh" "$payload" crun
+    runc=/payload/programs/runc crun=/payload/programs/crun
+fi
+{
+    printf 'cd %q\n' "$dir"
+    printf 'runc=%q crun=%q runs=%q nested=%q\n' "$runc" "$crun" "$runs" "$nested"
+    cat <<'RUN'
+if [ "$nested" = 1 ]; then
+    # runc re-executes itself (/proc/self/exe), so the libraries go where
+    # the loader looks rather than behind a wrapper.
+    mkdir -p /lib/x86_64-linux-gnu /lib64 /run /sys/fs/cgroup
+    cp lib/* /lib/x86_64-linux-gnu/
+    ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
+    mount -t cgroup2 none /sys/fs/cgroup
+    # The outer machine's root is its initramfs.
+    peer_args=--peer-run-arg=--no-pivot
+fi
+state=$(mktemp -d)
+export CAPSA_SOCKET=$state/capsad.sock
+./capsad --root "$state/root" --socket "$CAPSA_SOCKET" --kernel vmlinux --initrd initramfs.cpio \
+    --vmm ./capsa-vmm > "$state/capsad.log" 2>&1 &
+daemon=$!
+for i in $(seq 100); do [ -S "$CAPSA_SOCKET" ] && break; sleep 0.1; done
+./capsa image import busybox-oci --name busybox > /dev/null
+./capsa-bench containers --runs "$runs" --capsa ./capsa --image busybox \
+    --peer "runc=$runc" --peer "crun=$crun" --bundle bundle $peer_args --json "$state/bench.json" 2>&1
+echo "=== JSON"
+cat "$state/bench.json"
+echo
+echo "=== END JSON"
+kill "$daemon"
+RUN
+} > "$payload/run.sh"
+log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/bench-containers.log"
+if [ "$nested" = 1 ]; then
+    CAPSA_NESTED_TIMEOUT_SECS=1800 "$root/scripts/nested-kvm.sh" "$payload" "$log"
+else
+    sh "$payload/run.sh" > "$log" 2>&1
+fi
+sed -n '/^starting a container/,/^a running group/p' "$log"
+mkdir -p "$root/target/capsa"
+sed -n '/^=== JSON$/,/^=== END JSON$/p' "$log" | sed '1d;$d' > "$root/target/capsa/bench-containers.json"
+echo "results written to target/capsa/bench-containers.json"
