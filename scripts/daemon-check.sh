@@ -3,7 +3,7 @@
 # temporary root, imports a busybox image built here (umoci), and checks
 #   - `capsa run --rm IMAGE echo hi` prints hi and exits 0;
 #   - a failing command's exit code passes through `capsa run`;
-#   - a two-container group from a spec file runs both, logs kept;
+#   - a two-container group from a YAML spec file runs both, logs kept;
 #   - `capsa logs -f` streams lines as they come and ends with the container;
 #   - `kill -9` of capsad while a group runs, then a restart: the group is
 #     still running, `exec` (plain and -it, through a pty) works in it, and
@@ -24,13 +24,19 @@ cp "$bin/capsa-vmm" "$bin/capsad" "$bin/capsa" "$payload/"
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
 "$root/scripts/busybox-image.sh" "$payload/busybox-oci" > /dev/null
-cat > "$payload/pair.json" <<'JSON'
-{"name": "pair", "memoryMib": 256, "containers": [
-  {"name": "first", "image": "busybox", "args": ["sh", "-c", "echo from-first; sleep 1"]},
-  {"name": "second", "image": "busybox", "args": ["sh", "-c", "echo from-second >&2; exit 5"],
-   "env": {"GREETING": "hello"}}
-]}
-JSON
+cat > "$payload/pair.yaml" <<'YAML'
+name: pair
+memoryMib: 256
+containers:
+  - name: first
+    image: busybox
+    args: [sh, -c, "echo from-first; sleep 1"]
+  - name: second
+    image: busybox
+    args: [sh, -c, "echo from-second-$GREETING >&2; exit 5"]
+    env:
+      GREETING: hello
+YAML
 cat > "$payload/bad.json" <<'JSON'
 {"name": "Bad_Name", "containers": [{"name": "x", "image": "busybox", "colour": "red"}]}
 JSON
@@ -58,7 +64,7 @@ ready() {
 }
 step() { name=$1; shift; echo "=== BEGIN $name"; "$@" 2>&1; echo "=== END $name exit=$?"; }
 pair() {
-    ./capsa create -f pair.json && ./capsa start pair || return 1
+    ./capsa create -f pair.yaml && ./capsa start pair || return 1
     ./capsa wait pair/first; echo "first=$?"
     ./capsa wait pair/second; echo "second=$?"
     ./capsa logs pair/first; ./capsa logs pair/second
@@ -134,7 +140,7 @@ check bad-spec "unknown fields are refused" has bad-spec 'unknown field `colour`
 check bad-fields "field errors name their field" has bad-fields 'containers\[0\].workingDir'
 check pair "both containers of a two-container group ran" has pair '^first=0$'
 check pair "the second's exit code" has pair '^second=5$'
-check pair "logs kept for each container" has pair '^from-second$'
+check pair "logs kept for each container, env applied" has pair '^from-second-hello$'
 follow_streams() {
     local times
     times=$(section follow | sed -n 's/^\([0-9]*\) tick-[123]$/\1/p' | tr '\n' ' ')

@@ -61,7 +61,8 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Create a group from a spec file (JSON), without starting it.
+    /// Create a group from a spec file (JSON, or YAML when named .yaml or
+    /// .yml), without starting it.
     Create {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
@@ -231,7 +232,8 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Create { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let view: GroupView = client.call(Method::POST, "/v1/groups", Some(text))?;
+            let view: GroupView =
+                client.call(Method::POST, "/v1/groups", Some(spec_json(&file, &text)?))?;
             if cli.json {
                 print_json(&view)?;
             } else {
@@ -385,6 +387,18 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// The spec as JSON: YAML files (.yaml, .yml) are converted; the daemon
+/// checks the fields either way.
+fn spec_json(file: &std::path::Path, text: &str) -> Result<String> {
+    let yaml = file.extension().is_some_and(|e| e == "yaml" || e == "yml");
+    if !yaml {
+        return Ok(text.to_string());
+    }
+    let value: serde_json::Value = serde_yaml_ng::from_str(text)
+        .with_context(|| format!("{} is not valid YAML", file.display()))?;
+    Ok(serde_json::to_string(&value)?)
 }
 
 fn now_ms() -> u64 {
