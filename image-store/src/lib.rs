@@ -15,6 +15,7 @@
 //! `docker save` tar (whose layers it describes with an OCI manifest).
 
 mod archive;
+pub mod registry;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
