@@ -122,6 +122,29 @@ pub struct ImportRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PullRequest {
+    /// `[registry/]repository[:tag|@digest]`.
+    pub reference: String,
+    /// The name to tag it with (the reference by default).
+    pub name: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Plain HTTP (always for localhost and 127.0.0.1).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// One line of a pull's response stream (JSON lines): progress, then the
+/// image or the error.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PullEvent {
+    Progress(String),
+    Image(ImageView),
+    Error(ApiError),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WaitResponse {
     pub exit_code: i32,
     pub signal: Option<i32>,

@@ -79,9 +79,29 @@ impl Client {
     }
 
     /// A streamed response, handed to `each` chunk by chunk.
-    pub fn stream(&self, path: &str, mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    pub fn stream(&self, path: &str, each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        self.stream_request(Method::GET, path, None, each)
+    }
+
+    /// A POST whose response is streamed.
+    pub fn stream_post(
+        &self,
+        path: &str,
+        body: String,
+        each: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.stream_request(Method::POST, path, Some(body), each)
+    }
+
+    fn stream_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        mut each: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         self.runtime.block_on(async {
-            let response = self.send(Method::GET, path, None).await?;
+            let response = self.send(method, path, body).await?;
             let status = response.status();
             let mut body = response.into_body();
             if !status.is_success() {

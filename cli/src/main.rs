@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use capsa_api::exec::ExecRequest;
 use capsa_api::{
-    ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, WaitResponse,
+    ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, PullEvent, PullRequest,
+    WaitResponse,
 };
 use clap::{Parser, Subcommand};
 use hyper::Method;
@@ -124,6 +125,20 @@ enum ImageCommand {
         path: PathBuf,
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Pull from an OCI registry, showing progress.
+    Pull {
+        reference: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        username: Option<String>,
+        /// Read the password from standard input.
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+        /// Plain HTTP (always for localhost and 127.0.0.1).
+        #[arg(long)]
+        insecure: bool,
     },
     Ls,
     Rm {
@@ -355,6 +370,53 @@ fn run(cli: Cli) -> Result<u8> {
                 "/v1/images/import",
                 Some(serde_json::to_string(&request)?),
             )?;
+            if cli.json {
+                print_json(&view)?;
+            } else {
+                println!("{} {}", view.name, view.digest);
+            }
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Pull {
+            reference,
+            name,
+            username,
+            password_stdin,
+            insecure,
+        }) => {
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                Some(line.trim_end().to_string())
+            } else {
+                None
+            };
+            let request = PullRequest {
+                reference,
+                name,
+                username,
+                password,
+                insecure,
+            };
+            let mut outcome: Option<Result<ImageView>> = None;
+            let mut pending = Vec::new();
+            client.stream_post(
+                "/v1/images/pull",
+                serde_json::to_string(&request)?,
+                |chunk| {
+                    pending.extend_from_slice(chunk);
+                    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=end).collect();
+                        match serde_json::from_slice::<PullEvent>(&line)? {
+                            PullEvent::Progress(text) => eprintln!("{text}"),
+                            PullEvent::Image(view) => outcome = Some(Ok(view)),
+                            PullEvent::Error(e) => outcome = Some(Err(anyhow::Error::new(e))),
+                        }
+                    }
+                    Ok(())
+                },
+            )?;
+            let view = outcome.context("capsad ended the pull without a result")??;
             if cli.json {
                 print_json(&view)?;
             } else {

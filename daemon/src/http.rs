@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use capsa_api::exec::{self, ExecRequest, Frame};
-use capsa_api::{ApiError, ErrorCode, GroupSpec, ImageView, ImportRequest};
+use capsa_api::{ApiError, ErrorCode, GroupSpec, ImageView, ImportRequest, PullEvent, PullRequest};
 use serde::Deserialize;
 
 use crate::groups::{error, is_running, Daemon, Exec, DEFAULT_STOP_GRACE};
@@ -51,6 +51,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/version", get(version))
         .route("/v1/images", get(list_images).delete(remove_image))
         .route("/v1/images/import", post(import_image))
+        .route("/v1/images/pull", post(pull_image))
         .route("/v1/groups", get(list_groups).post(create_group))
         .route("/v1/groups/{name}", get(inspect_group).delete(delete_group))
         .route("/v1/groups/{name}/start", post(start_group))
@@ -137,6 +138,61 @@ async fn import_image(
     })
     .await?;
     Ok(Json(view_of(summary)))
+}
+
+/// JSON lines: progress as the blobs come, then the image or the error.
+async fn pull_image(
+    State(daemon): State<Arc<Daemon>>,
+    Json(request): Json<PullRequest>,
+) -> Response {
+    let (events, receiver) = tokio::sync::mpsc::channel::<PullEvent>(64);
+    tokio::task::spawn_blocking(move || {
+        let options = capsa_image_store::registry::PullOptions {
+            credentials: request.username.clone().zip(request.password.clone()),
+            insecure: request.insecure,
+        };
+        let mut report = |progress: capsa_image_store::registry::Progress| {
+            use capsa_image_store::registry::Progress;
+            let text = match progress {
+                Progress::Manifest { digest } => format!("manifest {digest}"),
+                Progress::Blob {
+                    digest,
+                    size,
+                    already_present: true,
+                } => format!("{digest} ({size} bytes) already present"),
+                Progress::Blob { digest, size, .. } => format!("{digest} ({size} bytes) fetched"),
+            };
+            let _ = events.blocking_send(PullEvent::Progress(text));
+        };
+        let last = match daemon.images.pull(
+            &request.reference,
+            request.name.as_deref(),
+            &options,
+            &mut report,
+        ) {
+            Ok(summary) => PullEvent::Image(view_of(summary)),
+            Err(capsa_image_store::StoreError::NotFound(what)) => PullEvent::Error(error(
+                ErrorCode::ImageNotFound,
+                format!("the registry has no {what}"),
+            )),
+            Err(e) => PullEvent::Error(error(
+                ErrorCode::InvalidRequest,
+                format!("pulling {}: {e}", request.reference),
+            )),
+        };
+        let _ = events.blocking_send(last);
+    });
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        let event = receiver.recv().await?;
+        let mut line = serde_json::to_string(&event).unwrap_or_default();
+        line.push('\n');
+        Some((Ok::<_, std::io::Error>(line), receiver))
+    });
+    (
+        [("content-type", "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
