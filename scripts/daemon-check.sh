@@ -83,6 +83,7 @@ restart() {
 }
 adopted() {
     ./capsa ps
+    ./capsa stats survivor
     ./capsa exec survivor -- sh -c 'echo in-exec; exit 4'; echo "exec=$?"
     printf 'stty size; [ -t 0 ] && echo on-a-terminal; exit 3\n' | ./capsa exec -it survivor -- sh
     echo "exec-tty=$?"
@@ -92,6 +93,7 @@ images() { ./capsa image ls && ./capsa image rm busybox && ./capsa image ls; }
 
 step no-daemon ./capsa ps
 daemon; ready || echo "capsad did not come up"
+./capsa events > "$work/events.log" 2>&1 &
 step import ./capsa image import busybox-oci --name busybox
 step run-hi ./capsa run --rm busybox echo hi
 step run-exit-code ./capsa run --rm busybox sh -c 'echo failing; exit 3'
@@ -105,6 +107,7 @@ step restart restart
 daemon; ready || echo "capsad did not come back"
 step adopted adopted
 step images images
+echo "=== BEGIN events"; cat "$work/events.log"; echo "=== END events exit=0"
 kill "$(cat "$work/capsad.pid")" 2>/dev/null
 echo "--- capsad's log"
 tail -20 "$work/capsad.log"
@@ -112,7 +115,7 @@ RUN
 mkdir -p "$(dirname "$log")"
 if [ "$nested" = 1 ]; then
     printf '. ./check.sh\n' > "$payload/run.sh"
-    CAPSA_NESTED_TIMEOUT_SECS=900 "$root/scripts/nested-kvm.sh" "$payload" "$log"
+    CAPSA_NESTED_TIMEOUT_SECS=600 "$root/scripts/nested-kvm.sh" "$payload" "$log"
 else
     timeout 900 sh "$payload/check.sh" > "$log" 2>&1 || true
 fi
@@ -157,5 +160,9 @@ check adopted "with the terminal's size" has adopted '24 80'
 check adopted "and its exit code" has adopted 'exec-tty=3'
 check adopted "and sees its container exit" has adopted '^survivor=7$'
 check images "an image not in use can be removed" exit_is images 0
+check adopted "stats show the VMM and the running container" has adopted '^main .*[0-9]M .* [1-9]$'
+check events "events: a group created" has events ' created pair$'
+check events "events: containers started and died with their codes" has events ' died pair/second (exit code 5)$'
+check events "events: groups stopped and deleted" has events ' deleted pair$'
 echo "daemon-check: $passed passed, $failed failed"
 [ "$failed" = 0 ]

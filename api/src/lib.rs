@@ -160,3 +160,37 @@ pub struct LogLine {
     pub stream: String,
     pub line: String,
 }
+
+/// Something that happened to a group, as `GET /v1/events` streams it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Event {
+    /// Unix milliseconds.
+    pub time: u64,
+    pub group: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// created, started, died, stopped, failed, deleted.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// What a group uses now: its VMM on the host, and each running
+/// container's cgroup in the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GroupStats {
+    pub group: String,
+    pub vmm_rss_kib: u64,
+    pub vmm_cpu_seconds: f64,
+    pub containers: Vec<ContainerStats>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerStats {
+    pub name: String,
+    pub cpu_usage_usec: u64,
+    pub memory_bytes: u64,
+    /// 0: no limit.
+    pub memory_limit_bytes: u64,
+    pub pids: u64,
+}

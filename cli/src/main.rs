@@ -13,6 +13,7 @@ use capsa_api::{
     ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, PullEvent, PullRequest,
     WaitResponse,
 };
+use capsa_api::{Event, GroupStats};
 use clap::{Parser, Subcommand};
 use hyper::Method;
 
@@ -109,6 +110,12 @@ enum Command {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+    /// What a running group uses: its VMM on the host, its containers.
+    Stats {
+        name: String,
+    },
+    /// Stream events (created, started, died, stopped, failed, deleted).
+    Events,
     /// Wait for a container to exit and exit with its code.
     Wait {
         target: String,
@@ -345,6 +352,65 @@ fn run(cli: Cli) -> Result<u8> {
                 &request,
             )?;
             Ok(code.clamp(0, 255) as u8)
+        }
+        Command::Stats { name } => {
+            let stats: GroupStats =
+                client.call(Method::GET, &format!("/v1/groups/{name}/stats"), None)?;
+            if cli.json {
+                print_json(&stats)?;
+                return Ok(0);
+            }
+            println!(
+                "group {}: VMM RSS {:.1} MiB, VMM CPU {:.2} s",
+                stats.group,
+                stats.vmm_rss_kib as f64 / 1024.0,
+                stats.vmm_cpu_seconds
+            );
+            println!(
+                "{:<16} {:>12} {:>12} {:>12} {:>6}",
+                "CONTAINER", "CPU s", "MEMORY", "LIMIT", "PIDS"
+            );
+            for c in stats.containers {
+                let limit = if c.memory_limit_bytes == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.1}M", c.memory_limit_bytes as f64 / 1048576.0)
+                };
+                println!(
+                    "{:<16} {:>12.3} {:>11.1}M {:>12} {:>6}",
+                    c.name,
+                    c.cpu_usage_usec as f64 / 1e6,
+                    c.memory_bytes as f64 / 1048576.0,
+                    limit,
+                    c.pids
+                );
+            }
+            Ok(0)
+        }
+        Command::Events => {
+            let mut pending = Vec::new();
+            let json = cli.json;
+            client.stream("/v1/events", |chunk| {
+                pending.extend_from_slice(chunk);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let event: Event = serde_json::from_slice(&line)?;
+                    let mut out = std::io::stdout().lock();
+                    if json {
+                        writeln!(out, "{}", String::from_utf8_lossy(&line).trim_end())?;
+                    } else {
+                        let subject = match &event.container {
+                            Some(c) => format!("{}/{c}", event.group),
+                            None => event.group.clone(),
+                        };
+                        let detail = event.detail.map(|d| format!(" ({d})")).unwrap_or_default();
+                        writeln!(out, "{} {} {subject}{detail}", event.time, event.action)?;
+                    }
+                    out.flush()?;
+                }
+                Ok(())
+            })?;
+            Ok(0)
         }
         Command::Wait { target: text } => {
             let (group, container) = target(&client, &text)?;

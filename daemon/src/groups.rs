@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use capsa_api::exec::ExecRequest;
 use capsa_api::{
-    ApiError, ContainerSpec, ContainerStatus, ErrorCode, GroupSpec, GroupStatus, GroupView,
-    WaitResponse,
+    ApiError, ContainerSpec, ContainerStats, ContainerStatus, ErrorCode, Event, GroupSpec,
+    GroupStats, GroupStatus, GroupView, WaitResponse,
 };
 use capsa_guest_client::{Guest, OciImage, Streams};
 use capsa_image_store::ImageStore;
@@ -52,12 +52,15 @@ pub struct Group {
     stopping: Mutex<bool>,
     /// Set once the group is being deleted: nothing is saved after that.
     deleted: Mutex<bool>,
+    events: tokio::sync::broadcast::Sender<Event>,
 }
 
 impl Group {
     fn update(&self, change: impl FnOnce(&mut GroupRecord)) {
         let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        let before = record.clone();
         change(&mut record);
+        self.announce_changes(&before, &record);
         if *self.deleted.lock().unwrap_or_else(|e| e.into_inner()) {
             self.changed.notify_all();
             return;
@@ -66,6 +69,44 @@ impl Group {
             eprintln!("capsad: saving group {}: {e:#}", record.spec.name);
         }
         self.changed.notify_all();
+    }
+
+    fn emit_for(&self, group: &str, container: Option<&str>, action: &str, detail: Option<String>) {
+        // Nobody listening is fine.
+        let _ = self.events.send(Event {
+            time: now_ms(),
+            group: group.to_string(),
+            container: container.map(str::to_string),
+            action: action.to_string(),
+            detail,
+        });
+    }
+
+    /// Events for what a change did: the group's status, containers that
+    /// started or exited.
+    fn announce_changes(&self, before: &GroupRecord, after: &GroupRecord) {
+        let name = &after.spec.name;
+        if before.status != after.status {
+            let action = match after.status {
+                GroupStatus::Running => "started",
+                GroupStatus::Stopped => "stopped",
+                GroupStatus::Failed => "failed",
+                GroupStatus::Created => "created",
+            };
+            self.emit_for(name, None, action, after.error.clone());
+        }
+        for (old, new) in before.containers.iter().zip(&after.containers) {
+            if old.status != new.status {
+                let (action, detail) = match new.status {
+                    ContainerStatus::Running => ("started", None),
+                    ContainerStatus::Exited => {
+                        ("died", new.exit_code.map(|c| format!("exit code {c}")))
+                    }
+                    ContainerStatus::Created => continue,
+                };
+                self.emit_for(name, Some(&new.name), action, detail);
+            }
+        }
     }
 
     fn snapshot(&self) -> GroupRecord {
@@ -82,6 +123,7 @@ pub struct Daemon {
     vm: VmConfig,
     groups: Mutex<BTreeMap<String, Arc<Group>>>,
     next_exec: std::sync::atomic::AtomicU64,
+    events: tokio::sync::broadcast::Sender<Event>,
 }
 
 /// A process started by `exec`, with its streams attached.
@@ -102,6 +144,7 @@ impl Daemon {
             vm,
             groups: Mutex::new(BTreeMap::new()),
             next_exec: std::sync::atomic::AtomicU64::new(1),
+            events: tokio::sync::broadcast::channel(1024).0,
         })
     }
 
@@ -175,6 +218,13 @@ impl Daemon {
         let record = GroupRecord::new(spec);
         state::save(&paths, &record).map_err(internal)?;
         let view = record.view();
+        let _ = self.events.send(Event {
+            time: now_ms(),
+            group: view.name.clone(),
+            container: None,
+            action: "created".into(),
+            detail: None,
+        });
         groups.insert(
             record.spec.name.clone(),
             Arc::new(Group {
@@ -184,6 +234,7 @@ impl Daemon {
                 changed: Condvar::new(),
                 stopping: Mutex::new(false),
                 deleted: Mutex::new(false),
+                events: self.events.clone(),
             }),
         );
         Ok(view)
@@ -314,15 +365,86 @@ impl Daemon {
     }
 
     pub fn delete(&self, name: &str) -> Result<(), ApiError> {
-        let group = self.group(name)?;
-        if group.snapshot().status == GroupStatus::Running {
-            stop_vm(&group, Duration::from_secs(2));
-        }
-        self.groups
+        let group = self
+            .groups
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        std::fs::remove_dir_all(&group.paths.dir).map_err(internal)
+            .remove(name)
+            .ok_or_else(|| error(ErrorCode::NotFound, format!("no group {name:?}")))?;
+        *group.deleted.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        // Stopped, or on its way there: either way the VMM must be gone
+        // before its files are.
+        stop_vm(&group, Duration::from_secs(2));
+        // Under the record's lock: no save is half done meanwhile.
+        let record = group.record.lock().unwrap_or_else(|e| e.into_inner());
+        std::fs::remove_dir_all(&group.paths.dir).map_err(internal)?;
+        group.emit_for(&record.spec.name, None, "deleted", None);
+        Ok(())
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The VMM's host RSS and CPU time, and each running container's
+    /// cgroup figures from the agent.
+    pub fn stats(&self, name: &str) -> Result<GroupStats, ApiError> {
+        let group = self.group(name)?;
+        let record = group.snapshot();
+        let guest = group
+            .guest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (Some(pid), Some(guest)) = (record.vmm_pid, guest) else {
+            return Err(error(
+                ErrorCode::Conflict,
+                format!("group {name:?} is not running"),
+            ));
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let vmm_rss_kib = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // utime and stime: fields 14 and 15, the 12th and 13th after the
+        // command's closing parenthesis.
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+            .sum();
+        // SAFETY: sysconf reads a constant and touches no memory of ours.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let mut containers = Vec::new();
+        for container in record
+            .containers
+            .iter()
+            .filter(|c| c.status == ContainerStatus::Running)
+        {
+            let stats = guest.stats(&container.name).map_err(internal)?;
+            containers.push(ContainerStats {
+                name: container.name.clone(),
+                cpu_usage_usec: stats.cpu_usage_usec,
+                memory_bytes: stats.memory_current_bytes,
+                memory_limit_bytes: stats.memory_limit_bytes,
+                pids: stats.pids_current,
+            });
+        }
+        Ok(GroupStats {
+            group: name.to_string(),
+            vmm_rss_kib,
+            vmm_cpu_seconds: ticks as f64 / per_second,
+            containers,
+        })
     }
 
     /// Blocks until `container` of `name` has exited.
@@ -505,6 +627,7 @@ impl Daemon {
                 changed: Condvar::new(),
                 stopping: Mutex::new(false),
                 deleted: Mutex::new(false),
+                events: self.events.clone(),
             });
             self.groups
                 .lock()

@@ -55,6 +55,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/groups", get(list_groups).post(create_group))
         .route("/v1/groups/{name}", get(inspect_group).delete(delete_group))
         .route("/v1/groups/{name}/start", post(start_group))
+        .route("/v1/groups/{name}/stats", get(group_stats))
+        .route("/v1/events", get(events))
         .route("/v1/groups/{name}/stop", post(stop_group))
         .route(
             "/v1/groups/{name}/containers/{container}/wait",
@@ -281,6 +283,37 @@ async fn delete_group(
     let deleted = name.clone();
     blocking(move || daemon.delete(&name)).await?;
     Ok(Json(serde_json::json!({"deleted": deleted})))
+}
+
+async fn group_stats(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<capsa_api::GroupStats> {
+    Ok(Json(blocking(move || daemon.stats(&name)).await?))
+}
+
+/// JSON lines of events as they happen, until the client goes away.
+async fn events(State(daemon): State<Arc<Daemon>>) -> Response {
+    let receiver = daemon.subscribe();
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(event) => {
+                    let mut line = serde_json::to_string(&event).unwrap_or_default();
+                    line.push('\n');
+                    return Some((Ok::<_, std::io::Error>(line), receiver));
+                }
+                // A slow reader missed some; carry on with the rest.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    (
+        [("content-type", "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn wait_container(
@@ -549,6 +582,14 @@ mod tests {
             .unwrap();
         let response = router.clone().oneshot(request).await.unwrap();
         let status = response.status();
+        let streamed = response
+            .headers()
+            .get("content-type")
+            .is_some_and(|t| t == "application/x-ndjson");
+        if streamed {
+            // The events stream never ends; its status says enough.
+            return (status, String::new());
+        }
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
     }
