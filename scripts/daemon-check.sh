@@ -68,7 +68,9 @@ pair() {
     ./capsa wait pair/first; echo "first=$?"
     ./capsa wait pair/second; echo "second=$?"
     ./capsa logs pair/first; ./capsa logs pair/second
-    ./capsa ps; ./capsa rm pair
+    ./capsa ps
+    ./capsa restart pair && ./capsa wait pair/second; echo "restarted-second=$?"
+    ./capsa rm pair
 }
 follow() {
     ./capsa run -d --name ticker busybox sh -c 'for i in 1 2 3; do echo tick-$i; sleep 1; done' || return 1
@@ -144,6 +146,7 @@ check bad-fields "field errors name their field" has bad-fields 'containers\[0\]
 check pair "both containers of a two-container group ran" has pair '^first=0$'
 check pair "the second's exit code" has pair '^second=5$'
 check pair "logs kept for each container, env applied" has pair '^from-second-hello$'
+check pair "a stopped group restarts" has pair '^restarted-second=5$'
 follow_streams() {
     local times
     times=$(section follow | sed -n 's/^\([0-9]*\) tick-[123]$/\1/p' | tr '\n' ' ')

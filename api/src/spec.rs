@@ -44,6 +44,12 @@ pub struct ContainerSpec {
     pub cpu_limit: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_limit_mib: Option<u64>,
+    /// CPUs the container is guaranteed a share of (its cgroup's weight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_request: Option<f64>,
+    /// Memory protected from reclaim (its cgroup's memory.low).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_request_mib: Option<u64>,
     /// Give the container a terminal.
     #[serde(default)]
     pub tty: bool,
@@ -145,6 +151,22 @@ impl GroupSpec {
                     ));
                 }
             }
+            if let Some(cpu) = container.cpu_request {
+                let limit = container.cpu_limit.unwrap_or(f64::from(self.cpus()));
+                if !(cpu > 0.0 && cpu <= limit) {
+                    problems.push(format!(
+                        "{at}.cpuRequest: {cpu} is not above 0 and at most the limit {limit}"
+                    ));
+                }
+            }
+            if let Some(memory) = container.memory_request_mib {
+                let limit = container.memory_limit_mib.unwrap_or(self.memory_mib());
+                if memory == 0 || memory > limit {
+                    problems.push(format!(
+                        "{at}.memoryRequestMib: {memory} is not above 0 and at most the limit {limit}"
+                    ));
+                }
+            }
             if let Some(memory) = container.memory_limit_mib {
                 if memory == 0 || memory > self.memory_mib() {
                     problems.push(format!(
@@ -191,7 +213,8 @@ mod tests {
         let error = GroupSpec::parse(
             r#"{"name":"Web!","cpus":0,"memoryMib":16,"containers":[
                 {"name":"a","image":"","command":[],"workingDir":"rel","cpuLimit":4},
-                {"name":"a","image":"x","env":{"A=B":"c"},"memoryLimitMib":1024}]}"#,
+                {"name":"a","image":"x","env":{"A=B":"c"},"memoryLimitMib":1024,
+                 "cpuRequest":2,"memoryRequestMib":0}]}"#,
         )
         .unwrap_err();
         let text = error.problems.join("\n");
@@ -206,6 +229,8 @@ mod tests {
             "containers[1].name",
             "containers[1].env",
             "containers[1].memoryLimitMib",
+            "containers[1].cpuRequest",
+            "containers[1].memoryRequestMib",
         ] {
             assert!(text.contains(field), "{field} missing from:\n{text}");
         }

@@ -72,6 +72,17 @@ enum Command {
     Start {
         name: String,
     },
+    /// Stop, then start again.
+    Restart {
+        name: String,
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(short = 't', long)]
+        timeout: Option<u64>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions {
+        shell: clap_complete::Shell,
+    },
     Stop {
         name: String,
         /// Seconds between SIGTERM and SIGKILL.
@@ -148,6 +159,10 @@ enum ImageCommand {
         insecure: bool,
     },
     Ls,
+    /// An image's digest, size and layers.
+    Inspect {
+        name: String,
+    },
     Rm {
         name: String,
     },
@@ -215,6 +230,8 @@ fn run(cli: Cli) -> Result<u8> {
                     working_dir: None,
                     cpu_limit: None,
                     memory_limit_mib: None,
+                    cpu_request: None,
+                    memory_request_mib: None,
                     tty: false,
                 }],
                 cpus,
@@ -261,6 +278,23 @@ fn run(cli: Cli) -> Result<u8> {
             } else {
                 println!("{}", view.name);
             }
+            Ok(0)
+        }
+        Command::Restart { name, timeout } => {
+            let query = timeout.map(|t| format!("?timeout={t}")).unwrap_or_default();
+            let _: GroupView = client.call(
+                Method::POST,
+                &format!("/v1/groups/{name}/stop{query}"),
+                None,
+            )?;
+            let view: GroupView =
+                client.call(Method::POST, &format!("/v1/groups/{name}/start"), None)?;
+            println!("{}", view.name);
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "capsa", &mut std::io::stdout());
             Ok(0)
         }
         Command::Start { name } => {
@@ -506,6 +540,24 @@ fn run(cli: Cli) -> Result<u8> {
                     image.layers
                 );
             }
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Inspect { name }) => {
+            let images: Vec<ImageView> = client.call(Method::GET, "/v1/images", None)?;
+            let wanted = if name
+                .rsplit('/')
+                .next()
+                .is_some_and(|last| last.contains(':'))
+            {
+                name.clone()
+            } else {
+                format!("{name}:latest")
+            };
+            let image = images
+                .into_iter()
+                .find(|i| i.name == wanted)
+                .with_context(|| format!("no image {wanted:?} (see `capsa image ls`)"))?;
+            print_json(&image)?;
             Ok(0)
         }
         Command::Image(ImageCommand::Rm { name }) => {

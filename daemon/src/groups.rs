@@ -669,23 +669,33 @@ fn oci_spec_for(image: &OciImage, container: &ContainerSpec) -> anyhow::Result<S
     }
     process.set_terminal(Some(container.tty));
     spec.set_process(Some(process));
-    if container.cpu_limit.is_some() || container.memory_limit_mib.is_some() {
+    let wants_resources = container.cpu_limit.is_some()
+        || container.memory_limit_mib.is_some()
+        || container.cpu_request.is_some()
+        || container.memory_request_mib.is_some();
+    if wants_resources {
         let mut resources = LinuxResourcesBuilder::default();
-        if let Some(cpus) = container.cpu_limit {
+        if container.cpu_limit.is_some() || container.cpu_request.is_some() {
             let period = 100_000u64;
-            resources = resources.cpu(
-                LinuxCpuBuilder::default()
-                    .period(period)
-                    .quota((cpus * period as f64) as i64)
-                    .build()?,
-            );
+            let mut cpu = LinuxCpuBuilder::default();
+            if let Some(cpus) = container.cpu_limit {
+                cpu = cpu.period(period).quota((cpus * period as f64) as i64);
+            }
+            if let Some(cpus) = container.cpu_request {
+                // 1024 shares per CPU, as Kubernetes maps requests.
+                cpu = cpu.shares((cpus * 1024.0) as u64);
+            }
+            resources = resources.cpu(cpu.build()?);
         }
-        if let Some(mib) = container.memory_limit_mib {
-            resources = resources.memory(
-                LinuxMemoryBuilder::default()
-                    .limit((mib << 20) as i64)
-                    .build()?,
-            );
+        if container.memory_limit_mib.is_some() || container.memory_request_mib.is_some() {
+            let mut memory = LinuxMemoryBuilder::default();
+            if let Some(mib) = container.memory_limit_mib {
+                memory = memory.limit((mib << 20) as i64);
+            }
+            if let Some(mib) = container.memory_request_mib {
+                memory = memory.reservation((mib << 20) as i64);
+            }
+            resources = resources.memory(memory.build()?);
         }
         let mut linux = spec
             .linux()
