@@ -12,7 +12,6 @@ use serde::Serialize;
 
 use crate::process;
 use crate::stats::{cell, Summary};
-use crate::workdir::TempDir;
 
 const VSOCK_PORT: u32 = 5000;
 
@@ -182,14 +181,7 @@ fn run_once(args: &DevicesArgs, dir: &Path) -> Result<Sample> {
 }
 
 pub fn run(args: &DevicesArgs) -> Result<()> {
-    let temp;
-    let dir = match &args.work_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            temp = TempDir::new()?;
-            temp.0.clone()
-        }
-    };
+    let (_temp, dir) = crate::workdir::scratch(&args.work_dir)?;
     let mut samples = Vec::with_capacity(args.runs);
     for run in 0..args.runs {
         let sample = run_once(args, &dir).with_context(|| format!("run {}", run + 1))?;

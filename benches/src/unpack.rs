@@ -13,7 +13,6 @@ use capsa_layers::{Compression, Digest, LayerSpec, LayerStore};
 use serde::Serialize;
 
 use crate::stats::{cell, Summary};
-use crate::workdir::TempDir;
 
 #[derive(clap::Args)]
 pub struct UnpackArgs {
@@ -123,14 +122,7 @@ fn have_zstd() -> bool {
 }
 
 pub fn run(args: &UnpackArgs) -> Result<()> {
-    let temp;
-    let dir = match &args.work_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            temp = TempDir::new()?;
-            temp.0.clone()
-        }
-    };
+    let (_temp, dir) = crate::workdir::scratch(&args.work_dir)?;
     let tar = synthetic_layer(args.mib, args.files)?;
     let diff_id = Digest::of(&tar);
     let gzip = {

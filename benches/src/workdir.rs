@@ -20,3 +20,16 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The directory a benchmark works in: the one given, or a temporary one
+/// (kept alive by the returned guard).
+pub fn scratch(given: &Option<PathBuf>) -> Result<(Option<TempDir>, PathBuf)> {
+    match given {
+        Some(dir) => Ok((None, dir.clone())),
+        None => {
+            let temp = TempDir::new()?;
+            let path = temp.0.clone();
+            Ok((Some(temp), path))
+        }
+    }
+}

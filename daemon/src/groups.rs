@@ -39,6 +39,13 @@ pub fn error(code: ErrorCode, message: impl Into<String>) -> ApiError {
     }
 }
 
+fn no_container(group: &str, container: &str) -> ApiError {
+    error(
+        ErrorCode::NotFound,
+        format!("no container {container:?} in {group:?}"),
+    )
+}
+
 fn internal(e: impl std::fmt::Display) -> ApiError {
     error(ErrorCode::Internal, e.to_string())
 }
@@ -456,12 +463,7 @@ impl Daemon {
                 .containers
                 .iter()
                 .find(|c| c.name == container)
-                .ok_or_else(|| {
-                    error(
-                        ErrorCode::NotFound,
-                        format!("no container {container:?} in {name:?}"),
-                    )
-                })?;
+                .ok_or_else(|| no_container(name, container))?;
             if c.status == ContainerStatus::Exited {
                 return Ok(WaitResponse {
                     exit_code: c.exit_code.unwrap_or(-1),
@@ -503,12 +505,7 @@ impl Daemon {
             .containers
             .iter()
             .find(|c| c.name == container)
-            .ok_or_else(|| {
-                error(
-                    ErrorCode::NotFound,
-                    format!("no container {container:?} in {name:?}"),
-                )
-            })?;
+            .ok_or_else(|| no_container(name, container))?;
         let running = record
             .containers
             .iter()
@@ -600,10 +597,7 @@ impl Daemon {
             .iter()
             .any(|c| c.name == container)
         {
-            return Err(error(
-                ErrorCode::NotFound,
-                format!("no container {container:?} in {name:?}"),
-            ));
+            return Err(no_container(name, container));
         }
         Ok((group.paths.log(container), group))
     }

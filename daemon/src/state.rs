@@ -18,17 +18,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ContainerRecord {
-    pub name: String,
-    pub image: String,
-    pub status: ContainerStatus,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub oom_killed: bool,
-    pub started_at: Option<u64>,
-    pub finished_at: Option<u64>,
-}
+/// A container as recorded is what the API shows of it.
+pub type ContainerRecord = ContainerView;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupRecord {
@@ -83,20 +74,7 @@ impl GroupRecord {
             created_at: self.created_at,
             started_at: self.started_at,
             labels: self.spec.labels.clone(),
-            containers: self
-                .containers
-                .iter()
-                .map(|c| ContainerView {
-                    name: c.name.clone(),
-                    image: c.image.clone(),
-                    status: c.status,
-                    exit_code: c.exit_code,
-                    signal: c.signal,
-                    oom_killed: c.oom_killed,
-                    started_at: c.started_at,
-                    finished_at: c.finished_at,
-                })
-                .collect(),
+            containers: self.containers.clone(),
         }
     }
 }

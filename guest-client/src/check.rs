@@ -338,12 +338,7 @@ fn memory_limit(check: &Check) -> Result<String> {
     let resources = LinuxResourcesBuilder::default()
         .memory(LinuxMemoryBuilder::default().limit(limit).build()?)
         .build()?;
-    let mut linux = spec
-        .linux()
-        .clone()
-        .unwrap_or(LinuxBuilder::default().build()?);
-    linux.set_resources(Some(resources));
-    spec.set_linux(Some(linux));
+    with_resources(&mut spec, resources)?;
     let (out, err, exit) = check.run("oom", &spec)?;
     ensure!(
         out.lines().next() == Some(limit.to_string().as_str()),
@@ -354,6 +349,16 @@ fn memory_limit(check: &Check) -> Result<String> {
         "{exit:?}, stdout {out:?}, stderr {err:?}"
     );
     Ok("OOM-killed at 16 MiB and reported".into())
+}
+
+fn with_resources(spec: &mut Spec, resources: oci_spec::runtime::LinuxResources) -> Result<()> {
+    let mut linux = spec
+        .linux()
+        .clone()
+        .unwrap_or(LinuxBuilder::default().build()?);
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
+    Ok(())
 }
 
 fn cpu_and_pids_limits(check: &Check) -> Result<String> {
@@ -370,12 +375,7 @@ fn cpu_and_pids_limits(check: &Check) -> Result<String> {
                 .build()?,
         )
         .build()?;
-    let mut linux = spec
-        .linux()
-        .clone()
-        .unwrap_or(LinuxBuilder::default().build()?);
-    linux.set_resources(Some(resources));
-    spec.set_linux(Some(linux));
+    with_resources(&mut spec, resources)?;
     let (out, err, exit) = check.run("limits", &spec)?;
     ensure!(
         out == "6\n50000 100000\n",
