@@ -7,8 +7,10 @@
 #   - `capsa logs -f` streams lines as they come and ends with the container;
 #   - `kill -9` of capsad while a group runs, then a restart: the group is
 #     still running, `exec` (plain and -it, through a pty) works in it, and
-#     its container's exit is still seen;
-#   - invalid specs and unknown images get clear errors.
+#     its container's exit is still seen, and its log has every line,
+#     also those written while no daemon ran;
+#   - invalid specs and unknown images get clear errors;
+#   - import and start report their progress.
 # On a PVM host (README, "Hosts with PVM") it runs on a KVM nested in QEMU.
 #
 #   scripts/daemon-check.sh KERNEL INITRD
@@ -78,7 +80,9 @@ follow() {
     ./capsa rm ticker
 }
 restart() {
-    ./capsa run -d --name survivor busybox sh -c 'sleep 20; exit 7' || return 1
+    ./capsa run -d --name survivor busybox \
+        sh -c 'for i in $(seq 15); do echo beat-$i; sleep 1; done; sleep 5; exit 7' || return 1
+    sleep 2
     kill -9 "$(cat "$work/capsad.pid")"
     sleep 1
     ./capsa ps > /dev/null 2>&1; echo "ps-while-down=$?"
@@ -89,7 +93,11 @@ adopted() {
     ./capsa exec survivor -- sh -c 'echo in-exec; exit 4'; echo "exec=$?"
     printf 'stty size; [ -t 0 ] && echo on-a-terminal; exit 3\n' | ./capsa exec -it survivor -- sh
     echo "exec-tty=$?"
-    ./capsa wait survivor; echo "survivor=$?"; ./capsa rm survivor
+    ./capsa wait survivor; echo "survivor=$?"
+    # Every line, also those written while no daemon ran (a line may come
+    # twice: delivery is at least once).
+    echo "beats=$(./capsa logs survivor | awk '/^beat-/ && !seen[$0]++' | tr '\n' ' ')"
+    ./capsa rm survivor
 }
 images() { ./capsa image ls && ./capsa image rm busybox && ./capsa image ls; }
 
@@ -136,6 +144,7 @@ exit_is() { section "$1" | grep -q "^=== END $1 exit=$2\$"; }
 has() { section "$1" | grep -q -- "$2"; }
 check no-daemon "without a daemon the CLI says how to start one" has no-daemon "Start it with: capsad"
 check import "a busybox OCI layout imports" exit_is import 0
+check import "reporting each blob as it is stored" has import '^sha256:[0-9a-f]* ([0-9]* bytes) stored$'
 check run-hi "capsa run --rm busybox echo hi prints hi" has run-hi '^hi$'
 check run-hi "and exits 0" exit_is run-hi 0
 check run-exit-code "a failing command's exit code passes through" exit_is run-exit-code 3
@@ -143,6 +152,8 @@ check run-exit-code "with its output" has run-exit-code '^failing$'
 check unknown-image "an unknown image is a clear error" has unknown-image 'images the store does not have'
 check bad-spec "unknown fields are refused" has bad-spec 'unknown field `colour`'
 check bad-fields "field errors name their field" has bad-fields 'containers\[0\].workingDir'
+check pair "start reports the boot" has pair '^pair: booting the microVM'
+check pair "and each container" has pair '^pair: container second started$'
 check pair "both containers of a two-container group ran" has pair '^first=0$'
 check pair "the second's exit code" has pair '^second=5$'
 check pair "logs kept for each container, env applied" has pair '^from-second-hello$'
@@ -162,6 +173,8 @@ check adopted "exec -it runs on a pty" has adopted '^on-a-terminal'
 check adopted "with the terminal's size" has adopted '24 80'
 check adopted "and its exit code" has adopted 'exec-tty=3'
 check adopted "and sees its container exit" has adopted '^survivor=7$'
+check adopted "its log has the output from before, during and after the restart" \
+    has adopted "^beats=$(seq 15 | sed 's/^/beat-/' | tr '\n' ' ')\$"
 check images "an image not in use can be removed" exit_is images 0
 check adopted "stats show the VMM and the running container" has adopted '^main .*[0-9]M .* [1-9]$'
 check events "events: a group created" has events ' created pair$'

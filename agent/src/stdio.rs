@@ -6,22 +6,28 @@
 //! A process's output is copied only once the host has attached, and the
 //! process's exit is published only after its output reached the host
 //! (end-of-file on the stream), so nothing written before exit is lost.
+//!
+//! An output stream may be attached again: the host daemon restarts and
+//! picks its containers' logs up where they were. While the host is away,
+//! output waits in the pipe and the process blocks when it is full, rather
+//! than the output being dropped.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    accept, bind, listen, shutdown, socket, AddressFamily, Backlog, Shutdown, SockFlag, SockType,
-    VsockAddr,
+    accept, bind, listen, recv, shutdown, socket, AddressFamily, Backlog, MsgFlags, Shutdown,
+    SockFlag, SockType, VsockAddr,
 };
 
-use capsa_protocol::stdio::{read_line, StreamHeader};
+use capsa_protocol::stdio::{read_line, StreamHeader, StreamKind, ACK_BYTES};
 
 use crate::kmsg;
 
@@ -29,12 +35,21 @@ use crate::kmsg;
 const HEADER_PATIENCE: Duration = Duration::from_secs(10);
 /// How long output waits for the host to attach once its process has
 /// exited; after that it is dropped rather than hold up the exit forever.
-pub const ATTACH_GRACE_AFTER_EXIT: Duration = Duration::from_secs(10);
+/// Long enough for the host daemon to restart.
+pub const ATTACH_GRACE_AFTER_EXIT: Duration = Duration::from_secs(30);
 
 /// Streams are registered under their header.
 pub type StreamKey = StreamHeader;
 
-/// Where a host connection waits to be picked up by its copier.
+/// A host connection to a stream.
+pub struct Attachment {
+    pub connection: File,
+    /// The host acknowledges what it kept (output streams only).
+    pub acked: bool,
+}
+
+/// Where a host connection waits to be picked up by its copier; a newer
+/// connection for an output stream replaces the one in use.
 #[derive(Default)]
 pub struct Slot {
     state: Mutex<SlotState>,
@@ -43,7 +58,7 @@ pub struct Slot {
 
 #[derive(Default)]
 struct SlotState {
-    connection: Option<File>,
+    connection: Option<Attachment>,
     attached: bool,
     /// Set when the process exited: how long to keep waiting for an attach.
     give_up_at: Option<Instant>,
@@ -52,7 +67,7 @@ struct SlotState {
 impl Slot {
     /// Waits for the host's connection; None when it did not come in time
     /// after the process exited.
-    pub fn wait_for_host(&self) -> Option<File> {
+    pub fn wait_for_host(&self) -> Option<Attachment> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(connection) = state.connection.take() {
@@ -68,6 +83,12 @@ impl Slot {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// A connection attached since the copier last looked, if any.
+    fn newer_connection(&self) -> Option<Attachment> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.connection.take()
     }
 
     /// The process has exited: stop waiting for an attach after the grace.
@@ -148,12 +169,12 @@ impl StdioHub {
 
     fn attach(&self, mut connection: File) {
         let reply = match self.route(&mut connection) {
-            Ok(slot) => {
+            Ok((slot, acked)) => {
                 if connection.write_all(b"OK\n").is_err() {
                     return;
                 }
                 let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-                state.connection = Some(connection);
+                state.connection = Some(Attachment { connection, acked });
                 slot.changed.notify_all();
                 return;
             }
@@ -163,22 +184,24 @@ impl StdioHub {
     }
 
     /// Reads the header line and claims the slot it names.
-    fn route(&self, connection: &mut File) -> Result<Arc<Slot>, String> {
+    fn route(&self, connection: &mut File) -> Result<(Arc<Slot>, bool), String> {
         let line =
             read_header(connection).map_err(|e| format!("reading the stream header: {e}"))?;
-        let header = StreamHeader::parse(&line)?;
+        let (header, acked) = StreamHeader::parse(&line)?;
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots
             .get(&header)
             .ok_or_else(|| format!("no such stream: {header}"))?
             .clone();
         let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.attached {
+        // Two writers into one process's input would interleave; output
+        // goes to whoever attached last.
+        if state.attached && header.kind == StreamKind::Stdin {
             return Err(format!("{header} is already attached"));
         }
         state.attached = true;
         drop(state);
-        Ok(slot)
+        Ok((slot, acked))
     }
 }
 
@@ -203,35 +226,246 @@ fn set_receive_timeout(connection: &File, timeout: Option<Duration>) -> io::Resu
 }
 
 /// Copies a process's output to the host once it attaches, then ends the
-/// stream. When the host goes away the output is still drained, so the
-/// process never blocks on a full pipe.
-/// Without a slot the output is only drained.
+/// stream. Without a slot the output is only drained.
 pub fn copy_output(source: File, slot: Option<Arc<Slot>>) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut source = source;
-        let mut sink = slot.and_then(|slot| slot.wait_for_host());
+        let mut output = slot.map(Output::new);
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
-            let n = match source.read(&mut buffer) {
+            if let Some(output) = output.as_mut() {
+                // A silent process must not keep a re-attached host waiting
+                // for what an earlier connection left unacknowledged.
+                if !readable(&source, REATTACH_POLL) {
+                    output.take_newer();
+                    continue;
+                }
+            }
+            let n = match (&source).read(&mut buffer) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // EIO: a pty whose other side has closed.
                 Err(_) => break,
             };
-            if let Some(connection) = sink.as_mut() {
-                if connection.write_all(&buffer[..n]).is_err() {
-                    sink = None;
-                }
+            if let Some(output) = output.as_mut() {
+                output.send(&buffer[..n]);
             }
         }
-        if let Some(connection) = sink {
-            let _ = shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&connection.as_fd()),
-                Shutdown::Write,
-            );
+        if let Some(output) = output {
+            output.finish();
         }
     })
+}
+
+/// How often a silent process's output looks for a newer host connection.
+const REATTACH_POLL: Duration = Duration::from_secs(1);
+/// How much acknowledged-mode output may wait unacknowledged before the
+/// copy stops reading the process's output (which then blocks).
+const ACK_WINDOW: usize = 1 << 20;
+
+fn readable(source: &File, timeout: Duration) -> bool {
+    let mut fds = [PollFd::new(source.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    // Errors and hang-ups count as readable: the read then says what.
+    !matches!(poll(&mut fds, timeout), Ok(0))
+}
+
+/// One output stream's way to the host. When the host goes away, the
+/// copy waits for it to attach again and the process blocks on its full
+/// pipe meanwhile; once the process has exited, that wait is bounded by
+/// ATTACH_GRACE_AFTER_EXIT and what is left is dropped. On an acked
+/// connection, bytes stay queued until the host acknowledges them and are
+/// resent on the next connection; on a plain one, what was in flight when
+/// it broke is lost with it.
+struct Output {
+    slot: Arc<Slot>,
+    sink: Option<Sink>,
+    /// Bytes not yet acknowledged (plain connections: not yet written).
+    queue: Vec<u8>,
+    /// How much of `queue` went out on the current connection.
+    written: usize,
+}
+
+struct Sink {
+    connection: File,
+    acked: bool,
+    /// Acknowledged bytes of this connection.
+    acknowledged: u64,
+    partial: [u8; ACK_BYTES],
+    partial_len: usize,
+}
+
+impl Output {
+    fn new(slot: Arc<Slot>) -> Self {
+        let sink = slot.wait_for_host().map(Sink::new);
+        Output {
+            slot,
+            sink,
+            queue: Vec::new(),
+            written: 0,
+        }
+    }
+
+    fn take_newer(&mut self) {
+        if let Some(newer) = self.slot.newer_connection() {
+            self.use_connection(newer);
+            self.deliver();
+        }
+    }
+
+    fn use_connection(&mut self, attachment: Attachment) {
+        // Acknowledgements the old connection still holds spare resending
+        // what the host already kept.
+        if let Some(mut old) = self.sink.take().filter(|old| old.acked) {
+            if let Ok(kept) = old.read_acks(false, self.written) {
+                self.queue.drain(..kept);
+            }
+        }
+        if !attachment.acked {
+            // A plain reader never acknowledges: hold nothing for it.
+            self.queue.clear();
+        }
+        self.sink = Some(Sink::new(attachment));
+        self.written = 0;
+    }
+
+    fn send(&mut self, chunk: &[u8]) {
+        if let Some(newer) = self.slot.newer_connection() {
+            self.use_connection(newer);
+        }
+        if self.sink.is_none() {
+            // Nobody attached in time: drain.
+            return;
+        }
+        self.queue.extend_from_slice(chunk);
+        self.deliver();
+    }
+
+    /// Writes what is queued, and waits for acknowledgements while the
+    /// window is full; on a broken connection waits for the next one.
+    fn deliver(&mut self) {
+        while self.sink.is_some() {
+            match self.try_deliver() {
+                Ok(()) => return,
+                Err(_) => self.reconnect(),
+            }
+        }
+        self.queue.clear();
+    }
+
+    fn try_deliver(&mut self) -> io::Result<()> {
+        let Some(sink) = self.sink.as_mut() else {
+            return Ok(());
+        };
+        sink.connection.write_all(&self.queue[self.written..])?;
+        self.written = self.queue.len();
+        if !sink.acked {
+            self.queue.clear();
+            self.written = 0;
+            return Ok(());
+        }
+        let mut blocking = false;
+        loop {
+            let kept = sink.read_acks(blocking, self.written)?;
+            self.queue.drain(..kept);
+            self.written -= kept;
+            if self.queue.len() <= ACK_WINDOW {
+                return Ok(());
+            }
+            blocking = true;
+        }
+    }
+
+    fn reconnect(&mut self) {
+        self.sink = None;
+        if let Some(next) = self.slot.wait_for_host() {
+            self.use_connection(next);
+        }
+    }
+
+    /// The process's output ended: deliver the rest, end the stream, and on
+    /// an acked connection wait until the host has kept all of it.
+    fn finish(mut self) {
+        loop {
+            self.take_newer();
+            self.deliver();
+            let Some(sink) = self.sink.as_mut() else {
+                return;
+            };
+            let _ = shutdown(sink.connection.as_raw_fd(), Shutdown::Write);
+            if !sink.acked {
+                return;
+            }
+            while !self.queue.is_empty() {
+                match sink.read_acks(true, self.written) {
+                    Ok(kept) => {
+                        self.queue.drain(..kept);
+                        self.written -= kept;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.queue.is_empty() {
+                return;
+            }
+            self.reconnect();
+        }
+    }
+}
+
+impl Sink {
+    fn new(attachment: Attachment) -> Self {
+        Sink {
+            connection: attachment.connection,
+            acked: attachment.acked,
+            acknowledged: 0,
+            partial: [0; ACK_BYTES],
+            partial_len: 0,
+        }
+    }
+
+    /// Reads the acknowledgements that arrived (waiting for one when
+    /// `blocking`) and returns how many more bytes the host kept. An
+    /// acknowledgement beyond `written`, or going backwards, breaks the
+    /// connection: the host is confused and a fresh attach is safer.
+    fn read_acks(&mut self, blocking: bool, written: usize) -> io::Result<usize> {
+        let fd = self.connection.as_raw_fd();
+        let mut kept = 0usize;
+        let mut flags = if blocking {
+            MsgFlags::empty()
+        } else {
+            MsgFlags::MSG_DONTWAIT
+        };
+        loop {
+            let n = match recv(fd, &mut self.partial[self.partial_len..], flags) {
+                Ok(n) if n > 0 => n,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(kept),
+                Err(nix::errno::Errno::EINTR) => continue,
+                // What was acknowledged before the end counts; the next
+                // call meets the end again.
+                _ if kept > 0 => return Ok(kept),
+                Ok(_) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Err(e) => return Err(e.into()),
+            };
+            self.partial_len += n;
+            if self.partial_len < ACK_BYTES {
+                continue;
+            }
+            self.partial_len = 0;
+            let total = u64::from_le_bytes(self.partial);
+            let more = total
+                .checked_sub(self.acknowledged)
+                .and_then(|more| usize::try_from(more).ok())
+                .filter(|&more| kept + more <= written)
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "acknowledged unsent output")
+                })?;
+            self.acknowledged = total;
+            kept += more;
+            // One acknowledgement is what a blocking caller waited for.
+            flags = MsgFlags::MSG_DONTWAIT;
+        }
+    }
 }
 
 /// Copies the host's input into the process until the host ends it (or
@@ -242,7 +476,7 @@ pub fn copy_input(
     terminal: bool,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        let Some(mut connection) = slot.wait_for_host() else {
+        let Some(Attachment { mut connection, .. }) = slot.wait_for_host() else {
             return;
         };
         let mut buffer = vec![0u8; 64 * 1024];

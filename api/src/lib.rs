@@ -134,13 +134,18 @@ pub struct PullRequest {
     pub insecure: bool,
 }
 
-/// One line of a pull's response stream (JSON lines): progress, then the
-/// image or the error.
+/// The media type that asks a long operation (image import and pull,
+/// group start) for its progress as it goes.
+pub const PROGRESS_MEDIA_TYPE: &str = "application/x-ndjson";
+
+/// One line of a long operation's response stream (JSON lines), for a
+/// client that accepts PROGRESS_MEDIA_TYPE: progress, then the result or
+/// the error.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum PullEvent {
+pub enum ProgressEvent<T> {
     Progress(String),
-    Image(ImageView),
+    Result(T),
     Error(ApiError),
 }
 

@@ -7,7 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use std::io::Write;
 
 use capsa_api::exec::{self, ExecRequest, Frame};
-use capsa_api::ApiError;
+use capsa_api::{ApiError, ProgressEvent, PROGRESS_MEDIA_TYPE};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response};
@@ -35,6 +35,7 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<String>,
+        accept: &str,
     ) -> Result<Response<Incoming>> {
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
             anyhow!(
@@ -50,6 +51,7 @@ impl Client {
             .uri(path)
             .header("host", "capsad")
             .header("content-type", "application/json")
+            .header("accept", accept)
             .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         Ok(sender.send_request(request).await?)
     }
@@ -62,7 +64,7 @@ impl Client {
         body: Option<String>,
     ) -> Result<T> {
         self.runtime.block_on(async {
-            let response = self.send(method, path, body).await?;
+            let response = self.send(method, path, body, "application/json").await?;
             let status = response.status();
             let bytes = response.into_body().collect().await?.to_bytes();
             if !status.is_success() {
@@ -83,14 +85,32 @@ impl Client {
         self.stream_request(Method::GET, path, None, each)
     }
 
-    /// A POST whose response is streamed.
-    pub fn stream_post(
+    /// A long operation: its progress lines go to `progress` as they come,
+    /// then its result is returned (or its error).
+    pub fn call_with_progress<T: DeserializeOwned>(
         &self,
+        method: Method,
         path: &str,
-        body: String,
-        each: impl FnMut(&[u8]) -> Result<()>,
-    ) -> Result<()> {
-        self.stream_request(Method::POST, path, Some(body), each)
+        body: Option<String>,
+        mut progress: impl FnMut(&str),
+    ) -> Result<T> {
+        let mut outcome: Option<Result<T>> = None;
+        let mut pending = Vec::new();
+        self.stream_request(method, path, body, |chunk| {
+            pending.extend_from_slice(chunk);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                match serde_json::from_slice::<ProgressEvent<T>>(&line)
+                    .with_context(|| format!("reading the answer to {path}"))?
+                {
+                    ProgressEvent::Progress(text) => progress(&text),
+                    ProgressEvent::Result(result) => outcome = Some(Ok(result)),
+                    ProgressEvent::Error(e) => outcome = Some(Err(anyhow::Error::new(e))),
+                }
+            }
+            Ok(())
+        })?;
+        outcome.with_context(|| format!("capsad ended {path} without a result"))?
     }
 
     fn stream_request(
@@ -101,7 +121,7 @@ impl Client {
         mut each: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
         self.runtime.block_on(async {
-            let response = self.send(method, path, body).await?;
+            let response = self.send(method, path, body, PROGRESS_MEDIA_TYPE).await?;
             let status = response.status();
             let mut body = response.into_body();
             if !status.is_success() {

@@ -3,14 +3,14 @@
 mod client;
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use capsa_api::exec::ExecRequest;
 use capsa_api::{
-    ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, PullEvent, PullRequest,
+    ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, PullRequest,
     WaitResponse,
 };
 use capsa_api::{Event, GroupStats};
@@ -243,8 +243,9 @@ fn run(cli: Cli) -> Result<u8> {
                 "/v1/groups",
                 Some(serde_json::to_string(&spec)?),
             )?;
-            let started: Result<GroupView> =
-                client.call(Method::POST, &format!("/v1/groups/{name}/start"), None);
+            // Attached, the container's stderr is ours: steps only go to a
+            // terminal there.
+            let started = start_group(&client, &name, detach || std::io::stderr().is_terminal());
             if let Err(e) = started {
                 if rm {
                     let _: Result<serde_json::Value> =
@@ -287,8 +288,7 @@ fn run(cli: Cli) -> Result<u8> {
                 &format!("/v1/groups/{name}/stop{query}"),
                 None,
             )?;
-            let view: GroupView =
-                client.call(Method::POST, &format!("/v1/groups/{name}/start"), None)?;
+            let view = start_group(&client, &name, true)?;
             println!("{}", view.name);
             Ok(0)
         }
@@ -298,8 +298,7 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Start { name } => {
-            let view: GroupView =
-                client.call(Method::POST, &format!("/v1/groups/{name}/start"), None)?;
+            let view = start_group(&client, &name, true)?;
             println!("{}", view.name);
             Ok(0)
         }
@@ -465,10 +464,11 @@ fn run(cli: Cli) -> Result<u8> {
                 path: path.to_string_lossy().into_owned(),
                 name,
             };
-            let view: ImageView = client.call(
+            let view: ImageView = client.call_with_progress(
                 Method::POST,
                 "/v1/images/import",
                 Some(serde_json::to_string(&request)?),
+                |text| eprintln!("{text}"),
             )?;
             if cli.json {
                 print_json(&view)?;
@@ -498,25 +498,12 @@ fn run(cli: Cli) -> Result<u8> {
                 password,
                 insecure,
             };
-            let mut outcome: Option<Result<ImageView>> = None;
-            let mut pending = Vec::new();
-            client.stream_post(
+            let view: ImageView = client.call_with_progress(
+                Method::POST,
                 "/v1/images/pull",
-                serde_json::to_string(&request)?,
-                |chunk| {
-                    pending.extend_from_slice(chunk);
-                    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                        let line: Vec<u8> = pending.drain(..=end).collect();
-                        match serde_json::from_slice::<PullEvent>(&line)? {
-                            PullEvent::Progress(text) => eprintln!("{text}"),
-                            PullEvent::Image(view) => outcome = Some(Ok(view)),
-                            PullEvent::Error(e) => outcome = Some(Err(anyhow::Error::new(e))),
-                        }
-                    }
-                    Ok(())
-                },
+                Some(serde_json::to_string(&request)?),
+                |text| eprintln!("{text}"),
             )?;
-            let view = outcome.context("capsad ended the pull without a result")??;
             if cli.json {
                 print_json(&view)?;
             } else {
@@ -629,4 +616,18 @@ fn follow_logs(
         }
         Ok(())
     })
+}
+
+/// Boots a group, showing its steps on stderr when `show_progress`.
+fn start_group(client: &Client, name: &str, show_progress: bool) -> Result<GroupView> {
+    client.call_with_progress(
+        Method::POST,
+        &format!("/v1/groups/{name}/start"),
+        None,
+        |step| {
+            if show_progress {
+                eprintln!("{name}: {step}");
+            }
+        },
+    )
 }

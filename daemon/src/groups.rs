@@ -155,6 +155,18 @@ impl Daemon {
         })
     }
 
+    fn new_group(&self, paths: GroupPaths, record: GroupRecord) -> Arc<Group> {
+        Arc::new(Group {
+            paths,
+            record: Mutex::new(record),
+            guest: Mutex::new(None),
+            changed: Condvar::new(),
+            stopping: Mutex::new(false),
+            deleted: Mutex::new(false),
+            events: self.events.clone(),
+        })
+    }
+
     fn group(&self, name: &str) -> Result<Arc<Group>, ApiError> {
         self.groups
             .lock()
@@ -225,31 +237,20 @@ impl Daemon {
         let record = GroupRecord::new(spec);
         state::save(&paths, &record).map_err(internal)?;
         let view = record.view();
-        let _ = self.events.send(Event {
-            time: now_ms(),
-            group: view.name.clone(),
-            container: None,
-            action: "created".into(),
-            detail: None,
-        });
-        groups.insert(
-            record.spec.name.clone(),
-            Arc::new(Group {
-                paths,
-                record: Mutex::new(record),
-                guest: Mutex::new(None),
-                changed: Condvar::new(),
-                stopping: Mutex::new(false),
-                deleted: Mutex::new(false),
-                events: self.events.clone(),
-            }),
-        );
+        let group = self.new_group(paths, record);
+        group.emit_for(&view.name, None, "created", None);
+        groups.insert(view.name.clone(), group);
         Ok(view)
     }
 
-    /// Boots the group's VM and starts its containers; returns once they
-    /// run (or the start failed, which leaves the group Failed).
-    pub fn start(self: &Arc<Self>, name: &str) -> Result<GroupView, ApiError> {
+    /// Boots the group's VM and starts its containers, telling `report`
+    /// each step; returns once they run (or the start failed, which leaves
+    /// the group Failed).
+    pub fn start(
+        self: &Arc<Self>,
+        name: &str,
+        report: &mut dyn FnMut(String),
+    ) -> Result<GroupView, ApiError> {
         let group = self.group(name)?;
         {
             let record = group.snapshot();
@@ -271,6 +272,11 @@ impl Daemon {
         )
         .map_err(internal)?;
         let pid = child.id();
+        report(format!(
+            "booting the microVM: {} vCPU, {} MiB (VMM pid {pid})",
+            record.spec.cpus(),
+            record.spec.memory_mib()
+        ));
         group.update(|r| {
             r.status = GroupStatus::Running;
             r.error = None;
@@ -295,7 +301,7 @@ impl Daemon {
                     .unwrap_or_else(|e| e.to_string()),
             );
         });
-        match self.run_containers(&group) {
+        match self.run_containers(&group, report) {
             Ok(()) => Ok(group.snapshot().view()),
             Err(e) => {
                 let message = e.message.clone();
@@ -310,14 +316,23 @@ impl Daemon {
         }
     }
 
-    fn run_containers(self: &Arc<Self>, group: &Arc<Group>) -> Result<(), ApiError> {
+    fn run_containers(
+        self: &Arc<Self>,
+        group: &Arc<Group>,
+        report: &mut dyn FnMut(String),
+    ) -> Result<(), ApiError> {
         let record = group.snapshot();
+        let booting = Instant::now();
         let guest = Guest::connect(&group.paths.vsock(), BOOT_PATIENCE).map_err(|e| {
             internal(format!(
                 "the guest did not answer: {e}; console:\n{}",
                 vm::console_tail(&group.paths.console())
             ))
         })?;
+        report(format!(
+            "the guest agent answered after {} ms",
+            booting.elapsed().as_millis()
+        ));
         let guest = Arc::new(guest);
         let sandbox = capsa_protocol::agent::SetupSandboxRequest {
             hostname: record.spec.name.clone(),
@@ -332,26 +347,24 @@ impl Daemon {
         for container in &record.spec.containers {
             let image = OciImage::open(self.images.layout(), Some(&normalized(&container.image)))
                 .map_err(internal)?;
+            let pushing = Instant::now();
             let chain = guest.push_image(&image).map_err(internal)?;
+            report(format!(
+                "container {}: image {} ({} layer(s)) in the guest after {} ms",
+                container.name,
+                container.image,
+                image.layers.len(),
+                pushing.elapsed().as_millis()
+            ));
             let spec = oci_spec_for(&image, container).map_err(internal)?;
             guest
                 .create(&container.name, &chain, &spec, Streams::OUTPUT)
                 .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
-            let log = LogWriter::open(&group.paths.log(&container.name)).map_err(internal)?;
-            let mut copiers = Vec::new();
-            for (kind, tag) in [
-                (StreamKind::Stdout, "stdout"),
-                (StreamKind::Stderr, "stderr"),
-            ] {
-                let stream = guest.attach(&container.name, "", kind).map_err(internal)?;
-                let log = log.clone();
-                copiers.push(std::thread::spawn(move || {
-                    let _ = log.copy(tag, stream);
-                }));
-            }
+            let copiers = attach_logs(group, &guest, container)?;
             guest
                 .start(&container.name)
                 .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
+            report(format!("container {} started", container.name));
             let name = container.name.clone();
             group.update(|r| {
                 if let Some(c) = r.container_mut(&name) {
@@ -614,15 +627,7 @@ impl Daemon {
                 }
             };
             let name = record.spec.name.clone();
-            let group = Arc::new(Group {
-                paths,
-                record: Mutex::new(record),
-                guest: Mutex::new(None),
-                changed: Condvar::new(),
-                stopping: Mutex::new(false),
-                deleted: Mutex::new(false),
-                events: self.events.clone(),
-            });
+            let group = self.new_group(paths, record);
             self.groups
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -699,6 +704,38 @@ fn oci_spec_for(image: &OciImage, container: &ContainerSpec) -> anyhow::Result<S
         spec.set_linux(Some(linux));
     }
     Ok(spec)
+}
+
+/// Copies a container's output into its log, from where it is now: the
+/// agent resends what an earlier daemon had not kept.
+fn attach_logs(
+    group: &Group,
+    guest: &Guest,
+    container: &ContainerSpec,
+) -> Result<Vec<JoinHandle<()>>, ApiError> {
+    let log = LogWriter::open(&group.paths.log(&container.name)).map_err(internal)?;
+    // A terminal has one output stream.
+    let streams: &[_] = if container.tty {
+        &[(StreamKind::Stdout, "stdout")]
+    } else {
+        &[
+            (StreamKind::Stdout, "stdout"),
+            (StreamKind::Stderr, "stderr"),
+        ]
+    };
+    let mut copiers = Vec::new();
+    for &(kind, tag) in streams {
+        let stream = guest
+            .attach_acked(&container.name, "", kind)
+            .map_err(internal)?;
+        let log = log.clone();
+        copiers.push(std::thread::spawn(move || {
+            if let Err(e) = log.copy(tag, stream) {
+                eprintln!("capsad: log of {}: {e}", log.path().display());
+            }
+        }));
+    }
+    Ok(copiers)
 }
 
 /// Waits for a container's exit (after its output reached the log), and
@@ -813,14 +850,30 @@ fn adopt(group: Arc<Group>) {
     };
     *group.guest.lock().unwrap_or_else(|e| e.into_inner()) = Some(guest.clone());
     for container in &record.containers {
-        if container.status == ContainerStatus::Running {
-            watch_container(
-                group.clone(),
-                guest.clone(),
-                container.name.clone(),
-                Vec::new(),
-            );
+        if container.status != ContainerStatus::Running {
+            continue;
         }
+        let copiers = record
+            .spec
+            .containers
+            .iter()
+            .find(|c| c.name == container.name)
+            .map(|spec| attach_logs(&group, &guest, spec))
+            .transpose()
+            .unwrap_or_else(|e| {
+                eprintln!(
+                    "capsad: group {}: reattaching {}'s output: {}",
+                    record.spec.name, container.name, e.message
+                );
+                None
+            })
+            .unwrap_or_default();
+        watch_container(
+            group.clone(),
+            guest.clone(),
+            container.name.clone(),
+            copiers,
+        );
     }
     // Not our child any more: poll for its end.
     let watched = group.clone();

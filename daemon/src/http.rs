@@ -7,13 +7,16 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use capsa_api::exec::{self, ExecRequest, Frame};
-use capsa_api::{ApiError, ErrorCode, GroupSpec, ImageView, ImportRequest, PullEvent, PullRequest};
-use serde::Deserialize;
+use capsa_api::{
+    ApiError, ErrorCode, GroupSpec, ImageView, ImportRequest, ProgressEvent, PullRequest,
+    PROGRESS_MEDIA_TYPE,
+};
+use serde::{Deserialize, Serialize};
 
 use crate::groups::{error, is_running, Daemon, Exec, DEFAULT_STOP_GRACE};
 use crate::logs;
@@ -102,9 +105,10 @@ fn view_of(summary: capsa_image_store::ImageSummary) -> ImageView {
 
 async fn import_image(
     State(daemon): State<Arc<Daemon>>,
+    headers: HeaderMap,
     Json(request): Json<ImportRequest>,
-) -> Reply<ImageView> {
-    let summary = blocking(move || {
+) -> Response {
+    long_operation(&headers, move |report| {
         let path = Path::new(&request.path);
         let store_error = |e: capsa_image_store::StoreError| {
             error(
@@ -112,7 +116,8 @@ async fn import_image(
                 format!("importing {}: {e}", request.path),
             )
         };
-        if path.is_dir() {
+        let mut progress = |p: capsa_image_store::Progress| report(p.to_string());
+        let summary = if path.is_dir() {
             let name = request.name.clone().ok_or_else(|| {
                 error(
                     ErrorCode::InvalidRequest,
@@ -121,12 +126,12 @@ async fn import_image(
             })?;
             daemon
                 .images
-                .import_layout(path, None, &name)
+                .import_layout(path, None, &name, &mut progress)
                 .map_err(store_error)
         } else if path.is_file() {
             daemon
                 .images
-                .import_archive(path, request.name.as_deref())
+                .import_archive(path, request.name.as_deref(), &mut progress)
                 .map_err(store_error)
         } else {
             Err(error(
@@ -136,51 +141,70 @@ async fn import_image(
                     request.path
                 ),
             ))
-        }
+        }?;
+        Ok(view_of(summary))
     })
-    .await?;
-    Ok(Json(view_of(summary)))
+    .await
 }
 
-/// JSON lines: progress as the blobs come, then the image or the error.
 async fn pull_image(
     State(daemon): State<Arc<Daemon>>,
+    headers: HeaderMap,
     Json(request): Json<PullRequest>,
 ) -> Response {
-    let (events, receiver) = tokio::sync::mpsc::channel::<PullEvent>(64);
-    tokio::task::spawn_blocking(move || {
+    long_operation(&headers, move |report| {
         let options = capsa_image_store::registry::PullOptions {
             credentials: request.username.clone().zip(request.password.clone()),
             insecure: request.insecure,
         };
-        let mut report = |progress: capsa_image_store::registry::Progress| {
-            use capsa_image_store::registry::Progress;
-            let text = match progress {
-                Progress::Manifest { digest } => format!("manifest {digest}"),
-                Progress::Blob {
-                    digest,
-                    size,
-                    already_present: true,
-                } => format!("{digest} ({size} bytes) already present"),
-                Progress::Blob { digest, size, .. } => format!("{digest} ({size} bytes) fetched"),
-            };
-            let _ = events.blocking_send(PullEvent::Progress(text));
-        };
-        let last = match daemon.images.pull(
+        match daemon.images.pull(
             &request.reference,
             request.name.as_deref(),
             &options,
-            &mut report,
+            &mut |p| report(p.to_string()),
         ) {
-            Ok(summary) => PullEvent::Image(view_of(summary)),
-            Err(capsa_image_store::StoreError::NotFound(what)) => PullEvent::Error(error(
+            Ok(summary) => Ok(view_of(summary)),
+            Err(capsa_image_store::StoreError::NotFound(what)) => Err(error(
                 ErrorCode::ImageNotFound,
                 format!("the registry has no {what}"),
             )),
-            Err(e) => PullEvent::Error(error(
+            Err(e) => Err(error(
                 ErrorCode::InvalidRequest,
                 format!("pulling {}: {e}", request.reference),
             )),
+        }
+    })
+    .await
+}
+
+/// Runs a long operation off the async threads. A client that accepts
+/// PROGRESS_MEDIA_TYPE gets JSON lines of ProgressEvent: the progress as it
+/// goes, then the result or the error; any other client gets the result
+/// as one JSON answer.
+async fn long_operation<T: Serialize + Send + 'static>(
+    headers: &HeaderMap,
+    work: impl FnOnce(&mut dyn FnMut(String)) -> Result<T, ApiError> + Send + 'static,
+) -> Response {
+    let wants_progress = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains(PROGRESS_MEDIA_TYPE));
+    if !wants_progress {
+        return match blocking(move || work(&mut |_| {})).await {
+            Ok(result) => Json(result).into_response(),
+            Err(failure) => failure.into_response(),
+        };
+    }
+    let (events, receiver) = tokio::sync::mpsc::channel::<ProgressEvent<T>>(64);
+    tokio::task::spawn_blocking(move || {
+        let mut report = |text: String| {
+            // A client that went away stops nothing: the work finishes.
+            let _ = events.blocking_send(ProgressEvent::Progress(text));
+        };
+        let last = match work(&mut report) {
+            Ok(result) => ProgressEvent::Result(result),
+            Err(e) => ProgressEvent::Error(e),
         };
         let _ = events.blocking_send(last);
     });
@@ -191,7 +215,7 @@ async fn pull_image(
         Some((Ok::<_, std::io::Error>(line), receiver))
     });
     (
-        [("content-type", "application/x-ndjson")],
+        [(header::CONTENT_TYPE, PROGRESS_MEDIA_TYPE)],
         Body::from_stream(stream),
     )
         .into_response()
@@ -254,9 +278,10 @@ async fn inspect_group(
 
 async fn start_group(
     State(daemon): State<Arc<Daemon>>,
+    headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
-) -> Reply<capsa_api::GroupView> {
-    Ok(Json(blocking(move || daemon.start(&name)).await?))
+) -> Response {
+    long_operation(&headers, move |report| daemon.start(&name, report)).await
 }
 
 #[derive(Deserialize)]
@@ -653,6 +678,50 @@ mod tests {
         assert!(
             error.details[0].starts_with("containers[0].image"),
             "{error:?}"
+        );
+    }
+
+    /// Long operations answer one JSON document, or JSON lines of progress
+    /// ending in the result or the error for clients that accept them.
+    #[tokio::test]
+    async fn long_operations_stream_progress_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = router(daemon(dir.path()));
+        let body = r#"{"path": "/nonexistent/image.tar", "name": "x"}"#;
+        let request = |accept: &str| {
+            Request::builder()
+                .method("POST")
+                .uri("/v1/images/import")
+                .header("content-type", "application/json")
+                .header("accept", accept)
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let plain = router
+            .clone()
+            .oneshot(request("application/json"))
+            .await
+            .unwrap();
+        assert_eq!(plain.status(), StatusCode::BAD_REQUEST);
+        let bytes = plain.into_body().collect().await.unwrap().to_bytes();
+        let error: ApiError = serde_json::from_slice(&bytes).unwrap();
+        assert!(error.message.contains("no such file"), "{error:?}");
+
+        let streamed = router
+            .clone()
+            .oneshot(request(PROGRESS_MEDIA_TYPE))
+            .await
+            .unwrap();
+        assert_eq!(streamed.status(), StatusCode::OK);
+        let bytes = streamed.into_body().collect().await.unwrap().to_bytes();
+        let lines: Vec<ProgressEvent<ImageView>> = bytes
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).unwrap())
+            .collect();
+        assert!(
+            matches!(lines.as_slice(), [ProgressEvent::Error(e)] if e.message.contains("no such file")),
+            "{lines:?}"
         );
     }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use capsa_api::LogLine;
+use capsa_protocol::stdio::ack;
 
 use crate::state::now_ms;
 
@@ -33,6 +34,10 @@ impl LogWriter {
         }))
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn append(&self, stream: &str, line: &str) -> io::Result<()> {
         let record = LogLine {
             time: now_ms(),
@@ -54,18 +59,26 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Copies `source` into the log line by line until it ends. A last line
-    /// without a newline is kept too.
-    pub fn copy(&self, stream: &str, source: impl Read) -> io::Result<()> {
+    /// Copies an acked stdio stream into the log line by line until it
+    /// ends, a last line without a newline too. Bytes are acknowledged
+    /// once their lines are written, so the agent resends, after a restart
+    /// of the daemon, what never reached the log.
+    pub fn copy(&self, stream: &str, source: impl Read + Write) -> io::Result<()> {
         let mut reader = BufReader::new(source);
         let mut buffer = Vec::new();
+        let mut kept = 0u64;
         loop {
             buffer.clear();
             if reader.read_until(b'\n', &mut buffer)? == 0 {
-                return Ok(());
+                return ack(reader.get_mut(), kept);
             }
             let text = String::from_utf8_lossy(&buffer);
             self.append(stream, text.strip_suffix('\n').unwrap_or(&text))?;
+            kept += buffer.len() as u64;
+            // One acknowledgement per batch the guest sent, not per line.
+            if reader.buffer().is_empty() {
+                ack(reader.get_mut(), kept)?;
+            }
         }
     }
 }
@@ -132,8 +145,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.log");
         let writer = LogWriter::open(&path).unwrap();
-        writer.copy("stdout", &b"one\ntwo\nthree"[..]).unwrap();
-        writer.copy("stderr", &b"oops\n"[..]).unwrap();
+        for (stream, output) in [("stdout", &b"one\ntwo\nthree"[..]), ("stderr", b"oops\n")] {
+            let (mut guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
+            guest.write_all(output).unwrap();
+            guest.shutdown(std::net::Shutdown::Write).unwrap();
+            writer.copy(stream, host).unwrap();
+            let mut acks = Vec::new();
+            guest.read_to_end(&mut acks).unwrap();
+            let last = acks.rchunks(8).next().unwrap();
+            let kept = u64::from_le_bytes(last.try_into().unwrap());
+            assert_eq!(kept, output.len() as u64, "all of {stream} acknowledged");
+        }
         let (all, offset) = read(&path, None, None).unwrap();
         let text: Vec<(&str, &str)> = all
             .iter()

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use capsa_protocol::stdio::StreamKind;
+use capsa_protocol::stdio::{ack, StreamKind};
 use oci_spec::runtime::{LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec};
 use ttrpc::Code;
 
@@ -70,6 +70,7 @@ pub fn run(socket: &Path, layout: &Path, options: Options) -> Result<usize> {
         ("exit-code", exit_code),
         ("sigkill", sigkill),
         ("fast-exit-output", fast_exit_output),
+        ("reattach", reattach_resends_unacknowledged),
         ("stdin", stdin_reaches_the_process),
         ("exec", exec_shares_the_container),
         ("tty", tty_resize),
@@ -196,6 +197,64 @@ fn fast_exit_output(check: &Check) -> Result<String> {
         "{lines} lines, stderr {err:?}, {exit:?}"
     );
     Ok(format!("{} bytes", out.len()))
+}
+
+/// A host that drops an acked output stream and attaches again gets
+/// everything it had not acknowledged, in order, and nothing it had.
+fn reattach_resends_unacknowledged(check: &Check) -> Result<String> {
+    let id = "reattach";
+    let spec = check.spec(&["sh", "-c", "seq 1 2000; sleep 1; seq 2001 3000"])?;
+    check
+        .guest
+        .create(id, &check.chain, &spec, Streams::OUTPUT)?;
+    let result = (|| {
+        let mut first = check.guest.attach_acked(id, "", StreamKind::Stdout)?;
+        let stderr = check.guest.attach(id, "", StreamKind::Stderr)?;
+        check.guest.start(id)?;
+        let mut seen = Vec::new();
+        read_until(&mut first, &mut seen, "\n100\n")?;
+        // Keep lines 1-50, as a host that then crashed would have.
+        let kept = (1..=50).map(|i| format!("{i}\n")).collect::<String>();
+        ensure!(
+            seen.starts_with(kept.as_bytes()),
+            "first connection: {seen:?}"
+        );
+        ack(&mut first, kept.len() as u64)?;
+        // An acknowledgement still on its way when the connection ends
+        // may be missed, and its bytes come again: delivery is at least
+        // once. Here it gets the time to arrive.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(first);
+        let mut second = check.guest.attach_acked(id, "", StreamKind::Stdout)?;
+        let mut rest = Vec::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = second.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&buffer[..n]);
+            ack(&mut second, rest.len() as u64)?;
+        }
+        let err = read_to_string(stderr)?;
+        let exit = check.guest.wait(id, "")?;
+        let rest = String::from_utf8_lossy(&rest);
+        let resumed_at: usize = rest.lines().next().unwrap_or("").parse().unwrap_or(0);
+        let expected = (resumed_at..=3000)
+            .map(|i| format!("{i}\n"))
+            .collect::<String>();
+        ensure!(
+            resumed_at == 51 && rest == expected && exit.code == 0,
+            "{} lines after the re-attach (first {:?}), stderr {err:?}, {exit:?}",
+            rest.lines().count(),
+            rest.lines().next()
+        );
+        Ok(format!(
+            "the re-attached stream resumed at line {resumed_at}, the first not acknowledged"
+        ))
+    })();
+    check.guest.delete(id)?;
+    result
 }
 
 fn stdin_reaches_the_process(check: &Check) -> Result<String> {

@@ -291,7 +291,27 @@ impl Guest {
         exec_id: &str,
         kind: StreamKind,
     ) -> Result<UnixStream, GuestError> {
-        Ok(attach(&self.socket, &StreamHeader::new(id, exec_id, kind))?)
+        Ok(attach(
+            &self.socket,
+            &StreamHeader::new(id, exec_id, kind),
+            false,
+        )?)
+    }
+
+    /// Attaches an output stream whose reader acknowledges what it kept
+    /// (capsa_protocol::stdio::ack), so the agent resends what a dropped
+    /// connection lost when the stream is attached again.
+    pub fn attach_acked(
+        &self,
+        id: &str,
+        exec_id: &str,
+        kind: StreamKind,
+    ) -> Result<UnixStream, GuestError> {
+        Ok(attach(
+            &self.socket,
+            &StreamHeader::new(id, exec_id, kind),
+            true,
+        )?)
     }
 
     /// Waits for the process to exit, with no time limit.

@@ -7,7 +7,7 @@ use std::path::{Component, Path};
 
 use oci_spec::image::MediaType;
 
-use crate::{invalid, io_error, normalize_name, ImageStore, ImageSummary, StoreError};
+use crate::{invalid, io_error, normalize_name, ImageStore, ImageSummary, Progress, StoreError};
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -22,6 +22,7 @@ pub fn import(
     store: &ImageStore,
     archive: &Path,
     name: Option<&str>,
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<ImageSummary, StoreError> {
     let scratch = store.root.join("tmp").join(format!(
         "archive-{}-{}",
@@ -31,7 +32,7 @@ pub fn import(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let result = unpack_archive(archive, &scratch)
-        .and_then(|()| import_unpacked(store, &scratch, archive, name));
+        .and_then(|()| import_unpacked(store, &scratch, archive, name, progress));
     let _ = fs::remove_dir_all(&scratch);
     result
 }
@@ -114,6 +115,7 @@ fn import_unpacked(
     dir: &Path,
     archive: &Path,
     name: Option<&str>,
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<ImageSummary, StoreError> {
     let docker_manifest = dir.join("manifest.json");
     let is_layout = dir.join("oci-layout").exists() && dir.join("index.json").exists();
@@ -124,7 +126,7 @@ fn import_unpacked(
                 "an oci-archive needs a name to import as",
             )
         })?;
-        return store.import_layout(dir, None, name);
+        return store.import_layout(dir, None, name, progress);
     }
     if !docker_manifest.exists() {
         return Err(invalid(
@@ -167,12 +169,16 @@ fn import_unpacked(
     };
     let config_path = inside(&manifest.config)?;
     let config_file = fs::File::open(&config_path).map_err(io_error("reading", &config_path))?;
-    let config = store.put_blob(config_file, None)?;
+    let blob = store.store_blob(config_file, None)?;
+    let config = (blob.digest.clone(), blob.size);
+    progress(blob.into());
     let mut layers = Vec::new();
     for layer in &manifest.layers {
         let path = inside(layer)?;
         let file = fs::File::open(&path).map_err(io_error("reading", &path))?;
-        let (digest, size) = store.put_blob(file, None)?;
+        let blob = store.store_blob(file, None)?;
+        let (digest, size) = (blob.digest.clone(), blob.size);
+        progress(blob.into());
         let media_type = if is_gzip(&path)? {
             MediaType::ImageLayerGzip
         } else {

@@ -15,6 +15,50 @@
 //! `docker save` tar (whose layers it describes with an OCI manifest).
 
 mod archive;
+
+/// How an import or a pull is going, for progress reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The image's manifest was found (pulls).
+    Manifest { digest: String },
+    /// A blob is in the store.
+    Blob {
+        digest: String,
+        size: u64,
+        already_present: bool,
+    },
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Progress::Manifest { digest } => write!(f, "manifest {digest}"),
+            Progress::Blob {
+                digest,
+                size,
+                already_present: true,
+            } => write!(f, "{digest} ({size} bytes) already present"),
+            Progress::Blob { digest, size, .. } => write!(f, "{digest} ({size} bytes) stored"),
+        }
+    }
+}
+
+/// A blob written (or found) in the store.
+struct Blob {
+    digest: String,
+    size: u64,
+    already_present: bool,
+}
+
+impl From<Blob> for Progress {
+    fn from(blob: Blob) -> Self {
+        Progress::Blob {
+            digest: blob.digest,
+            size: blob.size,
+            already_present: blob.already_present,
+        }
+    }
+}
 pub mod registry;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -148,13 +192,23 @@ impl ImageStore {
         reader: impl Read,
         expected: Option<&str>,
     ) -> Result<(String, u64), StoreError> {
+        self.store_blob(reader, expected)
+            .map(|blob| (blob.digest, blob.size))
+    }
+
+    /// put_blob, saying whether the store already had the blob.
+    fn store_blob(&self, reader: impl Read, expected: Option<&str>) -> Result<Blob, StoreError> {
         if let Some(expected) = expected {
             if self.has_blob(expected) {
                 let path = self.blob_path(expected)?;
                 let size = fs::metadata(&path)
                     .map_err(io_error("reading", &path))?
                     .len();
-                return Ok((expected.to_string(), size));
+                return Ok(Blob {
+                    digest: expected.to_string(),
+                    size,
+                    already_present: true,
+                });
             }
         }
         let temp = self.root.join("tmp").join(format!(
@@ -177,8 +231,13 @@ impl ImageStore {
                 }
             }
             let target = self.root.join("blobs/sha256").join(digest.hex());
+            let already_present = target.exists();
             fs::rename(&temp, &target).map_err(io_error("committing", &target))?;
-            Ok((digest.to_string(), size))
+            Ok(Blob {
+                digest: digest.to_string(),
+                size,
+                already_present,
+            })
         })();
         if temp.exists() {
             let _ = fs::remove_file(&temp);
@@ -229,12 +288,13 @@ impl ImageStore {
     }
 
     /// Copies the image tagged `reference` (or the only one) in the OCI
-    /// layout `source` into the store as `name`.
+    /// layout `source` into the store as `name`, reporting each blob.
     pub fn import_layout(
         &self,
         source: &Path,
         reference: Option<&str>,
         name: &str,
+        progress: &mut dyn FnMut(Progress),
     ) -> Result<ImageSummary, StoreError> {
         let name = normalize_name(name)?;
         let index_path = source.join("index.json");
@@ -258,14 +318,15 @@ impl ImageStore {
                 }
             },
         };
-        let copy = |digest: &str| -> Result<u64, StoreError> {
+        let mut copy = |digest: &str| -> Result<(), StoreError> {
             let hex = digest
                 .strip_prefix("sha256:")
                 .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .ok_or_else(|| invalid(format!("digest {digest}"), "not sha256"))?;
             let path = source.join("blobs/sha256").join(hex);
             let file = File::open(&path).map_err(io_error("reading", &path))?;
-            Ok(self.put_blob(file, Some(digest))?.1)
+            progress(self.store_blob(file, Some(digest))?.into());
+            Ok(())
         };
         let manifest_digest = manifest.digest().to_string();
         copy(&manifest_digest)?;
@@ -289,8 +350,9 @@ impl ImageStore {
         &self,
         archive: &Path,
         name: Option<&str>,
+        progress: &mut dyn FnMut(Progress),
     ) -> Result<ImageSummary, StoreError> {
-        archive::import(self, archive, name)
+        archive::import(self, archive, name, progress)
     }
 
     fn manifest(&self, digest: &str) -> Result<ImageManifest, StoreError> {

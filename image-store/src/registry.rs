@@ -9,6 +9,7 @@ use std::io::Read;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
+pub use crate::Progress;
 use crate::{invalid, ImageStore, ImageSummary, StoreError};
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
@@ -87,19 +88,6 @@ pub struct PullOptions {
     pub credentials: Option<(String, String)>,
     /// Plain HTTP (always for localhost and 127.0.0.1).
     pub insecure: bool,
-}
-
-/// How a pull is going, for progress reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
-    Manifest {
-        digest: String,
-    },
-    Blob {
-        digest: String,
-        size: u64,
-        already_present: bool,
-    },
 }
 
 struct Session<'a> {

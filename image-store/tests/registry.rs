@@ -1,8 +1,11 @@
 //! Pulling from a real registry on loopback (Debian's docker-registry),
-//! filled with skopeo from a layout built here.
+//! filled with skopeo from a layout built here: anonymous, with basic
+//! auth (htpasswd), and with bearer tokens from a token server run here
+//! (JWTs signed with openssl, checked by the registry against our cert).
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,20 +26,24 @@ impl Drop for Registry {
     }
 }
 
-fn start_registry() -> Registry {
-    let dir = tempfile::tempdir().unwrap();
-    // A free loopback port: bind, read, release.
-    let port = TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    // Bind, read, release.
+    TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let address = format!("127.0.0.1:{port}");
+        .port()
+}
+
+/// A registry on loopback; `auth` is the config's `auth:` section, which
+/// may refer to files in `dir`.
+fn start_registry_in(dir: tempfile::TempDir, auth: &str) -> Registry {
+    let address = format!("127.0.0.1:{}", free_port());
     let config = dir.path().join("registry.yml");
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n{auth}",
             dir.path().join("data").display()
         ),
     )
@@ -60,14 +67,265 @@ fn start_registry() -> Registry {
     }
 }
 
+fn start_registry() -> Registry {
+    start_registry_in(tempfile::tempdir().unwrap(), "")
+}
+
 fn push(layout: &std::path::Path, tag: &str, destination: &str) {
-    let status = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+    push_as(layout, tag, destination, None);
+}
+
+fn push_as(layout: &std::path::Path, tag: &str, destination: &str, creds: Option<&str>) {
+    let mut command = Command::new("skopeo");
+    command.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if let Some(creds) = creds {
+        command.arg(format!("--dest-creds={creds}"));
+    }
+    let status = command
         .arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://{destination}"))
         .status()
         .expect("skopeo (scripts/setup.sh installs it)");
     assert!(status.success(), "skopeo copy to {destination}");
+}
+
+fn with_credentials(user: &str, password: &str) -> PullOptions {
+    PullOptions {
+        credentials: Some((user.into(), password.into())),
+        ..PullOptions::default()
+    }
+}
+
+/// Pushes a one-layer image as `creds` and checks that a pull without
+/// credentials or with a wrong password is refused and one with
+/// `user`/`password` stores the image.
+fn check_auth(registry: &Registry, creds: &str, expect_without: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    common::oci_layout(&layout, "latest", b"behind auth");
+    let reference = format!("{}/team/app:v1", registry.address);
+    push_as(&layout, "latest", &reference, Some(creds));
+    let store = ImageStore::open(&dir.path().join("store")).unwrap();
+    let (user, password) = creds.split_once(':').unwrap();
+
+    let anonymous = store
+        .pull(&reference, None, &PullOptions::default(), &mut |_| {})
+        .unwrap_err();
+    assert!(
+        anonymous.to_string().contains(expect_without),
+        "without credentials: {anonymous}"
+    );
+    let wrong = store
+        .pull(
+            &reference,
+            None,
+            &with_credentials(user, "wrong"),
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(
+        !wrong.to_string().is_empty() && store.list().unwrap().is_empty(),
+        "{wrong}"
+    );
+    let summary = store
+        .pull(
+            &reference,
+            None,
+            &with_credentials(user, password),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(
+        (summary.name.as_str(), summary.layers),
+        (reference.as_str(), 1)
+    );
+}
+
+#[test]
+fn pulls_with_basic_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    std::fs::write(&htpasswd, format!("tenant:{hash}\n")).unwrap();
+    let auth = format!(
+        "auth:\n  htpasswd:\n    realm: capsa-test\n    path: {}\n",
+        htpasswd.display()
+    );
+    let registry = start_registry_in(dir, &auth);
+    check_auth(&registry, "tenant:s3cret", "needs credentials (basic auth)");
+}
+
+#[test]
+fn pulls_with_bearer_tokens_from_a_token_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let cert = dir.path().join("cert.pem");
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=capsa-test-tokens", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success(), "openssl req");
+    let tokens = TokenServer::start(&key, &cert, "tenant", "t0ken-pass");
+    let auth = format!(
+        "auth:\n  token:\n    realm: http://{}/token\n    service: capsa-test-registry\n    issuer: capsa-test-issuer\n    rootcertbundle: {}\n",
+        tokens.address,
+        cert.display()
+    );
+    let registry = start_registry_in(dir, &auth);
+    check_auth(&registry, "tenant:t0ken-pass", "token from");
+    assert!(
+        tokens.issued.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "skopeo's push and our pull got tokens"
+    );
+}
+
+/// A bearer token server: checks basic credentials and answers a JWT
+/// (RS256, signed with openssl, its cert in the x5c header) granting the
+/// requested scope.
+struct TokenServer {
+    address: String,
+    issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TokenServer {
+    fn start(key: &std::path::Path, cert: &std::path::Path, user: &str, password: &str) -> Self {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        use base64::Engine;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(cert)
+            .output()
+            .unwrap()
+            .stdout;
+        let header =
+            serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [STANDARD.encode(der)]});
+        let expected = format!("Basic {}", STANDARD.encode(format!("{user}:{password}")));
+        let key = key.to_path_buf();
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = issued.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let request = read_request(&mut stream);
+                let authorized = request.lines().any(|l| {
+                    l.to_ascii_lowercase().starts_with("authorization:")
+                        && l[14..].trim() == expected
+                });
+                if !authorized {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
+                let access: Vec<serde_json::Value> = query_values(&request, "scope")
+                    .iter()
+                    .filter_map(|scope| {
+                        let mut parts = scope.splitn(3, ':');
+                        let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+                        Some(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+                    })
+                    .collect();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let claims = serde_json::json!({
+                    "iss": "capsa-test-issuer", "sub": "tenant", "aud": "capsa-test-registry",
+                    "iat": now, "nbf": now - 60, "exp": now + 300,
+                    "jti": format!("token-{now}-{}", counter.load(std::sync::atomic::Ordering::Relaxed)),
+                    "access": access,
+                });
+                let signing_input = format!(
+                    "{}.{}",
+                    URL_SAFE_NO_PAD.encode(header.to_string()),
+                    URL_SAFE_NO_PAD.encode(claims.to_string())
+                );
+                let mut openssl = Command::new("openssl")
+                    .args(["dgst", "-sha256", "-sign"])
+                    .arg(&key)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                openssl
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(signing_input.as_bytes())
+                    .unwrap();
+                let signature = openssl.wait_with_output().unwrap().stdout;
+                let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature));
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let body = serde_json::json!({"token": token, "access_token": token}).to_string();
+                let _ = stream.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        TokenServer { address, issued }
+    }
+}
+
+/// The request line and headers (token requests are GETs: no body).
+fn read_request(stream: &mut std::net::TcpStream) -> String {
+    let mut request = Vec::new();
+    let mut byte = [0u8; 1];
+    while !request.ends_with(b"\r\n\r\n") && request.len() < 16 << 10 {
+        match stream.read(&mut byte) {
+            Ok(1) => request.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&request).into_owned()
+}
+
+/// Every value of `key` in the request line's query, percent-decoded.
+fn query_values(request: &str, key: &str) -> Vec<String> {
+    let target = request.split(' ').nth(1).unwrap_or("");
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| percent_decode(v))
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[test]
@@ -137,11 +395,7 @@ fn pulls_from_a_registry_verifies_and_shares_blobs() {
 
 #[test]
 fn an_unreachable_registry_is_a_clear_error() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let store = ImageStore::open(dir.path()).unwrap();
     let error = store

@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 
-use capsa_image_store::{normalize_name, ImageStore, StoreError};
+use capsa_image_store::{normalize_name, ImageStore, Progress, StoreError};
 use capsa_layers::Digest;
 use common::{config_json, layer_tar, oci_layout, tar_directory};
 
@@ -33,9 +33,21 @@ fn imports_an_oci_layout_and_the_store_is_itself_one() {
     let (dir, store) = store();
     let layout = dir.path().join("layout");
     let manifest = oci_layout(&layout, "latest", b"hi");
+    let mut reported = Vec::new();
     let summary = store
-        .import_layout(&layout, Some("latest"), "busybox")
+        .import_layout(&layout, Some("latest"), "busybox", &mut |p| {
+            reported.push(p)
+        })
         .unwrap();
+    // The manifest, the config and the layer, each new.
+    assert_eq!(reported.len(), 3, "{reported:?}");
+    assert!(reported.iter().all(|p| matches!(
+        p,
+        Progress::Blob {
+            already_present: false,
+            ..
+        }
+    )));
     assert_eq!(summary.name, "busybox:latest");
     assert_eq!(summary.manifest_digest, manifest);
     assert_eq!(summary.layers, 1);
@@ -51,7 +63,21 @@ fn imports_an_oci_layout_and_the_store_is_itself_one() {
     let blobs = fs::read_dir(store.layout().join("blobs/sha256"))
         .unwrap()
         .count();
-    store.import_layout(&layout, None, "copy:v1").unwrap();
+    let mut reported = Vec::new();
+    store
+        .import_layout(&layout, None, "copy:v1", &mut |p| reported.push(p))
+        .unwrap();
+    assert!(
+        reported.len() == 3
+            && reported.iter().all(|p| matches!(
+                p,
+                Progress::Blob {
+                    already_present: true,
+                    ..
+                }
+            )),
+        "{reported:?}"
+    );
     assert_eq!(
         fs::read_dir(store.layout().join("blobs/sha256"))
             .unwrap()
@@ -76,7 +102,9 @@ fn a_corrupt_blob_is_refused_and_nothing_is_tagged() {
     let mut bytes = fs::read(layer).unwrap();
     bytes[10] ^= 0xff;
     fs::write(layer, bytes).unwrap();
-    let error = store.import_layout(&layout, None, "broken").unwrap_err();
+    let error = store
+        .import_layout(&layout, None, "broken", &mut |_| {})
+        .unwrap_err();
     assert!(
         matches!(error, StoreError::DigestMismatch { .. }),
         "{error}"
@@ -92,7 +120,9 @@ fn imports_an_oci_archive() {
     oci_layout(&layout, "1.0", b"archived");
     let archive = dir.path().join("image.tar");
     tar_directory(&layout, &archive);
-    let summary = store.import_archive(&archive, Some("app")).unwrap();
+    let summary = store
+        .import_archive(&archive, Some("app"), &mut |_| {})
+        .unwrap();
     assert_eq!((summary.name.as_str(), summary.layers), ("app:latest", 1));
 }
 
@@ -118,7 +148,7 @@ fn imports_a_docker_save_tar() {
     .unwrap();
     let archive = dir.path().join("save.tar");
     tar_directory(&save, &archive);
-    let summary = store.import_archive(&archive, None).unwrap();
+    let summary = store.import_archive(&archive, None, &mut |_| {}).unwrap();
     assert_eq!((summary.name.as_str(), summary.layers), ("saved/app:2", 1));
     // The layer, uncompressed, is its own diff id.
     assert!(store.has_blob(&Digest::of(&tar).to_string()));
@@ -137,13 +167,17 @@ fn archives_that_escape_or_are_not_images_are_refused() {
     header.set_cksum();
     builder.append(&header, &b"x"[..]).unwrap();
     fs::write(&archive, builder.into_inner().unwrap()).unwrap();
-    let error = store.import_archive(&archive, Some("evil")).unwrap_err();
+    let error = store
+        .import_archive(&archive, Some("evil"), &mut |_| {})
+        .unwrap_err();
     assert!(error.to_string().contains("leaves the archive"), "{error}");
     assert!(!dir.path().join("escape").exists());
 
     let not_image = dir.path().join("plain.tar");
     tar_directory(&dir.path().join("store/blobs"), &not_image);
-    let error = store.import_archive(&not_image, Some("x")).unwrap_err();
+    let error = store
+        .import_archive(&not_image, Some("x"), &mut |_| {})
+        .unwrap_err();
     assert!(
         error.to_string().contains("neither an oci-archive"),
         "{error}"
@@ -155,10 +189,14 @@ fn remove_refuses_images_in_use_and_gc_frees_their_blobs() {
     let (dir, store) = store();
     let layout = dir.path().join("layout");
     oci_layout(&layout, "latest", b"hi");
-    store.import_layout(&layout, None, "keep").unwrap();
+    store
+        .import_layout(&layout, None, "keep", &mut |_| {})
+        .unwrap();
     let other = dir.path().join("other");
     oci_layout(&other, "latest", b"other content");
-    store.import_layout(&other, None, "drop").unwrap();
+    store
+        .import_layout(&other, None, "drop", &mut |_| {})
+        .unwrap();
 
     let error = store
         .remove("drop", |_| Some("group web".to_string()))

@@ -17,7 +17,7 @@ pub mod vmm_socket;
 
 /// The API version this build speaks. Bump it with any change that an
 /// older peer would misread.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 
 /// The vsock port the agent serves its ttrpc API on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -12,6 +12,8 @@ use crate::STDIO_VSOCK_PORT;
 pub const MAX_LINE: usize = 512;
 /// The exec id that names a container's own process.
 const INIT_PROCESS: &str = "-";
+/// The header's last word when the host acknowledges what it kept.
+const ACKED: &str = "acked";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamKind {
@@ -62,22 +64,39 @@ impl StreamHeader {
         }
     }
 
-    pub fn line(&self) -> String {
+    /// The header line; `acked` asks the agent to keep output until the
+    /// host acknowledges it (output streams only).
+    pub fn line(&self, acked: bool) -> String {
         let exec = if self.exec_id.is_empty() {
             INIT_PROCESS
         } else {
             &self.exec_id
         };
-        format!("{} {exec} {}\n", self.container_id, self.kind.as_str())
+        let suffix = if acked { " acked" } else { "" };
+        format!(
+            "{} {exec} {}{suffix}\n",
+            self.container_id,
+            self.kind.as_str()
+        )
     }
 
-    /// The header in `line` (without its newline), or why it is not one.
-    pub fn parse(line: &str) -> Result<Self, String> {
+    /// The header in `line` (without its newline) and whether the host
+    /// acknowledges, or why it is not one.
+    pub fn parse(line: &str) -> Result<(Self, bool), String> {
         let mut fields = line.split(' ');
-        let (Some(container_id), Some(exec_id), Some(kind), None) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
+        let (Some(container_id), Some(exec_id), Some(kind), last, None) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
             return Err(format!("malformed stream header {line:?}"));
+        };
+        let acked = match last {
+            None => false,
+            Some(ACKED) if kind != "stdin" => true,
+            Some(_) => return Err(format!("malformed stream header {line:?}")),
         };
         let kind = match kind {
             "stdin" => StreamKind::Stdin,
@@ -89,7 +108,7 @@ impl StreamHeader {
         if container_id.is_empty() || exec_id.contains(char::is_whitespace) {
             return Err(format!("malformed stream header {line:?}"));
         }
-        Ok(StreamHeader::new(container_id, exec_id, kind))
+        Ok((StreamHeader::new(container_id, exec_id, kind), acked))
     }
 }
 
@@ -131,15 +150,20 @@ pub fn read_line<R: Read>(reader: &mut R) -> io::Result<Option<String>> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))
 }
 
-/// Opens one stdio stream through the VMM's vsock socket at `vmm_socket`.
-pub fn attach(vmm_socket: &Path, header: &StreamHeader) -> Result<UnixStream, AttachError> {
+/// Opens one stdio stream through the VMM's vsock socket at `vmm_socket`;
+/// with `acked` the caller sends acknowledgements (see `ack`).
+pub fn attach(
+    vmm_socket: &Path,
+    header: &StreamHeader,
+    acked: bool,
+) -> Result<UnixStream, AttachError> {
     let mut stream = vmm_socket::connect(vmm_socket, STDIO_VSOCK_PORT)?;
     let io_error = |source| AttachError::Io {
         stream: header.to_string(),
         source,
     };
     stream
-        .write_all(header.line().as_bytes())
+        .write_all(header.line(acked).as_bytes())
         .map_err(io_error)?;
     match read_line(&mut stream).map_err(io_error)? {
         Some(reply) if reply == "OK" => Ok(stream),
@@ -154,18 +178,34 @@ pub fn attach(vmm_socket: &Path, header: &StreamHeader) -> Result<UnixStream, At
     }
 }
 
+/// Tells the agent that the first `kept` bytes of this acked connection
+/// are safe with the host.
+pub fn ack(connection: &mut impl Write, kept: u64) -> io::Result<()> {
+    connection.write_all(&kept.to_le_bytes())
+}
+
+/// The size of one acknowledgement on the wire.
+pub const ACK_BYTES: usize = 8;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn headers_round_trip_and_garbage_is_refused() {
-        for header in [
-            StreamHeader::new("web", "", StreamKind::Stdout),
-            StreamHeader::new("web", "debug-1", StreamKind::Stdin),
+        for (header, acked) in [
+            (StreamHeader::new("web", "", StreamKind::Stdout), false),
+            (StreamHeader::new("web", "", StreamKind::Stderr), true),
+            (
+                StreamHeader::new("web", "debug-1", StreamKind::Stdin),
+                false,
+            ),
         ] {
-            let line = header.line();
-            assert_eq!(StreamHeader::parse(line.trim_end()).unwrap(), header);
+            let line = header.line(acked);
+            assert_eq!(
+                StreamHeader::parse(line.trim_end()).unwrap(),
+                (header, acked)
+            );
         }
         for bad in [
             "",
@@ -173,6 +213,8 @@ mod tests {
             "web - ",
             "web - stdweird",
             "web - stdout extra",
+            "web - stdin acked",
+            "web - stdout acked extra",
             " - stdout",
         ] {
             assert!(StreamHeader::parse(bad).is_err(), "{bad:?}");
