@@ -40,7 +40,8 @@ struct Args {
     disks: Vec<DiskConfig>,
     /// Attach a virtio-net interface on the host tap NAME, with a MAC
     /// address (random, locally administered, by default). Repeatable.
-    #[arg(long = "net", value_name = "TAP[,mac=XX:XX:XX:XX:XX:XX]", value_parser = parse_net)]
+    /// (and, with bridge=NAME, added to that bridge and brought up).
+    #[arg(long = "net", value_name = "TAP[,mac=XX:XX:XX:XX:XX:XX][,bridge=NAME]", value_parser = parse_net)]
     nets: Vec<NetConfig>,
     /// Attach a virtio-vsock bridged to the Unix socket PATH (host
     /// processes connect to it with `CONNECT <port>`; guest connections to
@@ -71,11 +72,17 @@ fn parse_net(spec: &str) -> Result<NetConfig, String> {
     let mut net = NetConfig {
         tap: tap.to_string(),
         mac: NetConfig::random_mac(),
+        bridge: None,
     };
     for option in options {
         match option.split_once('=') {
             Some(("mac", mac)) => net.mac = parse_mac(mac)?,
-            _ => return Err(format!("unknown net option {option:?} (expected mac=...)")),
+            Some(("bridge", bridge)) if !bridge.is_empty() => net.bridge = Some(bridge.into()),
+            _ => {
+                return Err(format!(
+                    "unknown net option {option:?} (expected mac=... or bridge=...)"
+                ))
+            }
         }
     }
     Ok(net)

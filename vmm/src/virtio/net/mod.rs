@@ -34,6 +34,9 @@ pub struct NetConfig {
     /// Name of the host tap device to attach to.
     pub tap: String,
     pub mac: [u8; 6],
+    /// A host bridge to add the tap to, brought up: the tap then lives
+    /// exactly as long as this VMM, and nothing is left to clean up.
+    pub bridge: Option<String>,
 }
 
 impl NetConfig {
@@ -54,6 +57,9 @@ pub struct Net {
 impl Net {
     pub fn new(config: &NetConfig) -> Result<Self, TapError> {
         let tap = Tap::open(&config.tap)?;
+        if let Some(bridge) = &config.bridge {
+            tap.join_bridge(bridge)?;
+        }
         Ok(Self {
             tap,
             config_space: config.mac.to_vec(),
@@ -323,6 +329,33 @@ pub mod tests {
 
     use crate::virtio::testing::{writable, Guest, DATA_START};
     use proptest::prelude::*;
+
+    #[test]
+    fn a_tap_joins_its_bridge_and_comes_up() {
+        let seen = in_private_netns(|tap| {
+            // `ip` runs in this thread's namespace: it forks from here.
+            let ip = |args: &[&str]| {
+                std::process::Command::new("ip")
+                    .args(args)
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            };
+            ip(&["link", "add", "capsa-br0", "type", "bridge"]).ok()?;
+            let missing = tap.join_bridge("capsa-nobr").unwrap_err().to_string();
+            tap.join_bridge("capsa-br0").ok()?;
+            Some((ip(&["-o", "link", "show", "capsa-test0"]).ok()?, missing))
+        })
+        .flatten();
+        let Some((link, missing)) = seen else {
+            eprintln!("skipped: no namespaces, taps or ip here");
+            return;
+        };
+        assert!(
+            link.contains("master capsa-br0") && link.contains(",UP"),
+            "{link}"
+        );
+        assert!(missing.contains("capsa-nobr"), "{missing}");
+    }
 
     fn with_handler<T: Send + 'static>(
         guest: &Guest,

@@ -10,6 +10,9 @@ use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::ioctl_iow_nr;
 
 ioctl_iow_nr!(TUNSETIFF, b'T' as u32, 202, libc::c_int);
+/// Adds the interface with ifr_ifindex to the bridge named in ifr_name
+/// (linux/sockios.h).
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 ioctl_iow_nr!(TUNSETOFFLOAD, b'T' as u32, 208, libc::c_uint);
 ioctl_iow_nr!(TUNSETVNETHDRSZ, b'T' as u32, 216, libc::c_int);
 
@@ -40,6 +43,12 @@ pub enum TapError {
     #[error("cannot attach to tap {name:?}: {source} (does it exist, and may this user use it?)")]
     Attach {
         name: String,
+        source: std::io::Error,
+    },
+    #[error("cannot add tap {name:?} to bridge {bridge:?}: {source}")]
+    Bridge {
+        name: String,
+        bridge: String,
         source: std::io::Error,
     },
     #[error("cannot configure tap {name:?}: {what}: {source}")]
@@ -92,6 +101,57 @@ impl Tap {
         tap.check(rc, "set the virtio-net header size")?;
         tap.set_offload(0)?;
         Ok(tap)
+    }
+
+    /// Adds the tap to `bridge` and brings it up.
+    pub fn join_bridge(&self, bridge: &str) -> Result<(), TapError> {
+        let failed = |source| TapError::Bridge {
+            name: self.name.clone(),
+            bridge: bridge.to_string(),
+            source,
+        };
+        if bridge.is_empty() || bridge.len() >= libc::IFNAMSIZ {
+            return Err(failed(std::io::Error::from(
+                std::io::ErrorKind::InvalidInput,
+            )));
+        }
+        // SAFETY: socket() takes no pointers; the descriptor it returns is
+        // owned by the File at once.
+        let control =
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if control < 0 {
+            return Err(failed(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `control` was just created and nothing else owns it.
+        let control = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(control) };
+        let request = |name: &str| {
+            // SAFETY: ifreq is plain data; all zeroes is a valid value.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (slot, byte) in req.ifr_name.iter_mut().zip(name.bytes()) {
+                *slot = byte as libc::c_char;
+            }
+            req
+        };
+        let call = |code: libc::c_ulong, req: &mut libc::ifreq| {
+            // SAFETY: each of these socket ioctls reads or writes one ifreq,
+            // which `req` is.
+            if unsafe { libc::ioctl(control.as_raw_fd(), code as _, req as *mut libc::ifreq) } < 0 {
+                Err(failed(std::io::Error::last_os_error()))
+            } else {
+                Ok(())
+            }
+        };
+        let mut tap = request(&self.name);
+        call(libc::SIOCGIFINDEX, &mut tap)?;
+        let mut port = request(bridge);
+        // SAFETY: SIOCGIFINDEX filled the union's ifindex member.
+        port.ifr_ifru.ifru_ifindex = unsafe { tap.ifr_ifru.ifru_ifindex };
+        call(SIOCBRADDIF, &mut port)?;
+        let mut flags = request(&self.name);
+        call(libc::SIOCGIFFLAGS, &mut flags)?;
+        // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+        unsafe { flags.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        call(libc::SIOCSIFFLAGS, &mut flags)
     }
 
     /// Which offloaded frames (partial checksums, TSO) the tap may hand us.
