@@ -73,7 +73,7 @@ echo "--- the VM's console, last lines"
 tail -30 /tmp/containers-vm.out
 echo "=== END containers exit=$status"
 RUN
-CAPSA_NESTED_MODULES=drivers/net/tun "$root/scripts/nested-kvm.sh" "$payload" "$log"
+"$root/scripts/nested-kvm.sh" "$payload" "$log"
 
 # QEMU's firmware leaves terminal escapes before the first line: no ^ on BEGIN.
 section() { sed -n "/=== BEGIN $1\$/,/^=== END $1 /p" "$log"; }

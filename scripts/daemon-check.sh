@@ -10,7 +10,11 @@
 #     its container's exit is still seen, and its log has every line,
 #     also those written while no daemon ran;
 #   - invalid specs and unknown images get clear errors;
-#   - import and start report their progress.
+#   - import and start report their progress;
+#   - groups get addresses on the daemon's bridge (in a network namespace
+#     of the check's own): a published port serves a group's httpd to curl
+#     on the host, a port in use is refused, and groups reach each other by
+#     name.
 # On a PVM host (README, "Hosts with PVM") it runs on a KVM nested in QEMU.
 #
 #   scripts/daemon-check.sh KERNEL INITRD
@@ -47,13 +51,22 @@ cat > "$payload/bad-fields.json" <<'JSON'
 JSON
 payload_dir=$payload
 nested=0
-if "$root/scripts/kvm-is-pvm.sh"; then nested=1; payload_dir=/payload; fi
+if "$root/scripts/kvm-is-pvm.sh"; then
+    nested=1 payload_dir=/payload
+    for program in ip curl; do "$root/scripts/nested-add-program.sh" "$payload" "$program"; done
+fi
 printf 'cd "%s"\n' "$payload_dir" > "$payload/check.sh"
 cat >> "$payload/check.sh" <<'RUN'
 work=$(mktemp -d)
 export work CAPSA_SOCKET=$work/capsad.sock
+# The daemon, its bridge and its published ports live in a network
+# namespace of this check's own; the CLI reaches it by its socket.
+mkdir -p /run /var/run
+ip netns add capsa-check
+ip netns exec capsa-check ip link set lo up
+in_netns() { ip netns exec capsa-check "$@"; }
 daemon() {
-    ./capsad --root "$work/root" --socket "$CAPSA_SOCKET" --kernel vmlinux \
+    in_netns ./capsad --root "$work/root" --socket "$CAPSA_SOCKET" --kernel vmlinux \
         --initrd initramfs.cpio --vmm ./capsa-vmm >> "$work/capsad.log" 2>&1 &
     echo $! > "$work/capsad.pid"
 }
@@ -99,6 +112,20 @@ adopted() {
     echo "beats=$(./capsa logs survivor | awk '/^beat-/ && !seen[$0]++' | tr '\n' ' ')"
     ./capsa rm survivor
 }
+network() {
+    ./capsa run -d --name web -p 127.0.0.1:18080:80 busybox \
+        sh -c 'mkdir -p /www && echo served-by-web > /www/index.html && exec httpd -f -p 80 -h /www' || return 1
+    ./capsa ps
+    for i in $(seq 60); do
+        page=$(in_netns curl -sf http://127.0.0.1:18080/) && break
+        sleep 0.5
+    done
+    echo "curl=$? curl-got=$page"
+    ./capsa run -d --name web2 -p 127.0.0.1:18080:80 busybox true; echo "taken=$?"
+    ./capsa run --rm --name client busybox sh -c 'echo "wget-got=$(wget -q -O - http://web/)"'
+    echo "by-name=$?"
+    ./capsa stop web && ./capsa rm web
+}
 images() { ./capsa image ls && ./capsa image rm busybox && ./capsa image ls; }
 
 step no-daemon ./capsa ps
@@ -116,9 +143,11 @@ step follow follow
 step restart restart
 daemon; ready || echo "capsad did not come back"
 step adopted adopted
+step network network
 step images images
 echo "=== BEGIN events"; cat "$work/events.log"; echo "=== END events exit=0"
 kill "$(cat "$work/capsad.pid")" 2>/dev/null
+ip netns delete capsa-check
 echo "--- capsad's log"
 tail -20 "$work/capsad.log"
 RUN
@@ -175,6 +204,10 @@ check adopted "and its exit code" has adopted 'exec-tty=3'
 check adopted "and sees its container exit" has adopted '^survivor=7$'
 check adopted "its log has the output from before, during and after the restart" \
     has adopted "^beats=$(seq 15 | sed 's/^/beat-/' | tr '\n' ' ')\$"
+check network "a group gets an address on the daemon's bridge" has network '^web .*running *10\.88\.0\.[0-9]'
+check network "a published port serves the group's httpd to curl on the host" has network '^curl=0 curl-got=served-by-web$'
+check network "a port already published is refused at create" has network 'tcp port 127.0.0.1:18080 is not available'
+check network "another group reaches it by its name" has network '^wget-got=served-by-web$'
 check images "an image not in use can be removed" exit_is images 0
 check adopted "stats show the VMM and the running container" has adopted '^main .*[0-9]M .* [1-9]$'
 check events "events: a group created" has events ' created pair$'

@@ -39,7 +39,9 @@ for applet in sh mount insmod echo cat poweroff timeout sleep mkdir dd rm ls gre
     ln -s busybox "$stage/bin/$applet"
 done
 load=()
+# KVM, and taps on a bridge for groups' networks.
 for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd \
+         drivers/net/tun net/llc/llc net/802/stp net/bridge/bridge \
          ${CAPSA_NESTED_MODULES:-}; do
     cp "$modules/$m.ko" "$stage/modules/"
     load+=("$(basename "$m")")

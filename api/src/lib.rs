@@ -7,7 +7,7 @@ pub mod spec;
 
 use serde::{Deserialize, Serialize};
 
-pub use spec::{ContainerSpec, GroupSpec, SpecError};
+pub use spec::{ContainerSpec, GroupSpec, PortProtocol, PortSpec, SpecError};
 
 /// The API's path prefix; bumped with any change an older client would
 /// misread.
@@ -98,6 +98,8 @@ pub struct GroupView {
     pub cpus: u8,
     pub memory_mib: u64,
     pub vmm_pid: Option<u32>,
+    /// The group's address on the daemon's network.
+    pub ip: Option<std::net::Ipv4Addr>,
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub containers: Vec<ContainerView>,

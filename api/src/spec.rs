@@ -53,6 +53,69 @@ pub struct ContainerSpec {
     /// Give the container a terminal.
     #[serde(default)]
     pub tty: bool,
+    /// Ports of the container published on the host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+}
+
+/// A container port published on the host: `capsa run -p
+/// [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSpec {
+    pub container_port: u16,
+    pub host_port: u16,
+    /// Loopback unless given.
+    #[serde(default = "loopback")]
+    pub host_ip: std::net::IpAddr,
+    #[serde(default)]
+    pub protocol: PortProtocol,
+}
+
+fn loopback() -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl std::str::FromStr for PortSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]");
+        let (ports, protocol) = match text.rsplit_once('/') {
+            Some((ports, "tcp")) => (ports, PortProtocol::Tcp),
+            Some((ports, "udp")) => (ports, PortProtocol::Udp),
+            Some(_) => return Err(bad()),
+            None => (text, PortProtocol::Tcp),
+        };
+        let (host, container_port) = ports.rsplit_once(':').ok_or_else(bad)?;
+        let (host_ip, host_port) = match host.rsplit_once(':') {
+            Some((ip, port)) => (
+                ip.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .map_err(|_| bad())?,
+                port,
+            ),
+            None => (loopback(), host),
+        };
+        let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad);
+        Ok(PortSpec {
+            container_port: port(container_port)?,
+            host_port: port(host_port)?,
+            host_ip,
+            protocol,
+        })
+    }
 }
 
 /// A spec the daemon refuses, with every problem found.
@@ -115,6 +178,7 @@ impl GroupSpec {
             }
         }
         let mut seen = std::collections::BTreeSet::new();
+        let mut published = std::collections::BTreeSet::new();
         for (i, container) in self.containers.iter().enumerate() {
             let at = format!("containers[{i}]");
             if !valid_name(&container.name) {
@@ -167,6 +231,16 @@ impl GroupSpec {
                     ));
                 }
             }
+            for (j, port) in container.ports.iter().enumerate() {
+                if port.container_port == 0 || port.host_port == 0 {
+                    problems.push(format!("{at}.ports[{j}]: port 0 is not a port"));
+                } else if !published.insert((port.host_ip, port.host_port, port.protocol)) {
+                    problems.push(format!(
+                        "{at}.ports[{j}]: host port {}:{} is published twice",
+                        port.host_ip, port.host_port
+                    ));
+                }
+            }
             if let Some(memory) = container.memory_limit_mib {
                 if memory == 0 || memory > self.memory_mib() {
                     problems.push(format!(
@@ -194,6 +268,53 @@ mod tests {
             GroupSpec::parse(r#"{"name":"web","containers":[{"name":"app","image":"busybox"}]}"#)
                 .unwrap();
         assert_eq!((spec.cpus(), spec.memory_mib()), (1, 256));
+    }
+
+    #[test]
+    fn ports_parse_like_docker_run_p() {
+        let port: PortSpec = "18080:80".parse().unwrap();
+        assert_eq!(
+            (
+                port.host_ip.to_string(),
+                port.host_port,
+                port.container_port,
+                port.protocol
+            ),
+            ("127.0.0.1".into(), 18080, 80, PortProtocol::Tcp)
+        );
+        let port: PortSpec = "0.0.0.0:53:5353/udp".parse().unwrap();
+        assert_eq!(
+            (
+                port.host_ip.to_string(),
+                port.host_port,
+                port.container_port,
+                port.protocol
+            ),
+            ("0.0.0.0".into(), 53, 5353, PortProtocol::Udp)
+        );
+        let port: PortSpec = "[::1]:8443:443".parse().unwrap();
+        assert_eq!(port.host_ip.to_string(), "::1");
+        for bad in [
+            "80",
+            "a:80",
+            "8080:0",
+            "1:2:3:4",
+            "8080:80/sctp",
+            "70000:80",
+            "",
+        ] {
+            assert!(bad.parse::<PortSpec>().is_err(), "{bad:?}");
+        }
+        let spec = GroupSpec::parse(
+            r#"{"name":"web","containers":[
+                {"name":"a","image":"busybox","ports":[{"containerPort":80,"hostPort":8080}]},
+                {"name":"b","image":"busybox","ports":[{"containerPort":81,"hostPort":8080}]}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            spec.problems[0].starts_with("containers[1].ports[0]: host port 127.0.0.1:8080"),
+            "{spec:?}"
+        );
     }
 
     #[test]

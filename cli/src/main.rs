@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use capsa_api::exec::ExecRequest;
 use capsa_api::{
-    ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, PullRequest,
+    ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, PortSpec, PullRequest,
     WaitResponse,
 };
 use capsa_api::{Event, GroupStats};
@@ -58,6 +58,10 @@ enum Command {
         /// KEY=VALUE
         #[arg(short = 'e', long = "env")]
         env: Vec<String>,
+        /// Publish a port: [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]
+        /// (the host IP is 127.0.0.1 unless given).
+        #[arg(short = 'p', long = "publish")]
+        publish: Vec<PortSpec>,
         image: String,
         /// The command, instead of the image's.
         #[arg(trailing_var_arg = true)]
@@ -207,6 +211,7 @@ fn run(cli: Cli) -> Result<u8> {
             cpus,
             memory,
             env,
+            publish,
             image,
             args,
         } => {
@@ -233,6 +238,7 @@ fn run(cli: Cli) -> Result<u8> {
                     cpu_request: None,
                     memory_request_mib: None,
                     tty: false,
+                    ports: publish,
                 }],
                 cpus,
                 memory_mib: memory,
@@ -327,8 +333,8 @@ fn run(cli: Cli) -> Result<u8> {
                 return Ok(0);
             }
             println!(
-                "{:<24} {:<9} {:>4} {:>7}  CONTAINERS",
-                "NAME", "STATUS", "CPUS", "MEMORY"
+                "{:<24} {:<9} {:<15} {:>4} {:>7}  CONTAINERS",
+                "NAME", "STATUS", "IP", "CPUS", "MEMORY"
             );
             for group in groups {
                 let containers: Vec<String> = group
@@ -340,9 +346,10 @@ fn run(cli: Cli) -> Result<u8> {
                     })
                     .collect();
                 println!(
-                    "{:<24} {:<9} {:>4} {:>6}M  {}",
+                    "{:<24} {:<9} {:<15} {:>4} {:>6}M  {}",
                     group.name,
                     format!("{:?}", group.status).to_lowercase(),
+                    group.ip.map(|ip| ip.to_string()).unwrap_or("-".into()),
                     group.cpus,
                     group.memory_mib,
                     containers.join(", ")

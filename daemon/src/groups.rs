@@ -13,14 +13,16 @@ use std::time::{Duration, Instant};
 use capsa_api::exec::ExecRequest;
 use capsa_api::{
     ApiError, ContainerSpec, ContainerStats, ContainerStatus, ErrorCode, Event, GroupSpec,
-    GroupStats, GroupStatus, GroupView, WaitResponse,
+    GroupStats, GroupStatus, GroupView, PortProtocol, WaitResponse,
 };
 use capsa_guest_client::{Guest, OciImage, Streams};
 use capsa_image_store::ImageStore;
+use capsa_network::Network;
 use capsa_protocol::stdio::StreamKind;
 use oci_spec::runtime::{
     LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec,
 };
+use std::net::{IpAddr, SocketAddr};
 
 use crate::logs::LogWriter;
 use crate::state::{self, now_ms, GroupPaths, GroupRecord};
@@ -60,6 +62,8 @@ pub struct Group {
     /// Set once the group is being deleted: nothing is saved after that.
     deleted: Mutex<bool>,
     events: tokio::sync::broadcast::Sender<Event>,
+    /// The group's published ports, open while it exists.
+    published: Mutex<Vec<capsa_network::Published>>,
 }
 
 impl Group {
@@ -128,6 +132,8 @@ pub struct Daemon {
     pub root: PathBuf,
     pub images: ImageStore,
     vm: VmConfig,
+    /// None when the daemon runs without networking (--no-network).
+    network: Option<Network>,
     groups: Mutex<BTreeMap<String, Arc<Group>>>,
     next_exec: std::sync::atomic::AtomicU64,
     events: tokio::sync::broadcast::Sender<Event>,
@@ -144,11 +150,17 @@ pub struct Exec {
 }
 
 impl Daemon {
-    pub fn new(root: PathBuf, images: ImageStore, vm: VmConfig) -> Arc<Self> {
+    pub fn new(
+        root: PathBuf,
+        images: ImageStore,
+        vm: VmConfig,
+        network: Option<Network>,
+    ) -> Arc<Self> {
         Arc::new(Daemon {
             root,
             images,
             vm,
+            network,
             groups: Mutex::new(BTreeMap::new()),
             next_exec: std::sync::atomic::AtomicU64::new(1),
             events: tokio::sync::broadcast::channel(1024).0,
@@ -164,7 +176,46 @@ impl Daemon {
             stopping: Mutex::new(false),
             deleted: Mutex::new(false),
             events: self.events.clone(),
+            published: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Gives a group its name in DNS and opens its published ports.
+    fn connect(&self, group: &Group) -> Result<(), ApiError> {
+        let (Some(network), record) = (&self.network, group.snapshot()) else {
+            return Ok(());
+        };
+        let Some(ip) = record.ip else { return Ok(()) };
+        let mut published = Vec::new();
+        for container in &record.spec.containers {
+            for port in &container.ports {
+                let protocol = match port.protocol {
+                    PortProtocol::Tcp => capsa_network::Protocol::Tcp,
+                    PortProtocol::Udp => capsa_network::Protocol::Udp,
+                };
+                let listen = SocketAddr::new(port.host_ip, port.host_port);
+                let target = SocketAddr::new(IpAddr::V4(ip), port.container_port);
+                published.push(
+                    network
+                        .publish(protocol, listen, target)
+                        .map_err(|e| error(ErrorCode::Conflict, e.to_string()))?,
+                );
+            }
+        }
+        *group.published.lock().unwrap_or_else(|e| e.into_inner()) = published;
+        network.register_name(&record.spec.name, ip);
+        Ok(())
+    }
+
+    fn disconnect(&self, group: &Group) {
+        group
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        if let Some(network) = &self.network {
+            network.forget_name(&group.snapshot().spec.name);
+        }
     }
 
     fn group(&self, name: &str) -> Result<Arc<Group>, ApiError> {
@@ -233,11 +284,28 @@ impl Daemon {
             ));
         }
         let paths = GroupPaths::new(&self.root, &spec.name);
-        std::fs::create_dir_all(&paths.dir).map_err(internal)?;
-        let record = GroupRecord::new(spec);
-        state::save(&paths, &record).map_err(internal)?;
-        let view = record.view();
+        let mut record = GroupRecord::new(spec);
+        if let Some(network) = &self.network {
+            let used = groups.values().filter_map(|g| g.snapshot().ip);
+            record.ip = Some(
+                network
+                    .allocate(used)
+                    .map_err(|e| error(ErrorCode::Conflict, e.to_string()))?,
+            );
+        }
         let group = self.new_group(paths, record);
+        // Ports first: a taken one refuses the group before anything is
+        // written.
+        self.connect(&group)?;
+        let record = group.snapshot();
+        let saved = std::fs::create_dir_all(&group.paths.dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| state::save(&group.paths, &record));
+        if let Err(e) = saved {
+            self.disconnect(&group);
+            return Err(internal(e));
+        }
+        let view = record.view();
         group.emit_for(&view.name, None, "created", None);
         groups.insert(view.name.clone(), group);
         Ok(view)
@@ -263,10 +331,19 @@ impl Daemon {
         }
         *group.stopping.lock().unwrap_or_else(|e| e.into_inner()) = false;
         let record = group.snapshot();
+        let net = self.network.as_ref().zip(record.ip).map(|(network, ip)| {
+            format!(
+                "{},mac={},bridge={}",
+                capsa_network::tap_name(ip),
+                capsa_network::mac_for(ip),
+                network.bridge()
+            )
+        });
         let mut child = vm::spawn(
             &self.vm,
             record.spec.cpus(),
             record.spec.memory_mib(),
+            net,
             &group.paths.vsock(),
             &group.paths.console(),
         )
@@ -334,11 +411,30 @@ impl Daemon {
             booting.elapsed().as_millis()
         ));
         let guest = Arc::new(guest);
-        let sandbox = capsa_protocol::agent::SetupSandboxRequest {
+        let mut sandbox = capsa_protocol::agent::SetupSandboxRequest {
             hostname: record.spec.name.clone(),
             time_unix_ns: (now_ms() as i64) * 1_000_000,
             ..Default::default()
         };
+        if let (Some(network), Some(ip)) = (&self.network, record.ip) {
+            let gateway = network.gateway().to_string();
+            sandbox.interfaces.push(capsa_protocol::agent::Interface {
+                mac: capsa_network::mac_for(ip),
+                name: "eth0".into(),
+                addresses: vec![format!("{ip}/{}", network.prefix_len())],
+                ..Default::default()
+            });
+            sandbox.routes.push(capsa_protocol::agent::Route {
+                destination: "default".into(),
+                gateway: gateway.clone(),
+                device: "eth0".into(),
+                ..Default::default()
+            });
+            sandbox.dns = protobuf::MessageField::some(capsa_protocol::agent::Dns {
+                servers: vec![gateway],
+                ..Default::default()
+            });
+        }
         guest
             .agent()
             .setup_sandbox(ttrpc::context::with_timeout(60_000_000_000), &sandbox)
@@ -395,6 +491,7 @@ impl Daemon {
         // Stopped, or on its way there: either way the VMM must be gone
         // before its files are.
         stop_vm(&group, Duration::from_secs(2));
+        self.disconnect(&group);
         // Under the record's lock: no save is half done meanwhile.
         let record = group.record.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::remove_dir_all(&group.paths.dir).map_err(internal)?;
@@ -628,6 +725,10 @@ impl Daemon {
             };
             let name = record.spec.name.clone();
             let group = self.new_group(paths, record);
+            if let Err(e) = self.connect(&group) {
+                eprintln!("capsad: group {name}: {}", e.message);
+                group.update(|r| r.error = Some(e.message.clone()));
+            }
             self.groups
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

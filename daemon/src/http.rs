@@ -595,6 +595,7 @@ mod tests {
                 kernel: "/nonexistent/vmlinux".into(),
                 initrd: "/nonexistent/initrd".into(),
             },
+            None,
         )
     }
 

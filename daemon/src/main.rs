@@ -32,6 +32,20 @@ struct Args {
     /// capsa-vmm (default: beside capsad, then PATH).
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// The bridge groups' taps join (created when missing).
+    #[arg(long, default_value = "capsa0")]
+    bridge: String,
+    /// Groups' addresses come from this subnet; its first address is the
+    /// bridge's, the groups' gateway and DNS server.
+    #[arg(long, default_value = "10.88.0.0/24")]
+    subnet: capsa_network::Ipv4Net,
+    /// DNS servers for names that are not groups' (default: the host's
+    /// nameservers). Repeatable.
+    #[arg(long = "dns", value_name = "ADDRESS")]
+    dns: Vec<std::net::IpAddr>,
+    /// Groups get no network interface (vsock only).
+    #[arg(long)]
+    no_network: bool,
 }
 
 fn main() -> Result<()> {
@@ -49,6 +63,26 @@ fn main() -> Result<()> {
     });
     let images = capsa_image_store::ImageStore::open(&args.root.join("images"))
         .context("opening the image store")?;
+    let network = if args.no_network {
+        None
+    } else {
+        let dns = if args.dns.is_empty() {
+            host_nameservers()
+        } else {
+            args.dns.clone()
+        };
+        let config = capsa_network::NetworkConfig {
+            bridge: args.bridge.clone(),
+            subnet: args.subnet,
+            upstream_dns: dns
+                .into_iter()
+                .map(|ip| std::net::SocketAddr::new(ip, 53))
+                .collect(),
+        };
+        Some(capsa_network::Network::start(config).context(
+            "setting up the group network (capsad needs CAP_NET_ADMIN; --no-network runs without)",
+        )?)
+    };
     let daemon = groups::Daemon::new(
         args.root.clone(),
         images,
@@ -57,6 +91,7 @@ fn main() -> Result<()> {
             kernel: args.kernel.clone(),
             initrd: args.initrd.clone(),
         },
+        network,
     );
     daemon.restore();
 
@@ -80,4 +115,15 @@ fn main() -> Result<()> {
             .await
             .context("serving the API")
     })
+}
+
+/// The host's nameservers a group can use through the daemon: loopback
+/// ones (a local cache) are fine, since the daemon asks on their behalf.
+fn host_nameservers() -> Vec<std::net::IpAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse().ok())
+        .collect()
 }

@@ -27,6 +27,10 @@ pub struct GroupRecord {
     pub status: GroupStatus,
     pub error: Option<String>,
     pub vmm_pid: Option<u32>,
+    /// The group's address while it exists (not only while it runs), so
+    /// its published ports and its name hold still.
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub containers: Vec<ContainerRecord>,
@@ -53,6 +57,7 @@ impl GroupRecord {
             status: GroupStatus::Created,
             error: None,
             vmm_pid: None,
+            ip: None,
             created_at: now_ms(),
             started_at: None,
             containers,
@@ -71,6 +76,7 @@ impl GroupRecord {
             cpus: self.spec.cpus(),
             memory_mib: self.spec.memory_mib(),
             vmm_pid: self.vmm_pid,
+            ip: self.ip,
             created_at: self.created_at,
             started_at: self.started_at,
             labels: self.spec.labels.clone(),

@@ -17,17 +17,24 @@ pub struct VmConfig {
     pub initrd: PathBuf,
 }
 
+/// `net`: the VMM's --net argument (tap, MAC, bridge), when the group has
+/// an address.
 pub fn spawn(
     config: &VmConfig,
     cpus: u8,
     memory_mib: u64,
+    net: Option<String>,
     vsock: &Path,
     console: &Path,
 ) -> Result<Child> {
     let _ = std::fs::remove_file(vsock);
     let log = File::create(console).with_context(|| format!("creating {}", console.display()))?;
     let err = log.try_clone()?;
-    Command::new(&config.vmm)
+    let mut command = Command::new(&config.vmm);
+    if let Some(net) = net {
+        command.arg("--net").arg(net);
+    }
+    command
         .arg("--kernel")
         .arg(&config.kernel)
         .arg("--initrd")

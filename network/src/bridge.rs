@@ -18,11 +18,12 @@ pub async fn ensure(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), Net
             message: e.to_string(),
         }
     };
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| NetworkError::Bridge {
-        bridge: name.to_string(),
-        what: "opening netlink".into(),
-        message: e.to_string(),
-    })?;
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| NetworkError::Bridge {
+            bridge: name.to_string(),
+            what: "opening netlink".into(),
+            message: e.to_string(),
+        })?;
     tokio::spawn(connection);
     let index = match index_of(&handle, name).await {
         Some(index) => index,

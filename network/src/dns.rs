@@ -77,7 +77,11 @@ fn answer(packet: &[u8], names: &Names, can_forward: bool) -> Reply {
     let [question] = query.queries() else {
         return respond(&query, ResponseCode::FormErr, None);
     };
-    let name = question.name().to_utf8().trim_end_matches('.').to_ascii_lowercase();
+    let name = question
+        .name()
+        .to_utf8()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
     let address = names
         .read()
         .unwrap_or_else(|e| e.into_inner())
@@ -109,12 +113,19 @@ fn respond(query: &Message, code: ResponseCode, record: Option<Record>) -> Reply
     if let Some(record) = record {
         response.add_answer(record);
     }
-    response.to_vec().map(Reply::Local).unwrap_or(Reply::Nothing)
+    response
+        .to_vec()
+        .map(Reply::Local)
+        .unwrap_or(Reply::Nothing)
 }
 
 async fn forward(query: &[u8], upstream: &[SocketAddr]) -> Option<Vec<u8>> {
     for server in upstream {
-        let any = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let any = if server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
         let Ok(socket) = UdpSocket::bind(any).await else {
             continue;
         };

@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
-use ipnet::Ipv4Net;
+pub use ipnet::Ipv4Net;
 
 pub use ports::{Protocol, Published};
 

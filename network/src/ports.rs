@@ -149,7 +149,11 @@ async fn connected_udp(target: SocketAddr) -> std::io::Result<UdpSocket> {
 }
 
 /// Sends the group's replies back to `client` until it goes quiet.
-async fn relay_replies(relay: Arc<UdpSocket>, socket: Arc<UdpSocket>, client: SocketAddr) -> SocketAddr {
+async fn relay_replies(
+    relay: Arc<UdpSocket>,
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+) -> SocketAddr {
     let mut buffer = vec![0u8; 65536];
     while let Ok(Ok(n)) = tokio::time::timeout(UDP_IDLE, relay.recv(&mut buffer)).await {
         let _ = socket.send_to(&buffer[..n], client).await;

@@ -16,7 +16,9 @@ fn in_private_netns(test: impl FnOnce() + Send + 'static) {
             return false;
         }
         // `ip` forks from this thread, so it acts on this namespace.
-        let up = Command::new("ip").args(["link", "set", "lo", "up"]).status();
+        let up = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
         if !up.is_ok_and(|s| s.success()) {
             return false;
         }
@@ -97,14 +99,18 @@ fn published_ports_forward_and_a_taken_port_is_refused() {
         );
         drop(published);
         std::thread::sleep(Duration::from_millis(200));
-        assert!(TcpStream::connect(listen).is_err(), "closed with its handle");
+        assert!(
+            TcpStream::connect(listen).is_err(),
+            "closed with its handle"
+        );
 
         let echo = UdpSocket::bind("10.99.0.1:0").unwrap();
         let target = echo.local_addr().unwrap();
         std::thread::spawn(move || {
             let mut buffer = [0u8; 64];
             let (n, from) = echo.recv_from(&mut buffer).unwrap();
-            echo.send_to(&buffer[..n].to_ascii_uppercase(), from).unwrap();
+            echo.send_to(&buffer[..n].to_ascii_uppercase(), from)
+                .unwrap();
         });
         let listen: SocketAddr = "127.0.0.1:18081".parse().unwrap();
         let _udp = network.publish(Protocol::Udp, listen, target).unwrap();
