@@ -11,6 +11,11 @@
 #     also those written while no daemon ran;
 #   - invalid specs and unknown images get clear errors;
 #   - import and start report their progress;
+#   - OnFailure restarts a failing container with back-off and counts it,
+#     Never leaves it exited;
+#   - volumes: a persistent volume outlives its group and is refused to a
+#     second group while attached read-write; an emptyDir is shared by two
+#     containers; a secret is readable, mode 0400;
 #   - groups get addresses on the daemon's bridge (in a network namespace
 #     of the check's own): a published port serves a group's httpd to curl
 #     on the host, a port in use is refused, and groups reach each other by
@@ -43,6 +48,32 @@ containers:
     env:
       GREETING: hello
 YAML
+cat > "$payload/shared.yaml" <<'YAML'
+name: shared
+volumes:
+  - name: scratch
+    emptyDir: {}
+  - name: creds
+    secret:
+      token: czNjcmV0
+containers:
+  - name: writer
+    image: busybox
+    args: [sh, -c, "echo from-writer > /scratch/note; sleep 5"]
+    volumeMounts: [{name: scratch, mountPath: /scratch}]
+  - name: reader
+    image: busybox
+    args:
+      - sh
+      - -c
+      - >-
+        for i in $(seq 100); do [ -f /scratch/note ] && break; sleep 0.1; done;
+        cat /scratch/note; stat -c secret-mode=%a /run/secrets/token;
+        echo secret=$(cat /run/secrets/token)
+    volumeMounts:
+      - {name: scratch, mountPath: /scratch}
+      - {name: creds, mountPath: /run/secrets, readOnly: true}
+YAML
 cat > "$payload/bad.json" <<'JSON'
 {"name": "Bad_Name", "containers": [{"name": "x", "image": "busybox", "colour": "red"}]}
 JSON
@@ -53,20 +84,26 @@ payload_dir=$payload
 nested=0
 if "$root/scripts/kvm-is-pvm.sh"; then
     nested=1 payload_dir=/payload
-    for program in ip curl; do "$root/scripts/nested-add-program.sh" "$payload" "$program"; done
+    for program in ip curl mkfs.ext4 e2fsck resize2fs; do
+        "$root/scripts/nested-add-program.sh" "$payload" "$program"
+    done
 fi
 printf 'cd "%s"\n' "$payload_dir" > "$payload/check.sh"
+# The outer machine's shell prefers its busybox applets: name our tools.
+tools=""; [ "$nested" = 1 ] && tools=/payload/bin/
+printf 'ip=%sip curl=%scurl\n' "$tools" "$tools" >> "$payload/check.sh"
 cat >> "$payload/check.sh" <<'RUN'
 work=$(mktemp -d)
 export work CAPSA_SOCKET=$work/capsad.sock
 # The daemon, its bridge and its published ports live in a network
 # namespace of this check's own; the CLI reaches it by its socket.
 mkdir -p /run /var/run
-ip netns add capsa-check
-ip netns exec capsa-check ip link set lo up
-in_netns() { ip netns exec capsa-check "$@"; }
+$ip netns add capsa-check
+$ip netns exec capsa-check $ip link set lo up
+in_netns() { $ip netns exec capsa-check "$@"; }
 daemon() {
-    in_netns ./capsad --root "$work/root" --socket "$CAPSA_SOCKET" --kernel vmlinux \
+    # Not through a function: $! must be capsad itself (ip execs it).
+    $ip netns exec capsa-check ./capsad --root "$work/root" --socket "$CAPSA_SOCKET" --kernel vmlinux \
         --initrd initramfs.cpio --vmm ./capsa-vmm >> "$work/capsad.log" 2>&1 &
     echo $! > "$work/capsad.pid"
 }
@@ -116,15 +153,42 @@ network() {
     ./capsa run -d --name web -p 127.0.0.1:18080:80 busybox \
         sh -c 'mkdir -p /www && echo served-by-web > /www/index.html && exec httpd -f -p 80 -h /www' || return 1
     ./capsa ps
+    got=1
     for i in $(seq 60); do
-        page=$(in_netns curl -sf http://127.0.0.1:18080/) && break
+        page=$(in_netns $curl -sf http://127.0.0.1:18080/) && { got=0; break; }
         sleep 0.5
     done
-    echo "curl=$? curl-got=$page"
+    echo "curl=$got curl-got=$page"
     ./capsa run -d --name web2 -p 127.0.0.1:18080:80 busybox true; echo "taken=$?"
     ./capsa run --rm --name client busybox sh -c 'echo "wget-got=$(wget -q -O - http://web/)"'
     echo "by-name=$?"
     ./capsa stop web && ./capsa rm web
+}
+restarts() {
+    ./capsa run -d --name flaky --restart on-failure busybox sh -c 'echo attempt; exit 1' || return 1
+    ./capsa run -d --name once --restart never busybox sh -c 'echo once; exit 1' || return 1
+    # Back-off of 1, 2, 4 s between attempts.
+    sleep 12
+    ./capsa ps
+    ./capsa inspect flaky | grep -E '"(restart_count|restart_policy)"'
+    echo "attempts=$(./capsa logs flaky | grep -c '^attempt$')"
+    echo "once-runs=$(./capsa logs once | grep -c '^once$')"
+    ./capsa stop flaky && ./capsa rm flaky once
+}
+volumes() {
+    ./capsa volume create data --size 16 || return 1
+    ./capsa run --rm -v data:/data busybox sh -c 'echo kept-across-groups > /data/file'
+    echo "writer=$?"
+    ./capsa run -d --name holder -v data:/data busybox sleep 60 || return 1
+    ./capsa run --rm --name second -v data:/data busybox true; echo "second-rw=$?"
+    ./capsa volume rm data; echo "rm-attached=$?"
+    ./capsa stop -t 1 holder && ./capsa rm holder
+    ./capsa run --rm -v data:/data:ro busybox cat /data/file
+    ./capsa create -f shared.yaml && ./capsa start shared || return 1
+    ./capsa wait shared/reader; echo "reader=$?"
+    ./capsa logs shared/reader
+    ./capsa rm shared
+    ./capsa volume grow data --size 32 && ./capsa volume ls && ./capsa volume rm data
 }
 images() { ./capsa image ls && ./capsa image rm busybox && ./capsa image ls; }
 
@@ -144,10 +208,12 @@ step restart restart
 daemon; ready || echo "capsad did not come back"
 step adopted adopted
 step network network
+step restarts restarts
+step volumes volumes
 step images images
 echo "=== BEGIN events"; cat "$work/events.log"; echo "=== END events exit=0"
 kill "$(cat "$work/capsad.pid")" 2>/dev/null
-ip netns delete capsa-check
+$ip netns delete capsa-check
 echo "--- capsad's log"
 tail -20 "$work/capsad.log"
 RUN
@@ -208,6 +274,18 @@ check network "a group gets an address on the daemon's bridge" has network '^web
 check network "a published port serves the group's httpd to curl on the host" has network '^curl=0 curl-got=served-by-web$'
 check network "a port already published is refused at create" has network 'tcp port 127.0.0.1:18080 is not available'
 check network "another group reaches it by its name" has network '^wget-got=served-by-web$'
+check restarts "OnFailure restarts a failing container, with back-off, counted" has restarts '^flaky .*main (exited, 1, [2-9] restarts)\|^flaky .*main (running, [2-9] restarts)'
+check restarts "each restart ran it again" has restarts '^attempts=[3-9]$'
+check restarts "Never leaves it exited" has restarts '^once .*main (exited, 1)$'
+check restarts "once" has restarts '^once-runs=1$'
+check volumes "a file written to a persistent volume" has volumes '^writer=0$'
+check volumes "survives its group and is read by a new one" has volumes '^kept-across-groups$'
+check volumes "a volume attached read-write to a running group is refused to a second" has volumes 'attached read-write to running group "holder"'
+check volumes "and cannot be removed meanwhile" has volumes 'is attached to running group(s) holder'
+check volumes "an emptyDir is shared by two containers of a group" has volumes '^from-writer$'
+check volumes "a secret is readable at its path" has volumes '^secret=s3cret$'
+check volumes "with mode 0400" has volumes '^secret-mode=400$'
+check volumes "a volume grows, and is removed" exit_is volumes 0
 check images "an image not in use can be removed" exit_is images 0
 check adopted "stats show the VMM and the running container" has adopted '^main .*[0-9]M .* [1-9]$'
 check events "events: a group created" has events ' created pair$'

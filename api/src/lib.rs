@@ -7,7 +7,10 @@ pub mod spec;
 
 use serde::{Deserialize, Serialize};
 
-pub use spec::{ContainerSpec, GroupSpec, PortProtocol, PortSpec, SpecError};
+pub use spec::{
+    ContainerSpec, EmptyDirSpec, GroupSpec, PersistentSpec, PortProtocol, PortSpec, RestartPolicy,
+    SpecError, VolumeMount, VolumeSpec, MIN_VOLUME_MIB,
+};
 
 /// The API's path prefix; bumped with any change an older client would
 /// misread.
@@ -87,6 +90,9 @@ pub struct ContainerView {
     /// Unix milliseconds.
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
+    /// Times the restart policy has started it again.
+    #[serde(default)]
+    pub restart_count: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -100,10 +106,40 @@ pub struct GroupView {
     pub vmm_pid: Option<u32>,
     /// The group's address on the daemon's network.
     pub ip: Option<std::net::Ipv4Addr>,
+    pub restart_policy: RestartPolicy,
+    /// Times the restart policy has booted the group again after its VM
+    /// failed (a VMM crash or a guest kernel panic).
+    #[serde(default)]
+    pub restart_count: u32,
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub containers: Vec<ContainerView>,
     pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// A named persistent volume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeView {
+    pub name: String,
+    pub size_bytes: u64,
+    pub created_at: u64,
+    /// The running groups it is attached to.
+    #[serde(default)]
+    pub attached_to: Vec<String>,
+}
+
+/// Creates a volume, or grows one to `size_mib`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeRequest {
+    pub name: String,
+    pub size_mib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeGrowRequest {
+    pub size_mib: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -9,6 +9,8 @@ pub const DEFAULT_CPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 const MAX_CPUS: u8 = 64;
 const MIN_MEMORY_MIB: u64 = 64;
+/// An ext4 volume smaller than this has no room for its journal.
+pub const MIN_VOLUME_MIB: u64 = 8;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -22,6 +24,82 @@ pub struct GroupSpec {
     pub memory_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// What happens when a container exits or the VM fails (ACI's
+    /// restartPolicy); Never unless given.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Volumes the containers may mount (volumeMounts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A volume of the group: exactly one of its sources is given.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeSpec {
+    pub name: String,
+    /// A tmpfs in the guest, shared by the containers that mount it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirSpec>,
+    /// Files (name to base64 content), mode 0400 on a tmpfs in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<BTreeMap<String, String>>,
+    /// A named volume on the host (an ext4 image attached as a disk); kept
+    /// until `capsa volume rm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<PersistentSpec>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EmptyDirSpec {
+    /// No limit beyond the guest's memory unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PersistentSpec {
+    /// The named volume.
+    pub volume: String,
+    /// Creates the volume with this size when it does not exist yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u64>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Where a container sees one of the group's volumes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeMount {
+    pub name: String,
+    pub mount_path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Containers are started again whenever they exit.
+    Always,
+    /// Containers that exit with a non-zero code or a signal are started
+    /// again, and a group whose VM failed is booted again.
+    OnFailure,
+    #[default]
+    Never,
+}
+
+impl RestartPolicy {
+    /// Whether a container that ended this way is started again.
+    pub fn restarts(self, exit_code: i32, signal: Option<i32>) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => exit_code != 0 || signal.is_some(),
+            RestartPolicy::Never => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -56,6 +134,8 @@ pub struct ContainerSpec {
     /// Ports of the container published on the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
 }
 
 /// A container port published on the host: `capsa run -p
@@ -137,6 +217,64 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl GroupSpec {
+    /// Checks the volumes and returns their names.
+    fn validate_volumes(&self, problems: &mut Vec<String>) -> std::collections::BTreeSet<&str> {
+        use base64::Engine;
+        let mut names = std::collections::BTreeSet::new();
+        for (i, volume) in self.volumes.iter().enumerate() {
+            let at = format!("volumes[{i}]");
+            if !valid_name(&volume.name) {
+                problems.push(format!("{at}.name: {:?} is not a valid name", volume.name));
+            } else if !names.insert(volume.name.as_str()) {
+                problems.push(format!("{at}.name: {:?} is used twice", volume.name));
+            }
+            let sources = [
+                volume.empty_dir.is_some(),
+                volume.secret.is_some(),
+                volume.persistent.is_some(),
+            ];
+            if sources.iter().filter(|&&given| given).count() != 1 {
+                problems.push(format!(
+                    "{at}: give exactly one of emptyDir, secret and persistent"
+                ));
+            }
+            if volume.empty_dir.as_ref().and_then(|e| e.size_mib) == Some(0) {
+                problems.push(format!("{at}.emptyDir.sizeMib: 0 leaves no room"));
+            }
+            for (file, content) in volume.secret.iter().flatten() {
+                if file.is_empty()
+                    || file.starts_with('/')
+                    || file.split('/').any(|p| p == ".." || p.is_empty())
+                {
+                    problems.push(format!("{at}.secret: {file:?} is not a relative file path"));
+                }
+                if base64::engine::general_purpose::STANDARD
+                    .decode(content)
+                    .is_err()
+                {
+                    problems.push(format!("{at}.secret.{file}: not base64"));
+                }
+            }
+            if let Some(persistent) = &volume.persistent {
+                if !valid_name(&persistent.volume) {
+                    problems.push(format!(
+                        "{at}.persistent.volume: {:?} is not a valid volume name",
+                        persistent.volume
+                    ));
+                }
+                if persistent
+                    .size_mib
+                    .is_some_and(|size| size < MIN_VOLUME_MIB)
+                {
+                    problems.push(format!(
+                        "{at}.persistent.sizeMib: below the minimum of {MIN_VOLUME_MIB}"
+                    ));
+                }
+            }
+        }
+        names
+    }
+
     /// Parses a JSON spec and validates it, naming each field that is wrong.
     pub fn parse(text: &str) -> Result<Self, SpecError> {
         let spec: GroupSpec = serde_json::from_str(text).map_err(|e| SpecError {
@@ -177,6 +315,7 @@ impl GroupSpec {
                 ));
             }
         }
+        let volumes = self.validate_volumes(&mut problems);
         let mut seen = std::collections::BTreeSet::new();
         let mut published = std::collections::BTreeSet::new();
         for (i, container) in self.containers.iter().enumerate() {
@@ -228,6 +367,26 @@ impl GroupSpec {
                 if memory == 0 || memory > limit {
                     problems.push(format!(
                         "{at}.memoryRequestMib: {memory} is not above 0 and at most the limit {limit}"
+                    ));
+                }
+            }
+            let mut paths = std::collections::BTreeSet::new();
+            for (j, mount) in container.volume_mounts.iter().enumerate() {
+                let at = format!("{at}.volumeMounts[{j}]");
+                if !volumes.contains(mount.name.as_str()) {
+                    problems.push(format!("{at}.name: no volume {:?} in volumes", mount.name));
+                }
+                if !mount.mount_path.starts_with('/')
+                    || mount.mount_path.split('/').any(|p| p == "..")
+                {
+                    problems.push(format!(
+                        "{at}.mountPath: {:?} is not an absolute path",
+                        mount.mount_path
+                    ));
+                } else if !paths.insert(mount.mount_path.trim_end_matches('/')) {
+                    problems.push(format!(
+                        "{at}.mountPath: {:?} is mounted twice",
+                        mount.mount_path
                     ));
                 }
             }
@@ -315,6 +474,35 @@ mod tests {
             spec.problems[0].starts_with("containers[1].ports[0]: host port 127.0.0.1:8080"),
             "{spec:?}"
         );
+    }
+
+    #[test]
+    fn volumes_are_checked_and_mounts_must_name_one() {
+        let problems = GroupSpec::parse(
+            r#"{"name":"v","volumes":[
+                {"name":"cache","emptyDir":{}},
+                {"name":"creds","secret":{"token":"czNjcmV0","../x":"!!"}},
+                {"name":"both","emptyDir":{},"persistent":{"volume":"data"}},
+                {"name":"cache","persistent":{"volume":"Bad_Name","sizeMib":1}}],
+              "containers":[{"name":"a","image":"busybox","volumeMounts":[
+                {"name":"cache","mountPath":"/cache"},
+                {"name":"nope","mountPath":"relative"},
+                {"name":"creds","mountPath":"/cache/"}]}]}"#,
+        )
+        .unwrap_err()
+        .problems;
+        let expected = [
+            "volumes[1].secret: \"../x\" is not a relative file path",
+            "volumes[1].secret.../x: not base64",
+            "volumes[2]: give exactly one of emptyDir, secret and persistent",
+            "volumes[3].name: \"cache\" is used twice",
+            "volumes[3].persistent.volume: \"Bad_Name\" is not a valid volume name",
+            "volumes[3].persistent.sizeMib: below the minimum of 8",
+            "containers[0].volumeMounts[1].name: no volume \"nope\" in volumes",
+            "containers[0].volumeMounts[1].mountPath: \"relative\" is not an absolute path",
+            "containers[0].volumeMounts[2].mountPath: \"/cache/\" is mounted twice",
+        ];
+        assert_eq!(problems, expected);
     }
 
     #[test]

@@ -10,8 +10,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use capsa_api::exec::ExecRequest;
 use capsa_api::{
-    ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, PortSpec, PullRequest,
-    WaitResponse,
+    ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, PersistentSpec,
+    PortSpec, PullRequest, RestartPolicy, VolumeGrowRequest, VolumeMount, VolumeRequest,
+    VolumeSpec, VolumeView, WaitResponse,
 };
 use capsa_api::{Event, GroupStats};
 use clap::{Parser, Subcommand};
@@ -58,6 +59,13 @@ enum Command {
         /// KEY=VALUE
         #[arg(short = 'e', long = "env")]
         env: Vec<String>,
+        /// Start the container again when it exits: never, on-failure or
+        /// always.
+        #[arg(long, default_value = "never", value_parser = parse_restart_policy)]
+        restart: RestartPolicy,
+        /// Mount a named volume: NAME:PATH[:ro] (made, 1 GiB, when missing).
+        #[arg(short = 'v', long = "volume")]
+        volume: Vec<String>,
         /// Publish a port: [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]
         /// (the host IP is 127.0.0.1 unless given).
         #[arg(short = 'p', long = "publish")]
@@ -137,7 +145,36 @@ enum Command {
     },
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Named persistent volumes (ext4 disks kept until removed).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
 }
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    Create {
+        name: String,
+        /// MiB.
+        #[arg(long, default_value_t = DEFAULT_VOLUME_MIB)]
+        size: u64,
+    },
+    Ls,
+    /// Grow a volume (not attached to a running group) and its file system.
+    Grow {
+        name: String,
+        /// The new size in MiB.
+        #[arg(long)]
+        size: u64,
+    },
+    /// Delete volumes and their data.
+    Rm {
+        names: Vec<String>,
+    },
+}
+
+/// The size of a volume made by `capsa volume create` or `run -v` unless
+/// given (a sparse file: unused space costs nothing).
+const DEFAULT_VOLUME_MIB: u64 = 1024;
 
 #[derive(Subcommand)]
 enum ImageCommand {
@@ -212,9 +249,12 @@ fn run(cli: Cli) -> Result<u8> {
             memory,
             env,
             publish,
+            restart,
+            volume,
             image,
             args,
         } => {
+            let (volumes, volume_mounts) = volume_options(&volume)?;
             let name = name
                 .unwrap_or_else(|| format!("run-{:08x}", std::process::id() ^ (now_ms() as u32)));
             let mut variables = BTreeMap::new();
@@ -239,10 +279,13 @@ fn run(cli: Cli) -> Result<u8> {
                     memory_request_mib: None,
                     tty: false,
                     ports: publish,
+                    volume_mounts,
                 }],
                 cpus,
                 memory_mib: memory,
                 labels: BTreeMap::new(),
+                restart_policy: restart,
+                volumes,
             };
             let _: GroupView = client.call(
                 Method::POST,
@@ -340,9 +383,15 @@ fn run(cli: Cli) -> Result<u8> {
                 let containers: Vec<String> = group
                     .containers
                     .iter()
-                    .map(|c| match c.exit_code {
-                        Some(code) => format!("{} ({:?}, {code})", c.name, c.status).to_lowercase(),
-                        None => format!("{} ({:?})", c.name, c.status).to_lowercase(),
+                    .map(|c| {
+                        let mut state = format!("{:?}", c.status).to_lowercase();
+                        if let Some(code) = c.exit_code {
+                            state.push_str(&format!(", {code}"));
+                        }
+                        if c.restart_count > 0 {
+                            state.push_str(&format!(", {} restarts", c.restart_count));
+                        }
+                        format!("{} ({state})", c.name)
                     })
                     .collect();
                 println!(
@@ -554,6 +603,53 @@ fn run(cli: Cli) -> Result<u8> {
             print_json(&image)?;
             Ok(0)
         }
+        Command::Volume(VolumeCommand::Create { name, size }) => {
+            let request = VolumeRequest {
+                name,
+                size_mib: size,
+            };
+            let view: VolumeView = client.call(
+                Method::POST,
+                "/v1/volumes",
+                Some(serde_json::to_string(&request)?),
+            )?;
+            print_volume(&view, cli.json)
+        }
+        Command::Volume(VolumeCommand::Grow { name, size }) => {
+            let view: VolumeView = client.call(
+                Method::POST,
+                &format!("/v1/volumes/{name}/grow"),
+                Some(serde_json::to_string(&VolumeGrowRequest {
+                    size_mib: size,
+                })?),
+            )?;
+            print_volume(&view, cli.json)
+        }
+        Command::Volume(VolumeCommand::Ls) => {
+            let volumes: Vec<VolumeView> = client.call(Method::GET, "/v1/volumes", None)?;
+            if cli.json {
+                print_json(&volumes)?;
+                return Ok(0);
+            }
+            println!("{:<32} {:>9}  ATTACHED TO", "NAME", "SIZE");
+            for volume in volumes {
+                println!(
+                    "{:<32} {:>8}M  {}",
+                    volume.name,
+                    volume.size_bytes >> 20,
+                    volume.attached_to.join(", ")
+                );
+            }
+            Ok(0)
+        }
+        Command::Volume(VolumeCommand::Rm { names }) => {
+            for name in names {
+                let _: serde_json::Value =
+                    client.call(Method::DELETE, &format!("/v1/volumes/{name}"), None)?;
+                println!("{name}");
+            }
+            Ok(0)
+        }
         Command::Image(ImageCommand::Rm { name }) => {
             let _: serde_json::Value =
                 client.call(Method::DELETE, &format!("/v1/images?name={name}"), None)?;
@@ -561,6 +657,46 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
     }
+}
+
+fn print_volume(view: &VolumeView, json: bool) -> Result<u8> {
+    if json {
+        print_json(view)?;
+    } else {
+        println!("{} {}M", view.name, view.size_bytes >> 20);
+    }
+    Ok(0)
+}
+
+/// `-v NAME:PATH[:ro]`: the group's persistent volumes and the mounts.
+fn volume_options(options: &[String]) -> Result<(Vec<VolumeSpec>, Vec<VolumeMount>)> {
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    for option in options {
+        let (name, path, read_only) = match option.split(':').collect::<Vec<_>>().as_slice() {
+            [name, path] => (*name, *path, false),
+            [name, path, "ro"] => (*name, *path, true),
+            [name, path, "rw"] => (*name, *path, false),
+            _ => bail!("-v {option}: expected NAME:PATH[:ro]"),
+        };
+        let volume = format!("vol-{}", volumes.len());
+        volumes.push(VolumeSpec {
+            name: volume.clone(),
+            empty_dir: None,
+            secret: None,
+            persistent: Some(PersistentSpec {
+                volume: name.to_string(),
+                size_mib: Some(DEFAULT_VOLUME_MIB),
+                read_only,
+            }),
+        });
+        mounts.push(VolumeMount {
+            name: volume,
+            mount_path: path.to_string(),
+            read_only,
+        });
+    }
+    Ok((volumes, mounts))
 }
 
 /// The spec as JSON: YAML files (.yaml, .yml) are converted; the daemon
@@ -637,4 +773,13 @@ fn start_group(client: &Client, name: &str, show_progress: bool) -> Result<Group
             }
         },
     )
+}
+
+fn parse_restart_policy(text: &str) -> Result<RestartPolicy, String> {
+    match text {
+        "never" | "no" => Ok(RestartPolicy::Never),
+        "on-failure" => Ok(RestartPolicy::OnFailure),
+        "always" => Ok(RestartPolicy::Always),
+        other => Err(format!("{other:?}: expected never, on-failure or always")),
+    }
 }

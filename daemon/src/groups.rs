@@ -13,16 +13,18 @@ use std::time::{Duration, Instant};
 use capsa_api::exec::ExecRequest;
 use capsa_api::{
     ApiError, ContainerSpec, ContainerStats, ContainerStatus, ErrorCode, Event, GroupSpec,
-    GroupStats, GroupStatus, GroupView, PortProtocol, WaitResponse,
+    GroupStats, GroupStatus, GroupView, PortProtocol, RestartPolicy, WaitResponse,
 };
 use capsa_guest_client::{Guest, OciImage, Streams};
 use capsa_image_store::ImageStore;
 use capsa_network::Network;
 use capsa_protocol::stdio::StreamKind;
+use capsa_volumes::VolumeStore;
 use oci_spec::runtime::{
     LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec,
 };
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 
 use crate::logs::LogWriter;
 use crate::state::{self, now_ms, GroupPaths, GroupRecord};
@@ -120,6 +122,26 @@ impl Group {
         }
     }
 
+    fn is_stopping(&self) -> bool {
+        *self.stopping.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits `delay`; false when the group is being stopped or deleted
+    /// meanwhile.
+    fn pause(&self, delay: Duration) -> bool {
+        let deadline = Instant::now() + delay;
+        loop {
+            if self.is_stopping() || *self.deleted.lock().unwrap_or_else(|e| e.into_inner()) {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(100)));
+        }
+    }
+
     fn snapshot(&self) -> GroupRecord {
         self.record
             .lock()
@@ -134,6 +156,10 @@ pub struct Daemon {
     vm: VmConfig,
     /// None when the daemon runs without networking (--no-network).
     network: Option<Network>,
+    pub volumes: VolumeStore,
+    /// Held from a start's checks until its group counts as running, so
+    /// two starts cannot both claim one volume.
+    starting: Mutex<()>,
     groups: Mutex<BTreeMap<String, Arc<Group>>>,
     next_exec: std::sync::atomic::AtomicU64,
     events: tokio::sync::broadcast::Sender<Event>,
@@ -155,12 +181,15 @@ impl Daemon {
         images: ImageStore,
         vm: VmConfig,
         network: Option<Network>,
+        volumes: VolumeStore,
     ) -> Arc<Self> {
         Arc::new(Daemon {
             root,
             images,
             vm,
             network,
+            volumes,
+            starting: Mutex::new(()),
             groups: Mutex::new(BTreeMap::new()),
             next_exec: std::sync::atomic::AtomicU64::new(1),
             events: tokio::sync::broadcast::channel(1024).0,
@@ -227,15 +256,36 @@ impl Daemon {
             .ok_or_else(|| error(ErrorCode::NotFound, format!("no group {name:?}")))
     }
 
-    pub fn list(&self) -> Vec<GroupView> {
-        let groups: Vec<Arc<Group>> = self
-            .groups
+    fn all_groups(&self) -> Vec<Arc<Group>> {
+        self.groups
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .cloned()
-            .collect();
-        groups.iter().map(|g| g.snapshot().view()).collect()
+            .collect()
+    }
+
+    pub fn list(&self) -> Vec<GroupView> {
+        self.all_groups()
+            .iter()
+            .map(|g| g.snapshot().view())
+            .collect()
+    }
+
+    /// The running groups volume `name` is attached to.
+    pub fn volume_users(&self, name: &str) -> Vec<String> {
+        self.all_groups()
+            .iter()
+            .map(|g| g.snapshot())
+            .filter(|r| r.status == GroupStatus::Running)
+            .filter(|r| {
+                r.spec
+                    .volumes
+                    .iter()
+                    .any(|v| v.persistent.as_ref().is_some_and(|p| p.volume == name))
+            })
+            .map(|r| r.spec.name)
+            .collect()
     }
 
     pub fn inspect(&self, name: &str) -> Result<GroupView, ApiError> {
@@ -320,17 +370,23 @@ impl Daemon {
         report: &mut dyn FnMut(String),
     ) -> Result<GroupView, ApiError> {
         let group = self.group(name)?;
-        {
-            let record = group.snapshot();
-            if record.status == GroupStatus::Running {
-                return Err(error(
-                    ErrorCode::Conflict,
-                    format!("group {name:?} is already running"),
-                ));
-            }
-        }
-        *group.stopping.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        let starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let record = group.snapshot();
+        if record.status == GroupStatus::Running {
+            return Err(error(
+                ErrorCode::Conflict,
+                format!("group {name:?} is already running"),
+            ));
+        }
+        let running: Vec<GroupSpec> = self
+            .all_groups()
+            .iter()
+            .map(|g| g.snapshot())
+            .filter(|r| r.status == GroupStatus::Running && r.spec.name != record.spec.name)
+            .map(|r| r.spec)
+            .collect();
+        let volumes = crate::volumes::plan(&self.volumes, &record.spec, &running)?;
+        *group.stopping.lock().unwrap_or_else(|e| e.into_inner()) = false;
         let net = self.network.as_ref().zip(record.ip).map(|(network, ip)| {
             format!(
                 "{},mac={},bridge={}",
@@ -344,6 +400,7 @@ impl Daemon {
             record.spec.cpus(),
             record.spec.memory_mib(),
             net,
+            &volumes.disks,
             &group.paths.vsock(),
             &group.paths.console(),
         )
@@ -368,17 +425,19 @@ impl Daemon {
                 c.finished_at = None;
             }
         });
-        let watched = group.clone();
+        drop(starting);
+        let (daemon, watched) = (self.clone(), group.clone());
         std::thread::spawn(move || {
             let status = child.wait();
             vm_exited(
+                &daemon,
                 &watched,
                 status
                     .map(|s| s.to_string())
                     .unwrap_or_else(|e| e.to_string()),
             );
         });
-        match self.run_containers(&group, report) {
+        match self.run_containers(&group, volumes.sandbox, report) {
             Ok(()) => Ok(group.snapshot().view()),
             Err(e) => {
                 let message = e.message.clone();
@@ -396,6 +455,7 @@ impl Daemon {
     fn run_containers(
         self: &Arc<Self>,
         group: &Arc<Group>,
+        volumes: Vec<capsa_protocol::agent::Volume>,
         report: &mut dyn FnMut(String),
     ) -> Result<(), ApiError> {
         let record = group.snapshot();
@@ -414,6 +474,7 @@ impl Daemon {
         let mut sandbox = capsa_protocol::agent::SetupSandboxRequest {
             hostname: record.spec.name.clone(),
             time_unix_ns: (now_ms() as i64) * 1_000_000,
+            volumes,
             ..Default::default()
         };
         if let (Some(network), Some(ip)) = (&self.network, record.ip) {
@@ -441,36 +502,58 @@ impl Daemon {
             .map_err(|e| internal(format!("setting up the sandbox: {e}")))?;
         *group.guest.lock().unwrap_or_else(|e| e.into_inner()) = Some(guest.clone());
         for container in &record.spec.containers {
-            let image = OciImage::open(self.images.layout(), Some(&normalized(&container.image)))
-                .map_err(internal)?;
-            let pushing = Instant::now();
-            let chain = guest.push_image(&image).map_err(internal)?;
-            report(format!(
-                "container {}: image {} ({} layer(s)) in the guest after {} ms",
-                container.name,
-                container.image,
-                image.layers.len(),
-                pushing.elapsed().as_millis()
-            ));
-            let spec = oci_spec_for(&image, container).map_err(internal)?;
-            guest
-                .create(&container.name, &chain, &spec, Streams::OUTPUT)
-                .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
-            let copiers = attach_logs(group, &guest, container)?;
-            guest
-                .start(&container.name)
-                .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
-            report(format!("container {} started", container.name));
-            let name = container.name.clone();
-            group.update(|r| {
-                if let Some(c) = r.container_mut(&name) {
-                    c.status = ContainerStatus::Running;
-                    c.started_at = Some(now_ms());
-                }
-            });
-            watch_container(group.clone(), guest.clone(), name, copiers);
+            let copiers = self.launch(group, &guest, container, report)?;
+            watch_container(
+                self.clone(),
+                group.clone(),
+                guest.clone(),
+                container.name.clone(),
+                copiers,
+            );
         }
         Ok(())
+    }
+
+    /// Creates and starts one container in the guest, its output going to
+    /// its log.
+    fn launch(
+        &self,
+        group: &Group,
+        guest: &Guest,
+        container: &ContainerSpec,
+        report: &mut dyn FnMut(String),
+    ) -> Result<Vec<JoinHandle<()>>, ApiError> {
+        let image = OciImage::open(self.images.layout(), Some(&normalized(&container.image)))
+            .map_err(internal)?;
+        let pushing = Instant::now();
+        let chain = guest.push_image(&image).map_err(internal)?;
+        report(format!(
+            "container {}: image {} ({} layer(s)) in the guest after {} ms",
+            container.name,
+            container.image,
+            image.layers.len(),
+            pushing.elapsed().as_millis()
+        ));
+        let spec = oci_spec_for(&image, container).map_err(internal)?;
+        guest
+            .create(&container.name, &chain, &spec, Streams::OUTPUT)
+            .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
+        let copiers = attach_logs(group, guest, container)?;
+        guest
+            .start(&container.name)
+            .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
+        report(format!("container {} started", container.name));
+        group.update(|r| {
+            if let Some(c) = r.container_mut(&container.name) {
+                c.status = ContainerStatus::Running;
+                c.started_at = Some(now_ms());
+                c.exit_code = None;
+                c.signal = None;
+                c.oom_killed = false;
+                c.finished_at = None;
+            }
+        });
+        Ok(copiers)
     }
 
     /// Stops the containers (SIGTERM, SIGKILL after `grace`) and the VM.
@@ -733,7 +816,7 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(name, group.clone());
-            adopt(group);
+            adopt(self.clone(), group);
         }
     }
 }
@@ -769,6 +852,21 @@ fn oci_spec_for(image: &OciImage, container: &ContainerSpec) -> anyhow::Result<S
     }
     process.set_terminal(Some(container.tty));
     spec.set_process(Some(process));
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for mount in &container.volume_mounts {
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(&mount.mount_path)
+                .source(Path::new(capsa_protocol::VOLUMES_DIR).join(&mount.name))
+                .typ("bind")
+                .options(vec![
+                    "rbind".to_string(),
+                    if mount.read_only { "ro" } else { "rw" }.to_string(),
+                ])
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
     let wants_resources = container.cpu_limit.is_some()
         || container.memory_limit_mib.is_some()
         || container.cpu_request.is_some()
@@ -839,40 +937,141 @@ fn attach_logs(
     Ok(copiers)
 }
 
-/// Waits for a container's exit (after its output reached the log), and
-/// stops the VM once every container has exited.
+/// Waits for a container's exit (after its output reached the log),
+/// starts it again when the restart policy says so, and stops the VM once
+/// every container has exited for good.
 fn watch_container(
+    daemon: Arc<Daemon>,
     group: Arc<Group>,
     guest: Arc<Guest>,
     name: String,
     copiers: Vec<JoinHandle<()>>,
 ) {
     std::thread::spawn(move || {
-        let exit = guest.wait(&name, "");
-        for copier in copiers {
-            let _ = copier.join();
+        let mut copiers = copiers;
+        loop {
+            let exit = guest.wait(&name, "");
+            for copier in copiers.drain(..) {
+                let _ = copier.join();
+            }
+            let exit = match exit {
+                Ok(exit) => exit,
+                // The VM went away; vm_exited records that.
+                Err(_) => return,
+            };
+            let signal = (exit.signal != 0).then_some(exit.signal);
+            group.update(|r| {
+                if let Some(c) = r.container_mut(&name) {
+                    c.status = ContainerStatus::Exited;
+                    c.exit_code = Some(exit.code);
+                    c.signal = signal;
+                    c.oom_killed = exit.oom_killed;
+                    c.finished_at = Some(now_ms());
+                }
+            });
+            let record = group.snapshot();
+            if record.spec.restart_policy.restarts(exit.code, signal) && !group.is_stopping() {
+                match restart_container(&daemon, &group, &guest, &record, &name) {
+                    Some(Ok(restarted)) => {
+                        copiers = restarted;
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        eprintln!(
+                            "capsad: restarting {}/{name}: {}",
+                            record.spec.name, e.message
+                        );
+                        group.update(|r| {
+                            r.error = Some(format!("restarting {name}: {}", e.message))
+                        });
+                    }
+                    // Stopped or deleted meanwhile.
+                    None => return,
+                }
+            }
+            let all_done = group
+                .snapshot()
+                .containers
+                .iter()
+                .all(|c| c.status == ContainerStatus::Exited);
+            if all_done {
+                stop_vm(&group, Duration::from_secs(2));
+            }
+            return;
         }
-        let exit = match exit {
-            Ok(exit) => exit,
-            // The VM went away; vm_exited records that.
-            Err(_) => return,
-        };
+    });
+}
+
+/// How long the restart policy waits before the next restart: doubling
+/// from one second up to a minute, and one second again after a run of
+/// ten minutes or more.
+fn backoff(restarts: u32, last_run: Option<Duration>) -> Duration {
+    if last_run.is_some_and(|run| run >= Duration::from_secs(600)) {
+        return Duration::from_secs(1);
+    }
+    Duration::from_secs(1u64 << restarts.min(6)).min(Duration::from_secs(60))
+}
+
+/// Waits out the back-off, then creates the container again; None when
+/// the group was stopped or deleted meanwhile.
+fn restart_container(
+    daemon: &Daemon,
+    group: &Group,
+    guest: &Guest,
+    record: &GroupRecord,
+    name: &str,
+) -> Option<Result<Vec<JoinHandle<()>>, ApiError>> {
+    let container = record.containers.iter().find(|c| c.name == name)?;
+    let spec = record.spec.containers.iter().find(|c| c.name == name)?;
+    let last_run = container
+        .started_at
+        .zip(container.finished_at)
+        .map(|(start, end)| Duration::from_millis(end.saturating_sub(start)));
+    if !group.pause(backoff(container.restart_count, last_run)) {
+        return None;
+    }
+    // The exited container's state goes; its log stays.
+    let _ = guest.delete(name);
+    let launched = daemon.launch(group, guest, spec, &mut |_| {});
+    if launched.is_ok() {
+        let mut count = 0;
         group.update(|r| {
-            if let Some(c) = r.container_mut(&name) {
-                c.status = ContainerStatus::Exited;
-                c.exit_code = Some(exit.code);
-                c.signal = (exit.signal != 0).then_some(exit.signal);
-                c.oom_killed = exit.oom_killed;
-                c.finished_at = Some(now_ms());
+            if let Some(c) = r.container_mut(name) {
+                c.restart_count += 1;
+                count = c.restart_count;
             }
         });
-        let all_done = group
-            .snapshot()
-            .containers
-            .iter()
-            .all(|c| c.status == ContainerStatus::Exited);
-        if all_done {
-            stop_vm(&group, Duration::from_secs(2));
+        group.emit_for(
+            &record.spec.name,
+            Some(name),
+            "restarted",
+            Some(format!("restart {count}")),
+        );
+    }
+    Some(launched)
+}
+
+/// The VM failed: under a restart policy other than Never, boot the group
+/// again after the back-off (again and again while it keeps failing).
+fn restart_failed_group(daemon: &Arc<Daemon>, group: &Arc<Group>) {
+    let record = group.snapshot();
+    if record.spec.restart_policy == RestartPolicy::Never {
+        return;
+    }
+    let (daemon, group) = (daemon.clone(), group.clone());
+    std::thread::spawn(move || {
+        if !group.pause(backoff(record.restart_count, None)) {
+            return;
+        }
+        if group.snapshot().status != GroupStatus::Failed {
+            return;
+        }
+        let name = record.spec.name.clone();
+        group.update(|r| r.restart_count += 1);
+        group.emit_for(&name, None, "restarted", group.snapshot().error);
+        if let Err(e) = daemon.start(&name, &mut |_| {}) {
+            eprintln!("capsad: restarting group {name}: {}", e.message);
+            restart_failed_group(&daemon, &group);
         }
     });
 }
@@ -902,10 +1101,11 @@ fn stop_vm(group: &Arc<Group>, grace: Duration) {
 }
 
 /// The VMM process ended: a failure unless the daemon was stopping it.
-fn vm_exited(group: &Arc<Group>, how: String) {
-    let expected = *group.stopping.lock().unwrap_or_else(|e| e.into_inner());
+fn vm_exited(daemon: &Arc<Daemon>, group: &Arc<Group>, how: String) {
+    let expected = group.is_stopping();
     group.guest.lock().unwrap_or_else(|e| e.into_inner()).take();
     let tail = vm::console_tail(&group.paths.console());
+    let mut failed = false;
     group.update(|r| {
         if r.status != GroupStatus::Running {
             return;
@@ -914,15 +1114,19 @@ fn vm_exited(group: &Arc<Group>, how: String) {
         if expected {
             r.status = GroupStatus::Stopped;
         } else {
+            failed = true;
             r.status = GroupStatus::Failed;
             r.error = Some(format!("the VMM exited ({how}); console:\n{tail}"));
         }
     });
+    if failed {
+        restart_failed_group(daemon, group);
+    }
 }
 
 /// After a daemon restart: watch a running group's VMM and containers
 /// again, or record that it died meanwhile.
-fn adopt(group: Arc<Group>) {
+fn adopt(daemon: Arc<Daemon>, group: Arc<Group>) {
     let record = group.snapshot();
     if record.status != GroupStatus::Running {
         return;
@@ -970,6 +1174,7 @@ fn adopt(group: Arc<Group>) {
             })
             .unwrap_or_default();
         watch_container(
+            daemon.clone(),
             group.clone(),
             guest.clone(),
             container.name.clone(),
@@ -982,6 +1187,6 @@ fn adopt(group: Arc<Group>) {
         while vm::is_our_vmm(pid, &watched.paths.vsock()) {
             std::thread::sleep(Duration::from_millis(500));
         }
-        vm_exited(&watched, "after the daemon restarted".into());
+        vm_exited(&daemon, &watched, "after the daemon restarted".into());
     });
 }

@@ -14,12 +14,13 @@ use axum::{Json, Router};
 use capsa_api::exec::{self, ExecRequest, Frame};
 use capsa_api::{
     ApiError, ErrorCode, GroupSpec, ImageView, ImportRequest, ProgressEvent, PullRequest,
-    PROGRESS_MEDIA_TYPE,
+    VolumeRequest, VolumeView, PROGRESS_MEDIA_TYPE,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::groups::{error, is_running, Daemon, Exec, DEFAULT_STOP_GRACE};
 use crate::logs;
+use crate::volumes::volume_error;
 
 pub struct Failure(ApiError);
 
@@ -60,6 +61,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/groups/{name}/start", post(start_group))
         .route("/v1/groups/{name}/stats", get(group_stats))
         .route("/v1/events", get(events))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", axum::routing::delete(remove_volume))
+        .route("/v1/volumes/{name}/grow", post(grow_volume))
         .route("/v1/groups/{name}/stop", post(stop_group))
         .route(
             "/v1/groups/{name}/containers/{container}/wait",
@@ -282,6 +286,88 @@ async fn start_group(
     UrlPath(name): UrlPath<String>,
 ) -> Response {
     long_operation(&headers, move |report| daemon.start(&name, report)).await
+}
+
+fn volume_view(daemon: &Daemon, volume: capsa_volumes::Volume) -> VolumeView {
+    VolumeView {
+        attached_to: daemon.volume_users(&volume.name),
+        name: volume.name,
+        size_bytes: volume.size_bytes,
+        created_at: volume.created_at,
+    }
+}
+
+async fn list_volumes(State(daemon): State<Arc<Daemon>>) -> Reply<Vec<VolumeView>> {
+    blocking(move || {
+        let volumes = daemon.volumes.list().map_err(volume_error)?;
+        Ok(volumes
+            .into_iter()
+            .map(|v| volume_view(&daemon, v))
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+async fn create_volume(
+    State(daemon): State<Arc<Daemon>>,
+    Json(request): Json<VolumeRequest>,
+) -> Reply<VolumeView> {
+    blocking(move || {
+        let volume = daemon
+            .volumes
+            .create(&request.name, request.size_mib)
+            .map_err(volume_error)?;
+        Ok(volume_view(&daemon, volume))
+    })
+    .await
+    .map(Json)
+}
+
+/// Refused while a running group has the volume attached.
+fn not_attached(daemon: &Daemon, name: &str) -> Result<(), ApiError> {
+    let users = daemon.volume_users(name);
+    if users.is_empty() {
+        Ok(())
+    } else {
+        Err(error(
+            ErrorCode::Conflict,
+            format!(
+                "volume {name:?} is attached to running group(s) {}",
+                users.join(", ")
+            ),
+        ))
+    }
+}
+
+async fn grow_volume(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+    Json(request): Json<capsa_api::VolumeGrowRequest>,
+) -> Reply<VolumeView> {
+    blocking(move || {
+        not_attached(&daemon, &name)?;
+        let volume = daemon
+            .volumes
+            .grow(&name, request.size_mib)
+            .map_err(volume_error)?;
+        Ok(volume_view(&daemon, volume))
+    })
+    .await
+    .map(Json)
+}
+
+async fn remove_volume(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<serde_json::Value> {
+    blocking(move || {
+        not_attached(&daemon, &name)?;
+        daemon.volumes.remove(&name).map_err(volume_error)?;
+        Ok(serde_json::json!({ "removed": name }))
+    })
+    .await
+    .map(Json)
 }
 
 #[derive(Deserialize)]
@@ -596,6 +682,7 @@ mod tests {
                 initrd: "/nonexistent/initrd".into(),
             },
             None,
+            capsa_volumes::VolumeStore::open(&dir.join("volumes")).unwrap(),
         )
     }
 

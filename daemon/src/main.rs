@@ -7,6 +7,7 @@ mod http;
 mod logs;
 mod state;
 mod vm;
+mod volumes;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -92,6 +93,8 @@ fn main() -> Result<()> {
             initrd: args.initrd.clone(),
         },
         network,
+        capsa_volumes::VolumeStore::open(&args.root.join("volumes"))
+            .context("opening the volume store")?,
     );
     daemon.restore();
 

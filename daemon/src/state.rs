@@ -31,6 +31,9 @@ pub struct GroupRecord {
     /// its published ports and its name hold still.
     #[serde(default)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// VM restarts by the restart policy.
+    #[serde(default)]
+    pub restart_count: u32,
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub containers: Vec<ContainerRecord>,
@@ -50,6 +53,7 @@ impl GroupRecord {
                 oom_killed: false,
                 started_at: None,
                 finished_at: None,
+                restart_count: 0,
             })
             .collect();
         GroupRecord {
@@ -58,6 +62,7 @@ impl GroupRecord {
             error: None,
             vmm_pid: None,
             ip: None,
+            restart_count: 0,
             created_at: now_ms(),
             started_at: None,
             containers,
@@ -77,6 +82,8 @@ impl GroupRecord {
             memory_mib: self.spec.memory_mib(),
             vmm_pid: self.vmm_pid,
             ip: self.ip,
+            restart_policy: self.spec.restart_policy,
+            restart_count: self.restart_count,
             created_at: self.created_at,
             started_at: self.started_at,
             labels: self.spec.labels.clone(),

@@ -24,6 +24,7 @@ pub fn spawn(
     cpus: u8,
     memory_mib: u64,
     net: Option<String>,
+    disks: &[String],
     vsock: &Path,
     console: &Path,
 ) -> Result<Child> {
@@ -33,6 +34,9 @@ pub fn spawn(
     let mut command = Command::new(&config.vmm);
     if let Some(net) = net {
         command.arg("--net").arg(net);
+    }
+    for disk in disks {
+        command.arg("--disk").arg(disk);
     }
     command
         .arg("--kernel")
