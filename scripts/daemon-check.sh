@@ -162,6 +162,9 @@ network() {
     ./capsa run -d --name web2 -p 127.0.0.1:18080:80 busybox true; echo "taken=$?"
     ./capsa run --rm --name client busybox sh -c 'echo "wget-got=$(wget -q -O - http://web/)"'
     echo "by-name=$?"
+}
+metrics() {
+    $curl -sf --unix-socket "$CAPSA_SOCKET" http://capsad/metrics
     ./capsa stop web && ./capsa rm web
 }
 restarts() {
@@ -208,6 +211,7 @@ step restart restart
 daemon; ready || echo "capsad did not come back"
 step adopted adopted
 step network network
+step metrics metrics
 step restarts restarts
 step volumes volumes
 step images images
@@ -274,6 +278,28 @@ check network "a group gets an address on the daemon's bridge" has network '^web
 check network "a published port serves the group's httpd to curl on the host" has network '^curl=0 curl-got=served-by-web$'
 check network "a port already published is refused at create" has network 'tcp port 127.0.0.1:18080 is not available'
 check network "another group reaches it by its name" has network '^wget-got=served-by-web$'
+# The scrape, parsed by the Prometheus project's own OpenMetrics parser
+# (Debian's python3-prometheus-client, hence /usr/bin/python3).
+metrics_parse() {
+    section metrics | sed '1d;$d' | sed '/^# EOF$/q' | /usr/bin/python3 -c '
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+samples = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+web = (("group", "web"),)
+main = (("container", "main"), ("group", "web"))
+assert samples[("capsa_group_up", web)] == 1, samples
+assert samples[("capsa_vmm_memory_bytes", web)] > 0
+assert samples[("capsa_network_to_guest_bytes_total", web)] > 0
+assert ("capsa_container_cpu_seconds_total", main) in samples
+assert samples[("capsa_container_up", main)] == 1
+assert samples[("capsa_group_start_seconds_count", ())] >= 1
+print(len(samples), "samples")
+'
+}
+check metrics "/metrics parses as OpenMetrics and has the group's series" metrics_parse
 check restarts "OnFailure restarts a failing container, with back-off, counted" has restarts '^flaky .*main (exited, 1, [2-9] restarts)\|^flaky .*main (running, [2-9] restarts)'
 check restarts "each restart ran it again" has restarts '^attempts=[3-9]$'
 check restarts "Never leaves it exited" has restarts '^once .*main (exited, 1)$'

@@ -225,6 +225,17 @@ pub struct GroupStats {
     pub group: String,
     pub vmm_rss_kib: u64,
     pub vmm_cpu_seconds: f64,
+    /// Bytes through the group's network interface, as the host's tap
+    /// counts them: received from the guest, and sent to it.
+    #[serde(default)]
+    pub net_from_guest_bytes: u64,
+    #[serde(default)]
+    pub net_to_guest_bytes: u64,
+    /// Storage I/O of the VMM process (its disks, mostly).
+    #[serde(default)]
+    pub block_read_bytes: u64,
+    #[serde(default)]
+    pub block_write_bytes: u64,
     pub containers: Vec<ContainerStats>,
 }
 

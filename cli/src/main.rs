@@ -450,10 +450,14 @@ fn run(cli: Cli) -> Result<u8> {
                 return Ok(0);
             }
             println!(
-                "group {}: VMM RSS {:.1} MiB, VMM CPU {:.2} s",
+                "group {}: VMM RSS {:.1} MiB, VMM CPU {:.2} s, network {} B in / {} B out, disk {} B read / {} B written",
                 stats.group,
                 stats.vmm_rss_kib as f64 / 1024.0,
-                stats.vmm_cpu_seconds
+                stats.vmm_cpu_seconds,
+                stats.net_to_guest_bytes,
+                stats.net_from_guest_bytes,
+                stats.block_read_bytes,
+                stats.block_write_bytes
             );
             println!(
                 "{:<16} {:>12} {:>12} {:>12} {:>6}",

@@ -160,6 +160,7 @@ pub struct Daemon {
     /// Held from a start's checks until its group counts as running, so
     /// two starts cannot both claim one volume.
     starting: Mutex<()>,
+    pub metrics: crate::metrics::Metrics,
     groups: Mutex<BTreeMap<String, Arc<Group>>>,
     next_exec: std::sync::atomic::AtomicU64,
     events: tokio::sync::broadcast::Sender<Event>,
@@ -190,6 +191,7 @@ impl Daemon {
             network,
             volumes,
             starting: Mutex::new(()),
+            metrics: Default::default(),
             groups: Mutex::new(BTreeMap::new()),
             next_exec: std::sync::atomic::AtomicU64::new(1),
             events: tokio::sync::broadcast::channel(1024).0,
@@ -307,6 +309,15 @@ impl Daemon {
     }
 
     pub fn create(&self, spec: GroupSpec) -> Result<GroupView, ApiError> {
+        let began = Instant::now();
+        let view = self.create_group(spec)?;
+        self.metrics
+            .create_seconds
+            .observe(began.elapsed().as_secs_f64());
+        Ok(view)
+    }
+
+    fn create_group(&self, spec: GroupSpec) -> Result<GroupView, ApiError> {
         spec.validate().map_err(|e| ApiError {
             code: ErrorCode::InvalidSpec,
             message: "invalid container group spec".into(),
@@ -369,6 +380,7 @@ impl Daemon {
         name: &str,
         report: &mut dyn FnMut(String),
     ) -> Result<GroupView, ApiError> {
+        let began = Instant::now();
         let group = self.group(name)?;
         let starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let record = group.snapshot();
@@ -438,7 +450,12 @@ impl Daemon {
             );
         });
         match self.run_containers(&group, volumes.sandbox, report) {
-            Ok(()) => Ok(group.snapshot().view()),
+            Ok(()) => {
+                self.metrics
+                    .start_seconds
+                    .observe(began.elapsed().as_secs_f64());
+                Ok(group.snapshot().view())
+            }
             Err(e) => {
                 let message = e.message.clone();
                 *group.stopping.lock().unwrap_or_else(|e| e.into_inner()) = true;
@@ -639,10 +656,32 @@ impl Daemon {
                 pids: stats.pids_current,
             });
         }
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+        let io_field = |key: &str| {
+            io.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let tap = |counter: &str| {
+            record
+                .ip
+                .and_then(|ip| {
+                    let tap = capsa_network::tap_name(ip);
+                    std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{counter}"))
+                        .ok()
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
         Ok(GroupStats {
             group: name.to_string(),
             vmm_rss_kib,
             vmm_cpu_seconds: ticks as f64 / per_second,
+            net_from_guest_bytes: tap("rx_bytes"),
+            net_to_guest_bytes: tap("tx_bytes"),
+            block_read_bytes: io_field("read_bytes:"),
+            block_write_bytes: io_field("write_bytes:"),
             containers,
         })
     }

@@ -61,6 +61,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/groups/{name}/start", post(start_group))
         .route("/v1/groups/{name}/stats", get(group_stats))
         .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", axum::routing::delete(remove_volume))
         .route("/v1/volumes/{name}/grow", post(grow_volume))
@@ -286,6 +287,20 @@ async fn start_group(
     UrlPath(name): UrlPath<String>,
 ) -> Response {
     long_operation(&headers, move |report| daemon.start(&name, report)).await
+}
+
+async fn metrics(State(daemon): State<Arc<Daemon>>) -> Response {
+    match blocking(move || Ok(crate::metrics::render(&daemon))).await {
+        Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Err(failure) => failure.into_response(),
+    }
+}
+
+/// Only /metrics, for a TCP listener (`capsad --metrics-address`).
+pub fn metrics_router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(daemon)
 }
 
 fn volume_view(daemon: &Daemon, volume: capsa_volumes::Volume) -> VolumeView {

@@ -5,6 +5,7 @@
 mod groups;
 mod http;
 mod logs;
+mod metrics;
 mod state;
 mod vm;
 mod volumes;
@@ -47,6 +48,10 @@ struct Args {
     /// Groups get no network interface (vsock only).
     #[arg(long)]
     no_network: bool,
+    /// Also serve /metrics (Prometheus) over TCP here, e.g. 127.0.0.1:9464;
+    /// it is always on the API socket.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -111,6 +116,17 @@ fn main() -> Result<()> {
             .with_context(|| format!("listening on {}", args.socket.display()))?;
         std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))?;
         eprintln!("capsad: listening on {}", args.socket.display());
+        if let Some(address) = args.metrics_address {
+            let metrics = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("serving metrics on {address}"))?;
+            let router = http::metrics_router(daemon.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(metrics, router).await {
+                    eprintln!("capsad: the metrics listener stopped: {e}");
+                }
+            });
+        }
         axum::serve(listener, http::router(daemon))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
