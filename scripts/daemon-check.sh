@@ -12,7 +12,10 @@
 #   - invalid specs and unknown images get clear errors;
 #   - import and start report their progress;
 #   - OnFailure restarts a failing container with back-off and counts it,
-#     Never leaves it exited;
+#     Never leaves it exited; a failing liveness probe gets the container
+#     killed and restarted;
+#   - 50 create/start/delete cycles leave no tap, address, VMM, mount,
+#     descriptor or state behind;
 #   - volumes: a persistent volume outlives its group and is refused to a
 #     second group while attached read-write; an emptyDir is shared by two
 #     containers; a secret is readable, mode 0400;
@@ -47,6 +50,18 @@ containers:
     args: [sh, -c, "echo from-second-$GREETING >&2; exit 5"]
     env:
       GREETING: hello
+YAML
+cat > "$payload/probed.yaml" <<'YAML'
+name: probed
+restartPolicy: Always
+containers:
+  - name: app
+    image: busybox
+    args: [sh, -c, "touch /tmp/healthy; sleep 2; rm /tmp/healthy; sleep 600"]
+    livenessProbe:
+      exec: {command: [test, -f, /tmp/healthy]}
+      periodSeconds: 1
+      failureThreshold: 2
 YAML
 cat > "$payload/shared.yaml" <<'YAML'
 name: shared
@@ -170,6 +185,7 @@ metrics() {
 restarts() {
     ./capsa run -d --name flaky --restart on-failure busybox sh -c 'echo attempt; exit 1' || return 1
     ./capsa run -d --name once --restart never busybox sh -c 'echo once; exit 1' || return 1
+    ./capsa create -f probed.yaml && ./capsa start probed || return 1
     # Back-off of 1, 2, 4 s between attempts.
     sleep 12
     ./capsa ps
@@ -177,6 +193,7 @@ restarts() {
     echo "attempts=$(./capsa logs flaky | grep -c '^attempt$')"
     echo "once-runs=$(./capsa logs once | grep -c '^once$')"
     ./capsa stop flaky && ./capsa rm flaky once
+    ./capsa stop -t 1 probed && ./capsa rm probed
 }
 volumes() {
     ./capsa volume create data --size 16 || return 1
@@ -192,6 +209,30 @@ volumes() {
     ./capsa logs shared/reader
     ./capsa rm shared
     ./capsa volume grow data --size 32 && ./capsa volume ls && ./capsa volume rm data
+}
+# What groups leave behind, if anything: taps on the bridge, VMMs, mounts,
+# capsad's descriptors, group state.
+leftovers() {
+    echo "taps=$(in_netns $ip -o link show master capsa0 | wc -l)" \
+        "vmms=$(ps | grep -c '[c]apsa-vmm')" "mounts=$(wc -l < /proc/mounts)" \
+        "fds=$(ls /proc/$(cat "$work/capsad.pid")/fd | wc -l)" \
+        "groups=$(ls "$work/root/groups" | wc -l)"
+}
+cycles() {
+    # One cycle first, so what capsad sets up once is not counted.
+    ./capsa run --rm --name warm -p 127.0.0.1:18090:80 busybox true || return 1
+    before=$(leftovers)
+    failed=0
+    for i in $(seq "${CAPSA_LEAK_CYCLES:-50}"); do
+        ./capsa run --rm --name "cycle-$i" -p 127.0.0.1:18090:80 busybox true || failed=$((failed + 1))
+    done
+    after=$(leftovers)
+    echo "failed-cycles=$failed"
+    echo "before: $before"
+    echo "after:  $after"
+    [ "$before" = "$after" ] && echo "nothing-left"
+    ./capsa run -d --name first-again busybox sleep 1 && ./capsa ps | grep first-again
+    ./capsa wait first-again > /dev/null; ./capsa rm first-again
 }
 images() { ./capsa image ls && ./capsa image rm busybox && ./capsa image ls; }
 
@@ -214,6 +255,7 @@ step network network
 step metrics metrics
 step restarts restarts
 step volumes volumes
+step cycles cycles
 step images images
 echo "=== BEGIN events"; cat "$work/events.log"; echo "=== END events exit=0"
 kill "$(cat "$work/capsad.pid")" 2>/dev/null
@@ -304,6 +346,9 @@ check restarts "OnFailure restarts a failing container, with back-off, counted" 
 check restarts "each restart ran it again" has restarts '^attempts=[3-9]$'
 check restarts "Never leaves it exited" has restarts '^once .*main (exited, 1)$'
 check restarts "once" has restarts '^once-runs=1$'
+check restarts "a failing liveness probe kills the container and it is restarted" has restarts '^probed .*app (.*[1-9] restarts)'
+check events "events: the probe's verdict" has events ' unhealthy probed/app '
+check events "events: restarts" has events ' restarted flaky/main (restart 1)$'
 check volumes "a file written to a persistent volume" has volumes '^writer=0$'
 check volumes "survives its group and is read by a new one" has volumes '^kept-across-groups$'
 check volumes "a volume attached read-write to a running group is refused to a second" has volumes 'attached read-write to running group "holder"'
@@ -312,6 +357,9 @@ check volumes "an emptyDir is shared by two containers of a group" has volumes '
 check volumes "a secret is readable at its path" has volumes '^secret=s3cret$'
 check volumes "with mode 0400" has volumes '^secret-mode=400$'
 check volumes "a volume grows, and is removed" exit_is volumes 0
+check cycles "50 create/start/delete cycles, a port published each time, all ran" has cycles '^failed-cycles=0$'
+check cycles "and left no tap, VMM, mount, descriptor or group state behind" has cycles '^nothing-left$'
+check cycles "nor an address: the next group gets the first one again" has cycles '^first-again .* 10\.88\.0\.2 '
 check images "an image not in use can be removed" exit_is images 0
 check adopted "stats show the VMM and the running container" has adopted '^main .*[0-9]M .* [1-9]$'
 check events "events: a group created" has events ' created pair$'

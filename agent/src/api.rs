@@ -68,6 +68,7 @@ impl agent_ttrpc::Agent for AgentService {
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             containers.stop_all(grace);
+            crate::sandbox::unmount_volumes();
             init::drain_console();
             if let Err(e) = init::power_off() {
                 kmsg::error(&format!("shutdown: {e:#}"));

@@ -100,6 +100,23 @@ impl Sandbox {
     }
 }
 
+/// Unmounts the group's volumes, once their containers are gone, so a
+/// persistent volume's file system is left clean (a later read-only
+/// attach cannot replay a journal).
+pub fn unmount_volumes() {
+    let Ok(entries) = std::fs::read_dir(VOLUMES_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let target = entry.path();
+        if nix::mount::umount2(&target, nix::mount::MntFlags::empty()).is_err() {
+            // Still in use somewhere: at least detach it and write back.
+            let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    nix::unistd::sync();
+}
+
 pub fn set_time(unix_ns: i64) -> Result<(), ApiError> {
     if unix_ns <= 0 {
         return Err(ApiError::invalid(format!(

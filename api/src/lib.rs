@@ -8,8 +8,8 @@ pub mod spec;
 use serde::{Deserialize, Serialize};
 
 pub use spec::{
-    ContainerSpec, EmptyDirSpec, GroupSpec, PersistentSpec, PortProtocol, PortSpec, RestartPolicy,
-    SpecError, VolumeMount, VolumeSpec, MIN_VOLUME_MIB,
+    ContainerSpec, EmptyDirSpec, ExecProbe, GroupSpec, PersistentSpec, PortProtocol, PortSpec,
+    Probe, RestartPolicy, SpecError, TcpProbe, VolumeMount, VolumeSpec, MIN_VOLUME_MIB,
 };
 
 /// The API's path prefix; bumped with any change an older client would

@@ -136,6 +136,52 @@ pub struct ContainerSpec {
     pub ports: Vec<PortSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<VolumeMount>,
+    /// Killed (and restarted as the restart policy says) when this keeps
+    /// failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<Probe>,
+}
+
+/// A health check: exactly one of exec and tcpSocket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Probe {
+    /// Healthy when this command, run in the container, exits 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecProbe>,
+    /// Healthy when the group's address accepts a TCP connection here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<TcpProbe>,
+    #[serde(default)]
+    pub initial_delay_seconds: u32,
+    #[serde(default = "ten")]
+    pub period_seconds: u32,
+    #[serde(default = "one")]
+    pub timeout_seconds: u32,
+    #[serde(default = "three")]
+    pub failure_threshold: u32,
+}
+
+fn ten() -> u32 {
+    10
+}
+fn one() -> u32 {
+    1
+}
+fn three() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExecProbe {
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpProbe {
+    pub port: u16,
 }
 
 /// A container port published on the host: `capsa run -p
@@ -367,6 +413,26 @@ impl GroupSpec {
                 if memory == 0 || memory > limit {
                     problems.push(format!(
                         "{at}.memoryRequestMib: {memory} is not above 0 and at most the limit {limit}"
+                    ));
+                }
+            }
+            if let Some(probe) = &container.liveness_probe {
+                let at = format!("{at}.livenessProbe");
+                if probe.exec.is_some() == probe.tcp_socket.is_some() {
+                    problems.push(format!("{at}: give exactly one of exec and tcpSocket"));
+                }
+                if probe.exec.as_ref().is_some_and(|e| e.command.is_empty()) {
+                    problems.push(format!("{at}.exec.command: empty"));
+                }
+                if probe.tcp_socket.as_ref().is_some_and(|t| t.port == 0) {
+                    problems.push(format!("{at}.tcpSocket.port: 0 is not a port"));
+                }
+                if probe.period_seconds == 0
+                    || probe.timeout_seconds == 0
+                    || probe.failure_threshold == 0
+                {
+                    problems.push(format!(
+                        "{at}: periodSeconds, timeoutSeconds and failureThreshold must be above 0"
                     ));
                 }
             }

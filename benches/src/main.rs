@@ -19,6 +19,7 @@
 mod boot;
 mod containers;
 mod devices;
+mod network;
 mod process;
 mod stats;
 mod unpack;
@@ -47,6 +48,11 @@ enum Bench {
     /// `capsa run --rm IMAGE true` next to runc and crun, and a group's
     /// memory on the host.
     Containers(containers::ContainersArgs),
+    /// TCP throughput into a group: published port, group address, and
+    /// host loopback as the reference.
+    Network(network::NetworkArgs),
+    /// The network benchmark's receiving end (runs in a group).
+    Sink(network::SinkArgs),
 }
 
 fn main() -> Result<()> {
@@ -55,6 +61,8 @@ fn main() -> Result<()> {
         Bench::Devices(args) => devices::run(&args),
         Bench::Unpack(args) => unpack::run(&args),
         Bench::Containers(args) => containers::run(&args),
+        Bench::Network(args) => network::run(&args),
+        Bench::Sink(args) => network::sink(&args),
     }
 }
 

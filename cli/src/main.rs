@@ -280,6 +280,7 @@ fn run(cli: Cli) -> Result<u8> {
                     tty: false,
                     ports: publish,
                     volume_mounts,
+                    liveness_probe: None,
                 }],
                 cpus,
                 memory_mib: memory,

@@ -84,7 +84,13 @@ impl Group {
         self.changed.notify_all();
     }
 
-    fn emit_for(&self, group: &str, container: Option<&str>, action: &str, detail: Option<String>) {
+    pub fn emit_for(
+        &self,
+        group: &str,
+        container: Option<&str>,
+        action: &str,
+        detail: Option<String>,
+    ) {
         // Nobody listening is fine.
         let _ = self.events.send(Event {
             time: now_ms(),
@@ -122,13 +128,31 @@ impl Group {
         }
     }
 
-    fn is_stopping(&self) -> bool {
+    /// Whether `container` still runs the incarnation started at
+    /// `started_at`.
+    pub fn runs(&self, container: &str, started_at: u64) -> bool {
+        self.snapshot().containers.iter().any(|c| {
+            c.name == container
+                && c.status == ContainerStatus::Running
+                && c.started_at == Some(started_at)
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.snapshot().spec.name
+    }
+
+    pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.snapshot().ip
+    }
+
+    pub fn is_stopping(&self) -> bool {
         *self.stopping.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits `delay`; false when the group is being stopped or deleted
     /// meanwhile.
-    fn pause(&self, delay: Duration) -> bool {
+    pub fn pause(&self, delay: Duration) -> bool {
         let deadline = Instant::now() + delay;
         loop {
             if self.is_stopping() || *self.deleted.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -535,8 +559,8 @@ impl Daemon {
     /// its log.
     fn launch(
         &self,
-        group: &Group,
-        guest: &Guest,
+        group: &Arc<Group>,
+        guest: &Arc<Guest>,
         container: &ContainerSpec,
         report: &mut dyn FnMut(String),
     ) -> Result<Vec<JoinHandle<()>>, ApiError> {
@@ -560,16 +584,27 @@ impl Daemon {
             .start(&container.name)
             .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
         report(format!("container {} started", container.name));
+        let started_at = now_ms();
         group.update(|r| {
             if let Some(c) = r.container_mut(&container.name) {
                 c.status = ContainerStatus::Running;
-                c.started_at = Some(now_ms());
+                c.started_at = Some(started_at);
                 c.exit_code = None;
                 c.signal = None;
                 c.oom_killed = false;
                 c.finished_at = None;
             }
         });
+        if let Some(probe) = &container.liveness_probe {
+            crate::probes::watch(
+                group.clone(),
+                guest.clone(),
+                container.name.clone(),
+                probe.clone(),
+                spec.process().clone().unwrap_or_default(),
+                started_at,
+            );
+        }
         Ok(copiers)
     }
 
@@ -1055,8 +1090,8 @@ fn backoff(restarts: u32, last_run: Option<Duration>) -> Duration {
 /// the group was stopped or deleted meanwhile.
 fn restart_container(
     daemon: &Daemon,
-    group: &Group,
-    guest: &Guest,
+    group: &Arc<Group>,
+    guest: &Arc<Guest>,
     record: &GroupRecord,
     name: &str,
 ) -> Option<Result<Vec<JoinHandle<()>>, ApiError>> {

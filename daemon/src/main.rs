@@ -6,6 +6,7 @@ mod groups;
 mod http;
 mod logs;
 mod metrics;
+mod probes;
 mod state;
 mod vm;
 mod volumes;

@@ -166,6 +166,13 @@ impl VolumeStore {
         Ok(volume)
     }
 
+    /// Replays the journal and fixes what is safe to fix, for a volume no
+    /// VM has attached (say one whose VM died): a read-only attach could
+    /// not replay it.
+    pub fn repair(&self, name: &str) -> Result<(), VolumeError> {
+        run(name, "e2fsck", &["-p"], &self.image(name)?)
+    }
+
     /// Deletes the volume and its data.
     pub fn remove(&self, name: &str) -> Result<(), VolumeError> {
         self.get(name)?;
