@@ -291,11 +291,7 @@ impl Guest {
         exec_id: &str,
         kind: StreamKind,
     ) -> Result<UnixStream, GuestError> {
-        Ok(attach(
-            &self.socket,
-            &StreamHeader::new(id, exec_id, kind),
-            false,
-        )?)
+        self.open_stream(&StreamHeader::new(id, exec_id, kind), false)
     }
 
     /// Attaches an output stream whose reader acknowledges what it kept
@@ -307,11 +303,11 @@ impl Guest {
         exec_id: &str,
         kind: StreamKind,
     ) -> Result<UnixStream, GuestError> {
-        Ok(attach(
-            &self.socket,
-            &StreamHeader::new(id, exec_id, kind),
-            true,
-        )?)
+        self.open_stream(&StreamHeader::new(id, exec_id, kind), true)
+    }
+
+    fn open_stream(&self, header: &StreamHeader, acked: bool) -> Result<UnixStream, GuestError> {
+        Ok(attach(&self.socket, header, acked)?)
     }
 
     /// Waits for the process to exit, with no time limit.
