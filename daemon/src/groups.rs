@@ -1264,3 +1264,19 @@ fn adopt(daemon: Arc<Daemon>, group: Arc<Group>) {
         vm_exited(&daemon, &watched, "after the daemon restarted".into());
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_off_doubles_to_a_minute_and_resets_after_a_long_run() {
+        let seconds = |restarts, run| backoff(restarts, run).as_secs();
+        assert_eq!(
+            (0..8).map(|n| seconds(n, None)).collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 32, 60, 60]
+        );
+        assert_eq!(seconds(30, Some(Duration::from_secs(5))), 60);
+        assert_eq!(seconds(30, Some(Duration::from_secs(600))), 1);
+    }
+}
