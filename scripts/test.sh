@@ -28,5 +28,7 @@ if [ "${nested:-0}" = 1 ]; then
 fi
 # The virtio devices end to end, from both sides (nested on a PVM host).
 scripts/device-check.sh "$kernel" "${CAPSA_DEVICE_CHECK_BULK:-1073741824}"
-# The daemon and the CLI end to end (nested on a PVM host).
-scripts/daemon-check.sh "$kernel" "$initrd"
+# The daemon and the CLI end to end (nested on a PVM host), then 50
+# create/start/delete cycles checked for leftovers.
+scripts/daemon-check.sh "$kernel" "$initrd" main
+scripts/daemon-check.sh "$kernel" "$initrd" cycles
