@@ -33,7 +33,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 kernel=$1 initrd=$2 suite=${3:-main}
 case "$suite" in
-    main) log_name=daemon-check timeout=600 ;;
+    main) log_name=daemon-check timeout=900 ;;
     cycles) log_name=daemon-check-cycles timeout=1500 ;;
     *) echo "daemon-check: unknown suite $suite (main or cycles)" >&2; exit 2 ;;
 esac
