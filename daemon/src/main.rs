@@ -70,6 +70,10 @@ fn main() -> Result<()> {
     });
     let images = capsa_image_store::ImageStore::open(&args.root.join("images"))
         .context("opening the image store")?;
+    // Group state holds the groups' secrets: for root's eyes only.
+    let groups = args.root.join("groups");
+    std::fs::create_dir_all(&groups).with_context(|| format!("creating {}", groups.display()))?;
+    std::fs::set_permissions(&groups, std::fs::Permissions::from_mode(0o700))?;
     let network = if args.no_network {
         None
     } else {

@@ -125,9 +125,10 @@ impl GroupPaths {
 
 /// Replaces the group's record; its directory must exist (a deleted
 /// group's is never brought back by a late save).
+/// Owner-only (0600): the spec holds the group's secrets.
 pub fn save(paths: &GroupPaths, record: &GroupRecord) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(record)?;
-    capsa_image_store::write_atomically(&paths.record(), &bytes)?;
+    capsa_image_store::write_atomically_with_mode(&paths.record(), &bytes, 0o600)?;
     Ok(())
 }
 
@@ -148,4 +149,32 @@ pub fn load_all(root: &Path) -> Vec<(GroupPaths, Result<GroupRecord>)> {
             (paths, record)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_saved_group_is_readable_by_its_owner_only_and_loads_back() {
+        let root = tempfile::tempdir().unwrap();
+        let spec = GroupSpec::parse(
+            r#"{"name":"s","volumes":[{"name":"k","secret":{"token":"czNjcmV0"}}],
+                "containers":[{"name":"c","image":"busybox"}]}"#,
+        )
+        .unwrap();
+        let paths = GroupPaths::new(root.path(), "s");
+        fs::create_dir_all(&paths.dir).unwrap();
+        save(&paths, &GroupRecord::new(spec.clone())).unwrap();
+        let mode = fs::metadata(paths.record()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Saved again over the old file: still 0600.
+        save(&paths, &GroupRecord::new(spec.clone())).unwrap();
+        let mode = fs::metadata(paths.record()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let loaded = load_all(root.path());
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].1.as_ref().unwrap().spec, spec);
+    }
 }

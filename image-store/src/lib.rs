@@ -508,8 +508,21 @@ fn empty_index() -> Result<ImageIndex, StoreError> {
 /// Replaces `path` with `bytes` so a reader sees the old or the new file,
 /// never a mix, and the new one survives a crash once this returns.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_atomically_with_mode(path, bytes, 0o644)
+}
+
+/// write_atomically, the file created with `mode` (before the umask): 0600
+/// for what only its owner may read.
+pub fn write_atomically_with_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let temp = path.with_extension("tmp");
-    let mut file = File::create(&temp).map_err(io_error("creating", &temp))?;
+    let _ = fs::remove_file(&temp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)
+        .map_err(io_error("creating", &temp))?;
     file.write_all(bytes).map_err(io_error("writing", &temp))?;
     file.sync_all().map_err(io_error("syncing", &temp))?;
     fs::rename(&temp, path).map_err(io_error("replacing", path))?;
