@@ -228,7 +228,7 @@ volumes() {
 # capsad's descriptors, group state.
 leftovers() {
     echo "taps=$(in_netns $ip -o link show master capsa0 | wc -l)" \
-        "vmms=$(ps | grep -c '[c]apsa-vmm')" "mounts=$(wc -l < /proc/mounts)" \
+        "vmms=$(ps | grep -c '[c]apsa-vmm --kernel')" "mounts=$(wc -l < /proc/mounts)" \
         "fds=$(ls /proc/$(cat "$work/capsad.pid")/fd | wc -l)" \
         "groups=$(ls "$work/root/groups" | wc -l)"
 }
@@ -272,6 +272,8 @@ step follow follow
 # The daemon dies hard while a group runs; the new one adopts it.
 step restart restart
 daemon; ready || echo "capsad did not come back"
+# The first daemon's event stream ended with it.
+./capsa events >> "$work/events.log" 2>&1 &
 step adopted adopted
 step network network
 step metrics metrics
