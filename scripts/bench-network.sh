@@ -18,8 +18,9 @@ trap 'rm -rf "$payload"' EXIT
 cp "$bin/capsa-vmm" "$bin/capsad" "$bin/capsa" "$bin/capsa-bench" "$payload/"
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
-"$root/scripts/busybox-image.sh" "$payload/bench-oci" > /dev/null
-umoci insert --image "$payload/bench-oci:latest" "$bin/capsa-bench" /bin/capsa-bench > /dev/null
+# (Not `umoci insert`: Debian's umoci 0.4 writes that layer's tar without
+# its final padding and end blocks, which GNU tar and the agent refuse.)
+"$root/scripts/busybox-image.sh" "$payload/bench-oci" "$bin/capsa-bench:bin/capsa-bench" > /dev/null
 nested=0 dir=$payload tools=""
 if "$root/scripts/kvm-is-pvm.sh"; then
     nested=1 dir=/payload tools=/payload/bin/
