@@ -307,17 +307,23 @@ fn run(cli: Cli) -> Result<u8> {
                 println!("{name}");
                 return Ok(0);
             }
-            follow_logs(&client, &name, "main", true, None, None)?;
-            let exit: WaitResponse = client.call(
-                Method::POST,
-                &format!("/v1/groups/{name}/containers/main/wait"),
-                None,
-            )?;
+            let exit = follow_logs(&client, &name, "main", true, None, None).and_then(|()| {
+                client.call::<WaitResponse>(
+                    Method::POST,
+                    &format!("/v1/groups/{name}/containers/main/wait"),
+                    None,
+                )
+            });
+            // --rm holds when the run failed too (say its VM died): the
+            // group, its address and its ports go either way.
             if rm {
-                let _: serde_json::Value =
-                    client.call(Method::DELETE, &format!("/v1/groups/{name}"), None)?;
+                let removed: Result<serde_json::Value> =
+                    client.call(Method::DELETE, &format!("/v1/groups/{name}"), None);
+                if exit.is_ok() {
+                    removed?;
+                }
             }
-            Ok(exit.exit_code.clamp(0, 255) as u8)
+            Ok(exit?.exit_code.clamp(0, 255) as u8)
         }
         Command::Create { file } => {
             let text = std::fs::read_to_string(&file)
