@@ -531,18 +531,7 @@ fn run(cli: Cli) -> Result<u8> {
                 path: path.to_string_lossy().into_owned(),
                 name,
             };
-            let view: ImageView = client.call_with_progress(
-                Method::POST,
-                "/v1/images/import",
-                Some(serde_json::to_string(&request)?),
-                |text| eprintln!("{text}"),
-            )?;
-            if cli.json {
-                print_json(&view)?;
-            } else {
-                println!("{} {}", view.name, view.digest);
-            }
-            Ok(0)
+            store_image(&client, "/v1/images/import", &request, cli.json)
         }
         Command::Image(ImageCommand::Pull {
             reference,
@@ -565,18 +554,7 @@ fn run(cli: Cli) -> Result<u8> {
                 password,
                 insecure,
             };
-            let view: ImageView = client.call_with_progress(
-                Method::POST,
-                "/v1/images/pull",
-                Some(serde_json::to_string(&request)?),
-                |text| eprintln!("{text}"),
-            )?;
-            if cli.json {
-                print_json(&view)?;
-            } else {
-                println!("{} {}", view.name, view.digest);
-            }
-            Ok(0)
+            store_image(&client, "/v1/images/pull", &request, cli.json)
         }
         Command::Image(ImageCommand::Ls) => {
             let images: Vec<ImageView> = client.call(Method::GET, "/v1/images", None)?;
@@ -668,6 +646,27 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// An import or a pull: its progress on stderr, then the stored image.
+fn store_image(
+    client: &Client,
+    path: &str,
+    request: &impl serde::Serialize,
+    json: bool,
+) -> Result<u8> {
+    let view: ImageView = client.call_with_progress(
+        Method::POST,
+        path,
+        Some(serde_json::to_string(request)?),
+        |text| eprintln!("{text}"),
+    )?;
+    if json {
+        print_json(&view)?;
+    } else {
+        println!("{} {}", view.name, view.digest);
+    }
+    Ok(0)
 }
 
 fn print_volume(view: &VolumeView, json: bool) -> Result<u8> {
