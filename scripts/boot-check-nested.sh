@@ -86,8 +86,8 @@ check() {
         failed=$((failed + 1)); echo "FAIL $name: $what"; section "$name" | tail -40
     fi
 }
-exit_is() { section "$1" | grep -q "^=== END $1 exit=$2\$"; }
-ready_cpus() { section "$1" | grep -q "^CAPSA_READY {\"cpus\":$2,"; }
+exit_is() { section "$1" | grep "^=== END $1 exit=$2\$" > /dev/null; }
+ready_cpus() { section "$1" | grep "^CAPSA_READY {\"cpus\":$2," > /dev/null; }
 mem_ok() {
     local kib
     kib=$(section "$1" | sed -n 's/^CAPSA_READY .*"mem_total_kib":\([0-9]*\).*/\1/p')
@@ -100,16 +100,16 @@ for cpus in 1 2; do
     check "$name" "MemTotal consistent with 128 MiB" mem_ok "$name"
 done
 panic_reported() {
-    section panic | grep -q 'capsa-vmm: guest kernel panicked' &&
-        section panic | grep -q 'Kernel panic - not syncing'
+    section panic | grep 'capsa-vmm: guest kernel panicked' > /dev/null &&
+        section panic | grep 'Kernel panic - not syncing' > /dev/null
 }
 check panic "VMM exits 2 on a guest panic" exit_is panic 2
-agent_answers() { section agent-api | grep -q '^agent-check: api_version=[0-9]* .* shutdown=ok$'; }
+agent_answers() { section agent-api | grep '^agent-check: api_version=[0-9]* .* shutdown=ok$' > /dev/null; }
 check agent-api "agent answers version and ping over vsock" agent_answers
 check agent-api "VMM exits 0 after the agent's shutdown call" exit_is agent-api 0
 check panic "panic text in the console tail" panic_reported
 scenarios=$(section containers | grep -c '^agent-check: .* ok' || true)
-no_failures() { section containers | grep -q '^agent-check: done failed=0$'; }
+no_failures() { section containers | grep '^agent-check: done failed=0$' > /dev/null; }
 check containers "all container scenarios pass ($scenarios ok)" no_failures
 check containers "VMM exits 0 after the agent stops its containers and powers off" exit_is containers 0
 echo "nested-boot: $passed passed, $failed failed"

@@ -304,8 +304,10 @@ check() {
         failed=$((failed + 1)); echo "FAIL $name: $what"; section "$name" | tail -30
     fi
 }
-exit_is() { section "$1" | grep -q "^=== END $1 exit=$2\$"; }
-has() { section "$1" | grep -q -- "$2"; }
+# grep reads all it is given (no -q): under pipefail, a reader quitting
+# early would fail the check by SIGPIPE to section's sed.
+exit_is() { section "$1" | grep "^=== END $1 exit=$2\$" > /dev/null; }
+has() { section "$1" | grep -- "$2" > /dev/null; }
 if [ "$suite" = cycles ]; then
     check import "a busybox OCI layout imports" exit_is import 0
     check cycles "50 create/start/delete cycles, a port published each time, all ran" has cycles '^failed-cycles=0$'
@@ -355,7 +357,7 @@ check network "another group reaches it by its name" has network '^wget-got=serv
 # The scrape, parsed by the Prometheus project's own OpenMetrics parser
 # (Debian's python3-prometheus-client, hence /usr/bin/python3).
 metrics_parse() {
-    section metrics | sed '1d;$d' | sed '/^# EOF$/q' | /usr/bin/python3 -c '
+    section metrics | sed '1d;$d' | sed -n '1,/^# EOF$/p' | /usr/bin/python3 -c '
 import sys
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 samples = {}
