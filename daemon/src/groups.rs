@@ -28,7 +28,7 @@ use std::path::Path;
 
 use crate::logs::LogWriter;
 use crate::state::{self, now_ms, GroupPaths, GroupRecord};
-use crate::vm::{self, VmConfig};
+use capsa_vm_process::{self as vm, VmConfig, VmSpec};
 
 /// How long a booting guest gets to answer.
 const BOOT_PATIENCE: Duration = Duration::from_secs(120);
@@ -433,12 +433,14 @@ impl Daemon {
         });
         let mut child = vm::spawn(
             &self.vm,
-            record.spec.cpus(),
-            record.spec.memory_mib(),
-            net,
-            &volumes.disks,
-            &group.paths.vsock(),
-            &group.paths.console(),
+            &VmSpec {
+                cpus: record.spec.cpus(),
+                memory_mib: record.spec.memory_mib(),
+                net,
+                disks: &volumes.disks,
+                vsock: &group.paths.vsock(),
+                console: &group.paths.console(),
+            },
         )
         .map_err(internal)?;
         let pid = child.id();

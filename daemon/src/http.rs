@@ -691,7 +691,7 @@ mod tests {
         Daemon::new(
             dir.to_path_buf(),
             images,
-            crate::vm::VmConfig {
+            capsa_vm_process::VmConfig {
                 vmm: "/nonexistent/capsa-vmm".into(),
                 kernel: "/nonexistent/vmlinux".into(),
                 initrd: "/nonexistent/initrd".into(),

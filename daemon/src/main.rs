@@ -8,7 +8,6 @@ mod logs;
 mod metrics;
 mod probes;
 mod state;
-mod vm;
 mod volumes;
 
 use std::os::unix::fs::PermissionsExt;
@@ -60,14 +59,7 @@ fn main() -> Result<()> {
     for file in [&args.kernel, &args.initrd] {
         anyhow::ensure!(file.is_file(), "{} does not exist", file.display());
     }
-    let vmm = args.vmm.clone().unwrap_or_else(|| {
-        let beside = std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|dir| dir.join("capsa-vmm")));
-        beside
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("capsa-vmm"))
-    });
+    let vmm = args.vmm.clone().unwrap_or_else(capsa_vm_process::default_vmm);
     let images = capsa_image_store::ImageStore::open(&args.root.join("images"))
         .context("opening the image store")?;
     // Group state holds the groups' secrets: for root's eyes only.
@@ -97,7 +89,7 @@ fn main() -> Result<()> {
     let daemon = groups::Daemon::new(
         args.root.clone(),
         images,
-        vm::VmConfig {
+        capsa_vm_process::VmConfig {
             vmm,
             kernel: args.kernel.clone(),
             initrd: args.initrd.clone(),

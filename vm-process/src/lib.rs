@@ -1,0 +1,163 @@
+//! The VMM process of a microVM: started as a process of its own (its own
+//! process group, so neither a signal to its starter nor the starter's
+//! death reaches it), found again by PID after a restart, and stopped.
+//! capsad and the containerd shim both start their VMs here.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("creating the console log {}: {source}", path.display())]
+    Console {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting {}: {source}", vmm.display())]
+    Spawn {
+        vmm: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every VM is booted from.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// One VM's shape and its host-side endpoints.
+#[derive(Debug, Clone)]
+pub struct VmSpec<'a> {
+    pub cpus: u8,
+    pub memory_mib: u64,
+    /// The VMM's --net argument (tap, MAC, bridge), when the VM has a NIC.
+    pub net: Option<String>,
+    /// The VMM's --disk arguments.
+    pub disks: &'a [String],
+    /// The Unix socket the VMM serves the guest's vsock on.
+    pub vsock: &'a Path,
+    /// Where the guest's console (and the VMM's own messages) go.
+    pub console: &'a Path,
+}
+
+/// capsa-vmm beside the running binary, else whatever PATH finds.
+pub fn default_vmm() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("capsa-vmm")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("capsa-vmm"))
+}
+
+pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
+    let _ = std::fs::remove_file(vm.vsock);
+    let console_error = |source| VmError::Console {
+        path: vm.console.to_path_buf(),
+        source,
+    };
+    let log = File::create(vm.console).map_err(console_error)?;
+    let err = log.try_clone().map_err(console_error)?;
+    let mut command = Command::new(&config.vmm);
+    if let Some(net) = &vm.net {
+        command.arg("--net").arg(net);
+    }
+    for disk in vm.disks {
+        command.arg("--disk").arg(disk);
+    }
+    command
+        .arg("--kernel")
+        .arg(&config.kernel)
+        .arg("--initrd")
+        .arg(&config.initrd)
+        .arg("--cpus")
+        .arg(vm.cpus.to_string())
+        .arg("--memory-mib")
+        .arg(vm.memory_mib.to_string())
+        .arg("--vsock")
+        .arg(vm.vsock)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|source| VmError::Spawn {
+            vmm: config.vmm.clone(),
+            source,
+        })
+}
+
+/// Whether `pid` is a live capsa-vmm serving `vsock` (and not a process
+/// that reused the PID after ours exited).
+pub fn is_our_vmm(pid: u32, vsock: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&cmdline);
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true);
+    !zombie && text.contains("capsa-vmm") && text.contains(&*vsock.to_string_lossy())
+}
+
+pub fn kill(pid: u32) {
+    // SAFETY: kill(2) with a PID and a signal number touches no memory.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+/// The last lines of the VM's console, for a failure report.
+pub fn console_tail(console: &Path) -> String {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_vmm_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("capsa-vm-process-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = VmConfig {
+            vmm: "/nonexistent/capsa-vmm".into(),
+            kernel: "/nonexistent/vmlinux".into(),
+            initrd: "/nonexistent/initrd".into(),
+        };
+        let vsock = dir.join("vsock");
+        let console = dir.join("console.log");
+        let err = spawn(
+            &config,
+            &VmSpec {
+                cpus: 1,
+                memory_mib: 64,
+                net: None,
+                disks: &[],
+                vsock: &vsock,
+                console: &console,
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/capsa-vmm"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_process_that_is_not_a_vmm_is_not_ours() {
+        assert!(!is_our_vmm(std::process::id(), Path::new("/run/x/vsock")));
+        assert!(!is_our_vmm(u32::MAX, Path::new("/run/x/vsock")));
+    }
+}
