@@ -540,8 +540,7 @@ impl Daemon {
             });
         }
         guest
-            .agent()
-            .setup_sandbox(ttrpc::context::with_timeout(60_000_000_000), &sandbox)
+            .setup_sandbox(&sandbox)
             .map_err(|e| internal(format!("setting up the sandbox: {e}")))?;
         *group.guest.lock().unwrap_or_else(|e| e.into_inner()) = Some(guest.clone());
         for container in &record.spec.containers {

@@ -59,7 +59,10 @@ fn main() -> Result<()> {
     for file in [&args.kernel, &args.initrd] {
         anyhow::ensure!(file.is_file(), "{} does not exist", file.display());
     }
-    let vmm = args.vmm.clone().unwrap_or_else(capsa_vm_process::default_vmm);
+    let vmm = args
+        .vmm
+        .clone()
+        .unwrap_or_else(capsa_vm_process::default_vmm);
     let images = capsa_image_store::ImageStore::open(&args.root.join("images"))
         .context("opening the image store")?;
     // Group state holds the groups' secrets: for root's eyes only.

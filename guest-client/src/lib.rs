@@ -45,6 +45,11 @@ pub enum GuestError {
 }
 
 impl GuestError {
+    /// Whether the agent answered that what was named does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(ttrpc::Code::NOT_FOUND)
+    }
+
     /// The ttrpc status code of a refused call.
     pub fn code(&self) -> Option<ttrpc::Code> {
         match self {
@@ -89,6 +94,17 @@ impl Streams {
             ..Default::default()
         }
     }
+}
+
+/// What the agent is told of a layer before its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerBlob<'a> {
+    /// "sha256:<hex>" of the bytes as sent.
+    pub digest: &'a str,
+    /// "sha256:<hex>" of the uncompressed tar.
+    pub diff_id: &'a str,
+    pub media_type: &'a str,
+    pub size: u64,
 }
 
 pub struct Guest {
@@ -143,15 +159,34 @@ impl Guest {
     }
 
     fn push_layer(&self, layer: &ImageLayer, parent: &str) -> Result<String, GuestError> {
+        let blob = LayerBlob {
+            digest: &layer.digest,
+            diff_id: &layer.diff_id,
+            media_type: &layer.media_type,
+            size: layer.size,
+        };
+        self.push_layer_from(&blob, parent, &layer.path, || image::open_layer(layer))
+    }
+
+    /// Sends one layer whose bytes `open` produces (they must hash to
+    /// `blob.digest`), unless the agent has its chain already; returns the
+    /// chain id. `source` names where the bytes come from, for errors.
+    pub fn push_layer_from<R: Read>(
+        &self,
+        blob: &LayerBlob,
+        parent: &str,
+        source: &Path,
+        open: impl FnOnce() -> std::io::Result<R>,
+    ) -> Result<String, GuestError> {
         let started = self
             .agent
             .start_layer(
                 timeout(CALL_TIMEOUT),
                 &StartLayerRequest {
-                    digest: layer.digest.clone(),
-                    diff_id: layer.diff_id.clone(),
-                    media_type: layer.media_type.clone(),
-                    size: layer.size,
+                    digest: blob.digest.to_string(),
+                    diff_id: blob.diff_id.to_string(),
+                    media_type: blob.media_type.to_string(),
+                    size: blob.size,
                     parent_chain_id: parent.to_string(),
                     ..Default::default()
                 },
@@ -160,24 +195,26 @@ impl Guest {
         if started.already_present {
             return Ok(started.chain_id);
         }
-        let file = image::open_layer(layer).map_err(|source| GuestError::Layer {
-            path: layer.path.clone(),
-            source,
-        })?;
         let upload = |upload_id| AbortLayerRequest {
             upload_id,
             ..Default::default()
         };
-        if let Err(e) = self.send_blob(started.upload_id, file) {
+        let sent = open()
+            .map_err(|source| GuestError::Layer {
+                path: PathBuf::new(),
+                source,
+            })
+            .and_then(|data| self.send_blob(started.upload_id, data));
+        if let Err(e) = sent {
             // Leaves nothing half done in the guest; the first error is the
             // one worth reporting.
             let _ = self
                 .agent
                 .abort_layer(timeout(CALL_TIMEOUT), &upload(started.upload_id));
             return Err(match e {
-                GuestError::Layer { source, .. } => GuestError::Layer {
-                    path: layer.path.clone(),
-                    source,
+                GuestError::Layer { source: err, .. } => GuestError::Layer {
+                    path: source.to_path_buf(),
+                    source: err,
                 },
                 other => other,
             });
@@ -379,6 +416,24 @@ impl Guest {
         self.agent
             .stats(timeout(CALL_TIMEOUT), &container(id))
             .map_err(call("Stats"))
+    }
+
+    /// Sets the sandbox up once, before its first container: hostname,
+    /// DNS, interfaces, volumes, clock.
+    pub fn setup_sandbox(&self, request: &SetupSandboxRequest) -> Result<(), GuestError> {
+        self.agent
+            .setup_sandbox(timeout(CALL_TIMEOUT), request)
+            .map_err(call("SetupSandbox"))?;
+        Ok(())
+    }
+
+    /// The containers the agent has, with their status and init PID.
+    pub fn containers(&self) -> Result<Vec<ContainerInfo>, GuestError> {
+        Ok(self
+            .agent
+            .list_containers(timeout(CALL_TIMEOUT), &Empty::default())
+            .map_err(call("ListContainers"))?
+            .containers)
     }
 
     pub fn delete(&self, id: &str) -> Result<(), GuestError> {
