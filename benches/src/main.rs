@@ -15,9 +15,13 @@
 //!
 //! `containers`: wall time of `capsa run --rm IMAGE true` next to runc and
 //! crun on the same rootfs, and a running group's memory on the host.
+//!
+//! `ctr`: wall time of `ctr run --rm IMAGE ID true` through containerd with
+//! the Capsa shim next to io.containerd.runc.v2, same image, same run.
 
 mod boot;
 mod containers;
+mod ctr;
 mod devices;
 mod network;
 mod process;
@@ -48,6 +52,9 @@ enum Bench {
     /// `capsa run --rm IMAGE true` next to runc and crun, and a group's
     /// memory on the host.
     Containers(containers::ContainersArgs),
+    /// `ctr run --rm IMAGE true` through containerd, per runtime (the
+    /// Capsa shim next to runc.v2).
+    Ctr(ctr::CtrArgs),
     /// TCP throughput into a group: published port, group address, and
     /// host loopback as the reference.
     Network(network::NetworkArgs),
@@ -61,6 +68,7 @@ fn main() -> Result<()> {
         Bench::Devices(args) => devices::run(&args),
         Bench::Unpack(args) => unpack::run(&args),
         Bench::Containers(args) => containers::run(&args),
+        Bench::Ctr(args) => ctr::run(&args),
         Bench::Network(args) => network::run(&args),
         Bench::Sink(args) => network::sink(&args),
     }
