@@ -1,0 +1,74 @@
+# Shell shared by the end-to-end checks and benchmarks; sourced, not run.
+#   need_packages PKG...            installs the Debian packages missing
+#   native_programs PAYLOAD PROG... copies host programs and their libraries
+#                                   into PAYLOAD/bin and PAYLOAD/lib, for a
+#                                   nested run to install where the loader
+#                                   looks (install_native in the payload):
+#                                   programs that re-execute /proc/self/exe
+#                                   (runc, containerd's shims) cannot run
+#                                   behind nested-add-program's wrapper
+#   run_payload PAYLOAD LOG SECS    runs PAYLOAD/run.sh in PAYLOAD, nested on
+#                                   a PVM host (scripts/nested-kvm.sh), its
+#                                   output in LOG
+#   section NAME / check NAME WHAT CMD... / exit_is NAME CODE / has NAME RE
+#                                   read a LOG of "=== BEGIN NAME" ...
+#                                   "=== END NAME exit=N" sections
+#   payload_json LOG OUT            copies the "=== JSON" block of LOG to OUT
+
+need_packages() {
+    local need=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+    done
+    if [ "${#need[@]}" -gt 0 ]; then
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+    fi
+}
+
+native_programs() {
+    local payload=$1 program lib; shift
+    mkdir -p "$payload/bin" "$payload/lib"
+    for program in "$@"; do
+        program=$(command -v "$program")
+        cp "$program" "$payload/bin/"
+        ldd "$program" | awk '$3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
+            cp -L "$lib" "$payload/lib/"
+        done
+    done
+}
+
+# The payload's half of native_programs, as shell text for its run script.
+install_native='mkdir -p /lib/x86_64-linux-gnu /lib64
+cp lib/* /lib/x86_64-linux-gnu/
+ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2'
+
+run_payload() {
+    local payload=$1 log=$2 secs=$3 scripts
+    scripts=$(dirname "${BASH_SOURCE[0]}")
+    if "$scripts/kvm-is-pvm.sh"; then
+        CAPSA_NESTED_TIMEOUT_SECS=$secs "$scripts/nested-kvm.sh" "$payload" "$log"
+    else
+        (cd "$payload" && timeout "$secs" sh ./run.sh) > "$log" 2>&1 || true
+    fi
+}
+
+section() { sed -n "/=== BEGIN $1\$/,/^=== END $1 /p" "$log"; }
+passed=0 failed=0
+check() {
+    local name=$1 what=$2; shift 2
+    if "$@"; then
+        passed=$((passed + 1)); echo "ok   $name: $what"
+    else
+        failed=$((failed + 1)); echo "FAIL $name: $what"; section "$name" | tail -30
+    fi
+}
+# grep reads all it is given (no -q): under pipefail, a reader quitting
+# early would fail the check by SIGPIPE to section's sed.
+exit_is() { section "$1" | grep "^=== END $1 exit=$2\$" > /dev/null; }
+has() { section "$1" | grep -- "$2" > /dev/null; }
+
+payload_json() {
+    mkdir -p "$(dirname "$2")"
+    sed -n '/^=== JSON$/,/^=== END JSON$/p' "$1" | sed '1d;$d' > "$2"
+}
