@@ -10,6 +10,7 @@
 #   - `ctr task exec` into a running task, with its output and exit code;
 #   - `ctr task ps` and `ctr task metrics` of a running task;
 #   - `ctr task kill` stops it, and `ctr task kill -s SIGKILL` with 137;
+#   - a task whose VM is killed under it stops with 137 and can be deleted;
 #   - a bad shim config and a missing kernel are clear errors;
 #   - nothing is left behind: no VMM, no sandbox directory, no mount.
 # The bench suite times `ctr run --rm IMAGE ID true` with the Capsa shim
@@ -148,9 +149,21 @@ bad_config() {
     c run --rm --runtime io.containerd.capsa.v2 --runtime-config-path "$T/bad.toml" "$image" bad true
     printf 'kernel = "/nonexistent/vmlinux"\ninitrd = "%s/initramfs.cpio"\n' "$here" > "$T/nokernel.toml"
     c run --rm --runtime io.containerd.capsa.v2 --runtime-config-path "$T/nokernel.toml" "$image" nokernel true
-    c container rm bad nokernel
 }
 step bad-config bad_config
+# The VM dies under a running task: the task exits 137 and can be deleted.
+vm_dies() {
+    capsa -d --null-io "$image" victim sleep 600 || return 1
+    for p in /proc/[0-9]*; do
+        tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep '^[^ ]*capsa-vmm ' > /dev/null && kill -9 "${p#/proc/}"
+    done
+    for i in $(seq 100); do c task ls | grep '^victim .*STOPPED' > /dev/null && break; sleep 0.1; done
+    c task ls
+    c task delete victim
+    echo "deleted=$?"
+    c container rm victim
+}
+step vm-dies vm_dies
 leftovers() {
     sleep 1
     for p in /proc/[0-9]*; do
@@ -197,6 +210,9 @@ check running "ctr task kill stops it" has running '^long .*STOPPED'
 check running "and it is deleted" exit_is running 0
 check killed "kill -s SIGKILL ends a task that ignores SIGTERM" exit_is killed 0
 check killed "with status 137" has killed 'exit code 137'
+check vm-dies "a task whose VM is killed stops" has vm-dies '^victim .*STOPPED'
+check vm-dies "with status 137, and is deleted" has vm-dies 'exit code 137'
+check vm-dies "and removed" exit_is vm-dies 0
 check bad-config "a misspelt shim config key is named" has bad-config 'unknown field `kernal`'
 check bad-config "a missing guest kernel is named" has bad-config '/nonexistent/vmlinux does not exist'
 no_leftovers() { has leftovers '^leftovers-checked$' && ! has leftovers '^left: '; }

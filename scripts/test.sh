@@ -32,3 +32,5 @@ scripts/device-check.sh "$kernel" "${CAPSA_DEVICE_CHECK_BULK:-1073741824}"
 # create/start/delete cycles checked for leftovers.
 scripts/daemon-check.sh "$kernel" "$initrd" main
 scripts/daemon-check.sh "$kernel" "$initrd" cycles
+# containerd with the Capsa shim, end to end (nested on a PVM host).
+scripts/shim-check.sh "$kernel" "$initrd" check

@@ -118,6 +118,12 @@ impl Sandbox {
         self.vmm_pid
     }
 
+    /// Whether the VMM still runs (a guest that crashed, or a VMM that was
+    /// killed, takes every container with it).
+    pub fn is_alive(&self) -> bool {
+        vm::is_our_vmm(self.vmm_pid, &self.dir.join("vsock"))
+    }
+
     /// Stops the containers (SIGTERM, then SIGKILL after the grace), powers
     /// the VM off, and removes the sandbox's files.
     pub fn shutdown(&self) {

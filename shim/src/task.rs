@@ -645,7 +645,8 @@ impl containerd_shim::Task for TaskService {
             let sandbox = self.running_sandbox()?;
             // Kills whatever still runs in it and removes it in the guest.
             if let Err(e) = sandbox.guest().delete(&req.id) {
-                if !e.is_not_found() {
+                // With the VM gone, so is the container.
+                if !e.is_not_found() && sandbox.is_alive() {
                     return Err(guest_status("deleting the container", e));
                 }
             }
