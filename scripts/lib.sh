@@ -10,7 +10,8 @@
 #   run_payload PAYLOAD LOG SECS    runs PAYLOAD/run.sh in PAYLOAD, nested on
 #                                   a PVM host (scripts/nested-kvm.sh), its
 #                                   output in LOG
-#   section NAME / check NAME WHAT CMD... / exit_is NAME CODE / has NAME RE
+#   section NAME / check NAME WHAT CMD... / exit_is NAME CODE / has NAME RE /
+#   not_has NAME RE
 #                                   read a LOG of "=== BEGIN NAME" ...
 #                                   "=== END NAME exit=N" sections
 #   payload_json LOG OUT            copies the "=== JSON" block of LOG to OUT
@@ -67,6 +68,7 @@ check() {
 # early would fail the check by SIGPIPE to section's sed.
 exit_is() { section "$1" | grep "^=== END $1 exit=$2\$" > /dev/null; }
 has() { section "$1" | grep -- "$2" > /dev/null; }
+not_has() { ! has "$@"; }
 
 payload_json() {
     mkdir -p "$(dirname "$2")"

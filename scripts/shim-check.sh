@@ -9,8 +9,11 @@
 #   - `ctr run -t` runs on a terminal of the size ctr's own has;
 #   - `ctr task exec` into a running task, with its output and exit code;
 #   - `ctr task ps` and `ctr task metrics` of a running task;
+#   - two containers with one io.kubernetes.cri.sandbox-id share one VM;
 #   - `ctr task kill` stops it, and `ctr task kill -s SIGKILL` with 137;
 #   - a task whose VM is killed under it stops with 137 and can be deleted;
+#   - a container over its memory limit is OOM-killed, with status 137 and
+#     an OOM event; containerd sees every kind of task event;
 #   - a bad shim config and a missing kernel are clear errors;
 #   - nothing is left behind: no VMM, no sandbox directory, no mount.
 # The bench suite times `ctr run --rm IMAGE ID true` with the Capsa shim
@@ -25,7 +28,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/scripts/lib.sh"
 kernel=$1 initrd=$2 suite=${3:-check} runs=${4:-10}
 case "$suite" in
-    check) log_name=shim-check timeout=900 ;;
+    check) log_name=shim-check timeout=480 ;;
     bench) log_name=bench-ctr timeout=1800 ;;
     *) echo "shim-check: unknown suite $suite (check or bench)" >&2; exit 2 ;;
 esac
@@ -109,6 +112,8 @@ if [ "$suite" = bench ]; then
     exit 0
 fi
 
+c events > "$T/events.log" 2>&1 &
+events_pid=$!
 step hello capsa --rm "$image" hello echo hello < /dev/null
 step exit-code capsa --rm "$image" failing sh -c 'echo failing; exit 7' < /dev/null
 kernels() {
@@ -135,6 +140,27 @@ running() {
     c container rm long
 }
 step running running
+# Two containers of one pod (CRI's sandbox-id annotation): one VM.
+vmms() {
+    n=0
+    for p in /proc/[0-9]*; do
+        tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep '^[^ ]*capsa-vmm ' > /dev/null && n=$((n + 1))
+    done
+    echo "$n"
+}
+pod() {
+    pod="--annotation io.kubernetes.cri.sandbox-id=pod1"
+    capsa -d --null-io $pod "$image" pod1 sh -c 'trap "exit 0" TERM; while :; do sleep 1; done' || return 1
+    echo "first: $(c task exec --exec-id b1 pod1 cat /proc/sys/kernel/random/boot_id < /dev/null)"
+    echo "member: $(capsa --rm $pod "$image" member cat /proc/sys/kernel/random/boot_id < /dev/null)"
+    echo "vmms=$(vmms)"
+    c task ls
+    c task kill pod1
+    for i in $(seq 100); do c task ls | grep '^pod1 .*STOPPED' > /dev/null && break; sleep 0.1; done
+    c task delete pod1
+    c container rm pod1
+}
+step pod pod
 killed() {
     capsa -d --null-io "$image" doomed sh -c 'trap "" TERM; sleep 600' || return 1
     c task kill -s SIGKILL doomed
@@ -151,6 +177,10 @@ bad_config() {
     c run --rm --runtime io.containerd.capsa.v2 --runtime-config-path "$T/nokernel.toml" "$image" nokernel true
 }
 step bad-config bad_config
+# Bounded at three times the limit, so that a limit not applied ends too.
+step oom capsa --rm --memory-limit 16777216 "$image" oom \
+    sh -c "x=\$(head -c 50331648 /dev/zero | tr '\\0' a); echo survived" < /dev/null
+step events sh -c "kill $events_pid; cat $T/events.log"
 # The VM dies under a running task: the task exits 137 and can be deleted.
 vm_dies() {
     capsa -d --null-io "$image" victim sleep 600 || return 1
@@ -208,14 +238,27 @@ check running "ctr task ps lists its processes" has running '^PID'
 check running "ctr task metrics reads its cgroup" has running 'memory\.usage_in_bytes\|memory.usage\|pids.current\|^METRIC'
 check running "ctr task kill stops it" has running '^long .*STOPPED'
 check running "and it is deleted" exit_is running 0
+same_vm() {
+    local first member
+    first=$(section pod | sed -n 's/^first: //p') member=$(section pod | sed -n 's/^member: //p')
+    [ -n "$first" ] && [ "$first" = "$member" ]
+}
+check pod "a pod's second container runs in the first one's VM (same boot id)" same_vm
+check pod "one VMM for the pod" has pod '^vmms=1$'
+check pod "and the pod ends cleanly" exit_is pod 0
 check killed "kill -s SIGKILL ends a task that ignores SIGTERM" exit_is killed 0
 check killed "with status 137" has killed 'exit code 137'
 check vm-dies "a task whose VM is killed stops" has vm-dies '^victim .*STOPPED'
 check vm-dies "with status 137, and is deleted" has vm-dies 'exit code 137'
 check vm-dies "and removed" exit_is vm-dies 0
+check oom "a container over its memory limit is killed, status 137" exit_is oom 137
+check oom "and does not survive" not_has oom '^survived'
+for topic in create start exec-added exec-started exit delete oom; do
+    check events "containerd got /tasks/$topic events from the shim" has events " /tasks/$topic "
+done
 check bad-config "a misspelt shim config key is named" has bad-config 'unknown field `kernal`'
 check bad-config "a missing guest kernel is named" has bad-config '/nonexistent/vmlinux does not exist'
-no_leftovers() { has leftovers '^leftovers-checked$' && ! has leftovers '^left: '; }
+no_leftovers() { has leftovers "^leftovers-checked$" && not_has leftovers "^left: "; }
 check leftovers "no VMM, shim, sandbox directory or mount is left behind" no_leftovers
 echo "shim-check: $passed passed, $failed failed"
 [ "$failed" = 0 ]
