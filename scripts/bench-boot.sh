@@ -9,6 +9,7 @@
 #   scripts/bench-boot.sh [RUNS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 runs=${1:-10}
 { read -r kernel; read -r initrd; } < <("$root/scripts/setup.sh")
 dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "install ok installed" ||
@@ -43,7 +44,7 @@ RUN
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested/bench-boot.log"
 "$root/scripts/nested-kvm.sh" "$payload" "$log"
 sed -n '/^boot to ready line/,/^results written/p' "$log"
-sed -n '/^=== JSON$/,/^=== END JSON$/p' "$log" | sed '1d;$d' > "$json"
+payload_json "$log" "$json"
 if ! grep -q '"benchmark": "boot"' "$json"; then
     echo "bench-boot: no results; outer console in $log" >&2
     tail -30 "$log" >&2

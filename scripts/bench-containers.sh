@@ -8,6 +8,7 @@
 #   scripts/bench-containers.sh [RUNS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 runs=${1:-20}
 { read -r kernel; read -r initrd; } < <("$root/scripts/setup.sh")
 for p in runc crun; do
@@ -78,5 +79,5 @@ else
 fi
 sed -n '/^starting a container/,/^a running group/p' "$log"
 mkdir -p "$root/target/capsa"
-sed -n '/^=== JSON$/,/^=== END JSON$/p' "$log" | sed '1d;$d' > "$root/target/capsa/bench-containers.json"
+payload_json "$log" "$root/target/capsa/bench-containers.json"
 echo "results written to target/capsa/bench-containers.json"

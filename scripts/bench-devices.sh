@@ -11,6 +11,7 @@
 #   scripts/bench-devices.sh [RUNS] [VSOCK_MIB] [DISK_MIB] [RANDOM_READS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 runs=${1:-3} vsock_mib=${2:-256} disk_mib=${3:-256} reads=${4:-20000}
 { read -r kernel; read -r _; } < <("$root/scripts/setup.sh")
 bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-io-probe capsa-benches)
@@ -42,7 +43,7 @@ RUN
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested/bench-devices.log"
 CAPSA_NESTED_TIMEOUT_SECS=3600 "$root/scripts/nested-kvm.sh" "$payload" "$log"
 sed -n '/^virtio devices/,/^results written/p' "$log"
-sed -n '/^=== JSON$/,/^=== END JSON$/p' "$log" | sed '1d;$d' > "$json"
+payload_json "$log" "$json"
 if ! grep -q '"benchmark": "devices"' "$json"; then
     echo "bench-devices: no results; outer console in $log" >&2
     tail -30 "$log" >&2

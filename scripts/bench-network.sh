@@ -10,6 +10,7 @@
 #   scripts/bench-network.sh [MIB_PER_RUN] [RUNS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 mib=${1:-32} runs=${2:-5}
 { read -r kernel; read -r initrd; } < <("$root/scripts/setup.sh")
 bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-daemon capsa-cli capsa-benches)
@@ -64,5 +65,5 @@ else
 fi
 sed -n '/^TCP throughput/,/^results written/p' "$log"
 mkdir -p "$root/target/capsa"
-sed -n '/^=== JSON$/,/^=== END JSON$/p' "$log" | sed '1d;$d' > "$root/target/capsa/bench-network.json"
+payload_json "$log" "$root/target/capsa/bench-network.json"
 echo "results written to target/capsa/bench-network.json"

@@ -13,6 +13,7 @@
 #   scripts/boot-check-nested.sh KERNEL INITRD
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 kernel=$1 initrd=$2
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested/boot-check.log"
 # The container scenarios add a few minutes under emulation; a run that
@@ -76,17 +77,6 @@ RUN
 "$root/scripts/nested-kvm.sh" "$payload" "$log"
 
 # QEMU's firmware leaves terminal escapes before the first line: no ^ on BEGIN.
-section() { sed -n "/=== BEGIN $1\$/,/^=== END $1 /p" "$log"; }
-passed=0 failed=0
-check() {
-    local name=$1 what=$2; shift 2
-    if "$@"; then
-        passed=$((passed + 1)); echo "ok   $name: $what"
-    else
-        failed=$((failed + 1)); echo "FAIL $name: $what"; section "$name" | tail -40
-    fi
-}
-exit_is() { section "$1" | grep "^=== END $1 exit=$2\$" > /dev/null; }
 ready_cpus() { section "$1" | grep "^CAPSA_READY {\"cpus\":$2," > /dev/null; }
 mem_ok() {
     local kib

@@ -31,6 +31,7 @@
 #   scripts/daemon-check.sh KERNEL INITRD [main|cycles]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 kernel=$1 initrd=$2 suite=${3:-main}
 case "$suite" in
     main) log_name=daemon-check timeout=900 ;;
@@ -294,20 +295,6 @@ else
     timeout "$timeout" sh "$payload/check.sh" > "$log" 2>&1 || true
 fi
 
-section() { sed -n "/=== BEGIN $1\$/,/^=== END $1 /p" "$log"; }
-passed=0 failed=0
-check() {
-    local name=$1 what=$2; shift 2
-    if "$@"; then
-        passed=$((passed + 1)); echo "ok   $name: $what"
-    else
-        failed=$((failed + 1)); echo "FAIL $name: $what"; section "$name" | tail -30
-    fi
-}
-# grep reads all it is given (no -q): under pipefail, a reader quitting
-# early would fail the check by SIGPIPE to section's sed.
-exit_is() { section "$1" | grep "^=== END $1 exit=$2\$" > /dev/null; }
-has() { section "$1" | grep -- "$2" > /dev/null; }
 if [ "$suite" = cycles ]; then
     check import "a busybox OCI layout imports" exit_is import 0
     check cycles "50 create/start/delete cycles, a port published each time, all ran" has cycles '^failed-cycles=0$'
