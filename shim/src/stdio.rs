@@ -12,6 +12,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long `release` tries to free a stdin copier.
+const RELEASE_PATIENCE: Duration = Duration::from_secs(2);
 
 use capsa_guest_client::{Guest, GuestError, Streams};
 use capsa_protocol::stdio::StreamKind;
@@ -54,26 +58,41 @@ impl Copies {
         fifos: &Fifos,
     ) -> Result<Self, GuestError> {
         let streams = fifos.streams();
-        let mut copies = Copies::default();
+        let mut outputs = Vec::new();
         for (wanted, kind, fifo) in [
             (streams.stdout, StreamKind::Stdout, &fifos.stdout),
             (streams.stderr, StreamKind::Stderr, &fifos.stderr),
         ] {
             if wanted {
-                let stream = guest.attach(id, exec_id, kind)?;
-                let fifo = PathBuf::from(fifo);
-                copies.outputs.push(std::thread::spawn(move || {
-                    if let Err(e) = copy_out(stream, &fifo) {
-                        log::warn!("copying output to {}: {e}", fifo.display());
-                    }
-                }));
+                outputs.push((guest.attach(id, exec_id, kind)?, PathBuf::from(fifo)));
             }
         }
-        if streams.stdin {
+        let stdin = if streams.stdin {
             let stream = guest.attach(id, exec_id, StreamKind::Stdin)?;
-            let slot = Arc::new(Mutex::new(Some(stream.try_clone().map_err(attach_io)?)));
+            Some((stream, PathBuf::from(&fifos.stdin)))
+        } else {
+            None
+        };
+        Self::copy(outputs, stdin).map_err(attach_io)
+    }
+
+    /// Copies each output stream into its FIFO, and the stdin FIFO into
+    /// its stream.
+    fn copy(
+        outputs: Vec<(UnixStream, PathBuf)>,
+        stdin: Option<(UnixStream, PathBuf)>,
+    ) -> io::Result<Self> {
+        let mut copies = Copies::default();
+        for (stream, fifo) in outputs {
+            copies.outputs.push(std::thread::spawn(move || {
+                if let Err(e) = copy_out(stream, &fifo) {
+                    log::warn!("copying output to {}: {e}", fifo.display());
+                }
+            }));
+        }
+        if let Some((stream, fifo)) = stdin {
+            let slot = Arc::new(Mutex::new(Some(stream.try_clone()?)));
             copies.stdin = Some(slot.clone());
-            let fifo = PathBuf::from(&fifos.stdin);
             copies.stdin_fifo = fifo.clone();
             copies.stdin_copy = Some(std::thread::spawn(move || {
                 if let Err(e) = copy_in(&fifo, stream) {
@@ -97,14 +116,19 @@ impl Copies {
     /// gone, it has nobody to feed.
     pub fn release(&self) {
         self.close_stdin();
-        let waiting = self.stdin_copy.as_ref().is_some_and(|c| !c.is_finished());
-        if waiting {
-            // Opening the writing end completes the copier's open; closing
-            // it again gives the copier its end of file.
+        let Some(copy) = &self.stdin_copy else {
+            return;
+        };
+        // Opening the writing end completes the copier's open; closing it
+        // again gives the copier its end of file. Until the copier is in
+        // its open, there is no reader and the open fails: try again.
+        let deadline = Instant::now() + RELEASE_PATIENCE;
+        while !copy.is_finished() && Instant::now() < deadline {
             let _ = OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_NONBLOCK)
                 .open(&self.stdin_fifo);
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -139,4 +163,83 @@ fn copy_in(fifo: &Path, mut stream: UnixStream) -> io::Result<()> {
     // Blocks until containerd's client opens its writing end.
     let mut input = File::open(fifo)?;
     io::copy(&mut input, &mut stream).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn fifo(dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        path
+    }
+
+    fn read_all_within(mut stream: UnixStream, limit: Duration) -> Vec<u8> {
+        stream.set_read_timeout(Some(limit)).unwrap();
+        let mut all = Vec::new();
+        stream
+            .read_to_end(&mut all)
+            .expect("the stream ended in time");
+        all
+    }
+
+    #[test]
+    fn output_reaches_the_fifo_before_finish_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path(), "stdout");
+        // containerd's side: the reader is open before the copy starts.
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let (guest_end, shim_end) = UnixStream::pair().unwrap();
+        let mut copies = Copies::copy(vec![(shim_end, path)], None).unwrap();
+        let mut guest_end = guest_end;
+        guest_end.write_all(b"hello\n").unwrap();
+        drop(guest_end);
+        copies.finish_output();
+        let mut out = String::new();
+        reader.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "hello\n");
+    }
+
+    #[test]
+    fn stdin_is_copied_until_its_writer_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path(), "stdin");
+        let (guest_end, shim_end) = UnixStream::pair().unwrap();
+        let _copies = Copies::copy(vec![], Some((shim_end, path.clone()))).unwrap();
+        let mut writer = OpenOptions::new().write(true).open(&path).unwrap();
+        writer.write_all(b"typed").unwrap();
+        drop(writer);
+        assert_eq!(
+            read_all_within(guest_end, Duration::from_secs(10)),
+            b"typed"
+        );
+    }
+
+    #[test]
+    fn close_io_ends_stdin_while_the_writer_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path(), "stdin");
+        let (guest_end, shim_end) = UnixStream::pair().unwrap();
+        let copies = Copies::copy(vec![], Some((shim_end, path.clone()))).unwrap();
+        let _writer = OpenOptions::new().write(true).open(&path).unwrap();
+        copies.close_stdin();
+        assert_eq!(read_all_within(guest_end, Duration::from_secs(10)), b"");
+    }
+
+    #[test]
+    fn release_frees_a_copier_whose_fifo_never_got_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path(), "stdin");
+        let (guest_end, shim_end) = UnixStream::pair().unwrap();
+        let copies = Copies::copy(vec![], Some((shim_end, path))).unwrap();
+        copies.release();
+        assert_eq!(read_all_within(guest_end, Duration::from_secs(10)), b"");
+        assert!(copies.stdin_copy.as_ref().unwrap().is_finished());
+    }
 }
