@@ -77,6 +77,18 @@ impl Process {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Ends a process deleted before it was started, so that whoever
+    /// waits for it is answered (as for a kill).
+    fn never_started(&self) {
+        let mut state = self.lock();
+        if state.status == Status::Created {
+            state.status = Status::Stopped;
+            state.exit_status = 128 + libc::SIGKILL as u32;
+            state.exited_at = Some(now());
+            self.exited.notify_all();
+        }
+    }
+
     /// The id containerd knows this process by in events.
     fn event_id(&self) -> &str {
         if self.exec_id.is_empty() {
@@ -654,8 +666,10 @@ impl containerd_shim::Task for TaskService {
                 rootfs::unmount(&container.bundle.join("rootfs"));
                 for exec in container.execs.values() {
                     exec.lock().copies.release();
+                    exec.never_started();
                 }
             }
+            process.never_started();
         } else {
             if process.lock().status == Status::Running {
                 return Err(status(
@@ -666,6 +680,7 @@ impl containerd_shim::Task for TaskService {
             if let Some(container) = self.containers().get_mut(&req.id) {
                 container.execs.remove(&req.exec_id);
             }
+            process.never_started();
         }
         let state = process.lock();
         state.copies.release();
