@@ -6,6 +6,8 @@
 #     prints hello;
 #   - an exit code passes through `ctr run`;
 #   - the container's /proc/version is the guest kernel's, not the host's;
+#   - a bind-mounted host file arrives as a copy, a host directory is left
+#     out with a warning;
 #   - `ctr run -t` runs on a terminal of the size ctr's own has;
 #   - `ctr task exec` into a running task, with its output and exit code;
 #   - `ctr task ps` and `ctr task metrics` of a running task;
@@ -121,6 +123,15 @@ kernels() {
     echo "outer: $(cat /proc/version)"
 }
 step kernel kernels
+# A bound host file travels with the rootfs; a bound directory cannot.
+binds() {
+    printf '10.1.2.3 pod-peer\n' > "$T/hosts"
+    capsa --rm --mount "type=bind,src=$T/hosts,dst=/etc/hosts,options=rbind:ro" \
+        --mount "type=bind,src=$T,dst=/hostdir,options=rbind" "$image" binds \
+        sh -c 'cat /etc/hosts; test -e /hostdir || echo no-hostdir' < /dev/null
+    grep -e 'copied into the root filesystem' -e 'left out the bind mount' "$T/containerd.log"
+}
+step binds binds
 # ctr -t needs a terminal of its own: script(1) gives it one, 30x100.
 step tty script -q -e -c "stty rows 30 cols 100; ctr --address $T/containerd.sock run --rm -t \
     --runtime io.containerd.capsa.v2 --runtime-config-path $T/shim.toml $image tty \
@@ -228,6 +239,10 @@ check exit-code "with its output" has exit-code '^failing$'
 check kernel "the container's /proc/version is the guest kernel's" has kernel "^$guest_kernel"
 outer_differs() { ! section kernel | grep '^outer: ' | grep -F -- "$guest_kernel" > /dev/null; }
 check kernel "not the host's" outer_differs
+check binds "a bind-mounted host file is in the container" has binds '^10.1.2.3 pod-peer$'
+check binds "said to be a copy in containerd's log" has binds 'hosts is copied into the root filesystem at /etc/hosts'
+check binds "a bound host directory is left out, and the log says so" has binds 'left out the bind mount of host directory'
+check binds "the container still runs" has binds '^no-hostdir$'
 check tty "ctr run -t: stdin is a terminal" has tty 'stdin-is-a-terminal'
 check tty "of ctr's terminal's size" has tty '30 100'
 check tty "and the exit code passes through" exit_is tty 3

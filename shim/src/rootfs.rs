@@ -65,15 +65,33 @@ pub fn unmount(target: &Path) {
     let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
 }
 
-/// Sends the tree at `root` as a base layer; returns its chain id.
-pub fn send(guest: &Guest, root: &Path) -> Result<(String, Sent), RootfsError> {
+/// A host file delivered inside the root filesystem at `destination`
+/// (a bind mount of a file, such as CRI's /etc/hosts, which cannot be
+/// mounted across the VM boundary). A copy: later changes on the host are
+/// not seen.
+#[derive(Debug, Clone)]
+pub struct FileCopy {
+    pub source: PathBuf,
+    pub destination: PathBuf,
+}
+
+/// Host files larger than this are not copied into a root filesystem.
+pub const MAX_FILE_COPY: u64 = 1 << 20;
+
+/// Sends the tree at `root`, with `copies` added, as a base layer; returns
+/// its chain id.
+pub fn send(
+    guest: &Guest,
+    root: &Path,
+    copies: &[FileCopy],
+) -> Result<(String, Sent), RootfsError> {
     let started = Instant::now();
     let pack_error = |source| RootfsError::Pack {
         root: root.to_path_buf(),
         source,
     };
     let mut counter = HashingWriter::default();
-    pack(root, &mut counter).map_err(pack_error)?;
+    pack(root, copies, &mut counter).map_err(pack_error)?;
     let digest = format!("sha256:{}", hex::encode(counter.hasher.finalize()));
     let blob = LayerBlob {
         digest: &digest,
@@ -85,7 +103,7 @@ pub fn send(guest: &Guest, root: &Path) -> Result<(String, Sent), RootfsError> {
         let (reader, writer) = io::pipe()?;
         let packer = scope.spawn(move || {
             let mut writer = writer;
-            pack(root, &mut writer)
+            pack(root, copies, &mut writer)
         });
         let pushed = guest.push_layer_from(&blob, "", root, || Ok(reader));
         let packed = packer
@@ -128,9 +146,11 @@ impl Write for HashingWriter {
 /// Writes the tree at `root` as a tar, a directory's entries in name
 /// order before those of its subdirectories (parents first; and two
 /// passes over an unchanged tree give the same bytes), symlinks as
-/// symlinks, owners, modes and times kept. Sockets cannot be archived and
+/// symlinks, owners, modes and times kept; then `copies`, which replace
+/// what the tree has at their destinations (a layer's later entry wins),
+/// with any missing parent directories. Sockets cannot be archived and
 /// mean nothing in a new VM; they are left out.
-pub fn pack(root: &Path, out: impl Write) -> io::Result<()> {
+pub fn pack(root: &Path, copies: &[FileCopy], out: impl Write) -> io::Result<()> {
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
@@ -156,6 +176,31 @@ pub fn pack(root: &Path, out: impl Write) -> io::Result<()> {
         }
         // Pop takes the last: pushed reversed, subdirectories go in name order.
         pending.extend(subdirs.into_iter().rev());
+    }
+    for copy in copies {
+        let relative = copy
+            .destination
+            .strip_prefix("/")
+            .unwrap_or(&copy.destination);
+        if relative.as_os_str().is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot copy {} onto /", copy.source.display()),
+            ));
+        }
+        let ancestors: Vec<&Path> = relative.ancestors().skip(1).collect();
+        for dir in ancestors.into_iter().rev() {
+            if dir.as_os_str().is_empty() || root.join(dir).is_dir() {
+                continue;
+            }
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o755);
+            header.set_size(0);
+            builder.append_data(&mut header, dir, io::empty())?;
+        }
+        let mut file = fs::File::open(&copy.source)?;
+        builder.append_file(relative, &mut file)?;
     }
     builder.into_inner()?.flush()
 }
@@ -196,9 +241,9 @@ mod tests {
         let _socket = std::os::unix::net::UnixListener::bind(root.join("etc/agent.sock")).unwrap();
 
         let mut first = Vec::new();
-        pack(root, &mut first).unwrap();
+        pack(root, &[], &mut first).unwrap();
         let mut second = Vec::new();
-        pack(root, &mut second).unwrap();
+        pack(root, &[], &mut second).unwrap();
         assert_eq!(first, second);
 
         let names: Vec<_> = entries(&first)
@@ -220,8 +265,66 @@ mod tests {
     }
 
     #[test]
+    fn copied_files_come_last_with_their_missing_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("rootfs");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/hosts"), b"from the image\n").unwrap();
+        let hosts = dir.path().join("hosts");
+        fs::write(&hosts, b"10.0.0.2 pod\n").unwrap();
+        let copies = [
+            FileCopy {
+                source: hosts.clone(),
+                destination: "/etc/hosts".into(),
+            },
+            FileCopy {
+                source: hosts,
+                destination: "/run/secrets/token".into(),
+            },
+        ];
+        let mut bytes = Vec::new();
+        pack(&root, &copies, &mut bytes).unwrap();
+        let names: Vec<_> = entries(&bytes)
+            .into_iter()
+            .map(|(name, kind, _)| format!("{name} {kind:?}"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "etc Directory",
+                "etc/hosts Regular",
+                "etc/hosts Regular",
+                "run Directory",
+                "run/secrets Directory",
+                "run/secrets/token Regular",
+            ]
+        );
+        let mut archive = tar::Archive::new(&bytes[..]);
+        let mut last_hosts = String::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.path().unwrap() == Path::new("etc/hosts") {
+                last_hosts.clear();
+                io::Read::read_to_string(&mut entry, &mut last_hosts).unwrap();
+            }
+        }
+        assert_eq!(last_hosts, "10.0.0.2 pod\n");
+    }
+
+    #[test]
+    fn a_missing_copy_source_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let copies = [FileCopy {
+            source: "/nonexistent/hosts".into(),
+            destination: "/etc/hosts".into(),
+        }];
+        let err = pack(dir.path(), &copies, io::sink()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
     fn an_unreadable_root_is_an_error() {
-        let err = pack(Path::new("/nonexistent/rootfs"), io::sink()).unwrap_err();
+        let err = pack(Path::new("/nonexistent/rootfs"), &[], io::sink()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 }

@@ -1,13 +1,33 @@
 //! containerd's OCI runtime spec, made to fit inside the sandbox's VM.
-//! What names host resources (namespace paths, bind mounts of host files,
-//! hooks that would run host binaries) means nothing in the guest; it is
-//! left out, and each omission is reported so the log says why.
+//! What names host resources (namespace paths, bind mounts of host paths,
+//! hooks that would run host binaries) means nothing in the guest. Bind
+//! mounts are handed back to the caller (a small host file can travel
+//! with the root filesystem); the rest is left out, and each omission is
+//! reported so the log says why.
+
+use std::path::PathBuf;
 
 use oci_spec::runtime::{LinuxNamespaceBuilder, Spec};
 
-/// Adapts `spec` in place; returns what was left out, for the log.
-pub fn for_guest(spec: &mut Spec) -> Vec<String> {
+/// A bind mount taken out of the spec: host `source` on `destination`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub destination: PathBuf,
+}
+
+/// What `for_guest` took out of a spec.
+#[derive(Debug, Default)]
+pub struct Removed {
+    /// For the log: what is gone for good.
+    pub dropped: Vec<String>,
+    pub binds: Vec<Bind>,
+}
+
+/// Adapts `spec` in place; returns what it took out.
+pub fn for_guest(spec: &mut Spec) -> Removed {
     let mut dropped = Vec::new();
+    let mut binds = Vec::new();
     if spec.hooks().is_some() {
         spec.set_hooks(None);
         dropped.push("hooks (they name host binaries)".to_string());
@@ -37,20 +57,15 @@ pub fn for_guest(spec: &mut Spec) -> Vec<String> {
             let bind = mount.typ().as_deref() == Some("bind")
                 || options.iter().any(|o| o == "bind" || o == "rbind");
             if bind {
-                dropped.push(format!(
-                    "the bind mount of host path {} on {}",
-                    mount
-                        .source()
-                        .as_ref()
-                        .map(|s| s.display().to_string())
-                        .unwrap_or_default(),
-                    mount.destination().display()
-                ));
+                binds.push(Bind {
+                    source: mount.source().clone().unwrap_or_default(),
+                    destination: mount.destination().clone(),
+                });
             }
             !bind
         });
     }
-    dropped
+    Removed { dropped, binds }
 }
 
 #[cfg(test)]
@@ -79,8 +94,22 @@ mod tests {
     #[test]
     fn host_resources_are_left_out_and_reported() {
         let mut spec: Spec = serde_json::from_str(CONTAINERD_SPEC).unwrap();
-        let dropped = for_guest(&mut spec);
-        assert_eq!(dropped.len(), 5, "{dropped:#?}");
+        let removed = for_guest(&mut spec);
+        let dropped = removed.dropped;
+        assert_eq!(dropped.len(), 3, "{dropped:#?}");
+        assert_eq!(
+            removed.binds,
+            [
+                Bind {
+                    source: "/var/lib/x/hosts".into(),
+                    destination: "/etc/hosts".into()
+                },
+                Bind {
+                    source: "/srv/data".into(),
+                    destination: "/data".into()
+                }
+            ]
+        );
         assert!(spec.hooks().is_none());
         let mounts: Vec<_> = spec
             .mounts()
@@ -102,7 +131,8 @@ mod tests {
     fn a_plain_spec_is_left_alone() {
         let mut spec = Spec::default();
         let before = serde_json::to_string(&spec).unwrap();
-        assert!(for_guest(&mut spec).is_empty());
+        let removed = for_guest(&mut spec);
+        assert!(removed.dropped.is_empty() && removed.binds.is_empty());
         assert_eq!(serde_json::to_string(&spec).unwrap(), before);
     }
 }

@@ -216,9 +216,11 @@ impl TaskService {
                 format!("reading the bundle's config.json: {e}"),
             )
         })?;
-        for dropped in spec::for_guest(&mut spec) {
+        let removed = spec::for_guest(&mut spec);
+        for dropped in &removed.dropped {
             log::warn!("task {}: left out {dropped}", req.id);
         }
+        let copies = file_copies(&req.id, removed.binds);
         let config = ShimConfig::for_options(req.options.as_ref())
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let hostname = spec.hostname().clone().unwrap_or_default();
@@ -228,7 +230,7 @@ impl TaskService {
         let target = bundle.join("rootfs");
         let mounted = rootfs::mount(&req.rootfs, &target)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let sent = rootfs::send(guest, &target);
+        let sent = rootfs::send(guest, &target, &copies);
         if mounted {
             rootfs::unmount(&target);
         }
@@ -347,6 +349,48 @@ fn publish(
     if let Err(e) = publisher.publish(Context::default(), topic, namespace, event) {
         log::warn!("publishing {topic}: {e}");
     }
+}
+
+/// The bind mounts that can travel with the root filesystem: host files
+/// up to rootfs::MAX_FILE_COPY (CRI's /etc/hosts, /etc/resolv.conf,
+/// /etc/hostname). Directories and larger files cannot; they are logged.
+fn file_copies(id: &str, binds: Vec<spec::Bind>) -> Vec<rootfs::FileCopy> {
+    binds
+        .into_iter()
+        .filter_map(|bind| {
+            match std::fs::metadata(&bind.source) {
+                Ok(meta) if meta.is_file() && meta.len() <= rootfs::MAX_FILE_COPY => {
+                    log::info!(
+                        "task {id}: {} is copied into the root filesystem at {} (a copy, not a live bind)",
+                        bind.source.display(),
+                        bind.destination.display()
+                    );
+                    return Some(rootfs::FileCopy {
+                        source: bind.source,
+                        destination: bind.destination,
+                    });
+                }
+                Ok(meta) if meta.is_file() => log::warn!(
+                    "task {id}: left out the bind mount of {} on {}: {} bytes is over the {} bytes a copy may have",
+                    bind.source.display(),
+                    bind.destination.display(),
+                    meta.len(),
+                    rootfs::MAX_FILE_COPY
+                ),
+                Ok(_) => log::warn!(
+                    "task {id}: left out the bind mount of host directory {} on {} (host directories cannot be shared with the VM yet)",
+                    bind.source.display(),
+                    bind.destination.display()
+                ),
+                Err(e) => log::warn!(
+                    "task {id}: left out the bind mount of {} on {}: {e}",
+                    bind.source.display(),
+                    bind.destination.display()
+                ),
+            }
+            None
+        })
+        .collect()
 }
 
 fn bundle_of(path: &Path) -> String {
