@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::path::Path;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -103,17 +104,7 @@ impl Containers {
         capsa_runtime::validate_id(id).map_err(ApiError::from_runtime)?;
         let mut spec: Spec = serde_json::from_slice(spec_json)
             .map_err(|e| ApiError::invalid(format!("the OCI runtime spec: {e}")))?;
-        // The sandbox's files, unless the spec brings its own.
-        let mut mounts = spec.mounts().clone().unwrap_or_default();
-        for extra in sandbox_mounts {
-            if !mounts
-                .iter()
-                .any(|m| m.destination() == extra.destination())
-            {
-                mounts.push(extra.clone());
-            }
-        }
-        spec.set_mounts(Some(mounts));
+        spec.set_mounts(Some(with_sandbox_files(&spec, sandbox_mounts)));
         if self.lock_entries().contains_key(id) {
             return Err(ApiError::exists(format!("container {id} already exists")));
         }
@@ -446,5 +437,87 @@ impl Containers {
             watched.exited.notify_all();
         });
         process
+    }
+}
+
+/// The spec's mounts plus the sandbox's files (hosts, hostname,
+/// resolv.conf), except where the spec mounts its own or its image brings
+/// its own (capsa_protocol::OWN_FILES_ANNOTATION).
+fn with_sandbox_files(spec: &Spec, sandbox_mounts: &[Mount]) -> Vec<Mount> {
+    let own_files: Vec<&Path> = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(capsa_protocol::OWN_FILES_ANNOTATION))
+        .map(|files| files.split(',').map(Path::new).collect())
+        .unwrap_or_default();
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for extra in sandbox_mounts {
+        let covered = mounts
+            .iter()
+            .any(|m| m.destination() == extra.destination())
+            || own_files.contains(&extra.destination().as_path());
+        if !covered {
+            mounts.push(extra.clone());
+        }
+    }
+    mounts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::runtime::MountBuilder;
+
+    fn bind(source: &str, destination: &str) -> Mount {
+        MountBuilder::default()
+            .source(source)
+            .destination(destination)
+            .typ("bind")
+            .options(vec!["rbind".to_string(), "ro".to_string()])
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn sandbox_files_yield_to_the_spec_and_to_the_image() {
+        let sandbox = [
+            bind("/run/capsa/sandbox/hosts", "/etc/hosts"),
+            bind("/run/capsa/sandbox/hostname", "/etc/hostname"),
+            bind("/run/capsa/sandbox/resolv.conf", "/etc/resolv.conf"),
+        ];
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [{"destination": "/etc/hostname", "source": "/elsewhere", "type": "bind",
+                        "options": ["rbind"]}],
+            "annotations": {(capsa_protocol::OWN_FILES_ANNOTATION): "/etc/hosts,/etc/passwd"}
+        }))
+        .unwrap();
+        let mounts = with_sandbox_files(&spec, &sandbox);
+        let found: Vec<String> = mounts
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} <- {}",
+                    m.destination().display(),
+                    m.source().as_ref().unwrap().display()
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "/etc/hostname <- /elsewhere",
+                "/etc/resolv.conf <- /run/capsa/sandbox/resolv.conf"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_the_annotation_every_sandbox_file_is_added() {
+        let sandbox = [bind("/run/capsa/sandbox/hosts", "/etc/hosts")];
+        let spec: Spec =
+            serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "mounts": []}))
+                .unwrap();
+        assert_eq!(with_sandbox_files(&spec, &sandbox).len(), 1);
     }
 }

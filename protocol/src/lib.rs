@@ -29,6 +29,12 @@ pub const STDIO_VSOCK_PORT: u32 = 1025;
 /// them from `VOLUMES_DIR/<name>`.
 pub const VOLUMES_DIR: &str = "/run/capsa/volumes";
 
+/// A container spec annotation: the paths (comma-separated) whose files
+/// its image brings itself, which the sandbox's own files (/etc/hosts,
+/// /etc/hostname, /etc/resolv.conf) must not cover. The containerd shim
+/// sets it for host files it copies into a container's root filesystem.
+pub const OWN_FILES_ANNOTATION: &str = "io.capsa.own-files";
+
 /// Layer blobs travel in WriteLayer chunks of at most this size, well under
 /// ttrpc's 4 MiB message limit.
 pub const LAYER_CHUNK_BYTES: usize = 1 << 20;

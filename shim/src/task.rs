@@ -221,6 +221,18 @@ impl TaskService {
             log::warn!("task {}: left out {dropped}", req.id);
         }
         let copies = file_copies(&req.id, removed.binds);
+        if !copies.is_empty() {
+            let own: Vec<String> = copies
+                .iter()
+                .map(|c| c.destination.display().to_string())
+                .collect();
+            let mut annotations = spec.annotations().clone().unwrap_or_default();
+            annotations.insert(
+                capsa_protocol::OWN_FILES_ANNOTATION.to_string(),
+                own.join(","),
+            );
+            spec.set_annotations(Some(annotations));
+        }
         let config = ShimConfig::for_options(req.options.as_ref())
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let hostname = spec.hostname().clone().unwrap_or_default();
