@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::process;
-use crate::stats::{cell, Summary};
+use crate::stats::{print_wall_table, Summary, WallRow};
 
 #[derive(clap::Args)]
 pub struct ContainersArgs {
@@ -40,12 +40,6 @@ pub struct ContainersArgs {
 }
 
 #[derive(Serialize)]
-struct Row {
-    runtime: String,
-    wall_ms: Option<Summary>,
-}
-
-#[derive(Serialize)]
 struct Memory {
     vmm_rss_kib: u64,
     vmm_pss_kib: u64,
@@ -55,7 +49,7 @@ struct Memory {
 #[derive(Serialize)]
 struct Report {
     runs: usize,
-    rows: Vec<Row>,
+    rows: Vec<WallRow>,
     memory: Option<Memory>,
 }
 
@@ -107,7 +101,7 @@ pub fn run(args: &ContainersArgs) -> Result<()> {
         capsa.push(timed(command)?);
     }
     eprintln!("capsa run: {capsa:.0?} ms");
-    rows.push(Row {
+    rows.push(WallRow {
         runtime: "capsa run --rm (microVM per group)".into(),
         wall_ms: Summary::of(&capsa),
     });
@@ -134,7 +128,7 @@ pub fn run(args: &ContainersArgs) -> Result<()> {
             }
         }
         eprintln!("{name}: {samples:.0?} ms");
-        rows.push(Row {
+        rows.push(WallRow {
             runtime: format!("{name} run (same rootfs, no VM)"),
             wall_ms: Summary::of(&samples),
         });
@@ -147,11 +141,7 @@ pub fn run(args: &ContainersArgs) -> Result<()> {
         "starting a container running `true`, wall ms, median (min-max) of {} runs",
         args.runs
     );
-    println!("| runtime | wall ms |");
-    println!("|---|---|");
-    for row in &rows {
-        println!("| {} | {} |", row.runtime, cell(&row.wall_ms));
-    }
+    print_wall_table(&rows);
     if let Some(m) = &memory {
         println!(
             "a running group (1 vCPU, {} MiB, busybox sleeping): VMM RSS {:.1} MiB, PSS {:.1} MiB",

@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::process;
-use crate::stats::{cell, Summary};
+use crate::stats::{cell, print_wall_table, Summary, WallRow};
 
 #[derive(clap::Args)]
 pub struct CtrArgs {
@@ -41,16 +41,10 @@ pub struct CtrArgs {
 }
 
 #[derive(Serialize)]
-struct Row {
-    runtime: String,
-    wall_ms: Option<Summary>,
-}
-
-#[derive(Serialize)]
 struct Report {
     runs: usize,
     image: String,
-    rows: Vec<Row>,
+    rows: Vec<WallRow>,
     /// The shim's "root filesystem sent" lines: bytes and ms per run.
     rootfs_send_ms: Option<Summary>,
     rootfs_bytes: Option<u64>,
@@ -102,7 +96,7 @@ pub fn run(args: &CtrArgs) -> Result<()> {
             }
         }
         eprintln!("{label}: {samples:.0?} ms");
-        rows.push(Row {
+        rows.push(WallRow {
             runtime: format!("{label} ({name})"),
             wall_ms: Summary::of(&samples),
         });
@@ -126,11 +120,7 @@ pub fn run(args: &CtrArgs) -> Result<()> {
         "`ctr run --rm {} ID true`, wall ms, median (min-max) of {} runs",
         args.image, args.runs
     );
-    println!("| runtime | wall ms |");
-    println!("|---|---|");
-    for row in &report.rows {
-        println!("| {} | {} |", row.runtime, cell(&row.wall_ms));
-    }
+    print_wall_table(&report.rows);
     if let Some(bytes) = report.rootfs_bytes {
         println!(
             "of which the Capsa shim spent {} ms sending the {:.1} MiB root filesystem to the guest",

@@ -36,6 +36,22 @@ pub fn cell(summary: &Option<Summary>) -> String {
     })
 }
 
+/// One runtime's wall time, a row of the container-start tables.
+#[derive(Serialize)]
+pub struct WallRow {
+    pub runtime: String,
+    pub wall_ms: Option<Summary>,
+}
+
+/// Prints `rows` as a markdown table of runtime and wall ms.
+pub fn print_wall_table(rows: &[WallRow]) {
+    println!("| runtime | wall ms |");
+    println!("|---|---|");
+    for row in rows {
+        println!("| {} | {} |", row.runtime, cell(&row.wall_ms));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
