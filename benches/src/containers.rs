@@ -53,11 +53,6 @@ struct Report {
     memory: Option<Memory>,
 }
 
-fn timed(command: Command) -> Result<f64> {
-    let finished = process::run(command, Duration::from_secs(300))?.success()?;
-    Ok(finished.wall.as_secs_f64() * 1000.0)
-}
-
 /// A kib figure from a /proc status-like file.
 fn field_kib(text: &str, name: &str) -> Option<u64> {
     text.lines()
@@ -70,7 +65,7 @@ fn group_memory(capsa: &PathBuf, image: &str) -> Result<Memory> {
     let name = format!("bench-mem-{}", std::process::id());
     let mut start = Command::new(capsa);
     start.args(["run", "-d", "--name", &name, image, "sleep", "60"]);
-    timed(start)?;
+    process::timed_ms(start)?;
     let mut inspect = Command::new(capsa);
     inspect.args(["inspect", &name]);
     let view = process::run(inspect, Duration::from_secs(60))?.success()?;
@@ -88,7 +83,7 @@ fn group_memory(capsa: &PathBuf, image: &str) -> Result<Memory> {
     };
     let mut remove = Command::new(capsa);
     remove.args(["rm", &name]);
-    timed(remove)?;
+    process::timed_ms(remove)?;
     Ok(memory)
 }
 
@@ -98,7 +93,7 @@ pub fn run(args: &ContainersArgs) -> Result<()> {
     for _ in 0..args.runs {
         let mut command = Command::new(&args.capsa);
         command.args(["run", "--rm", &args.image, "true"]);
-        capsa.push(timed(command)?);
+        capsa.push(process::timed_ms(command)?);
     }
     eprintln!("capsa run: {capsa:.0?} ms");
     rows.push(WallRow {
@@ -110,8 +105,7 @@ pub fn run(args: &ContainersArgs) -> Result<()> {
             bail!("--peer {peer}: expected NAME=PATH");
         };
         let bundle = args.bundle.as_ref().context("peers need --bundle")?;
-        let mut samples = Vec::new();
-        for run in 0..args.runs {
+        let samples = process::wall_samples(name, args.runs, |run| {
             let mut command = Command::new(path);
             command
                 .arg("run")
@@ -119,15 +113,8 @@ pub fn run(args: &ContainersArgs) -> Result<()> {
                 .arg("--bundle")
                 .arg(bundle)
                 .arg(format!("bench-{}-{run}", std::process::id()));
-            match timed(command) {
-                Ok(ms) => samples.push(ms),
-                Err(e) => {
-                    eprintln!("{name}: {e:#}");
-                    break;
-                }
-            }
-        }
-        eprintln!("{name}: {samples:.0?} ms");
+            command
+        });
         rows.push(WallRow {
             runtime: format!("{name} run (same rootfs, no VM)"),
             wall_ms: Summary::of(&samples),

@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -75,8 +74,7 @@ pub fn run(args: &CtrArgs) -> Result<()> {
             bail!("--runtime {runtime}: no runtime named");
         };
         let extra: Vec<&str> = words.collect();
-        let mut samples = Vec::new();
-        for run in 0..args.runs {
+        let samples = process::wall_samples(label, args.runs, |run| {
             let mut command = Command::new(&args.ctr);
             command
                 .arg("--address")
@@ -85,17 +83,9 @@ pub fn run(args: &CtrArgs) -> Result<()> {
                 .args(&extra)
                 .arg(&args.image)
                 .arg(format!("bench-{label}-{}-{run}", std::process::id()))
-                .arg("true")
-                .stdin(std::process::Stdio::null());
-            match process::run(command, Duration::from_secs(300)).and_then(|f| f.success()) {
-                Ok(finished) => samples.push(finished.wall.as_secs_f64() * 1000.0),
-                Err(e) => {
-                    eprintln!("{label}: {e:#}");
-                    break;
-                }
-            }
-        }
-        eprintln!("{label}: {samples:.0?} ms");
+                .arg("true");
+            command
+        });
         rows.push(WallRow {
             runtime: format!("{label} ({name})"),
             wall_ms: Summary::of(&samples),

@@ -50,6 +50,31 @@ pub fn vmm_command(
     c
 }
 
+/// Wall milliseconds of `command` run to a successful end (5 minutes at
+/// most).
+pub fn timed_ms(command: Command) -> Result<f64> {
+    let finished = run(command, Duration::from_secs(300))?.success()?;
+    Ok(finished.wall.as_secs_f64() * 1000.0)
+}
+
+/// Wall milliseconds of `runs` runs of the commands `make` builds (given
+/// the run's index), stopping at the first that fails; `label` names them
+/// in what is printed to stderr.
+pub fn wall_samples(label: &str, runs: usize, mut make: impl FnMut(usize) -> Command) -> Vec<f64> {
+    let mut samples = Vec::new();
+    for run in 0..runs {
+        match timed_ms(make(run)) {
+            Ok(ms) => samples.push(ms),
+            Err(e) => {
+                eprintln!("{label}: {e:#}");
+                break;
+            }
+        }
+    }
+    eprintln!("{label}: {samples:.0?} ms");
+    samples
+}
+
 /// Runs `command` to the end, killing it after `timeout`.
 pub fn run(mut command: Command, timeout: Duration) -> Result<Finished> {
     let start = Instant::now();
