@@ -51,6 +51,8 @@ cat > "$stage/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
+# No page of a microVM's memory moves while it runs (see boot_outer).
+echo 0 > /proc/sys/vm/compaction_proactiveness
 for m in $(cat /modules/order); do insmod /modules/$m.ko; done
 export PATH=/payload/bin:/bin
 cd /payload && sh ./run.sh
@@ -61,13 +63,43 @@ chmod +x "$stage/init"
 printf '%s\n' "${load[@]}" > "$stage/modules/order"
 (cd "$stage" && find . | cpio --quiet -o -H newc -R 0:0) > "$cache/outer.cpio"
 
+# Stops QEMU once the payload has printed nothing for
+# CAPSA_NESTED_STALL_SECS: a hung outer machine costs that, not the whole
+# CAPSA_NESTED_TIMEOUT_SECS. Payloads print at least once a minute or so.
+watch_for_stall() {
+    local limit=${CAPSA_NESTED_STALL_SECS:-300} last=-1 quiet=0 size
+    while sleep 10; do
+        size=$(stat -c %s "$log" 2>/dev/null || echo 0)
+        if [ "$size" != "$last" ]; then
+            last=$size quiet=0
+            continue
+        fi
+        quiet=$((quiet + 10))
+        if [ "$quiet" -ge "$limit" ]; then
+            echo "nested-kvm: no output for ${limit}s: stopping the outer machine" | tee -a "$log" >&2
+            kill "$(cat "$stage/qemu.pid" 2>/dev/null)" 2>/dev/null || true
+            return
+        fi
+    done
+}
+
 boot_outer() {
     echo "nested-kvm: booting the outer machine (QEMU TCG, emulated SVM)" >&2
+    : > "$log"
+    rm -f "$stage/qemu.pid"
+    watch_for_stall &
+    local watcher=$!
+    # transparent_hugepage=never: khugepaged collapsing a running microVM's
+    # memory is where the outer kernel has locked up ("soft lockup ...
+    # [khugepaged]"); moving pages under a nested guest is what this
+    # emulated SVM handles worst.
     # QEMU's firmware writes terminal escapes before the payload's first line.
     timeout "${CAPSA_NESTED_TIMEOUT_SECS:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3072 -nodefaults \
-        -no-user-config -nographic -serial stdio -no-reboot \
+        -no-user-config -nographic -serial stdio -no-reboot -pidfile "$stage/qemu.pid" \
         -kernel "$(echo "$host_dir"/x/boot/vmlinuz-*)" -initrd "$cache/outer.cpio" \
-        -append "console=ttyS0 quiet panic=-1" | stdbuf -oL tr -d '\r' > "$log" || true
+        -append "console=ttyS0 quiet panic=-1 transparent_hugepage=never" | stdbuf -oL tr -d '\r' >> "$log" || true
+    kill "$watcher" 2>/dev/null || true
+    wait "$watcher" 2>/dev/null || true
 }
 
 # This emulated SVM is not fully reliable under load (README, "Hosts with
