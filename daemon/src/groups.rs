@@ -15,7 +15,7 @@ use capsa_api::{
     ApiError, ContainerSpec, ContainerStats, ContainerStatus, ErrorCode, Event, GroupSpec,
     GroupStats, GroupStatus, GroupView, PortProtocol, RestartPolicy, WaitResponse,
 };
-use capsa_guest_client::{Guest, OciImage, Streams};
+use capsa_guest_client::{Guest, GuestError, OciImage, Streams};
 use capsa_image_store::ImageStore;
 use capsa_network::Network;
 use capsa_protocol::stdio::StreamKind;
@@ -52,6 +52,19 @@ fn no_container(group: &str, container: &str) -> ApiError {
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     error(ErrorCode::Internal, e.to_string())
+}
+
+/// A failed guest call while a group starts; when the guest gave no answer
+/// at all, its console's last lines are the best clue to why.
+fn guest_failed(group: &Group, what: &str, e: GuestError) -> ApiError {
+    if e.is_unanswered() {
+        internal(format!(
+            "{what}: {e}; console:\n{}",
+            vm::console_tail(&group.paths.console())
+        ))
+    } else {
+        internal(format!("{what}: {e}"))
+    }
 }
 
 pub struct Group {
@@ -541,7 +554,7 @@ impl Daemon {
         }
         guest
             .setup_sandbox(&sandbox)
-            .map_err(|e| internal(format!("setting up the sandbox: {e}")))?;
+            .map_err(|e| guest_failed(group, "setting up the sandbox", e))?;
         *group.guest.lock().unwrap_or_else(|e| e.into_inner()) = Some(guest.clone());
         for container in &record.spec.containers {
             let copiers = self.launch(group, &guest, container, report)?;
@@ -568,7 +581,9 @@ impl Daemon {
         let image = OciImage::open(self.images.layout(), Some(&normalized(&container.image)))
             .map_err(internal)?;
         let pushing = Instant::now();
-        let chain = guest.push_image(&image).map_err(internal)?;
+        let chain = guest
+            .push_image(&image)
+            .map_err(|e| guest_failed(group, &format!("container {}: image", container.name), e))?;
         report(format!(
             "container {}: image {} ({} layer(s)) in the guest after {} ms",
             container.name,
@@ -579,11 +594,11 @@ impl Daemon {
         let spec = oci_spec_for(&image, container).map_err(internal)?;
         guest
             .create(&container.name, &chain, &spec, Streams::OUTPUT)
-            .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
+            .map_err(|e| guest_failed(group, &format!("container {}", container.name), e))?;
         let copiers = attach_logs(group, guest, container)?;
         guest
             .start(&container.name)
-            .map_err(|e| internal(format!("container {}: {e}", container.name)))?;
+            .map_err(|e| guest_failed(group, &format!("container {}", container.name), e))?;
         report(format!("container {} started", container.name));
         let started_at = now_ms();
         group.update(|r| {

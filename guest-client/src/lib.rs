@@ -50,6 +50,24 @@ impl GuestError {
         self.code() == Some(ttrpc::Code::NOT_FOUND)
     }
 
+    /// Whether the agent gave no answer at all (the call timed out or the
+    /// connection broke), as opposed to refusing the request: a sign the
+    /// guest itself is in trouble.
+    pub fn is_unanswered(&self) -> bool {
+        match self {
+            GuestError::Connect(_) => true,
+            GuestError::Call { source, .. } => match source {
+                ttrpc::Error::Socket(_)
+                | ttrpc::Error::LocalClosed
+                | ttrpc::Error::RemoteClosed => true,
+                // ttrpc's sync client reports its timeout only as text.
+                ttrpc::Error::Others(text) => text.contains("timeout"),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// The ttrpc status code of a refused call.
     pub fn code(&self) -> Option<ttrpc::Code> {
         match self {
@@ -498,4 +516,33 @@ fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize
         }
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_call_the_guest_never_answers_is_unanswered_and_a_refusal_is_not() {
+        // An agent that takes the connection and never replies.
+        let (ours, _silent) = UnixStream::pair().unwrap();
+        let agent = AgentClient::new(ttrpc::Client::new(ours.into_raw_fd()).unwrap());
+        let err = agent
+            .ping(timeout(Duration::from_millis(200)), &PingRequest::default())
+            .map_err(call("Ping"))
+            .unwrap_err();
+        assert!(err.is_unanswered(), "{err}");
+
+        let refused = GuestError::Call {
+            call: "DeleteContainer",
+            source: ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::NOT_FOUND,
+                "no such container",
+            )),
+        };
+        assert!(!refused.is_unanswered());
+        assert!(refused.is_not_found());
+    }
 }
