@@ -34,8 +34,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/scripts/lib.sh"
 kernel=$1 initrd=$2 suite=${3:-main}
 case "$suite" in
-    main) log_name=daemon-check timeout=900 ;;
-    cycles) log_name=daemon-check-cycles timeout=1500 ;;
+    main) log_name=daemon-check timeout=900 attempts=3 ;;
+    # 50 boots in one outer machine: the likeliest run to see it freeze.
+    cycles) log_name=daemon-check-cycles timeout=1500 attempts=4 ;;
     *) echo "daemon-check: unknown suite $suite (main or cycles)" >&2; exit 2 ;;
 esac
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/$log_name.log"
@@ -237,12 +238,24 @@ cycles() {
     # One cycle first, so what capsad sets up once is not counted.
     ./capsa run --rm --name warm -p 127.0.0.1:18090:80 busybox true || return 1
     before=$(leftovers)
-    failed=0
+    failed=0 hung=0
     for i in $(seq "${CAPSA_LEAK_CYCLES:-50}"); do
-        ./capsa run --rm --name "cycle-$i" -p 127.0.0.1:18090:80 busybox true || failed=$((failed + 1))
+        if ! ./capsa run --rm --name "cycle-$i" -p 127.0.0.1:18090:80 busybox true 2> "$work/cycle.err"; then
+            cat "$work/cycle.err"
+            # A microVM that stops answering is what the nested emulation
+            # does now and then (README, "Hosts with PVM"): counted apart,
+            # and the cycle run once more.
+            if grep -q -e 'the guest is not responding' -e 'Receiver timeout' "$work/cycle.err"; then
+                hung=$((hung + 1))
+                ./capsa run --rm --name "cycle-$i-again" -p 127.0.0.1:18090:80 busybox true || failed=$((failed + 1))
+            else
+                failed=$((failed + 1))
+            fi
+        fi
     done
     after=$(leftovers)
     echo "failed-cycles=$failed"
+    echo "hung-cycles=$hung"
     echo "before: $before"
     echo "after:  $after"
     [ "$before" = "$after" ] && echo "nothing-left"
@@ -290,7 +303,8 @@ RUN
 mkdir -p "$(dirname "$log")"
 if [ "$nested" = 1 ]; then
     printf '. ./check.sh\n' > "$payload/run.sh"
-    CAPSA_NESTED_TIMEOUT_SECS=$timeout "$root/scripts/nested-kvm.sh" "$payload" "$log"
+    CAPSA_NESTED_TIMEOUT_SECS=$timeout CAPSA_NESTED_ATTEMPTS=${CAPSA_NESTED_ATTEMPTS:-$attempts} \
+        "$root/scripts/nested-kvm.sh" "$payload" "$log"
 else
     timeout "$timeout" sh "$payload/check.sh" > "$log" 2>&1 || true
 fi
@@ -298,6 +312,11 @@ fi
 if [ "$suite" = cycles ]; then
     check import "a busybox OCI layout imports" exit_is import 0
     check cycles "50 create/start/delete cycles, a port published each time, all ran" has cycles '^failed-cycles=0$'
+    # Nested, a microVM hang now and then is the emulation's; more than a
+    # few in 50 is ours. On real KVM there must be none.
+    hangs_allowed='^hung-cycles=0$'
+    [ "$nested" = 1 ] && hangs_allowed='^hung-cycles=[0-2]$'
+    check cycles "with at most $([ "$nested" = 1 ] && echo 2 || echo 0) microVMs that stopped answering" has cycles "$hangs_allowed"
     check cycles "and left no tap, VMM, mount, descriptor or group state behind" has cycles '^nothing-left$'
     check cycles "nor an address: the next group gets the first one again" has cycles '^first-again .* 10\.88\.0\.2 '
     echo "daemon-check cycles: $passed passed, $failed failed"

@@ -66,8 +66,11 @@ printf '%s\n' "${load[@]}" > "$stage/modules/order"
 # Stops QEMU once the payload has printed nothing for
 # CAPSA_NESTED_STALL_SECS: a hung outer machine costs that, not the whole
 # CAPSA_NESTED_TIMEOUT_SECS. Payloads print at least once a minute or so.
+# The outer machine does freeze now and then, both vCPUs spinning, as a
+# microVM starts or stops; QEMU's own -M microvm guests set it off as well,
+# and neither kvm_amd's npt=0 or vgif=0 nor a single vCPU prevents it.
 watch_for_stall() {
-    local limit=${CAPSA_NESTED_STALL_SECS:-300} last=-1 quiet=0 size
+    local limit=${CAPSA_NESTED_STALL_SECS:-240} last=-1 quiet=0 size
     while sleep 10; do
         size=$(stat -c %s "$log" 2>/dev/null || echo 0)
         if [ "$size" != "$last" ]; then
