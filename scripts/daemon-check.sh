@@ -240,8 +240,11 @@ cycles() {
     before=$(leftovers)
     failed=0 hung=0
     for i in $(seq "${CAPSA_LEAK_CYCLES:-50}"); do
-        if ! ./capsa run --rm --name "cycle-$i" -p 127.0.0.1:18090:80 busybox true 2> "$work/cycle.err"; then
-            cat "$work/cycle.err"
+        # Shown as it comes (the nested runner stops a payload that stays
+        # quiet) and kept, to tell a hang from a failure.
+        { ./capsa run --rm --name "cycle-$i" -p 127.0.0.1:18090:80 busybox true 2>&1
+          echo "$?" > "$work/cycle.status"; } | tee "$work/cycle.err"
+        if [ "$(cat "$work/cycle.status")" != 0 ]; then
             # A microVM that stops answering is what the nested emulation
             # does now and then (README, "Hosts with PVM"): counted apart,
             # and the cycle run once more.
