@@ -240,8 +240,10 @@ cycles() {
     before=$(leftovers)
     failed=0 hung=0
     for i in $(seq "${CAPSA_LEAK_CYCLES:-50}"); do
-        # Shown as it comes (the nested runner stops a payload that stays
-        # quiet) and kept, to tell a hang from a failure.
+        # Kept, to tell a hang from a failure, and shown as it comes. With
+        # stderr not a terminal, `capsa run` prints no progress: what shows
+        # is errors, and the outer kernel's line at each microVM boot keeps
+        # the nested runner from taking the loop for a stall.
         { ./capsa run --rm --name "cycle-$i" -p 127.0.0.1:18090:80 busybox true 2>&1
           echo "$?" > "$work/cycle.status"; } | tee "$work/cycle.err"
         if [ "$(cat "$work/cycle.status")" != 0 ]; then
