@@ -92,10 +92,9 @@ boot_outer() {
     rm -f "$stage/qemu.pid"
     watch_for_stall &
     local watcher=$!
-    # transparent_hugepage=never: khugepaged collapsing a running microVM's
-    # memory is where the outer kernel has locked up ("soft lockup ...
-    # [khugepaged]"); moving pages under a nested guest is what this
-    # emulated SVM handles worst.
+    # transparent_hugepage=never: the outer kernel's khugepaged locked a
+    # CPU up once ("soft lockup ... [khugepaged]") with microVMs running;
+    # it does not prevent the freezes described above.
     # QEMU's firmware writes terminal escapes before the payload's first line.
     timeout "${CAPSA_NESTED_TIMEOUT_SECS:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3072 -nodefaults \
         -no-user-config -nographic -serial stdio -no-reboot -pidfile "$stage/qemu.pid" \

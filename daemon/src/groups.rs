@@ -57,14 +57,12 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 /// A failed guest call while a group starts; when the guest gave no answer
 /// at all, its console's last lines are the best clue to why.
 fn guest_failed(group: &Group, what: &str, e: GuestError) -> ApiError {
+    let mut message = format!("{what}: {e}");
     if e.is_unanswered() {
-        internal(format!(
-            "{what}: {e}; console:\n{}",
-            vm::console_tail(&group.paths.console())
-        ))
-    } else {
-        internal(format!("{what}: {e}"))
+        message.push_str("; console:\n");
+        message.push_str(&vm::console_tail(&group.paths.console()));
     }
+    internal(message)
 }
 
 pub struct Group {
@@ -516,12 +514,9 @@ impl Daemon {
     ) -> Result<(), ApiError> {
         let record = group.snapshot();
         let booting = Instant::now();
-        let guest = Guest::connect(&group.paths.vsock(), BOOT_PATIENCE).map_err(|e| {
-            internal(format!(
-                "the guest did not answer: {e}; console:\n{}",
-                vm::console_tail(&group.paths.console())
-            ))
-        })?;
+        // A connect error is always unanswered: the console comes with it.
+        let guest = Guest::connect(&group.paths.vsock(), BOOT_PATIENCE)
+            .map_err(|e| guest_failed(group, "the guest did not answer", e))?;
         report(format!(
             "the guest agent answered after {} ms",
             booting.elapsed().as_millis()

@@ -46,7 +46,8 @@ fn connect_within(path: &Path, port: u32, limit: Duration) -> Result<UnixStream,
         path: path.to_path_buf(),
         source,
     })?;
-    stream.set_read_timeout(Some(limit.max(MIN_WAIT)))?;
+    let limit = limit.max(MIN_WAIT);
+    stream.set_read_timeout(Some(limit))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     // Whatever follows the line is the guest's.
     let line = match crate::stdio::read_line(&mut stream) {
@@ -55,7 +56,7 @@ fn connect_within(path: &Path, port: u32, limit: Duration) -> Result<UnixStream,
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
             return Err(ConnectError::NoAnswer {
                 port,
-                waited: limit.max(MIN_WAIT),
+                waited: limit,
             })
         }
         Err(e) => return Err(e.into()),
