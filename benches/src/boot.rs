@@ -80,16 +80,11 @@ fn boot_once(command: Command, timeout: Duration) -> Result<Sample> {
     })
 }
 
-fn capsa_command(args: &BootArgs) -> Command {
-    let mut c = crate::process::vmm_command(
-        &args.vmm,
-        &args.kernel,
-        &args.initrd,
-        args.cpus,
-        args.memory_mib,
-    );
-    c.arg("--cmdline").arg(GUEST_CMDLINE);
-    c
+fn capsa_args(args: &BootArgs) -> capsa_vmm_config::VmmArgs {
+    capsa_vmm_config::VmmArgs {
+        cmdline: GUEST_CMDLINE.to_string(),
+        ..crate::process::vmm_args(&args.kernel, &args.initrd, args.cpus, args.memory_mib)
+    }
 }
 
 fn qemu_command(qemu: &Path, args: &BootArgs) -> Command {
@@ -142,8 +137,11 @@ fn measure(
 
 pub fn run(args: &BootArgs) -> Result<()> {
     let timeout = Duration::from_secs(args.timeout_secs);
+    let argv = capsa_args(args).to_args()?;
     let mut results = vec![measure("capsa-vmm", args.runs, timeout, || {
-        capsa_command(args)
+        let mut c = Command::new(&args.vmm);
+        c.args(&argv);
+        c
     })?];
     if let Some(qemu) = &args.qemu {
         results.push(measure("qemu -M microvm", args.runs, timeout, || {

@@ -136,19 +136,17 @@ fn run_once(args: &DevicesArgs, dir: &Path) -> Result<Sample> {
         "vsock-bulk={VSOCK_PORT}:{} blk-bench=vda:{}:{}",
         args.vsock_bytes, args.disk_mib, args.random_reads
     );
-    let mut vm = process::vmm_command(
-        &args.vmm,
-        &args.kernel,
-        &args.initrd,
-        args.cpus,
-        args.memory_mib,
-    );
-    vm.arg("--disk")
-        .arg(&image)
-        .arg("--vsock")
-        .arg(&socket)
-        .arg("--cmdline")
-        .arg(format!("quiet rdinit=/bin/capsa-io-probe -- {steps}"));
+    let vm = capsa_vmm_config::VmmArgs {
+        disks: vec![capsa_vmm_config::DiskConfig {
+            path: image.clone(),
+            read_only: false,
+            id: None,
+        }],
+        vsock: Some(capsa_vmm_config::VsockConfig::at(&socket)),
+        cmdline: format!("quiet rdinit=/bin/capsa-io-probe -- {steps}"),
+        ..process::vmm_args(&args.kernel, &args.initrd, args.cpus, args.memory_mib)
+    };
+    let vm = process::vmm_command(&args.vmm, &vm)?;
     let result = process::run(vm, timeout);
     let _ = server.kill();
     let _ = server.wait();

@@ -30,24 +30,26 @@ impl Finished {
 }
 
 /// capsa-vmm booting `kernel` and `initrd` with `cpus` and `memory_mib`;
-/// each benchmark adds its devices and command line.
-pub fn vmm_command(
-    vmm: &std::path::Path,
+/// each benchmark adds its devices and command line to the arguments.
+pub fn vmm_args(
     kernel: &std::path::Path,
     initrd: &std::path::Path,
     cpus: u8,
     memory_mib: u64,
-) -> Command {
+) -> capsa_vmm_config::VmmArgs {
+    capsa_vmm_config::VmmArgs {
+        initrd: Some(initrd.to_path_buf()),
+        cpus,
+        memory_mib,
+        ..capsa_vmm_config::VmmArgs::new(kernel)
+    }
+}
+
+/// The command that runs capsa-vmm (`vmm`) with `args`.
+pub fn vmm_command(vmm: &std::path::Path, args: &capsa_vmm_config::VmmArgs) -> Result<Command> {
     let mut c = Command::new(vmm);
-    c.arg("--kernel")
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(initrd)
-        .arg("--cpus")
-        .arg(cpus.to_string())
-        .arg("--memory-mib")
-        .arg(memory_mib.to_string());
-    c
+    c.args(args.to_args()?);
+    Ok(c)
 }
 
 /// Wall milliseconds of `command` run to a successful end (5 minutes at

@@ -434,14 +434,11 @@ impl Daemon {
             .collect();
         let volumes = crate::volumes::plan(&self.volumes, &record.spec, &running)?;
         *group.stopping.lock().unwrap_or_else(|e| e.into_inner()) = false;
-        let net = self.network.as_ref().zip(record.ip).map(|(network, ip)| {
-            format!(
-                "{},mac={},bridge={}",
-                capsa_network::tap_name(ip),
-                capsa_network::mac_for(ip),
-                network.bridge()
-            )
-        });
+        let net = self
+            .network
+            .as_ref()
+            .zip(record.ip)
+            .map(|(network, ip)| network.nic(ip));
         let mut child = vm::spawn(
             &self.vm,
             &VmSpec {
@@ -531,7 +528,7 @@ impl Daemon {
         if let (Some(network), Some(ip)) = (&self.network, record.ip) {
             let gateway = network.gateway().to_string();
             sandbox.interfaces.push(capsa_protocol::agent::Interface {
-                mac: capsa_network::mac_for(ip),
+                mac: capsa_network::mac_for(ip).to_string(),
                 name: "eth0".into(),
                 addresses: vec![format!("{ip}/{}", network.prefix_len())],
                 ..Default::default()

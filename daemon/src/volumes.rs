@@ -5,6 +5,7 @@
 use base64::Engine;
 use capsa_api::{ApiError, ErrorCode, GroupSpec};
 use capsa_protocol::agent::{volume, BlockDevice, EmptyDir, Secret, SecretFile, Volume};
+use capsa_vmm_config::DiskConfig;
 use capsa_volumes::VolumeStore;
 
 use crate::groups::error;
@@ -12,8 +13,8 @@ use crate::groups::error;
 /// What the VMM and the agent get for a group's volumes.
 #[derive(Debug, Default)]
 pub struct VolumePlan {
-    /// `--disk` arguments.
-    pub disks: Vec<String>,
+    /// The VMM's disks.
+    pub disks: Vec<DiskConfig>,
     pub sandbox: Vec<Volume>,
 }
 
@@ -96,11 +97,11 @@ pub fn plan(
                 store.repair(name).map_err(volume_error)?;
             }
             let serial = serial(plan.disks.len());
-            let mut disk = format!("{},id={serial}", image.display());
-            if persistent.read_only {
-                disk.push_str(",ro");
-            }
-            plan.disks.push(disk);
+            plan.disks.push(DiskConfig {
+                path: image,
+                read_only: persistent.read_only,
+                id: Some(serial.clone()),
+            });
             volume::Source::Block(BlockDevice {
                 serial,
                 fstype: "ext4".into(),
@@ -152,10 +153,11 @@ mod tests {
         let plan = plan(&store, &group, &[]).unwrap();
         assert_eq!(plan.disks.len(), 1);
         assert!(
-            plan.disks[0].ends_with("data/disk.ext4,id=capsa-vol0"),
+            plan.disks[0].path.ends_with("data/disk.ext4"),
             "{:?}",
             plan.disks
         );
+        assert_eq!(plan.disks[0].id.as_deref(), Some("capsa-vol0"));
         assert!(store.get("data").is_ok(), "made on first use");
         let kinds: Vec<String> = plan
             .sandbox

@@ -11,6 +11,7 @@ mod bridge;
 mod dns;
 mod ports;
 
+use capsa_vmm_config::{MacAddr, NetConfig};
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -118,6 +119,16 @@ impl Network {
         &self.config.bridge
     }
 
+    /// The VMM's NIC for the group at `address`: its tap, joined to this
+    /// bridge, with the MAC derived from the address.
+    pub fn nic(&self, address: Ipv4Addr) -> NetConfig {
+        NetConfig {
+            tap: tap_name(address),
+            mac: mac_for(address),
+            bridge: Some(self.bridge().to_string()),
+        }
+    }
+
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
     }
@@ -180,9 +191,9 @@ pub fn tap_name(address: Ipv4Addr) -> String {
 }
 
 /// A locally administered MAC derived from the group's address.
-pub fn mac_for(address: Ipv4Addr) -> String {
+pub fn mac_for(address: Ipv4Addr) -> MacAddr {
     let [_, b, c, d] = address.octets();
-    format!("02:ca:95:{b:02x}:{c:02x}:{d:02x}")
+    MacAddr([0x02, 0xca, 0x95, b, c, d])
 }
 
 #[cfg(test)]
@@ -194,6 +205,6 @@ mod tests {
         let address = Ipv4Addr::new(10, 88, 0, 5);
         assert_eq!(tap_name(address), "capsa0a580005");
         assert!(tap_name(Ipv4Addr::BROADCAST).len() < 16);
-        assert_eq!(mac_for(address), "02:ca:95:58:00:05");
+        assert_eq!(mac_for(address).to_string(), "02:ca:95:58:00:05");
     }
 }

@@ -8,6 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use capsa_vmm_config::{DiskConfig, NetConfig, VmmArgs, VsockConfig};
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("creating the console log {}: {source}", path.display())]
@@ -16,6 +18,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the VMM's command line: {0}")]
+    Args(#[from] capsa_vmm_config::ArgError),
     #[error("starting {}: {source}", vmm.display())]
     Spawn {
         vmm: PathBuf,
@@ -37,10 +41,9 @@ pub struct VmConfig {
 pub struct VmSpec<'a> {
     pub cpus: u8,
     pub memory_mib: u64,
-    /// The VMM's --net argument (tap, MAC, bridge), when the VM has a NIC.
-    pub net: Option<String>,
-    /// The VMM's --disk arguments.
-    pub disks: &'a [String],
+    /// The VM's NIC (tap, MAC, bridge), when it has one.
+    pub net: Option<NetConfig>,
+    pub disks: &'a [DiskConfig],
     /// The Unix socket the VMM serves the guest's vsock on.
     pub vsock: &'a Path,
     /// Where the guest's console (and the VMM's own messages) go.
@@ -64,24 +67,17 @@ pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
     };
     let log = File::create(vm.console).map_err(console_error)?;
     let err = log.try_clone().map_err(console_error)?;
-    let mut command = Command::new(&config.vmm);
-    if let Some(net) = &vm.net {
-        command.arg("--net").arg(net);
-    }
-    for disk in vm.disks {
-        command.arg("--disk").arg(disk);
-    }
-    command
-        .arg("--kernel")
-        .arg(&config.kernel)
-        .arg("--initrd")
-        .arg(&config.initrd)
-        .arg("--cpus")
-        .arg(vm.cpus.to_string())
-        .arg("--memory-mib")
-        .arg(vm.memory_mib.to_string())
-        .arg("--vsock")
-        .arg(vm.vsock)
+    let args = VmmArgs {
+        initrd: Some(config.initrd.clone()),
+        cpus: vm.cpus,
+        memory_mib: vm.memory_mib,
+        disks: vm.disks.to_vec(),
+        nets: vm.net.iter().cloned().collect(),
+        vsock: Some(VsockConfig::at(vm.vsock)),
+        ..VmmArgs::new(&config.kernel)
+    };
+    Command::new(&config.vmm)
+        .args(args.to_args()?)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err)

@@ -26,13 +26,7 @@ const COPY_CHUNK: usize = 128 * 1024;
 const MAX_DISCARD_SEGMENTS: u32 = 1;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX / SECTOR_SIZE as u32;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-    /// What GET_ID answers (the disk's serial in the guest), at most 20 bytes.
-    pub id: Option<String>,
-}
+pub use capsa_vmm_config::DiskConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {

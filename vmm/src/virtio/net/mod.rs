@@ -29,25 +29,7 @@ pub const MAX_FRAME: usize = VNET_HDR_LEN + 65536 + 18;
 /// Where num_buffers sits in virtio_net_hdr_v1.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
-    /// Name of the host tap device to attach to.
-    pub tap: String,
-    pub mac: [u8; 6],
-    /// A host bridge to add the tap to, brought up: the tap then lives
-    /// exactly as long as this VMM, and nothing is left to clean up.
-    pub bridge: Option<String>,
-}
-
-impl NetConfig {
-    /// A locally administered unicast address, random in its last bytes.
-    pub fn random_mac() -> [u8; 6] {
-        let mut mac = [0x02, 0xca, 0x95, 0, 0, 0];
-        // Without randomness the address is still valid, only less unique.
-        let _ = getrandom::fill(&mut mac[3..]);
-        mac
-    }
-}
+pub use capsa_vmm_config::NetConfig;
 
 pub struct Net {
     tap: Tap,
@@ -62,7 +44,7 @@ impl Net {
         }
         Ok(Self {
             tap,
-            config_space: config.mac.to_vec(),
+            config_space: config.mac.0.to_vec(),
         })
     }
 }

@@ -25,18 +25,12 @@ pub use muxer::VsockMuxer;
 
 /// Guest CIDs 0-2 are reserved (hypervisor, local, host).
 pub const HOST_CID: u64 = 2;
-pub const DEFAULT_GUEST_CID: u64 = 3;
+pub use capsa_vmm_config::DEFAULT_GUEST_CID;
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VsockConfig {
-    /// The Unix socket host processes connect through; guest-initiated
-    /// connections go to `<path>_<port>`.
-    pub path: PathBuf,
-    pub guest_cid: u64,
-}
+pub use capsa_vmm_config::VsockConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {

@@ -1,0 +1,177 @@
+//! The capsa-vmm command line as types. The VMM parses its arguments into
+//! [`VmmArgs`]; capsad, the shim and the benchmarks build a `VmmArgs` and
+//! turn it into argv with [`VmmArgs::to_args`]. Each device form
+//! (`--disk`, `--net`, `--vsock`) is parsed and formatted side by side
+//! here, and nowhere else.
+
+mod device;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+pub use device::{ArgError, DiskConfig, MacAddr, NetConfig, VsockConfig, DEFAULT_GUEST_CID};
+
+/// What the VMM appends to the kernel command line unless told otherwise.
+pub const DEFAULT_CMDLINE: &str = "quiet";
+pub const DEFAULT_CPUS: u8 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+
+#[derive(Parser, Debug, Clone, PartialEq, Eq)]
+#[command(name = "capsa-vmm", version, about = "Boot a Capsa microVM on KVM")]
+pub struct VmmArgs {
+    /// Uncompressed ELF kernel (vmlinux) with a PVH entry point.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initramfs (cpio, newc) to hand to the kernel.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = DEFAULT_CPUS)]
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    pub memory_mib: u64,
+    /// Extra kernel parameters, appended to the ones the VMM requires
+    /// (console=ttyS0 reboot=k panic=-1).
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Write the guest console to this file instead of stdout.
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// Attach a raw disk image as virtio-blk: PATH[,ro][,id=SERIAL].
+    /// Repeat for more disks; the guest sees them as vda, vdb, ...
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]")]
+    pub disks: Vec<DiskConfig>,
+    /// Attach a virtio-net interface on the host tap NAME, with a MAC
+    /// address (random, locally administered, by default) and, with
+    /// bridge=NAME, added to that bridge and brought up. Repeatable.
+    #[arg(long = "net", value_name = "TAP[,mac=XX:XX:XX:XX:XX:XX][,bridge=NAME]")]
+    pub nets: Vec<NetConfig>,
+    /// Attach a virtio-vsock bridged to the Unix socket PATH (host
+    /// processes connect to it with `CONNECT <port>`; guest connections to
+    /// port P go to PATH_P). The guest's CID defaults to 3.
+    #[arg(long, value_name = "PATH[,cid=N]")]
+    pub vsock: Option<VsockConfig>,
+    /// Do not attach the virtio-rng entropy device.
+    #[arg(long)]
+    pub no_rng: bool,
+}
+
+impl VmmArgs {
+    /// A VM of the default shape booting `kernel`, with no devices but
+    /// the entropy source.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmmArgs {
+            kernel: kernel.into(),
+            initrd: None,
+            cpus: DEFAULT_CPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            console: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            no_rng: false,
+        }
+    }
+
+    /// The arguments (without the program name) that parse back into
+    /// exactly these; a device whose text would not (a path with a comma
+    /// in it, say) is refused.
+    pub fn to_args(&self) -> Result<Vec<OsString>, ArgError> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, value: OsString| {
+            args.push(format!("--{name}").into());
+            args.push(value);
+        };
+        flag("kernel", self.kernel.clone().into());
+        if let Some(initrd) = &self.initrd {
+            flag("initrd", initrd.clone().into());
+        }
+        flag("cpus", self.cpus.to_string().into());
+        flag("memory-mib", self.memory_mib.to_string().into());
+        flag("cmdline", self.cmdline.clone().into());
+        if let Some(console) = &self.console {
+            flag("console", console.clone().into());
+        }
+        for disk in &self.disks {
+            flag("disk", disk.to_arg()?.into());
+        }
+        for net in &self.nets {
+            flag("net", net.to_arg()?.into());
+        }
+        if let Some(vsock) = &self.vsock {
+            flag("vsock", vsock.to_arg()?.into());
+        }
+        if self.no_rng {
+            args.push("--no-rng".into());
+        }
+        Ok(args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: Vec<OsString>) -> VmmArgs {
+        VmmArgs::try_parse_from(std::iter::once(OsString::from("capsa-vmm")).chain(args))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_full_command_line_round_trips() {
+        let args = VmmArgs {
+            kernel: "/k/vmlinux".into(),
+            initrd: Some("/k/initramfs.cpio".into()),
+            cpus: 4,
+            memory_mib: 1024,
+            cmdline: "quiet rdinit=/bin/probe -- a=b".into(),
+            console: Some("/run/g/console.log".into()),
+            disks: vec![
+                DiskConfig {
+                    path: "/v/a.ext4".into(),
+                    read_only: true,
+                    id: Some("capsa-vol0".into()),
+                },
+                DiskConfig {
+                    path: "/v/b.img".into(),
+                    read_only: false,
+                    id: None,
+                },
+            ],
+            nets: vec![NetConfig {
+                tap: "capsa-0a000002".into(),
+                mac: MacAddr([0x02, 0xca, 0x95, 0, 0, 2]),
+                bridge: Some("capsa0".into()),
+            }],
+            vsock: Some(VsockConfig {
+                path: "/run/g/v.sock".into(),
+                guest_cid: 7,
+            }),
+            no_rng: true,
+        };
+        assert_eq!(parse(args.to_args().unwrap()), args);
+    }
+
+    #[test]
+    fn the_defaults_round_trip_and_match_a_bare_command_line() {
+        let args = VmmArgs::new("/k/vmlinux");
+        assert_eq!(parse(args.to_args().unwrap()), args);
+        assert_eq!(parse(vec!["--kernel".into(), "/k/vmlinux".into()]), args);
+    }
+
+    #[test]
+    fn a_device_that_would_not_parse_back_is_refused() {
+        let mut args = VmmArgs::new("/k/vmlinux");
+        args.disks.push(DiskConfig {
+            path: "/v/a,ro.img".into(),
+            read_only: false,
+            id: None,
+        });
+        let err = args.to_args().unwrap_err().to_string();
+        assert!(err.contains("/v/a,ro.img"), "{err}");
+    }
+}
