@@ -2,6 +2,7 @@
 //! its own, keeps images (an OCI store), logs and state under its root,
 //! and serves an HTTP/JSON API on a Unix socket (0600) for `capsa`.
 
+mod errors;
 mod groups;
 mod http;
 mod logs;

@@ -52,8 +52,7 @@ pub fn watch(
             };
             failures = if healthy { 0 } else { failures + 1 };
             if failures >= probe.failure_threshold {
-                group.emit_for(
-                    &group.name(),
+                group.emit(
                     Some(&container),
                     "unhealthy",
                     Some(format!(

@@ -8,7 +8,7 @@ use capsa_protocol::agent::{volume, BlockDevice, EmptyDir, Secret, SecretFile, V
 use capsa_vmm_config::DiskConfig;
 use capsa_volumes::VolumeStore;
 
-use crate::groups::error;
+use crate::errors::{error, volume_error};
 
 /// What the VMM and the agent get for a group's volumes.
 #[derive(Debug, Default)]
@@ -118,17 +118,6 @@ pub fn plan(
         });
     }
     Ok(plan)
-}
-
-pub fn volume_error(e: capsa_volumes::VolumeError) -> ApiError {
-    use capsa_volumes::VolumeError;
-    let code = match &e {
-        VolumeError::NotFound(_) => ErrorCode::NotFound,
-        VolumeError::Exists(_) => ErrorCode::AlreadyExists,
-        VolumeError::InvalidName(_) | VolumeError::BadSize { .. } => ErrorCode::InvalidRequest,
-        VolumeError::Io { .. } | VolumeError::Tool { .. } => ErrorCode::Internal,
-    };
-    error(code, e.to_string())
 }
 
 #[cfg(test)]

@@ -1,0 +1,159 @@
+//! One container group as the daemon holds it: its state behind one lock
+//! (the lifecycle, the guest connection, the published ports), changed
+//! only through [`Group::transition`], which saves the record and emits
+//! the transition's events.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use capsa_api::{ContainerStatus, Event, GroupStatus};
+use capsa_guest_client::Guest;
+
+use super::lifecycle::{Lifecycle, Refused, Transition};
+use crate::state::{self, now_ms, GroupPaths, GroupRecord};
+
+pub struct Group {
+    pub paths: GroupPaths,
+    state: Mutex<GroupState>,
+    changed: Condvar,
+    events: tokio::sync::broadcast::Sender<Event>,
+}
+
+/// Everything about a group that changes, under the group's one lock.
+pub struct GroupState {
+    pub life: Lifecycle,
+    /// The agent's connection while the VM runs.
+    pub guest: Option<Arc<Guest>>,
+    /// The group's published ports, open while it exists.
+    pub published: Vec<capsa_network::Published>,
+}
+
+impl Group {
+    pub fn new(
+        paths: GroupPaths,
+        record: GroupRecord,
+        events: tokio::sync::broadcast::Sender<Event>,
+    ) -> Arc<Self> {
+        Arc::new(Group {
+            paths,
+            state: Mutex::new(GroupState {
+                life: Lifecycle::new(record),
+                guest: None,
+                published: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            events,
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies `transition`; when allowed, the record is saved (unless the
+    /// group is being deleted), its events are sent, and waiters woken.
+    /// Returns the record as it is afterwards.
+    pub fn transition(&self, transition: Transition) -> Result<GroupRecord, Refused> {
+        let mut state = self.lock();
+        let announcements = state.life.apply(transition)?;
+        let record = state.life.record().clone();
+        if !state.life.deleted() {
+            if let Err(e) = state::save(&self.paths, &record) {
+                eprintln!("capsad: saving group {}: {e:#}", record.spec.name);
+            }
+        }
+        for a in announcements {
+            self.send(
+                &record.spec.name,
+                a.container.as_deref(),
+                a.action,
+                a.detail,
+            );
+        }
+        self.changed.notify_all();
+        Ok(record)
+    }
+
+    /// Sends an event about the group that is no status change (created,
+    /// deleted, unhealthy).
+    pub fn emit(&self, container: Option<&str>, action: &str, detail: Option<String>) {
+        self.send(&self.name(), container, action, detail);
+    }
+
+    fn send(&self, group: &str, container: Option<&str>, action: &str, detail: Option<String>) {
+        // Nobody listening is fine.
+        let _ = self.events.send(Event {
+            time: now_ms(),
+            group: group.to_string(),
+            container: container.map(str::to_string),
+            action: action.to_string(),
+            detail,
+        });
+    }
+
+    /// Blocks until `ready` finds what it waits for in the record.
+    pub fn wait_for<R>(&self, mut ready: impl FnMut(&GroupRecord) -> Option<R>) -> R {
+        let mut state = self.lock();
+        loop {
+            if let Some(result) = ready(state.life.record()) {
+                return result;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub fn snapshot(&self) -> GroupRecord {
+        self.lock().life.record().clone()
+    }
+
+    pub fn guest(&self) -> Option<Arc<Guest>> {
+        self.lock().guest.clone()
+    }
+
+    /// Whether `container` still runs the incarnation started at
+    /// `started_at`.
+    pub fn runs(&self, container: &str, started_at: u64) -> bool {
+        self.lock().life.record().containers.iter().any(|c| {
+            c.name == container
+                && c.status == ContainerStatus::Running
+                && c.started_at == Some(started_at)
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.lock().life.record().spec.name.clone()
+    }
+
+    pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.lock().life.record().ip
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.lock().life.record().status == GroupStatus::Running
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.lock().life.stopping()
+    }
+
+    /// Waits `delay`; false when the group is being stopped or deleted
+    /// meanwhile.
+    pub fn pause(&self, delay: Duration) -> bool {
+        let deadline = Instant::now() + delay;
+        let mut state = self.lock();
+        loop {
+            if state.life.stopping() {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}

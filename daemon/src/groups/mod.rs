@@ -1,0 +1,323 @@
+//! Container groups: each runs in a microVM of its own. The daemon starts
+//! the VMM, hands the agent the images and the containers, copies their
+//! output into logs, records exits, and stops the VM when nothing runs in
+//! it any more. Calls here block; the HTTP layer runs them off its
+//! threads.
+//!
+//! - `lifecycle`: the state machine every status change goes through;
+//! - `group`: one group and its one lock;
+//! - `start`: booting a group and launching its containers, stopping it;
+//! - `restart`: the restart policy and its back-off;
+//! - `adopt`: groups found again after a daemon restart;
+//! - `exec`, `stats`, `oci`: processes started in a container, figures,
+//!   and the OCI runtime spec made of a container spec.
+
+mod adopt;
+mod exec;
+mod group;
+pub mod lifecycle;
+mod oci;
+mod restart;
+mod start;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capsa_api::{
+    ApiError, ContainerStatus, ErrorCode, Event, GroupSpec, GroupStatus, GroupView, PortProtocol,
+    WaitResponse,
+};
+use capsa_image_store::ImageStore;
+use capsa_network::Network;
+use capsa_volumes::VolumeStore;
+
+use crate::errors::{conflict, error, internal, no_container, no_group};
+use crate::state::{self, GroupPaths, GroupRecord};
+use capsa_vm_process::VmConfig;
+pub use exec::Exec;
+pub use group::Group;
+use lifecycle::group_word;
+
+/// How long containers get between SIGTERM and SIGKILL when a group stops.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Daemon {
+    pub root: PathBuf,
+    pub images: ImageStore,
+    vm: VmConfig,
+    /// None when the daemon runs without networking (--no-network).
+    network: Option<Network>,
+    pub volumes: VolumeStore,
+    /// Held from a start's checks until its group counts as running, so
+    /// two starts cannot both claim one volume.
+    starting: Mutex<()>,
+    pub metrics: crate::metrics::Metrics,
+    groups: Mutex<BTreeMap<String, Arc<Group>>>,
+    next_exec: std::sync::atomic::AtomicU64,
+    events: tokio::sync::broadcast::Sender<Event>,
+}
+
+impl Daemon {
+    pub fn new(
+        root: PathBuf,
+        images: ImageStore,
+        vm: VmConfig,
+        network: Option<Network>,
+        volumes: VolumeStore,
+    ) -> Arc<Self> {
+        Arc::new(Daemon {
+            root,
+            images,
+            vm,
+            network,
+            volumes,
+            starting: Mutex::new(()),
+            metrics: Default::default(),
+            groups: Mutex::new(BTreeMap::new()),
+            next_exec: std::sync::atomic::AtomicU64::new(1),
+            events: tokio::sync::broadcast::channel(1024).0,
+        })
+    }
+
+    fn new_group(&self, paths: GroupPaths, record: GroupRecord) -> Arc<Group> {
+        Group::new(paths, record, self.events.clone())
+    }
+
+    /// Gives a group its name in DNS and opens its published ports.
+    fn connect(&self, group: &Group) -> Result<(), ApiError> {
+        let (Some(network), record) = (&self.network, group.snapshot()) else {
+            return Ok(());
+        };
+        let Some(ip) = record.ip else { return Ok(()) };
+        let mut published = Vec::new();
+        for container in &record.spec.containers {
+            for port in &container.ports {
+                let protocol = match port.protocol {
+                    PortProtocol::Tcp => capsa_network::Protocol::Tcp,
+                    PortProtocol::Udp => capsa_network::Protocol::Udp,
+                };
+                let listen = SocketAddr::new(port.host_ip, port.host_port);
+                let target = SocketAddr::new(IpAddr::V4(ip), port.container_port);
+                published.push(
+                    network
+                        .publish(protocol, listen, target)
+                        .map_err(conflict)?,
+                );
+            }
+        }
+        group.lock().published = published;
+        network.register_name(&record.spec.name, ip);
+        Ok(())
+    }
+
+    fn disconnect(&self, group: &Group) {
+        group.lock().published.clear();
+        if let Some(network) = &self.network {
+            network.forget_name(&group.name());
+        }
+    }
+
+    fn group(&self, name: &str) -> Result<Arc<Group>, ApiError> {
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| no_group(name))
+    }
+
+    fn all_groups(&self) -> Vec<Arc<Group>> {
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn list(&self) -> Vec<GroupView> {
+        self.all_groups()
+            .iter()
+            .map(|g| g.snapshot().view())
+            .collect()
+    }
+
+    /// The running groups volume `name` is attached to.
+    pub fn volume_users(&self, name: &str) -> Vec<String> {
+        self.all_groups()
+            .iter()
+            .map(|g| g.snapshot())
+            .filter(|r| r.status == GroupStatus::Running)
+            .filter(|r| {
+                r.spec
+                    .volumes
+                    .iter()
+                    .any(|v| v.persistent.as_ref().is_some_and(|p| p.volume == name))
+            })
+            .map(|r| r.spec.name)
+            .collect()
+    }
+
+    pub fn inspect(&self, name: &str) -> Result<GroupView, ApiError> {
+        Ok(self.group(name)?.snapshot().view())
+    }
+
+    /// Who uses image `name`, if any group does.
+    pub fn image_user(&self, name: &str) -> Option<String> {
+        self.all_groups().iter().find_map(|group| {
+            let record = group.snapshot();
+            let uses = record
+                .spec
+                .containers
+                .iter()
+                .any(|c| capsa_image_store::normalize_name(&c.image).is_ok_and(|n| n == name));
+            uses.then(|| format!("group {}", record.spec.name))
+        })
+    }
+
+    pub fn create(&self, spec: GroupSpec) -> Result<GroupView, ApiError> {
+        let began = Instant::now();
+        let view = self.create_group(spec)?;
+        self.metrics
+            .create_seconds
+            .observe(began.elapsed().as_secs_f64());
+        Ok(view)
+    }
+
+    fn create_group(&self, spec: GroupSpec) -> Result<GroupView, ApiError> {
+        spec.validate().map_err(|e| ApiError {
+            code: ErrorCode::InvalidSpec,
+            message: "invalid container group spec".into(),
+            details: e.problems,
+        })?;
+        let mut missing = Vec::new();
+        for (i, container) in spec.containers.iter().enumerate() {
+            if let Err(e) = self.images.summary(&container.image) {
+                missing.push(format!("containers[{i}].image: {e}"));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(ApiError {
+                code: ErrorCode::ImageNotFound,
+                message: "the spec names images the store does not have (capsa image import)"
+                    .into(),
+                details: missing,
+            });
+        }
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if groups.contains_key(&spec.name) {
+            return Err(error(
+                ErrorCode::AlreadyExists,
+                format!("group {:?} already exists", spec.name),
+            ));
+        }
+        let paths = GroupPaths::new(&self.root, &spec.name);
+        let mut record = GroupRecord::new(spec);
+        if let Some(network) = &self.network {
+            let used = groups.values().filter_map(|g| g.ip());
+            record.ip = Some(network.allocate(used).map_err(conflict)?);
+        }
+        let group = self.new_group(paths, record);
+        // Ports first: a taken one refuses the group before anything is
+        // written.
+        self.connect(&group)?;
+        let record = group.snapshot();
+        let saved = std::fs::create_dir_all(&group.paths.dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| state::save(&group.paths, &record));
+        if let Err(e) = saved {
+            self.disconnect(&group);
+            return Err(internal(e));
+        }
+        let view = record.view();
+        group.emit(None, "created", None);
+        groups.insert(view.name.clone(), group);
+        Ok(view)
+    }
+
+    /// Stops the containers (SIGTERM, SIGKILL after `grace`) and the VM.
+    pub fn stop(&self, name: &str, grace: Duration) -> Result<GroupView, ApiError> {
+        let group = self.group(name)?;
+        start::stop_vm(&group, grace);
+        Ok(group.snapshot().view())
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), ApiError> {
+        let group = self
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .ok_or_else(|| no_group(name))?;
+        let _ = group.transition(lifecycle::Transition::Delete);
+        // Stopped, or on its way there: either way the VMM must be gone
+        // before its files are.
+        start::stop_vm(&group, Duration::from_secs(2));
+        self.disconnect(&group);
+        // Under the group's lock: no save is half done meanwhile (none
+        // comes after Delete).
+        let state = group.lock();
+        std::fs::remove_dir_all(&group.paths.dir).map_err(internal)?;
+        drop(state);
+        group.emit(None, "deleted", None);
+        Ok(())
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Blocks until `container` of `name` has exited.
+    pub fn wait(&self, name: &str, container: &str) -> Result<WaitResponse, ApiError> {
+        let group = self.group(name)?;
+        group.wait_for(|record| {
+            let Some(c) = record.containers.iter().find(|c| c.name == container) else {
+                return Some(Err(no_container(name, container)));
+            };
+            if c.status == ContainerStatus::Exited {
+                return Some(Ok(WaitResponse {
+                    exit_code: c.exit_code.unwrap_or(-1),
+                    signal: c.signal,
+                    oom_killed: c.oom_killed,
+                }));
+            }
+            if matches!(record.status, GroupStatus::Failed | GroupStatus::Stopped) {
+                return Some(Err(conflict(format!(
+                    "group {name:?} is {} and container {container:?} never exited: {}",
+                    group_word(record.status),
+                    record.error.clone().unwrap_or_default()
+                ))));
+            }
+            None
+        })
+    }
+
+    /// Whether `container` of `name` has exited (its log is then complete).
+    pub fn wait_done(&self, name: &str, container: &str) -> bool {
+        self.group(name).is_ok_and(|group| {
+            group
+                .snapshot()
+                .containers
+                .iter()
+                .any(|c| c.name == container && c.status == ContainerStatus::Exited)
+        })
+    }
+
+    /// The log file of a container, checking both exist.
+    pub fn log_path(&self, name: &str, container: &str) -> Result<(PathBuf, Arc<Group>), ApiError> {
+        let group = self.group(name)?;
+        if !group
+            .snapshot()
+            .containers
+            .iter()
+            .any(|c| c.name == container)
+        {
+            return Err(no_container(name, container));
+        }
+        Ok((group.paths.log(container), group))
+    }
+}

@@ -1,0 +1,298 @@
+//! Booting a group's VM, launching its containers with their output going
+//! to logs, and stopping the VM again.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use capsa_api::{ApiError, ContainerSpec, GroupSpec, GroupStatus, GroupView};
+use capsa_guest_client::{Guest, OciImage, Streams};
+use capsa_protocol::stdio::StreamKind;
+use capsa_vm_process::{self as vm, VmSpec};
+
+use super::lifecycle::{Refused, Transition};
+use super::{oci, restart, Daemon, Group};
+use crate::errors::{guest_failed, internal, refused};
+use crate::logs::LogWriter;
+use crate::state::now_ms;
+
+/// How long a booting guest gets to answer.
+const BOOT_PATIENCE: Duration = Duration::from_secs(120);
+
+impl Daemon {
+    /// Boots the group's VM and starts its containers, telling `report`
+    /// each step; returns once they run (or the start failed, which leaves
+    /// the group Failed).
+    pub fn start(
+        self: &Arc<Self>,
+        name: &str,
+        report: &mut dyn FnMut(String),
+    ) -> Result<GroupView, ApiError> {
+        let began = Instant::now();
+        let group = self.group(name)?;
+        let starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        let record = group.snapshot();
+        if record.status == GroupStatus::Running {
+            return Err(refused(Refused::AlreadyRunning {
+                group: name.to_string(),
+            }));
+        }
+        let running: Vec<GroupSpec> = self
+            .all_groups()
+            .iter()
+            .map(|g| g.snapshot())
+            .filter(|r| r.status == GroupStatus::Running && r.spec.name != record.spec.name)
+            .map(|r| r.spec)
+            .collect();
+        let volumes = crate::volumes::plan(&self.volumes, &record.spec, &running)?;
+        let net = self
+            .network
+            .as_ref()
+            .zip(record.ip)
+            .map(|(network, ip)| network.nic(ip));
+        let mut child = vm::spawn(
+            &self.vm,
+            &VmSpec {
+                cpus: record.spec.cpus(),
+                memory_mib: record.spec.memory_mib(),
+                net,
+                disks: &volumes.disks,
+                vsock: &group.paths.vsock(),
+                console: &group.paths.console(),
+            },
+        )
+        .map_err(internal)?;
+        let pid = child.id();
+        report(format!(
+            "booting the microVM: {} vCPU, {} MiB (VMM pid {pid})",
+            record.spec.cpus(),
+            record.spec.memory_mib()
+        ));
+        if let Err(e) = group.transition(Transition::Boot {
+            vmm_pid: pid,
+            at: now_ms(),
+        }) {
+            // Started meanwhile by someone else: this VMM is not wanted.
+            vm::kill(pid);
+            let _ = child.wait();
+            return Err(refused(e));
+        }
+        drop(starting);
+        let (daemon, watched) = (self.clone(), group.clone());
+        std::thread::spawn(move || {
+            let how = child
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
+            vm_exited(&daemon, &watched, how);
+        });
+        match self.run_containers(&group, volumes.sandbox, report) {
+            Ok(()) => {
+                self.metrics
+                    .start_seconds
+                    .observe(began.elapsed().as_secs_f64());
+                Ok(group.snapshot().view())
+            }
+            Err(e) => {
+                let _ = group.transition(Transition::Stop);
+                vm::kill(pid);
+                let _ = group.transition(Transition::Fail {
+                    error: e.message.clone(),
+                });
+                Err(e)
+            }
+        }
+    }
+
+    fn run_containers(
+        self: &Arc<Self>,
+        group: &Arc<Group>,
+        volumes: Vec<capsa_protocol::agent::Volume>,
+        report: &mut dyn FnMut(String),
+    ) -> Result<(), ApiError> {
+        let record = group.snapshot();
+        let console = group.paths.console();
+        let booting = Instant::now();
+        // A connect error is always unanswered: the console comes with it.
+        let guest = Guest::connect(&group.paths.vsock(), BOOT_PATIENCE)
+            .map_err(|e| guest_failed(&console, "the guest did not answer", e))?;
+        report(format!(
+            "the guest agent answered after {} ms",
+            booting.elapsed().as_millis()
+        ));
+        let guest = Arc::new(guest);
+        let sandbox = self.sandbox_request(&record, volumes);
+        guest
+            .setup_sandbox(&sandbox)
+            .map_err(|e| guest_failed(&console, "setting up the sandbox", e))?;
+        group.lock().guest = Some(guest.clone());
+        for container in &record.spec.containers {
+            let copiers = self.launch(group, &guest, container, report)?;
+            restart::watch_container(
+                self.clone(),
+                group.clone(),
+                guest.clone(),
+                container.name.clone(),
+                copiers,
+            );
+        }
+        Ok(())
+    }
+
+    /// What the agent sets up before any container: the hostname, the
+    /// clock, the volumes and, with networking, eth0, its route and DNS.
+    fn sandbox_request(
+        &self,
+        record: &crate::state::GroupRecord,
+        volumes: Vec<capsa_protocol::agent::Volume>,
+    ) -> capsa_protocol::agent::SetupSandboxRequest {
+        let mut sandbox = capsa_protocol::agent::SetupSandboxRequest {
+            hostname: record.spec.name.clone(),
+            time_unix_ns: (now_ms() as i64) * 1_000_000,
+            volumes,
+            ..Default::default()
+        };
+        if let (Some(network), Some(ip)) = (&self.network, record.ip) {
+            let gateway = network.gateway().to_string();
+            sandbox.interfaces.push(capsa_protocol::agent::Interface {
+                mac: capsa_network::mac_for(ip).to_string(),
+                name: "eth0".into(),
+                addresses: vec![format!("{ip}/{}", network.prefix_len())],
+                ..Default::default()
+            });
+            sandbox.routes.push(capsa_protocol::agent::Route {
+                destination: "default".into(),
+                gateway: gateway.clone(),
+                device: "eth0".into(),
+                ..Default::default()
+            });
+            sandbox.dns = protobuf::MessageField::some(capsa_protocol::agent::Dns {
+                servers: vec![gateway],
+                ..Default::default()
+            });
+        }
+        sandbox
+    }
+
+    /// Creates and starts one container in the guest, its output going to
+    /// its log.
+    pub(super) fn launch(
+        &self,
+        group: &Arc<Group>,
+        guest: &Arc<Guest>,
+        container: &ContainerSpec,
+        report: &mut dyn FnMut(String),
+    ) -> Result<Vec<JoinHandle<()>>, ApiError> {
+        let console = group.paths.console();
+        let console = console.as_path();
+        let failed = |what: String| move |e| guest_failed(console, &what, e);
+        let image = OciImage::open(
+            self.images.layout(),
+            Some(&oci::normalized(&container.image)),
+        )
+        .map_err(internal)?;
+        let pushing = Instant::now();
+        let chain = guest
+            .push_image(&image)
+            .map_err(failed(format!("container {}: image", container.name)))?;
+        report(format!(
+            "container {}: image {} ({} layer(s)) in the guest after {} ms",
+            container.name,
+            container.image,
+            image.layers.len(),
+            pushing.elapsed().as_millis()
+        ));
+        let spec = oci::spec_for(&image, container).map_err(internal)?;
+        guest
+            .create(&container.name, &chain, &spec, Streams::OUTPUT)
+            .map_err(failed(format!("container {}", container.name)))?;
+        let copiers = attach_logs(group, guest, container)?;
+        guest
+            .start(&container.name)
+            .map_err(failed(format!("container {}", container.name)))?;
+        report(format!("container {} started", container.name));
+        let started_at = now_ms();
+        if let Err(e) = group.transition(Transition::ContainerStarted {
+            name: container.name.clone(),
+            at: started_at,
+        }) {
+            // The group stopped meanwhile; its VM takes the container.
+            eprintln!("capsad: {e}");
+            return Ok(copiers);
+        }
+        if let Some(probe) = &container.liveness_probe {
+            crate::probes::watch(
+                group.clone(),
+                guest.clone(),
+                container.name.clone(),
+                probe.clone(),
+                spec.process().clone().unwrap_or_default(),
+                started_at,
+            );
+        }
+        Ok(copiers)
+    }
+}
+
+/// Copies a container's output into its log, from where it is now: the
+/// agent resends what an earlier daemon had not kept.
+pub(super) fn attach_logs(
+    group: &Group,
+    guest: &Guest,
+    container: &ContainerSpec,
+) -> Result<Vec<JoinHandle<()>>, ApiError> {
+    let log = LogWriter::open(&group.paths.log(&container.name)).map_err(internal)?;
+    // A terminal has one output stream.
+    let streams: &[_] = if container.tty {
+        &[(StreamKind::Stdout, "stdout")]
+    } else {
+        &[
+            (StreamKind::Stdout, "stdout"),
+            (StreamKind::Stderr, "stderr"),
+        ]
+    };
+    let mut copiers = Vec::new();
+    for &(kind, tag) in streams {
+        let stream = guest
+            .attach_acked(&container.name, "", kind)
+            .map_err(internal)?;
+        let log = log.clone();
+        copiers.push(std::thread::spawn(move || {
+            if let Err(e) = log.copy(tag, stream) {
+                eprintln!("capsad: log of {}: {e}", log.path().display());
+            }
+        }));
+    }
+    Ok(copiers)
+}
+
+/// Stops the containers (SIGTERM, SIGKILL after `grace`), then the VM,
+/// by force if it does not power off in time.
+pub(super) fn stop_vm(group: &Arc<Group>, grace: Duration) {
+    let _ = group.transition(Transition::Stop);
+    let guest = group.lock().guest.take();
+    if let Some(guest) = guest {
+        let _ = guest.shutdown(grace);
+    }
+    if let Some(pid) = group.snapshot().vmm_pid {
+        let deadline = Instant::now() + grace + Duration::from_secs(10);
+        while vm::is_our_vmm(pid, &group.paths.vsock()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if vm::is_our_vmm(pid, &group.paths.vsock()) {
+            vm::kill(pid);
+        }
+    }
+    let _ = group.transition(Transition::Stopped);
+}
+
+/// The VMM process ended: a failure unless the daemon was stopping it,
+/// and then the restart policy may boot the group again.
+pub(super) fn vm_exited(daemon: &Arc<Daemon>, group: &Arc<Group>, how: String) {
+    group.lock().guest.take();
+    let console = vm::console_tail(&group.paths.console());
+    let after = group.transition(Transition::VmmExited { how, console });
+    if after.is_ok_and(|record| record.status == GroupStatus::Failed) {
+        restart::restart_failed_group(daemon, group);
+    }
+}

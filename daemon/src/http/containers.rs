@@ -1,0 +1,248 @@
+//! A group's containers: wait, logs, exec.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use capsa_api::exec::{self, ExecRequest, Frame};
+use capsa_api::ErrorCode;
+use serde::Deserialize;
+
+use super::{blocking, Failure, Reply};
+use crate::errors::{error, internal};
+use crate::groups::{Daemon, Exec};
+use crate::logs;
+
+pub(super) async fn wait_container(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath((name, container)): UrlPath<(String, String)>,
+) -> Reply<capsa_api::WaitResponse> {
+    Ok(Json(
+        blocking(move || daemon.wait(&name, &container)).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+pub(super) struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    tail: Option<usize>,
+    /// Unix milliseconds.
+    since: Option<u64>,
+}
+
+/// JSON lines; with `follow`, the response goes on until the container
+/// has exited and its last line has been sent.
+pub(super) async fn container_logs(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath((name, container)): UrlPath<(String, String)>,
+    Query(query): Query<LogsQuery>,
+) -> Result<Response, Failure> {
+    let (path, group) = {
+        let daemon = daemon.clone();
+        let (name, container) = (name.clone(), container.clone());
+        blocking(move || daemon.log_path(&name, &container)).await?
+    };
+    let (lines, offset) = {
+        let path = path.clone();
+        blocking(move || logs::read(&path, query.tail, query.since).map_err(internal)).await?
+    };
+    let mut first = String::new();
+    for line in &lines {
+        first.push_str(&serde_json::to_string(line).unwrap_or_default());
+        first.push('\n');
+    }
+    if !query.follow {
+        return Ok(([("content-type", "application/x-ndjson")], first).into_response());
+    }
+    let stream = futures::stream::unfold(
+        (Some(first), offset, false),
+        move |(pending, offset, finished)| {
+            let path = path.clone();
+            let daemon = daemon.clone();
+            let group = group.clone();
+            let (name, container) = (name.clone(), container.clone());
+            async move {
+                if let Some(text) = pending {
+                    return Some((Ok::<_, std::io::Error>(text), (None, offset, false)));
+                }
+                if finished {
+                    return None;
+                }
+                let mut offset = offset;
+                loop {
+                    // Whether it had ended before this read: then whatever
+                    // the read finds is the last of it.
+                    let ended = daemon.wait_done(&name, &container) || !group.is_running();
+                    let mut lines = Vec::new();
+                    offset = logs::read_lines(&path, offset, &mut lines).unwrap_or(offset);
+                    if !lines.is_empty() || ended {
+                        let mut text = String::new();
+                        for line in &lines {
+                            text.push_str(&serde_json::to_string(line).unwrap_or_default());
+                            text.push('\n');
+                        }
+                        return Some((Ok(text), (None, offset, ended)));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        },
+    );
+    Ok((
+        [("content-type", "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Upgrades the connection to `capsa-exec/1` and bridges its frames to
+/// the exec'd process's streams (see capsa_api::exec).
+pub(super) async fn exec(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath((name, container)): UrlPath<(String, String)>,
+    mut request: axum::extract::Request,
+) -> Result<Response, Failure> {
+    let header = request
+        .headers()
+        .get(exec::REQUEST_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            error(
+                ErrorCode::InvalidRequest,
+                "exec needs the capsa-exec header",
+            )
+        })?;
+    let exec_request: ExecRequest = serde_json::from_str(header)
+        .map_err(|e| error(ErrorCode::InvalidRequest, format!("capsa-exec header: {e}")))?;
+    let upgrade = request
+        .headers()
+        .get("upgrade")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(exec::UPGRADE_PROTOCOL));
+    if !upgrade {
+        return Err(Failure(error(
+            ErrorCode::InvalidRequest,
+            format!("exec needs Upgrade: {}", exec::UPGRADE_PROTOCOL),
+        )));
+    }
+    let started = blocking(move || daemon.exec_start(&name, &container, &exec_request)).await?;
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => bridge(hyper_util::rt::TokioIo::new(upgraded), started).await,
+            Err(e) => eprintln!("capsad: exec upgrade failed: {e}"),
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", exec::UPGRADE_PROTOCOL)
+        .body(Body::empty())
+        .map_err(internal)?)
+}
+
+pub(super) async fn bridge<S>(client: S, started: Exec)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_in, mut client_out) = tokio::io::split(client);
+    let (frames, mut outgoing) = tokio::sync::mpsc::channel::<Frame>(16);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = outgoing.recv().await {
+            let last = matches!(frame, Frame::Exit(_) | Frame::Error(_));
+            if client_out.write_all(&frame.encode()).await.is_err() || last {
+                break;
+            }
+        }
+        let _ = client_out.shutdown().await;
+    });
+    let to_async = |stream: std::os::unix::net::UnixStream| {
+        stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(stream))
+    };
+    let mut pumps = Vec::new();
+    let outputs = [(Some(started.stdout), true), (started.stderr, false)];
+    for (stream, is_stdout) in outputs {
+        let Some(Ok(mut stream)) = stream.map(to_async) else {
+            continue;
+        };
+        let frames = frames.clone();
+        pumps.push(tokio::spawn(async move {
+            let mut buffer = vec![0u8; 32 * 1024];
+            loop {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let data = buffer[..n].to_vec();
+                        let frame = if is_stdout {
+                            Frame::Stdout(data)
+                        } else {
+                            Frame::Stderr(data)
+                        };
+                        if frames.send(frame).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let guest = started.guest.clone();
+    let (container, exec_id) = (started.container.clone(), started.exec_id.clone());
+    let mut stdin = started.stdin.map(to_async).and_then(Result::ok);
+    let input = tokio::spawn(async move {
+        let mut buffer = Vec::new();
+        let mut chunk = vec![0u8; 32 * 1024];
+        loop {
+            let n = match client_in.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            buffer.extend_from_slice(&chunk[..n]);
+            while let Ok(Some(frame)) = Frame::decode(&mut buffer) {
+                match frame {
+                    Frame::Stdin(data) => {
+                        if let Some(stdin) = stdin.as_mut() {
+                            let _ = stdin.write_all(&data).await;
+                        }
+                    }
+                    Frame::StdinEnd => {
+                        if let Some(mut stdin) = stdin.take() {
+                            let _ = stdin.shutdown().await;
+                        }
+                    }
+                    Frame::Resize { rows, columns } => {
+                        let (guest, container, exec_id) =
+                            (guest.clone(), container.clone(), exec_id.clone());
+                        let _ = tokio::task::spawn_blocking(move || {
+                            guest.resize(&container, &exec_id, rows.into(), columns.into())
+                        })
+                        .await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    for pump in pumps {
+        let _ = pump.await;
+    }
+    let (guest, container, exec_id) = (started.guest, started.container, started.exec_id);
+    let exit = tokio::task::spawn_blocking(move || guest.wait(&container, &exec_id)).await;
+    let last = match exit {
+        Ok(Ok(exit)) => Frame::Exit(exit.code),
+        Ok(Err(e)) => Frame::Error(e.to_string()),
+        Err(e) => Frame::Error(e.to_string()),
+    };
+    let _ = frames.send(last).await;
+    drop(frames);
+    let _ = writer.await;
+    input.abort();
+}

@@ -1,0 +1,93 @@
+//! Persistent volumes: list, create, grow, remove.
+
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::Json;
+use capsa_api::{ApiError, ErrorCode, VolumeRequest, VolumeView};
+
+use super::{blocking, Reply};
+use crate::errors::{error, volume_error};
+use crate::groups::Daemon;
+
+pub(super) fn volume_view(daemon: &Daemon, volume: capsa_volumes::Volume) -> VolumeView {
+    VolumeView {
+        attached_to: daemon.volume_users(&volume.name),
+        name: volume.name,
+        size_bytes: volume.size_bytes,
+        created_at: volume.created_at,
+    }
+}
+
+pub(super) async fn list_volumes(State(daemon): State<Arc<Daemon>>) -> Reply<Vec<VolumeView>> {
+    blocking(move || {
+        let volumes = daemon.volumes.list().map_err(volume_error)?;
+        Ok(volumes
+            .into_iter()
+            .map(|v| volume_view(&daemon, v))
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+pub(super) async fn create_volume(
+    State(daemon): State<Arc<Daemon>>,
+    Json(request): Json<VolumeRequest>,
+) -> Reply<VolumeView> {
+    blocking(move || {
+        let volume = daemon
+            .volumes
+            .create(&request.name, request.size_mib)
+            .map_err(volume_error)?;
+        Ok(volume_view(&daemon, volume))
+    })
+    .await
+    .map(Json)
+}
+
+/// Refused while a running group has the volume attached.
+pub(super) fn not_attached(daemon: &Daemon, name: &str) -> Result<(), ApiError> {
+    let users = daemon.volume_users(name);
+    if users.is_empty() {
+        Ok(())
+    } else {
+        Err(error(
+            ErrorCode::Conflict,
+            format!(
+                "volume {name:?} is attached to running group(s) {}",
+                users.join(", ")
+            ),
+        ))
+    }
+}
+
+pub(super) async fn grow_volume(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+    Json(request): Json<capsa_api::VolumeGrowRequest>,
+) -> Reply<VolumeView> {
+    blocking(move || {
+        not_attached(&daemon, &name)?;
+        let volume = daemon
+            .volumes
+            .grow(&name, request.size_mib)
+            .map_err(volume_error)?;
+        Ok(volume_view(&daemon, volume))
+    })
+    .await
+    .map(Json)
+}
+
+pub(super) async fn remove_volume(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<serde_json::Value> {
+    blocking(move || {
+        not_attached(&daemon, &name)?;
+        daemon.volumes.remove(&name).map_err(volume_error)?;
+        Ok(serde_json::json!({ "removed": name }))
+    })
+    .await
+    .map(Json)
+}
