@@ -6,10 +6,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use capsa_guest_client::{Guest, GuestError};
+use capsa_guest_client::Guest;
 use capsa_protocol::agent::SetupSandboxRequest;
+use capsa_vm_process::sandbox::{self, BootError};
 use capsa_vm_process::{self as vm, VmSpec};
 use sha2::{Digest, Sha256};
 
@@ -32,14 +33,13 @@ pub enum SandboxError {
     NoInitrd(PathBuf),
     #[error(transparent)]
     Spawn(#[from] vm::VmError),
-    #[error("the VM did not come up: {error}; its console ended with:\n{console}")]
-    Boot { error: GuestError, console: String },
+    #[error("the VM did not come up: {0}")]
+    Boot(#[from] BootError),
 }
 
 pub struct Sandbox {
     dir: PathBuf,
-    vmm_pid: u32,
-    guest: Guest,
+    vm: sandbox::Sandbox,
     grace: Duration,
 }
 
@@ -66,7 +66,7 @@ impl Sandbox {
         })?;
         let vsock = dir.join("vsock");
         let console = dir.join("console.log");
-        let child = vm::spawn(
+        let (booting, child) = sandbox::boot(
             &config.vm(),
             &VmSpec {
                 cpus: config.cpus,
@@ -77,18 +77,12 @@ impl Sandbox {
                 console: &console,
             },
         )?;
-        let vmm_pid = child.id();
         // The shim's reaper collects the VMM when it exits.
         drop(child);
-        let _ = fs::write(dir.join("vmm.pid"), vmm_pid.to_string());
-        let sandbox = |guest| Sandbox {
-            dir: dir.clone(),
-            vmm_pid,
-            guest,
-            grace: Duration::from_secs(config.shutdown_grace_secs),
-        };
-        let booted = Guest::connect(&vsock, Duration::from_secs(config.boot_timeout_secs))
-            .and_then(|guest| {
+        let _ = fs::write(dir.join("vmm.pid"), booting.pid().to_string());
+        let booted = booting
+            .connect(Duration::from_secs(config.boot_timeout_secs))
+            .and_then(|vm| {
                 let request = SetupSandboxRequest {
                     hostname: hostname.to_string(),
                     time_unix_ns: SystemTime::now()
@@ -97,43 +91,44 @@ impl Sandbox {
                         .unwrap_or(0),
                     ..Default::default()
                 };
-                guest.setup_sandbox(&request)?;
-                Ok(guest)
+                match vm.guest().setup_sandbox(&request) {
+                    Ok(()) => Ok(vm),
+                    Err(e) => Err(vm.failure(e)),
+                }
             });
         match booted {
-            Ok(guest) => Ok(sandbox(guest)),
-            Err(error) => {
-                let console = vm::console_tail(&console);
+            Ok(vm) => Ok(Sandbox {
+                dir,
+                vm,
+                grace: Duration::from_secs(config.shutdown_grace_secs),
+            }),
+            Err(e) => {
                 destroy(&dir);
-                Err(SandboxError::Boot { error, console })
+                Err(e.into())
             }
         }
     }
 
     pub fn guest(&self) -> &Guest {
-        &self.guest
+        self.vm.guest()
     }
 
     pub fn vmm_pid(&self) -> u32 {
-        self.vmm_pid
+        self.vm.pid()
     }
 
     /// Whether the VMM still runs (a guest that crashed, or a VMM that was
     /// killed, takes every container with it).
     pub fn is_alive(&self) -> bool {
-        vm::is_our_vmm(self.vmm_pid, &self.dir.join("vsock"))
+        self.vm.is_alive()
     }
 
     /// Stops the containers (SIGTERM, then SIGKILL after the grace), powers
-    /// the VM off, and removes the sandbox's files.
+    /// the VM off (by force if it does not), and removes the sandbox's
+    /// files.
     pub fn shutdown(&self) {
-        if let Err(e) = self.guest.shutdown(self.grace) {
+        if let Err(e) = self.vm.shutdown(self.grace) {
             log::warn!("asking the guest to shut down: {e}");
-        }
-        let vsock = self.dir.join("vsock");
-        let deadline = Instant::now() + self.grace + Duration::from_secs(5);
-        while vm::is_our_vmm(self.vmm_pid, &vsock) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
         }
         destroy(&self.dir);
     }
@@ -149,7 +144,7 @@ pub fn destroy(dir: &Path) {
     {
         if vm::is_our_vmm(pid, &vsock) {
             log::warn!("killing the VMM {pid} of {}", dir.display());
-            vm::kill(pid);
+            sandbox::stop(pid, &vsock, Duration::ZERO);
         }
     }
     let _ = fs::remove_dir_all(dir);

@@ -1,7 +1,10 @@
 //! The VMM process of a microVM: started as a process of its own (its own
 //! process group, so neither a signal to its starter nor the starter's
 //! death reaches it), found again by PID after a restart, and stopped.
-//! capsad and the containerd shim both start their VMs here.
+//! capsad and the containerd shim both start their VMs here, and reach
+//! their agents through [`sandbox`].
+
+pub mod sandbox;
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capsa_api::{ContainerStatus, GroupStatus};
-use capsa_guest_client::Guest;
-use capsa_vm_process as vm;
+use capsa_vm_process::{self as vm, sandbox::Sandbox};
 
 use super::lifecycle::Transition;
 use super::{restart, start, Daemon, Group};
@@ -89,8 +88,9 @@ fn adopt(daemon: Arc<Daemon>, group: Arc<Group>) {
             containers,
         } => (vmm_pid, containers),
     };
-    let guest = match Guest::connect(&vsock, Duration::from_secs(10)) {
-        Ok(guest) => Arc::new(guest),
+    let sandbox = match Sandbox::adopt(pid, &vsock, &group.paths.console(), Duration::from_secs(10))
+    {
+        Ok(sandbox) => Arc::new(sandbox),
         Err(e) => {
             eprintln!(
                 "capsad: group {}: cannot reach its agent: {e}",
@@ -99,7 +99,8 @@ fn adopt(daemon: Arc<Daemon>, group: Arc<Group>) {
             return;
         }
     };
-    group.lock().guest = Some(guest.clone());
+    let guest = sandbox.guest().clone();
+    group.lock().sandbox = Some(sandbox);
     for name in containers {
         let copiers = record
             .spec

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use capsa_api::{ContainerStatus, Event, GroupStatus};
 use capsa_guest_client::Guest;
+use capsa_vm_process::sandbox::Sandbox;
 
 use super::lifecycle::{Lifecycle, Refused, Transition};
 use crate::state::{self, now_ms, GroupPaths, GroupRecord};
@@ -22,8 +23,8 @@ pub struct Group {
 /// Everything about a group that changes, under the group's one lock.
 pub struct GroupState {
     pub life: Lifecycle,
-    /// The agent's connection while the VM runs.
-    pub guest: Option<Arc<Guest>>,
+    /// The VM and its agent's connection while it runs.
+    pub sandbox: Option<Arc<Sandbox>>,
     /// The group's published ports, open while it exists.
     pub published: Vec<capsa_network::Published>,
 }
@@ -38,7 +39,7 @@ impl Group {
             paths,
             state: Mutex::new(GroupState {
                 life: Lifecycle::new(record),
-                guest: None,
+                sandbox: None,
                 published: Vec::new(),
             }),
             changed: Condvar::new(),
@@ -106,8 +107,9 @@ impl Group {
         self.lock().life.record().clone()
     }
 
+    /// The agent of the group's VM, while it runs.
     pub fn guest(&self) -> Option<Arc<Guest>> {
-        self.lock().guest.clone()
+        self.lock().sandbox.as_ref().map(|s| s.guest().clone())
     }
 
     /// Whether `container` still runs the incarnation started at

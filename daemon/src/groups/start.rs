@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use capsa_api::{ApiError, ContainerSpec, GroupSpec, GroupStatus, GroupView};
 use capsa_guest_client::{Guest, OciImage, Streams};
 use capsa_protocol::stdio::StreamKind;
-use capsa_vm_process::{self as vm, VmSpec};
+use capsa_vm_process::{self as vm, sandbox, VmSpec};
 
 use super::lifecycle::{Refused, Transition};
 use super::{oci, restart, Daemon, Group};
@@ -50,7 +50,7 @@ impl Daemon {
             .as_ref()
             .zip(record.ip)
             .map(|(network, ip)| network.nic(ip));
-        let mut child = vm::spawn(
+        let (booting, mut child) = sandbox::boot(
             &self.vm,
             &VmSpec {
                 cpus: record.spec.cpus(),
@@ -62,7 +62,7 @@ impl Daemon {
             },
         )
         .map_err(internal)?;
-        let pid = child.id();
+        let pid = booting.pid();
         report(format!(
             "booting the microVM: {} vCPU, {} MiB (VMM pid {pid})",
             record.spec.cpus(),
@@ -86,7 +86,7 @@ impl Daemon {
                 .unwrap_or_else(|e| e.to_string());
             vm_exited(&daemon, &watched, how);
         });
-        match self.run_containers(&group, volumes.sandbox, report) {
+        match self.run_containers(&group, booting, volumes.sandbox, report) {
             Ok(()) => {
                 self.metrics
                     .start_seconds
@@ -107,25 +107,25 @@ impl Daemon {
     fn run_containers(
         self: &Arc<Self>,
         group: &Arc<Group>,
+        booting: sandbox::Booting,
         volumes: Vec<capsa_protocol::agent::Volume>,
         report: &mut dyn FnMut(String),
     ) -> Result<(), ApiError> {
         let record = group.snapshot();
-        let console = group.paths.console();
-        let booting = Instant::now();
-        // A connect error is always unanswered: the console comes with it.
-        let guest = Guest::connect(&group.paths.vsock(), BOOT_PATIENCE)
-            .map_err(|e| guest_failed(&console, "the guest did not answer", e))?;
+        let began = Instant::now();
+        // The error carries the console: the best clue to why.
+        let sandbox = booting
+            .connect(BOOT_PATIENCE)
+            .map_err(|e| internal(format!("the guest did not answer: {e}")))?;
         report(format!(
             "the guest agent answered after {} ms",
-            booting.elapsed().as_millis()
+            began.elapsed().as_millis()
         ));
-        let guest = Arc::new(guest);
-        let sandbox = self.sandbox_request(&record, volumes);
+        let guest = sandbox.guest().clone();
         guest
-            .setup_sandbox(&sandbox)
-            .map_err(|e| guest_failed(&console, "setting up the sandbox", e))?;
-        group.lock().guest = Some(guest.clone());
+            .setup_sandbox(&self.sandbox_request(&record, volumes))
+            .map_err(|e| guest_failed(&group.paths.console(), "setting up the sandbox", e))?;
+        group.lock().sandbox = Some(Arc::new(sandbox));
         for container in &record.spec.containers {
             let copiers = self.launch(group, &guest, container, report)?;
             restart::watch_container(
@@ -270,18 +270,14 @@ pub(super) fn attach_logs(
 /// by force if it does not power off in time.
 pub(super) fn stop_vm(group: &Arc<Group>, grace: Duration) {
     let _ = group.transition(Transition::Stop);
-    let guest = group.lock().guest.take();
-    if let Some(guest) = guest {
-        let _ = guest.shutdown(grace);
-    }
-    if let Some(pid) = group.snapshot().vmm_pid {
-        let deadline = Instant::now() + grace + Duration::from_secs(10);
-        while vm::is_our_vmm(pid, &group.paths.vsock()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+    let sandbox = group.lock().sandbox.take();
+    match (sandbox, group.snapshot().vmm_pid) {
+        (Some(sandbox), _) => {
+            let _ = sandbox.shutdown(grace);
         }
-        if vm::is_our_vmm(pid, &group.paths.vsock()) {
-            vm::kill(pid);
-        }
+        // Booting, or its agent out of reach: nobody to ask.
+        (None, Some(pid)) => sandbox::stop(pid, &group.paths.vsock(), Duration::ZERO),
+        (None, None) => {}
     }
     let _ = group.transition(Transition::Stopped);
 }
@@ -289,7 +285,7 @@ pub(super) fn stop_vm(group: &Arc<Group>, grace: Duration) {
 /// The VMM process ended: a failure unless the daemon was stopping it,
 /// and then the restart policy may boot the group again.
 pub(super) fn vm_exited(daemon: &Arc<Daemon>, group: &Arc<Group>, how: String) {
-    group.lock().guest.take();
+    group.lock().sandbox.take();
     let console = vm::console_tail(&group.paths.console());
     let after = group.transition(Transition::VmmExited { how, console });
     if after.is_ok_and(|record| record.status == GroupStatus::Failed) {
