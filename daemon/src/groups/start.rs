@@ -275,8 +275,13 @@ pub(super) fn stop_vm(group: &Arc<Group>, grace: Duration) {
         (Some(sandbox), _) => {
             let _ = sandbox.shutdown(grace);
         }
-        // Booting, or its agent out of reach: nobody to ask.
-        (None, Some(pid)) => sandbox::stop(pid, &group.paths.vsock(), Duration::ZERO),
+        // Someone else is shutting it down (a container's end and a
+        // delete can overlap), it is booting, or its agent is out of
+        // reach: it gets the same time to go before it is killed, so that
+        // a shutdown under way can sync its disks.
+        (None, Some(pid)) => {
+            sandbox::stop(pid, &group.paths.vsock(), grace + sandbox::POWER_OFF_MARGIN)
+        }
         (None, None) => {}
     }
     let _ = group.transition(Transition::Stopped);
