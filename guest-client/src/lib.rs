@@ -2,7 +2,6 @@
 //! OCI image's layers to the agent, creates and runs containers, attaches
 //! their stdio. The daemon, the containerd shim and the checks build on it.
 
-pub mod check;
 pub mod image;
 
 use std::io::Read;

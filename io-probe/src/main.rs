@@ -13,7 +13,6 @@
 //!                                            STREAMS echo streams into the guest
 //! capsa-io-probe bulk-unix BYTES             reference: sink + generate over a socketpair
 //! capsa-io-probe blk-bench FILE MIB OPS      reference: the guest's disk benchmark on a host file
-//! capsa-io-probe agent-check PATH            version, ping and shutdown of the agent behind PATH
 //! ```
 
 mod guest;
@@ -133,29 +132,8 @@ fn host(args: &[String]) -> Result<String> {
             );
             Ok(format!("blk-bench: {}", guest::bench_file(path, mib, ops)?))
         }
-        "agent-check" => {
-            let path = arg(args, 1, "PATH")?;
-            agent_check(Path::new(path))
-        }
         other => bail!("unknown command {other:?} (see the source's header for usage)"),
     }
-}
-
-/// Talks to the agent of the VM whose vsock socket is `path`: version
-/// check, ping, then a clean shutdown.
-fn agent_check(path: &Path) -> Result<String> {
-    use capsa_protocol::agent::{PingRequest, ShutdownRequest};
-    let timeout = Duration::from_secs(120);
-    let (client, version) = capsa_protocol::connect_agent(path, timeout)?;
-    let ctx = || ttrpc::context::with_timeout(timeout.as_nanos() as i64);
-    let ping = client.ping(ctx(), &PingRequest::new()).context("ping")?;
-    client
-        .shutdown(ctx(), &ShutdownRequest::new())
-        .context("shutdown")?;
-    Ok(format!(
-        "agent-check: api_version={} agent_version={} uptime_ms={} shutdown=ok",
-        version.api_version, version.agent_version, ping.uptime_ms
-    ))
 }
 
 /// Accepts `count` streams and serves each on its own thread.

@@ -1,8 +1,7 @@
 //! The agent's container scenarios, run against a booted guest with a
 //! busybox OCI image: output and exit codes, signals, stdin, exec, TTY,
 //! memory limits, localhost between containers, isolation, bad requests
-//! and corrupt layers. The boot checks run them (capsa-agent-check, nested
-//! on PVM hosts; vmm/tests/boot.rs on real KVM).
+//! and corrupt layers; each is a check of the agent suite.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -10,17 +9,18 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use capsa_guest_client::{ExitInfo, Guest, GuestError, OciImage, Streams};
 use capsa_protocol::stdio::{ack, StreamKind};
 use oci_spec::runtime::{LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec};
 use ttrpc::Code;
 
-use crate::{ExitInfo, Guest, GuestError, OciImage, Streams};
+use crate::suite::Suite;
 
 /// Runs against the guest and says what it saw.
 type Scenario = fn(&Check) -> Result<String>;
 
-struct Check {
-    guest: Guest,
+struct Check<'a> {
+    guest: &'a Guest,
     image: OciImage,
     chain: String,
     options: Options,
@@ -43,18 +43,21 @@ pub struct Options {
     pub ext4_disk: Option<String>,
 }
 
-/// Sends the image in `layout` to the guest behind `socket`, runs every
-/// scenario (printing `agent-check: NAME ok|FAIL ...` lines), shuts the
-/// guest down and returns how many scenarios failed.
-pub fn run(socket: &Path, layout: &Path, options: Options) -> Result<usize> {
-    let guest = Guest::connect(socket, Duration::from_secs(120)).context("connecting")?;
+/// Sends the image in `layout` to the guest, runs every scenario as a
+/// check of `suite`, and leaves a container running for the guest's
+/// shutdown to stop.
+pub fn run(suite: &mut Suite, guest: &Guest, layout: &Path, options: Options) -> Result<()> {
     let image = OciImage::open(layout, None)?;
     let started = Instant::now();
     let chain = guest.push_image(&image).context("sending the image")?;
-    println!(
-        "agent-check: push-image ok {} layer(s) in {} ms, chain {chain}",
-        image.layers.len(),
-        started.elapsed().as_millis()
+    suite.verdict(
+        "push-image",
+        true,
+        format!(
+            "{} layer(s) in {} ms, chain {chain}",
+            image.layers.len(),
+            started.elapsed().as_millis()
+        ),
     );
     let check = Check {
         guest,
@@ -81,17 +84,11 @@ pub fn run(socket: &Path, layout: &Path, options: Options) -> Result<usize> {
         ("bad-requests", bad_requests),
         ("corrupt-layer", corrupt_layer),
     ];
-    let mut failed = 0;
     for (name, scenario) in scenarios {
-        match scenario(&check) {
-            Ok(detail) => println!("agent-check: {name} ok {detail}"),
-            Err(e) => {
-                failed += 1;
-                println!("agent-check: {name} FAIL {e:#}");
-            }
-        }
+        suite.check(name, || {
+            scenario(&check).map_err(crate::suite::unanswered_is_fault)
+        });
     }
-    println!("agent-check: done failed={failed}");
     // Shutdown must stop what still runs: leave a container running.
     check.guest.create(
         "lingering",
@@ -100,11 +97,10 @@ pub fn run(socket: &Path, layout: &Path, options: Options) -> Result<usize> {
         Streams::default(),
     )?;
     check.guest.start("lingering")?;
-    check.guest.shutdown(Duration::from_secs(2))?;
-    Ok(failed)
+    Ok(())
 }
 
-impl Check {
+impl Check<'_> {
     fn spec(&self, args: &[&str]) -> Result<Spec> {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         Ok(self.image.spec(Some(&args))?)

@@ -1,0 +1,190 @@
+//! Running one suite: each check is timed and printed as a JSON line as
+//! soon as it is decided; a check that hit a known emulation fault says
+//! so, for the runner to run the suite again.
+
+use std::io::Write;
+use std::time::Instant;
+
+use crate::report::{CheckLine, Line};
+
+/// A check's failure that is the emulation's, not ours: an outer machine
+/// or microVM that the nested KVM lets down now and then (README, "Hosts
+/// with PVM"). The suite is then run again on its own.
+#[derive(Debug, thiserror::Error)]
+#[error("emulation fault: {0}")]
+pub struct EmulationFault(pub String);
+
+/// `error`, marked as the emulation's when it is a guest that gave no
+/// answer at all (timed out, or the connection broke).
+pub fn unanswered_is_fault(error: anyhow::Error) -> anyhow::Error {
+    let unanswered = error.chain().any(|e| {
+        e.downcast_ref::<capsa_guest_client::GuestError>()
+            .is_some_and(|g| g.is_unanswered())
+    });
+    if unanswered {
+        EmulationFault(format!("the guest stopped answering: {error:#}")).into()
+    } else {
+        error
+    }
+}
+
+/// Where a suite's checks go.
+pub struct Suite<'a> {
+    name: &'static str,
+    only: Option<&'a str>,
+    out: &'a mut dyn Write,
+    started: Instant,
+    pub failed: usize,
+    pub faulted: bool,
+}
+
+impl<'a> Suite<'a> {
+    /// `only`: the one check to run (the others are skipped; what a suite
+    /// sets up for them still runs).
+    pub fn new(name: &'static str, only: Option<&'a str>, out: &'a mut dyn Write) -> Self {
+        let mut suite = Suite {
+            name,
+            only,
+            out,
+            started: Instant::now(),
+            failed: 0,
+            faulted: false,
+        };
+        suite.print(&Line::SuiteStart {
+            suite_start: name.to_string(),
+        });
+        suite
+    }
+
+    fn print(&mut self, line: &Line) {
+        // A runner that stopped reading has nothing left to tell.
+        let _ = writeln!(self.out, "{}", line.to_json());
+        let _ = self.out.flush();
+    }
+
+    /// Whether `check` is to run.
+    pub fn wants(&self, check: &str) -> bool {
+        self.only.is_none_or(|only| only == check)
+    }
+
+    /// Runs `check` unless another was asked for: it passes with its
+    /// detail, or fails with its error (and its cause chain).
+    pub fn check(&mut self, check: &str, run: impl FnOnce() -> anyhow::Result<String>) {
+        if !self.wants(check) {
+            return;
+        }
+        let began = Instant::now();
+        let result = run();
+        self.decided(check, began, result);
+    }
+
+    /// Records a check decided by a value already at hand: `ok`, with
+    /// `detail` saying what was seen.
+    pub fn verdict(&mut self, check: &str, ok: bool, detail: impl Into<String>) {
+        if !self.wants(check) {
+            return;
+        }
+        let detail = detail.into();
+        let result = if ok {
+            Ok(detail)
+        } else {
+            Err(anyhow::anyhow!(detail))
+        };
+        self.decided(check, Instant::now(), result);
+    }
+
+    fn decided(&mut self, check: &str, began: Instant, result: anyhow::Result<String>) {
+        let ms = began.elapsed().as_millis() as u64;
+        let (ok, detail) = match result {
+            Ok(detail) => (true, detail),
+            Err(e) => {
+                if let Some(fault) = e.downcast_ref::<EmulationFault>() {
+                    self.fault(fault.0.clone());
+                }
+                (false, format!("{e:#}"))
+            }
+        };
+        if !ok {
+            self.failed += 1;
+        }
+        self.print(&Line::Check(CheckLine {
+            suite: self.name.to_string(),
+            check: check.to_string(),
+            ok,
+            detail,
+            ms,
+        }));
+    }
+
+    /// Marks the suite as hit by an emulation fault.
+    pub fn fault(&mut self, reason: String) {
+        self.faulted = true;
+        self.print(&Line::Fault {
+            suite: self.name.to_string(),
+            fault: reason,
+        });
+    }
+
+    pub fn end(mut self) -> usize {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.print(&Line::SuiteEnd {
+            suite_end: self.name.to_string(),
+            ms,
+        });
+        self.failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(out: &[u8]) -> Vec<Line> {
+        String::from_utf8_lossy(out)
+            .lines()
+            .map(|l| Line::parse(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn checks_print_their_verdicts_and_faults_are_marked() {
+        let mut out = Vec::new();
+        let mut suite = Suite::new("s", None, &mut out);
+        suite.check("passes", || Ok("fine".into()));
+        suite.check("fails", || anyhow::bail!("wrong"));
+        suite.check("faults", || Err(EmulationFault("froze".into()).into()));
+        suite.verdict("value", false, "saw 3");
+        assert_eq!(suite.end(), 3);
+        let lines = lines(&out);
+        assert_eq!(lines.len(), 7);
+        let Line::Check(fails) = &lines[2] else {
+            panic!()
+        };
+        assert_eq!((fails.ok, fails.detail.as_str()), (false, "wrong"));
+        assert_eq!(
+            lines[3],
+            Line::Fault {
+                suite: "s".into(),
+                fault: "froze".into()
+            }
+        );
+        assert!(matches!(&lines[6], Line::SuiteEnd { suite_end, .. } if suite_end == "s"));
+    }
+
+    #[test]
+    fn one_check_alone_skips_the_others() {
+        let mut out = Vec::new();
+        let mut suite = Suite::new("s", Some("b"), &mut out);
+        let mut ran = Vec::new();
+        suite.check("a", || {
+            ran.push("a");
+            Ok(String::new())
+        });
+        suite.check("b", || {
+            ran.push("b");
+            Ok(String::new())
+        });
+        suite.end();
+        assert_eq!(ran, ["b"]);
+    }
+}

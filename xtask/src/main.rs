@@ -1,0 +1,117 @@
+//! `cargo xtask e2e`: builds the static binaries and the artifacts, lays
+//! them out as one payload, runs capsa-e2e's suites on this host's KVM or,
+//! where that is PVM, in one nested outer machine (as few boots as the
+//! retries need), runs a suite that an emulation fault hit again on its
+//! own, and prints a table of the suites (and writes it as JSON).
+
+mod outcome;
+mod payload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+use outcome::Outcomes;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs end-to-end suites (all by default).
+    E2e(E2eArgs),
+}
+
+#[derive(clap::Args)]
+pub struct E2eArgs {
+    /// A suite to run (repeatable).
+    #[arg(long = "suite", value_name = "NAME")]
+    pub suites: Vec<String>,
+    /// Only this check of the suites.
+    #[arg(long)]
+    pub check: Option<String>,
+    /// The guest kernel (default: $CAPSA_KERNEL, else guest-kernel/build.sh).
+    #[arg(long, env = "CAPSA_KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// The agent's initramfs (default: $CAPSA_INITRD, else rootfs/build.sh).
+    #[arg(long, env = "CAPSA_INITRD")]
+    pub initrd: Option<PathBuf>,
+    /// Bytes each way through the devices suite's bulk vsock stream.
+    #[arg(long, env = "CAPSA_DEVICE_CHECK_BULK", default_value_t = 1 << 30)]
+    pub bulk_bytes: u64,
+    /// Runs of a suite that emulation faults keep hitting, in all.
+    #[arg(long, default_value_t = 3)]
+    pub attempts: u32,
+    /// Reports an emulation fault in this suite on its first run, to show
+    /// that only that suite is run again.
+    #[arg(long, value_name = "SUITE")]
+    pub force_fault: Option<String>,
+    /// Where the report goes.
+    #[arg(long, default_value = "target/e2e/report.json")]
+    pub report: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let Command::E2e(args) = Cli::parse().command;
+    match e2e(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask e2e: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn e2e(args: &E2eArgs) -> Result<bool> {
+    let began = Instant::now();
+    let suites: Vec<String> = if args.suites.is_empty() {
+        capsa_e2e::suites::ALL
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        args.suites.clone()
+    };
+    if let Some(unknown) = suites
+        .iter()
+        .find(|s| !capsa_e2e::suites::ALL.contains(&s.as_str()))
+    {
+        bail!(
+            "no suite {unknown:?} (there are: {})",
+            capsa_e2e::suites::ALL.join(", ")
+        );
+    }
+    let payload = payload::Payload::build(args)?;
+    let mut outcomes = Outcomes::new(&suites);
+    let mut attempt = 1;
+    loop {
+        let pending = outcomes.pending(args.attempts);
+        if pending.is_empty() {
+            break;
+        }
+        let force = (attempt == 1)
+            .then_some(args.force_fault.as_deref())
+            .flatten();
+        let log = payload.run(&pending, args, force, attempt)?;
+        for retry in outcomes.record(&pending, &log, args.attempts) {
+            eprintln!("xtask e2e: {retry}");
+        }
+        attempt += 1;
+    }
+    let report = outcomes.report(began.elapsed());
+    println!("{}", report.table());
+    if let Some(dir) = args.report.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)?;
+    println!("report: {}", args.report.display());
+    Ok(report.passed())
+}

@@ -1,0 +1,342 @@
+//! What each suite came to over the runs: the runner's retry rules. A
+//! suite that ended with no emulation fault is done, failed checks and
+//! all; one that a fault hit (a fault it reported, or an outer machine
+//! that stopped while it ran) is run again on its own, up to the attempts
+//! allowed, and every retry is said with its reason. A suite an earlier
+//! one's freeze kept from starting is still to run, and that costs it no
+//! attempt.
+
+use std::time::Duration;
+
+use capsa_e2e::report::{CheckLine, Line};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// Not run yet, or to be run again.
+    Pending,
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct Suite {
+    name: String,
+    state: State,
+    runs: u32,
+    ended: bool,
+    ms: u64,
+    checks: Vec<CheckLine>,
+    retries: Vec<String>,
+    /// The fault of the last run, when one hit it.
+    fault: Option<String>,
+}
+
+pub struct Outcomes {
+    suites: Vec<Suite>,
+}
+
+/// What one run printed of one suite.
+#[derive(Default)]
+struct Seen {
+    started: bool,
+    ended: Option<u64>,
+    faults: Vec<String>,
+    checks: Vec<CheckLine>,
+}
+
+fn seen(log: &str, suite: &str) -> Seen {
+    let mut seen = Seen::default();
+    for line in log.lines().filter_map(Line::parse) {
+        match line {
+            Line::SuiteStart { suite_start } if suite_start == suite => seen.started = true,
+            Line::SuiteEnd { suite_end, ms } if suite_end == suite => seen.ended = Some(ms),
+            Line::Fault { suite: s, fault } if s == suite => seen.faults.push(fault),
+            Line::Check(check) if check.suite == suite => seen.checks.push(check),
+            _ => {}
+        }
+    }
+    seen
+}
+
+impl Outcomes {
+    pub fn new(names: &[String]) -> Self {
+        Outcomes {
+            suites: names
+                .iter()
+                .map(|name| Suite {
+                    name: name.clone(),
+                    state: State::Pending,
+                    runs: 0,
+                    ended: false,
+                    ms: 0,
+                    checks: Vec::new(),
+                    retries: Vec::new(),
+                    fault: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// The suites the next run is to take.
+    pub fn pending(&self, attempts: u32) -> Vec<String> {
+        self.suites
+            .iter()
+            .filter(|s| s.state == State::Pending && s.runs < attempts)
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Takes what a run of `ran` printed; returns the retries it calls
+    /// for, each with its reason.
+    pub fn record(&mut self, ran: &[String], log: &str, attempts: u32) -> Vec<String> {
+        let mut retries = Vec::new();
+        for suite in self.suites.iter_mut().filter(|s| ran.contains(&s.name)) {
+            let seen = seen(log, &suite.name);
+            if !seen.started {
+                retries.push(format!(
+                    "suite {} did not get to start (the outer machine stopped before it): it runs next time",
+                    suite.name
+                ));
+                continue;
+            }
+            suite.runs += 1;
+            suite.checks = seen.checks;
+            suite.ended = seen.ended.is_some();
+            suite.ms = seen
+                .ended
+                .unwrap_or_else(|| suite.checks.iter().map(|c| c.ms).sum());
+            suite.fault = match (seen.faults.into_iter().next(), suite.ended) {
+                (Some(fault), _) => Some(fault),
+                (None, false) => Some("the outer machine stopped while it ran".into()),
+                (None, true) => None,
+            };
+            let Some(fault) = &suite.fault else {
+                suite.state = State::Done;
+                continue;
+            };
+            if suite.runs < attempts {
+                let retry = format!(
+                    "suite {} is run again on its own (run {} of at most {attempts}): {fault}",
+                    suite.name,
+                    suite.runs + 1
+                );
+                suite.retries.push(retry.clone());
+                retries.push(retry);
+            } else {
+                suite.state = State::Done;
+                retries.push(format!(
+                    "suite {} hit an emulation fault in each of its {attempts} runs; the last one counts: {fault}",
+                    suite.name
+                ));
+            }
+        }
+        retries
+    }
+
+    pub fn report(&self, elapsed: Duration) -> Report {
+        Report {
+            total_ms: elapsed.as_millis() as u64,
+            suites: self
+                .suites
+                .iter()
+                .map(|s| SuiteReport {
+                    suite: s.name.clone(),
+                    passed: s.checks.iter().filter(|c| c.ok).count(),
+                    failed: s.checks.iter().filter(|c| !c.ok).count(),
+                    runs: s.runs,
+                    finished: s.ended && s.fault.is_none(),
+                    ms: s.ms,
+                    retries: s.retries.clone(),
+                    checks: s.checks.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SuiteReport {
+    pub suite: String,
+    pub passed: usize,
+    pub failed: usize,
+    pub runs: u32,
+    /// Ended, and no fault hit its last run.
+    pub finished: bool,
+    pub ms: u64,
+    pub retries: Vec<String>,
+    pub checks: Vec<CheckLine>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub suites: Vec<SuiteReport>,
+    pub total_ms: u64,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.suites.iter().all(|s| s.finished && s.failed == 0)
+    }
+
+    /// The checks that failed, then one row per suite.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        for s in &self.suites {
+            for c in s.checks.iter().filter(|c| !c.ok) {
+                out.push_str(&format!(
+                    "FAIL {}: {}\n     {}\n",
+                    s.suite,
+                    c.check,
+                    c.detail.replace('\n', "\n     ")
+                ));
+            }
+        }
+        out.push_str(
+            "| suite | passed | failed | runs | finished | seconds |\n|---|---|---|---|---|---|\n",
+        );
+        for s in &self.suites {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {:.1} |\n",
+                s.suite,
+                s.passed,
+                s.failed,
+                s.runs,
+                if s.finished { "yes" } else { "no" },
+                s.ms as f64 / 1000.0
+            ));
+        }
+        out.push_str(&format!(
+            "e2e: {:.1} s in all",
+            self.total_ms as f64 / 1000.0
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(suite: &str, name: &str, ok: bool) -> String {
+        Line::Check(CheckLine {
+            suite: suite.into(),
+            check: name.into(),
+            ok,
+            detail: String::new(),
+            ms: 1,
+        })
+        .to_json()
+    }
+
+    fn start(suite: &str) -> String {
+        Line::SuiteStart {
+            suite_start: suite.into(),
+        }
+        .to_json()
+    }
+
+    fn end(suite: &str) -> String {
+        Line::SuiteEnd {
+            suite_end: suite.into(),
+            ms: 5,
+        }
+        .to_json()
+    }
+
+    fn fault(suite: &str) -> String {
+        Line::Fault {
+            suite: suite.into(),
+            fault: "a microVM triple-faulted".into(),
+        }
+        .to_json()
+    }
+
+    fn names(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_fault_reruns_only_its_suite() {
+        let all = names(&["boot", "agent", "devices"]);
+        let mut outcomes = Outcomes::new(&all);
+        let log = [
+            start("boot"),
+            check("boot", "a", true),
+            end("boot"),
+            start("agent"),
+            fault("agent"),
+            check("agent", "b", false),
+            end("agent"),
+            "[  12.0] kernel noise".into(),
+            start("devices"),
+            check("devices", "c", false),
+            end("devices"),
+        ]
+        .join("\n");
+        let retries = outcomes.record(&all, &log, 3);
+        assert_eq!(retries.len(), 1);
+        assert!(
+            retries[0].contains("suite agent is run again"),
+            "{retries:?}"
+        );
+        assert_eq!(
+            outcomes.pending(3),
+            ["agent"],
+            "a real failure is not retried"
+        );
+        let log = [start("agent"), check("agent", "b", true), end("agent")].join("\n");
+        assert!(outcomes.record(&names(&["agent"]), &log, 3).is_empty());
+        assert!(outcomes.pending(3).is_empty());
+        let report = outcomes.report(Duration::from_secs(1));
+        let agent = &report.suites[1];
+        assert_eq!(
+            (agent.passed, agent.failed, agent.runs, agent.finished),
+            (1, 0, 2, true)
+        );
+        assert_eq!(agent.retries.len(), 1);
+        assert!(!report.passed(), "devices failed for real");
+        assert!(report.table().contains("| agent | 1 | 0 | 2 | yes |"));
+    }
+
+    #[test]
+    fn a_freeze_reruns_the_suite_it_hit_and_runs_those_it_kept_from_starting() {
+        let all = names(&["boot", "agent", "devices"]);
+        let mut outcomes = Outcomes::new(&all);
+        let log = [
+            start("boot"),
+            end("boot"),
+            start("agent"),
+            check("agent", "b", true),
+        ]
+        .join("\n");
+        let retries = outcomes.record(&all, &log, 3);
+        assert!(retries
+            .iter()
+            .any(|r| r.contains("the outer machine stopped while it ran")));
+        assert!(retries
+            .iter()
+            .any(|r| r.contains("devices did not get to start")));
+        assert_eq!(outcomes.pending(3), ["agent", "devices"]);
+    }
+
+    #[test]
+    fn faults_stop_at_the_attempts_allowed_and_then_count_as_failures() {
+        let all = names(&["boot"]);
+        let mut outcomes = Outcomes::new(&all);
+        let log = [
+            start("boot"),
+            fault("boot"),
+            check("boot", "a", true),
+            end("boot"),
+        ]
+        .join("\n");
+        for _ in 0..2 {
+            assert_eq!(outcomes.pending(2), ["boot"]);
+            outcomes.record(&all, &log, 2);
+        }
+        assert!(outcomes.pending(2).is_empty());
+        let report = outcomes.report(Duration::ZERO);
+        assert!(!report.suites[0].finished);
+        assert!(!report.passed());
+    }
+}

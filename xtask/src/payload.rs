@@ -1,0 +1,204 @@
+//! The payload of a run: the static binaries, the kernel and initramfs,
+//! the images and disks the suites use, in one directory; and running
+//! capsa-e2e on it, here or in the nested outer machine.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::E2eArgs;
+
+/// Seconds the outer machine gets for each suite.
+fn budget_secs(suite: &str) -> u64 {
+    match suite {
+        "boot" => 300,
+        "agent" => 600,
+        _ => 900,
+    }
+}
+
+pub struct Payload {
+    root: PathBuf,
+    dir: PathBuf,
+    /// This host's KVM is PVM: the suites run in the nested outer machine.
+    nested: bool,
+}
+
+/// Runs a script of the repository's, returning its stdout (its stderr
+/// shows as it comes).
+fn script(root: &Path, name: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(root.join(name))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {name}"))?;
+    ensure!(output.status.success(), "{name} failed ({})", output.status);
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// `text` as one word of sh.
+fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+impl Payload {
+    pub fn build(args: &E2eArgs) -> Result<Payload> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("the workspace root")?
+            .to_path_buf();
+        let kernel = match &args.kernel {
+            Some(kernel) => kernel.clone(),
+            None => script(&root, "guest-kernel/build.sh", &[])?.into(),
+        };
+        let initrd = match &args.initrd {
+            Some(initrd) => initrd.clone(),
+            None => script(&root, "rootfs/build.sh", &[])?.into(),
+        };
+        eprintln!("xtask e2e: building the static binaries");
+        let bin = PathBuf::from(script(
+            &root,
+            "scripts/build-static.sh",
+            &["capsa-e2e", "capsa-vmm", "capsa-io-probe"],
+        )?);
+        let dir = root.join("target/e2e/payload");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        for program in ["capsa-e2e", "capsa-vmm", "capsa-io-probe"] {
+            copy(&bin.join(program), &dir.join(program))?;
+        }
+        copy(&kernel, &dir.join("vmlinux"))?;
+        copy(&initrd, &dir.join("initramfs.cpio"))?;
+        eprintln!("xtask e2e: building the images");
+        // The devices suite's guest: the probe as init, busybox for ping.
+        let probe = format!(
+            "{}=bin/capsa-io-probe",
+            bin.join("capsa-io-probe").display()
+        );
+        let probe_initrd = dir.join("probe-initramfs.cpio");
+        script(
+            &root,
+            "rootfs/build.sh",
+            &[
+                "--add",
+                &probe,
+                "--add",
+                "/bin/busybox=bin/busybox",
+                path(&probe_initrd)?,
+            ],
+        )?;
+        script(
+            &root,
+            "scripts/busybox-image.sh",
+            &[path(&dir.join("busybox-oci"))?],
+        )?;
+        // An empty ext4 disk for the agent suite's block volume.
+        let disk = dir.join("data.img");
+        std::fs::File::create(&disk)?.set_len(16 << 20)?;
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&disk)
+            .status()
+            .context("running mkfs.ext4")?;
+        ensure!(mkfs.success(), "mkfs.ext4 failed ({mkfs})");
+        let nested = Command::new(root.join("scripts/kvm-is-pvm.sh"))
+            .status()
+            .context("running scripts/kvm-is-pvm.sh")?
+            .success();
+        if nested {
+            script(&root, "scripts/nested-add-program.sh", &[path(&dir)?, "ip"])?;
+        }
+        Ok(Payload { root, dir, nested })
+    }
+
+    /// capsa-e2e's arguments for a run of `suites`.
+    fn e2e_args(&self, suites: &[String], args: &E2eArgs, force: Option<&str>) -> Vec<String> {
+        let mut argv = Vec::new();
+        for suite in suites {
+            argv.extend(["--suite".to_string(), suite.clone()]);
+        }
+        if let Some(check) = &args.check {
+            argv.extend(["--check".to_string(), check.clone()]);
+        }
+        argv.extend(["--bulk-bytes".to_string(), args.bulk_bytes.to_string()]);
+        if let Some(suite) = force {
+            argv.extend(["--force-fault".to_string(), suite.to_string()]);
+        }
+        argv
+    }
+
+    /// Runs `suites` once; returns what capsa-e2e printed (in the nested
+    /// case, the whole outer console, which has its lines among others).
+    pub fn run(
+        &self,
+        suites: &[String],
+        args: &E2eArgs,
+        force: Option<&str>,
+        attempt: u32,
+    ) -> Result<String> {
+        let e2e_args = self.e2e_args(suites, args, force);
+        eprintln!(
+            "xtask e2e: run {attempt}: {} ({})",
+            suites.join(", "),
+            if self.nested {
+                "nested outer machine"
+            } else {
+                "this host's KVM"
+            }
+        );
+        if !self.nested {
+            let output = Command::new(self.dir.join("capsa-e2e"))
+                .args(["--artifacts", path(&self.dir)?])
+                .args(&e2e_args)
+                .current_dir(&self.dir)
+                .stderr(Stdio::inherit())
+                .output()
+                .context("running capsa-e2e")?;
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+        }
+        let words: Vec<String> = e2e_args.iter().map(|a| quoted(a)).collect();
+        std::fs::write(
+            self.dir.join("run.sh"),
+            format!(
+                "./capsa-e2e --artifacts /payload --ip /payload/bin/ip {}\n",
+                words.join(" ")
+            ),
+        )?;
+        let log = self.root.join(format!("target/e2e/outer-{attempt}.log"));
+        let timeout: u64 = 120 + suites.iter().map(|s| budget_secs(s)).sum::<u64>();
+        let status = Command::new(self.root.join("scripts/nested-kvm.sh"))
+            .arg(&self.dir)
+            .arg(&log)
+            // The retries are this runner's, suite by suite.
+            .env("CAPSA_NESTED_ATTEMPTS", "1")
+            .env("CAPSA_NESTED_TIMEOUT_SECS", timeout.to_string())
+            .status()
+            .context("running scripts/nested-kvm.sh")?;
+        if !status.success() {
+            bail!("scripts/nested-kvm.sh failed ({status})");
+        }
+        std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))
+    }
+}
+
+fn path(p: &Path) -> Result<&str> {
+    p.to_str().context("a non-UTF-8 path")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_quoted_for_sh() {
+        assert_eq!(quoted("boot-1cpu: exit 0"), "'boot-1cpu: exit 0'");
+        assert_eq!(quoted("it's"), r"'it'\''s'");
+    }
+}
