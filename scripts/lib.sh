@@ -1,4 +1,5 @@
-# Shell shared by the end-to-end checks and benchmarks; sourced, not run.
+# Shell shared by the benchmarks (and the e2e runner's nested payload);
+# sourced, not run.
 #   need_packages PKG...            installs the Debian packages missing
 #   native_programs PAYLOAD PROG... copies host programs and their libraries
 #                                   into PAYLOAD/bin and PAYLOAD/lib, for a
@@ -10,10 +11,6 @@
 #   run_payload PAYLOAD LOG SECS    runs PAYLOAD/run.sh in PAYLOAD, nested on
 #                                   a PVM host (scripts/nested-kvm.sh), its
 #                                   output in LOG
-#   section NAME / check NAME WHAT CMD... / exit_is NAME CODE / has NAME RE /
-#   not_has NAME RE
-#                                   read a LOG of "=== BEGIN NAME" ...
-#                                   "=== END NAME exit=N" sections
 #   payload_json LOG OUT            copies the "=== JSON" block of LOG to OUT
 
 need_packages() {
@@ -53,22 +50,6 @@ run_payload() {
         (cd "$payload" && timeout "$secs" sh ./run.sh) > "$log" 2>&1 || true
     fi
 }
-
-section() { sed -n "/=== BEGIN $1\$/,/^=== END $1 /p" "$log"; }
-passed=0 failed=0
-check() {
-    local name=$1 what=$2; shift 2
-    if "$@"; then
-        passed=$((passed + 1)); echo "ok   $name: $what"
-    else
-        failed=$((failed + 1)); echo "FAIL $name: $what"; section "$name" | tail -30
-    fi
-}
-# grep reads all it is given (no -q): under pipefail, a reader quitting
-# early would fail the check by SIGPIPE to section's sed.
-exit_is() { section "$1" | grep "^=== END $1 exit=$2\$" > /dev/null; }
-has() { section "$1" | grep -- "$2" > /dev/null; }
-not_has() { ! has "$@"; }
 
 payload_json() {
     mkdir -p "$(dirname "$2")"

@@ -1,7 +1,5 @@
 //! `capsa`: run and manage container groups through capsad.
 
-mod client;
-
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -18,7 +16,7 @@ use capsa_api::{Event, GroupStats};
 use clap::{Parser, Subcommand};
 use hyper::Method;
 
-use client::Client;
+use capsa_cli::client::{self, Client};
 
 #[derive(Parser)]
 #[command(name = "capsa", about = "Container groups in microVMs, through capsad")]

@@ -33,6 +33,17 @@ impl Artifacts {
         self.dir.join(name)
     }
 
+    /// A host program: the payload's own copy (nested, the outer machine
+    /// has busybox only), else whatever PATH finds.
+    pub fn tool(&self, name: &str) -> PathBuf {
+        let own = self.dir.join("bin").join(name);
+        if own.exists() {
+            own
+        } else {
+            PathBuf::from(name)
+        }
+    }
+
     pub fn vmm(&self) -> PathBuf {
         self.path("capsa-vmm")
     }

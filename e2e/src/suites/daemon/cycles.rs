@@ -1,0 +1,161 @@
+//! 50 create/start/delete cycles, each publishing a port, leave nothing
+//! behind: no tap on the bridge, no VMM, no mount, no descriptor of
+//! capsad's, no group state, and no address (the next group gets the
+//! first one again).
+
+use anyhow::{ensure, Context, Result};
+
+use super::harness::{Capsad, NETNS};
+use crate::suite::{EmulationFault, Suite};
+
+pub const CYCLES: u32 = 50;
+
+/// What groups could leave behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Leftovers {
+    taps: usize,
+    vmms: usize,
+    mounts: usize,
+    fds: usize,
+    groups: usize,
+}
+
+fn count_dir(path: &std::path::Path) -> usize {
+    std::fs::read_dir(path).map_or(0, |d| d.count())
+}
+
+/// Processes running capsa-vmm.
+fn vmms() -> usize {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                        c.split(|&b| b == 0)
+                            .next()
+                            .is_some_and(|p| p.ends_with(b"capsa-vmm"))
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn leftovers(d: &Capsad) -> Result<Leftovers> {
+    let taps = std::process::Command::new(&d.artifacts.ip)
+        .args(["-n", NETNS, "-o", "link", "show", "master", "capsa0"])
+        .output()
+        .context("listing the bridge's ports")?;
+    Ok(Leftovers {
+        taps: String::from_utf8_lossy(&taps.stdout).lines().count(),
+        vmms: vmms(),
+        mounts: std::fs::read_to_string("/proc/mounts")?.lines().count(),
+        fds: count_dir(
+            &std::path::Path::new("/proc")
+                .join(d.pid().context("no capsad")?.to_string())
+                .join("fd"),
+        ),
+        groups: count_dir(&d.root().join("root/groups")),
+    })
+}
+
+/// One cycle; an error that says the microVM stopped answering is the
+/// emulation's (capsad's error carries the guest's console then).
+fn cycle(d: &Capsad, name: &str) -> Result<()> {
+    let out = d.capsa(&[
+        "run",
+        "--rm",
+        "--name",
+        name,
+        "-p",
+        "127.0.0.1:18090:80",
+        "busybox",
+        "true",
+    ])?;
+    if out.code == Some(0) {
+        return Ok(());
+    }
+    // capsad reports a guest that gave no answer with this text (its
+    // GuestError::is_unanswered); there is no error code for it yet.
+    if out.stderr.contains("the guest is not responding") || out.stderr.contains("Receiver timeout")
+    {
+        return Err(EmulationFault(format!(
+            "{name}: the microVM stopped answering: {}",
+            out.stderr.trim()
+        ))
+        .into());
+    }
+    anyhow::bail!("{name}: {}", out.describe())
+}
+
+pub fn run(s: &mut Suite, d: &mut Capsad, allowed_hangs: u32) -> Result<()> {
+    d.start()?;
+    let import = d.capsa(&[
+        "image",
+        "import",
+        &d.artifacts.path("busybox-oci").to_string_lossy(),
+        "--name",
+        "busybox",
+    ])?;
+    s.verdict(
+        "a busybox OCI layout imports",
+        import.code == Some(0),
+        import.describe(),
+    );
+    // One cycle first, so that what capsad sets up once is not counted.
+    cycle(d, "warm")?;
+    let before = leftovers(d)?;
+    let (mut failed, mut hung) = (Vec::new(), Vec::new());
+    for i in 1..=CYCLES {
+        let name = format!("cycle-{i}");
+        match cycle(d, &name) {
+            Ok(()) => {}
+            Err(e) if e.downcast_ref::<EmulationFault>().is_some() => {
+                hung.push(format!("{e:#}"));
+                // Counted apart, and the cycle run once more.
+                if let Err(e) = cycle(d, &format!("{name}-again")) {
+                    failed.push(format!("{e:#}"));
+                }
+            }
+            Err(e) => failed.push(format!("{e:#}")),
+        }
+    }
+    let after = leftovers(d)?;
+    s.verdict(
+        &format!("{CYCLES} create/start/delete cycles, a port published each time, all ran"),
+        failed.is_empty(),
+        failed.join("\n"),
+    );
+    s.verdict(
+        &format!("with at most {allowed_hangs} microVMs that stopped answering"),
+        hung.len() as u32 <= allowed_hangs,
+        format!("{} hung: {}", hung.len(), hung.join("\n")),
+    );
+    s.verdict(
+        "and left no tap, VMM, mount, descriptor or group state behind",
+        before == after,
+        format!("before {before:?}, after {after:?}"),
+    );
+    s.check(
+        "nor an address: the next group gets the first one again",
+        || {
+            let out = d.capsa(&[
+                "run",
+                "-d",
+                "--name",
+                "first-again",
+                "busybox",
+                "sleep",
+                "1",
+            ])?;
+            ensure!(out.code == Some(0), "{}", out.describe());
+            let ip = d.group("first-again")?.ip;
+            d.wait("first-again", "main")?;
+            let _ = d.capsa(&["rm", "first-again"]);
+            ensure!(ip == Some(std::net::Ipv4Addr::new(10, 88, 0, 2)), "{ip:?}");
+            Ok("10.88.0.2".into())
+        },
+    );
+    Ok(())
+}

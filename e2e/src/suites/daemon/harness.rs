@@ -1,0 +1,231 @@
+//! A real capsad for the daemon suites: started in a network namespace of
+//! the suite's own (its bridge and published ports live there), killed
+//! and started again, reached through its API (`capsa_cli::client`, with
+//! capsa-api's types) and through the real `capsa` binary where the CLI's
+//! own behaviour is what is checked.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use capsa_api::{Event, GroupView};
+use capsa_cli::client::Client;
+use hyper::Method;
+
+use crate::vm::{self, Artifacts};
+
+pub const NETNS: &str = "capsa-e2e-daemon";
+
+/// What a `capsa` command did.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn describe(&self) -> String {
+        let exit = self
+            .code
+            .map_or_else(|| "killed by a signal".to_string(), |c| format!("exit {c}"));
+        format!(
+            "{exit}; stdout: {}; stderr: {}",
+            self.stdout.trim(),
+            self.stderr.trim()
+        )
+    }
+
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout.lines().collect()
+    }
+}
+
+pub struct Capsad<'a> {
+    pub artifacts: &'a Artifacts,
+    pub work: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    /// The events seen by every daemon of the suite, in order.
+    pub events: Arc<Mutex<Vec<Event>>>,
+}
+
+impl<'a> Capsad<'a> {
+    pub fn new(artifacts: &'a Artifacts, name: &str) -> Result<Self> {
+        let work = std::env::temp_dir().join(format!("capsa-e2e-{name}"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        std::fs::create_dir_all("/run/netns").ok();
+        let _ = artifacts.ip(&["netns", "delete", NETNS]);
+        artifacts.ip(&["netns", "add", NETNS])?;
+        artifacts.ip(&["-n", NETNS, "link", "set", "lo", "up"])?;
+        Ok(Capsad {
+            artifacts,
+            socket: work.join("capsad.sock"),
+            work,
+            child: None,
+            events: Arc::default(),
+        })
+    }
+
+    pub fn client(&self) -> Result<Client> {
+        Client::new(&self.socket)
+    }
+
+    /// Starts capsad and waits until it answers; its events are followed.
+    pub fn start(&mut self) -> Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work.join("capsad.log"))?;
+        let args: Vec<std::ffi::OsString> = vec![
+            "--root".into(),
+            self.work.join("root").into(),
+            "--socket".into(),
+            self.socket.clone().into(),
+            "--kernel".into(),
+            self.artifacts.path("vmlinux").into(),
+            "--initrd".into(),
+            self.artifacts.path("initramfs.cpio").into(),
+            "--vmm".into(),
+            self.artifacts.vmm().into(),
+        ];
+        // ip execs capsad: the child is capsad itself.
+        let child = self
+            .artifacts
+            .command_in(Some(NETNS), &self.artifacts.path("capsad"), &args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting capsad")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answered = self
+                .client()
+                .and_then(|c| c.call::<Vec<GroupView>>(Method::GET, "/v1/groups", None));
+            if answered.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("capsad did not answer within 30 s: {}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (socket, events) = (self.socket.clone(), self.events.clone());
+        std::thread::spawn(move || {
+            let Ok(client) = Client::new(&socket) else {
+                return;
+            };
+            let mut pending = Vec::new();
+            // Ends with the daemon.
+            let _ = client.stream("/v1/events", |chunk| {
+                pending.extend_from_slice(chunk);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    if let Ok(event) = serde_json::from_slice::<Event>(&line) {
+                        events.lock().unwrap_or_else(|e| e.into_inner()).push(event);
+                    }
+                }
+                Ok(())
+            });
+        });
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.work.join("capsad.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Runs the real `capsa` with `args` (and `stdin`), as a user would.
+    pub fn capsa_with(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
+        let mut command = Command::new(self.artifacts.path("capsa"));
+        command
+            .args(args)
+            .env("CAPSA_SOCKET", &self.socket)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().context("starting capsa")?;
+        if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(bytes)?;
+        }
+        let output = child.wait_with_output()?;
+        Ok(Output {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    pub fn capsa(&self, args: &[&str]) -> Result<Output> {
+        self.capsa_with(args, None)
+    }
+
+    pub fn fixture(&self, name: &str) -> PathBuf {
+        self.artifacts.path("fixtures/daemon").join(name)
+    }
+
+    /// The events so far.
+    pub fn seen(&self) -> Vec<Event> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// `curl -sf URL` from inside the daemon's namespace.
+    pub fn curl(&self, url: &str) -> Result<vm::Run> {
+        let command = self.artifacts.command_in(
+            Some(NETNS),
+            &self.artifacts.tool("curl"),
+            &["-sf".into(), "--max-time".into(), "5".into(), url.into()],
+        );
+        vm::run(command, Duration::from_secs(10))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.work
+    }
+}
+
+impl Drop for Capsad<'_> {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM first: capsad leaves its groups' VMs running, and the
+            // suite deletes its groups itself.
+            // SAFETY: kill(2) with a PID and a signal number touches no memory.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = self.artifacts.ip(&["netns", "delete", NETNS]);
+    }
+}

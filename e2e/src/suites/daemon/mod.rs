@@ -1,0 +1,35 @@
+//! capsad and the capsa CLI end to end: the `daemon` suite (every feature
+//! a user of the daemon meets) and the `cycles` suite (50 groups in a row
+//! leave nothing behind).
+
+mod cycles;
+mod harness;
+pub use harness::Output;
+mod main_checks;
+mod metrics;
+
+use crate::suite::Suite;
+use crate::vm::Artifacts;
+
+pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
+    let result = harness::Capsad::new(artifacts, "daemon").and_then(|mut d| {
+        let result = main_checks::run(suite, &mut d);
+        if result.is_err() {
+            eprintln!("capsad's log:\n{}", d.log_tail());
+        }
+        result
+    });
+    if let Err(e) = result {
+        suite.check("the suite ran to its end", || Err(e));
+    }
+}
+
+/// `allowed_hangs`: microVMs that may stop answering (the nested
+/// emulation's; none on real KVM).
+pub fn run_cycles(suite: &mut Suite, artifacts: &Artifacts, allowed_hangs: u32) {
+    let result = harness::Capsad::new(artifacts, "cycles")
+        .and_then(|mut d| cycles::run(suite, &mut d, allowed_hangs));
+    if let Err(e) = result {
+        suite.check("the suite ran to its end", || Err(e));
+    }
+}
