@@ -130,6 +130,15 @@ impl Payload {
             "scripts/busybox-image.sh",
             &[path(&dir.join("busybox-oci"))?],
         )?;
+        // The same image as an OCI archive, for `ctr image import`.
+        let tar = Command::new("tar")
+            .arg("-cf")
+            .arg(dir.join("busybox.tar"))
+            .arg("-C")
+            .arg(dir.join("busybox-oci"))
+            .arg(".")
+            .status()?;
+        ensure!(tar.success(), "packing busybox.tar");
         // An empty ext4 disk for the agent suite's block volume.
         let disk = dir.join("data.img");
         std::fs::File::create(&disk)?.set_len(16 << 20)?;

@@ -4,6 +4,8 @@
 //! suite's own and an ext4 disk for the sandbox's volumes), and a
 //! shutdown that stops what still runs and powers the VM off.
 
+mod refusals;
+mod sandbox;
 mod scenarios;
 
 use std::time::Duration;

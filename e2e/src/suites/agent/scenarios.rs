@@ -9,21 +9,20 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use capsa_guest_client::{ExitInfo, Guest, GuestError, OciImage, Streams};
+use capsa_guest_client::{ExitInfo, Guest, OciImage, Streams};
 use capsa_protocol::stdio::{ack, StreamKind};
 use oci_spec::runtime::{LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec};
-use ttrpc::Code;
 
 use crate::suite::Suite;
 
 /// Runs against the guest and says what it saw.
 type Scenario = fn(&Check) -> Result<String>;
 
-struct Check<'a> {
-    guest: &'a Guest,
-    image: OciImage,
-    chain: String,
-    options: Options,
+pub(super) struct Check<'a> {
+    pub(super) guest: &'a Guest,
+    pub(super) image: OciImage,
+    pub(super) chain: String,
+    pub(super) options: Options,
 }
 
 /// A network interface the guest has, for the sandbox scenario to
@@ -68,7 +67,7 @@ pub fn run(suite: &mut Suite, guest: &Guest, layout: &Path, options: Options) ->
     let scenarios: &[(&str, Scenario)] = &[
         ("image-shared", image_is_shared),
         // First: the containers after it get the sandbox's files.
-        ("sandbox", sandbox),
+        ("sandbox", super::sandbox::sandbox),
         ("hello", hello),
         ("exit-code", exit_code),
         ("sigkill", sigkill),
@@ -81,8 +80,8 @@ pub fn run(suite: &mut Suite, guest: &Guest, layout: &Path, options: Options) ->
         ("limits", cpu_and_pids_limits),
         ("localhost", containers_share_localhost),
         ("isolation", isolation),
-        ("bad-requests", bad_requests),
-        ("corrupt-layer", corrupt_layer),
+        ("bad-requests", super::refusals::bad_requests),
+        ("corrupt-layer", super::refusals::corrupt_layer),
     ];
     for (name, scenario) in scenarios {
         suite.check(name, || {
@@ -101,21 +100,21 @@ pub fn run(suite: &mut Suite, guest: &Guest, layout: &Path, options: Options) ->
 }
 
 impl Check<'_> {
-    fn spec(&self, args: &[&str]) -> Result<Spec> {
+    pub(super) fn spec(&self, args: &[&str]) -> Result<Spec> {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         Ok(self.image.spec(Some(&args))?)
     }
 
     /// Creates `id`, attaches its output, starts it and returns what it
     /// printed and how it exited; the container is deleted after.
-    fn run(&self, id: &str, spec: &Spec) -> Result<(String, String, ExitInfo)> {
+    pub(super) fn run(&self, id: &str, spec: &Spec) -> Result<(String, String, ExitInfo)> {
         self.guest.create(id, &self.chain, spec, Streams::OUTPUT)?;
         let result = self.run_created(id);
         self.guest.delete(id)?;
         result
     }
 
-    fn run_created(&self, id: &str) -> Result<(String, String, ExitInfo)> {
+    pub(super) fn run_created(&self, id: &str) -> Result<(String, String, ExitInfo)> {
         let stdout = self.guest.attach(id, "", StreamKind::Stdout)?;
         let stderr = self.guest.attach(id, "", StreamKind::Stderr)?;
         self.guest.start(id)?;
@@ -125,7 +124,7 @@ impl Check<'_> {
     }
 }
 
-fn read_both(stdout: UnixStream, stderr: UnixStream) -> Result<(String, String)> {
+pub(super) fn read_both(stdout: UnixStream, stderr: UnixStream) -> Result<(String, String)> {
     let reader = std::thread::spawn(move || read_to_string(stderr));
     let out = read_to_string(stdout)?;
     let err = reader
@@ -134,7 +133,7 @@ fn read_both(stdout: UnixStream, stderr: UnixStream) -> Result<(String, String)>
     Ok((out, err))
 }
 
-fn read_to_string(mut stream: UnixStream) -> Result<String> {
+pub(super) fn read_to_string(mut stream: UnixStream) -> Result<String> {
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     Ok(text)
@@ -502,334 +501,4 @@ fn isolation(check: &Check) -> Result<String> {
     Ok(format!(
         "{count} processes visible, none of the agent's; /proc/kcore masked, /proc/sys read-only, nofile 1024"
     ))
-}
-
-fn expect_code<T: std::fmt::Debug>(
-    result: std::result::Result<T, GuestError>,
-    code: Code,
-    what: &str,
-) -> Result<()> {
-    match result {
-        Err(e) if e.code() == Some(code) => Ok(()),
-        other => bail!("{what}: expected {code:?}, got {other:?}"),
-    }
-}
-
-fn bad_requests(check: &Check) -> Result<String> {
-    let guest = &check.guest;
-    expect_code(
-        guest.create_raw(
-            "bad",
-            &check.chain,
-            b"{not json".to_vec(),
-            Streams::default(),
-        ),
-        Code::INVALID_ARGUMENT,
-        "a spec that is not JSON",
-    )?;
-    expect_code(
-        guest.create("bad", &check.chain, &check.spec(&[])?, Streams::default()),
-        Code::INVALID_ARGUMENT,
-        "a spec without args",
-    )?;
-    expect_code(
-        guest.create(
-            "../bad",
-            &check.chain,
-            &check.spec(&["true"])?,
-            Streams::default(),
-        ),
-        Code::INVALID_ARGUMENT,
-        "an id with a slash",
-    )?;
-    let unknown_chain = format!("sha256:{}", "0".repeat(64));
-    expect_code(
-        guest.create(
-            "bad",
-            &unknown_chain,
-            &check.spec(&["true"])?,
-            Streams::default(),
-        ),
-        Code::FAILED_PRECONDITION,
-        "an image that was never sent",
-    )?;
-    expect_code(
-        guest.start("nobody"),
-        Code::NOT_FOUND,
-        "starting an unknown container",
-    )?;
-    expect_code(
-        guest.wait("nobody", ""),
-        Code::NOT_FOUND,
-        "waiting for an unknown container",
-    )?;
-    expect_code(
-        guest.signal("nobody", "", 9),
-        Code::NOT_FOUND,
-        "signalling an unknown container",
-    )?;
-    let attached = guest.attach("nobody", "", StreamKind::Stdout);
-    ensure!(
-        attached.is_err(),
-        "attached to an unknown container's stdout"
-    );
-    oversized_message(guest)?;
-    guest.ping().context("the agent stopped answering")?;
-    Ok("each refused with the right code; the agent still answers".into())
-}
-
-/// A ttrpc frame longer than the protocol allows, written by hand (the
-/// client library refuses to send one): the agent must answer with an
-/// error and keep serving.
-fn oversized_message(guest: &Guest) -> Result<()> {
-    let mut stream =
-        capsa_protocol::vmm_socket::connect(guest.socket(), capsa_protocol::AGENT_VSOCK_PORT)?;
-    let length = ttrpc::proto::MESSAGE_LENGTH_MAX + 1;
-    let mut header = Vec::new();
-    header.extend_from_slice(&(length as u32).to_be_bytes());
-    header.extend_from_slice(&1u32.to_be_bytes());
-    header.push(ttrpc::proto::MESSAGE_TYPE_REQUEST);
-    header.push(0);
-    stream.write_all(&header)?;
-    let zeros = vec![0u8; 64 * 1024];
-    let mut left = length;
-    while left > 0 {
-        let n = left.min(zeros.len());
-        stream.write_all(&zeros[..n])?;
-        left -= n;
-    }
-    let mut reply_header = [0u8; ttrpc::proto::MESSAGE_HEADER_LENGTH];
-    stream.read_exact(&mut reply_header)?;
-    let reply_length = u32::from_be_bytes(reply_header[..4].try_into()?) as usize;
-    ensure!(
-        reply_header[8] == ttrpc::proto::MESSAGE_TYPE_RESPONSE && reply_length < 4096,
-        "unexpected reply header {reply_header:?}"
-    );
-    let mut payload = vec![0u8; reply_length];
-    stream.read_exact(&mut payload)?;
-    let response: ttrpc::Response = protobuf::Message::parse_from_bytes(&payload)?;
-    ensure!(
-        response.status.code() == Code::INVALID_ARGUMENT,
-        "oversized message answered with {:?}",
-        response.status
-    );
-    Ok(())
-}
-
-fn corrupt_layer(check: &Check) -> Result<String> {
-    let guest = &check.guest;
-    let layer = &check.image.layers[0];
-    let blob = std::fs::read(&layer.path)?;
-    let mut corrupt = blob.clone();
-    let middle = corrupt.len() / 2;
-    corrupt[middle] ^= 0xff;
-    // A parent that is not there: a fresh chain, so the agent must unpack.
-    let started = guest.agent().start_layer(
-        ttrpc::context::with_timeout(30_000_000_000),
-        &capsa_protocol::agent::StartLayerRequest {
-            digest: layer.digest.clone(),
-            diff_id: format!("sha256:{}", "1".repeat(64)),
-            media_type: layer.media_type.clone(),
-            size: layer.size,
-            parent_chain_id: String::new(),
-            ..Default::default()
-        },
-    )?;
-    ensure!(
-        !started.already_present,
-        "a made-up diff id was already present"
-    );
-    let sent = guest.send_blob(started.upload_id, corrupt.as_slice());
-    let committed = sent.and_then(|()| {
-        guest
-            .agent()
-            .commit_layer(
-                ttrpc::context::with_timeout(30_000_000_000),
-                &capsa_protocol::agent::CommitLayerRequest {
-                    upload_id: started.upload_id,
-                    ..Default::default()
-                },
-            )
-            .map_err(|source| GuestError::Call {
-                call: "CommitLayer",
-                source,
-            })
-    });
-    let message = match committed {
-        Err(e) if e.code() == Some(Code::DATA_LOSS) => e.to_string(),
-        other => bail!("a corrupt blob: expected DATA_LOSS, got {other:?}"),
-    };
-    ensure!(message.contains(&layer.digest), "{message}");
-    guest.ping().context("the agent stopped answering")?;
-    Ok("refused with DATA_LOSS naming the digest".into())
-}
-
-fn sandbox(check: &Check) -> Result<String> {
-    use capsa_protocol::agent::{
-        volume, BlockDevice, Dns, EmptyDir, Interface, Route, Secret, SecretFile,
-        SetupSandboxRequest, Volume,
-    };
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_nanos() as i64;
-    let guest_address = check.options.nic.as_ref().map(|nic| {
-        let mut octets = nic.host_address.octets();
-        octets[3] += 1;
-        std::net::Ipv4Addr::from(octets)
-    });
-    let mut request = SetupSandboxRequest {
-        hostname: "capsa-group".into(),
-        dns: protobuf::MessageField::some(Dns {
-            servers: vec!["10.0.3.53".into()],
-            search: vec!["corp.test".into()],
-            ..Default::default()
-        }),
-        volumes: vec![
-            Volume {
-                name: "scratch".into(),
-                source: Some(volume::Source::EmptyDir(EmptyDir {
-                    size_limit_bytes: 1 << 20,
-                    ..Default::default()
-                })),
-                ..Default::default()
-            },
-            Volume {
-                name: "creds".into(),
-                source: Some(volume::Source::Secret(Secret {
-                    files: vec![SecretFile {
-                        path: "api/token".into(),
-                        content: b"s3cret".to_vec(),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                })),
-                ..Default::default()
-            },
-        ],
-        time_unix_ns: now_ns,
-        ..Default::default()
-    };
-    if let Some(serial) = &check.options.ext4_disk {
-        request.volumes.push(Volume {
-            name: "data".into(),
-            source: Some(volume::Source::Block(BlockDevice {
-                serial: serial.clone(),
-                fstype: "ext4".into(),
-                ..Default::default()
-            })),
-            ..Default::default()
-        });
-    }
-    if let (Some(nic), Some(address)) = (&check.options.nic, guest_address) {
-        request.interfaces = vec![Interface {
-            mac: nic.mac.clone(),
-            name: "eth0".into(),
-            addresses: vec![format!("{address}/24")],
-            mtu: 1400,
-            ..Default::default()
-        }];
-        request.routes = vec![Route {
-            destination: "default".into(),
-            gateway: nic.host_address.to_string(),
-            ..Default::default()
-        }];
-    }
-    let setup = |request: &SetupSandboxRequest| {
-        check
-            .guest
-            .agent()
-            .setup_sandbox(ttrpc::context::with_timeout(60_000_000_000), request)
-            .map_err(|source| GuestError::Call {
-                call: "SetupSandbox",
-                source,
-            })
-    };
-    setup(&request)?;
-    expect_code(setup(&request), Code::FAILED_PRECONDITION, "a second setup")?;
-
-    let mut script = String::from(
-        "hostname; grep nameserver /etc/resolv.conf; grep -c capsa-group /etc/hosts; \
-         stat -c '%a' /creds/api/token; cat /creds/api/token; echo; \
-         (dd if=/dev/zero of=/scratch/fill bs=64k count=32 2>/dev/null && echo scratch-unlimited) || echo scratch-full; \
-         date +%s; ",
-    );
-    if check.options.ext4_disk.is_some() {
-        script.push_str(
-            "grep ' /data ' /proc/mounts | cut -d' ' -f3; echo kept > /data/file && cat /data/file; ",
-        );
-    }
-    if let Some(address) = guest_address {
-        script.push_str(&format!(
-            "ip -o addr show eth0 | grep -o '{address}/24'; cat /sys/class/net/eth0/mtu; \
-             ip route | grep -o 'default via [0-9.]*'; \
-             ping -c 1 -W 5 {} > /dev/null && echo ping-ok",
-            check
-                .options
-                .nic
-                .as_ref()
-                .map(|n| n.host_address.to_string())
-                .unwrap_or_default()
-        ));
-    }
-    let mut spec = check.spec(&["sh", "-c", &script])?;
-    let mut mounts = spec.mounts().clone().unwrap_or_default();
-    let mut volumes = vec![("scratch", "/scratch"), ("creds", "/creds")];
-    if check.options.ext4_disk.is_some() {
-        volumes.push(("data", "/data"));
-    }
-    for (name, destination) in volumes {
-        mounts.push(
-            oci_spec::runtime::MountBuilder::default()
-                .destination(destination)
-                .typ("bind")
-                .source(Path::new(capsa_protocol::VOLUMES_DIR).join(name))
-                .options(vec!["rbind".to_string()])
-                .build()?,
-        );
-    }
-    spec.set_mounts(Some(mounts));
-    let (out, err, exit) = check.run("sandboxed", &spec)?;
-    let lines: Vec<&str> = out.lines().collect();
-    let expected = [
-        "capsa-group",
-        "nameserver 10.0.3.53",
-        "1",
-        "400",
-        "s3cret",
-        "scratch-full",
-    ];
-    ensure!(
-        lines.len() >= 7 && lines[..6] == expected,
-        "saw {out:?}, stderr {err:?}, {exit:?}"
-    );
-    let guest_seconds: i64 = lines[6].parse().context("date")?;
-    ensure!(
-        (guest_seconds - now_ns / 1_000_000_000).abs() < 120,
-        "guest clock {guest_seconds}, host {}",
-        now_ns / 1_000_000_000
-    );
-    let mut detail = "hostname, DNS, hosts, secret 0400, 1 MiB emptyDir full, clock".to_string();
-    let mut rest = &lines[7..];
-    if check.options.ext4_disk.is_some() {
-        ensure!(
-            rest.len() >= 2 && rest[..2] == ["ext4", "kept"],
-            "ext4 volume: saw {out:?}, stderr {err:?}"
-        );
-        rest = &rest[2..];
-        detail.push_str("; ext4 disk by serial");
-    }
-    if let (Some(nic), Some(address)) = (&check.options.nic, guest_address) {
-        let wanted = [
-            format!("{address}/24"),
-            "1400".to_string(),
-            format!("default via {}", nic.host_address),
-            "ping-ok".to_string(),
-        ];
-        ensure!(rest == wanted, "network: saw {out:?}, stderr {err:?}");
-        detail.push_str(&format!(
-            "; eth0 {address}/24 mtu 1400, pinged {}",
-            nic.host_address
-        ));
-    }
-    Ok(detail)
 }

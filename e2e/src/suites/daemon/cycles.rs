@@ -91,13 +91,7 @@ fn cycle(d: &Capsad, name: &str) -> Result<()> {
 
 pub fn run(s: &mut Suite, d: &mut Capsad, allowed_hangs: u32) -> Result<()> {
     d.start()?;
-    let import = d.capsa(&[
-        "image",
-        "import",
-        &d.artifacts.path("busybox-oci").to_string_lossy(),
-        "--name",
-        "busybox",
-    ])?;
+    let import = d.import_busybox()?;
     s.verdict(
         "a busybox OCI layout imports",
         import.code == Some(0),

@@ -185,6 +185,18 @@ impl<'a> Capsad<'a> {
         self.capsa_with(args, None)
     }
 
+    /// `capsa image import` of the payload's busybox layout, as `busybox`.
+    pub fn import_busybox(&self) -> Result<Output> {
+        let layout = self.artifacts.path("busybox-oci");
+        self.capsa(&[
+            "image",
+            "import",
+            &layout.to_string_lossy(),
+            "--name",
+            "busybox",
+        ])
+    }
+
     pub fn fixture(&self, name: &str) -> PathBuf {
         self.artifacts.path("fixtures/daemon").join(name)
     }

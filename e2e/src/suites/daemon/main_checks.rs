@@ -126,13 +126,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         Ok(out.stderr.trim().to_string())
     });
     d.start()?;
-    let import = d.capsa(&[
-        "image",
-        "import",
-        &d.artifacts.path("busybox-oci").to_string_lossy(),
-        "--name",
-        "busybox",
-    ])?;
+    let import = d.import_busybox()?;
     s.verdict(
         "a busybox OCI layout imports",
         import.code == Some(0),

@@ -170,6 +170,24 @@ impl<'a> Containerd<'a> {
         Ok(false)
     }
 
+    /// Stops task `id` (`kill` with `args`), waits for it to be STOPPED,
+    /// then deletes it and its container; returns what `task delete` said.
+    pub fn end_task(&self, id: &str, args: &[&str]) -> Result<Output> {
+        let mut kill = vec!["task", "kill"];
+        kill.extend_from_slice(args);
+        kill.push(id);
+        self.ctr(&kill)?;
+        if !self.stopped(id)? {
+            bail!("task {id} did not stop: {:?}", self.status(id)?);
+        }
+        let deleted = self.ctr(&["task", "delete", id])?;
+        let removed = self.ctr(&["container", "rm", id])?;
+        if removed.code != Some(0) {
+            bail!("container rm {id}: {}", removed.describe());
+        }
+        Ok(deleted)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }

@@ -197,10 +197,7 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
                 "trap '' TERM; sleep 600",
             ])?;
             ensure!(out.code == Some(0), "{}", out.describe());
-            c.ctr(&["task", "kill", "-s", "SIGKILL", "doomed"])?;
-            ensure!(c.stopped("doomed")?, "not stopped");
-            let deleted = c.ctr(&["task", "delete", "doomed"])?;
-            c.ctr(&["container", "rm", "doomed"])?;
+            let deleted = c.end_task("doomed", &["-s", "SIGKILL"])?;
             ensure!(
                 deleted_with(&deleted) == Some(137),
                 "{}",
@@ -410,16 +407,8 @@ fn running(s: &mut Suite, c: &Containerd) -> Result<()> {
         Ok(format!("{} lines", out.stdout.lines().count()))
     });
     s.check("ctr task kill stops it, and it is deleted", || {
-        c.ctr(&["task", "kill", "long"])?;
-        ensure!(c.stopped("long")?, "not stopped");
-        let deleted = c.ctr(&["task", "delete", "long"])?;
-        let removed = c.ctr(&["container", "rm", "long"])?;
-        ensure!(
-            deleted.code == Some(0) && removed.code == Some(0),
-            "{} / {}",
-            deleted.describe(),
-            removed.describe()
-        );
+        let deleted = c.end_task("long", &[])?;
+        ensure!(deleted.code == Some(0), "{}", deleted.describe());
         Ok("stopped, deleted".into())
     });
     Ok(())
@@ -474,16 +463,8 @@ fn pod(s: &mut Suite, c: &Containerd) -> Result<()> {
         },
     );
     s.check("and the pod ends cleanly", || {
-        c.ctr(&["task", "kill", "pod1"])?;
-        ensure!(c.stopped("pod1")?, "not stopped");
-        let deleted = c.ctr(&["task", "delete", "pod1"])?;
-        let removed = c.ctr(&["container", "rm", "pod1"])?;
-        ensure!(
-            deleted.code == Some(0) && removed.code == Some(0),
-            "{} / {}",
-            deleted.describe(),
-            removed.describe()
-        );
+        let deleted = c.end_task("pod1", &[])?;
+        ensure!(deleted.code == Some(0), "{}", deleted.describe());
         Ok("deleted".into())
     });
     Ok(())
