@@ -20,6 +20,16 @@ struct Leftovers {
     groups: usize,
 }
 
+impl std::fmt::Display for Leftovers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} taps, {} VMMs, {} mounts, {} descriptors, {} groups",
+            self.taps, self.vmms, self.mounts, self.fds, self.groups
+        )
+    }
+}
+
 fn count_dir(path: &std::path::Path) -> usize {
     std::fs::read_dir(path).map_or(0, |d| d.count())
 }
@@ -129,7 +139,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad, allowed_hangs: u32) -> Result<()> {
     s.verdict(
         "and left no tap, VMM, mount, descriptor or group state behind",
         before == after,
-        format!("before {before:?}, after {after:?}"),
+        format!("before: {before}; after: {after}"),
     );
     s.check(
         "nor an address: the next group gets the first one again",

@@ -139,13 +139,7 @@ impl<'a> Containerd<'a> {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let text = std::fs::read_to_string(self.dir.join("events.log")).unwrap_or_default();
-        // TIMESTAMP NAMESPACE TOPIC EVENT
-        text.lines()
-            .filter_map(|l| l.split_whitespace().nth(3))
-            .filter(|t| t.starts_with("/tasks/"))
-            .map(str::to_string)
-            .collect()
+        task_topics(&std::fs::read_to_string(self.dir.join("events.log")).unwrap_or_default())
     }
 
     /// The status `ctr task ls` gives task `id`, if it lists it.
@@ -201,6 +195,15 @@ impl Drop for Containerd<'_> {
     }
 }
 
+/// The task topics of `ctr events` lines: TIMESTAMP NAMESPACE TOPIC EVENT,
+/// the timestamp in several words.
+fn task_topics(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
+        .map(str::to_string)
+        .collect()
+}
+
 /// PATH with the payload's programs first: containerd finds the shim,
 /// and the shim capsa-vmm beside it.
 fn path_with_shim(artifacts: &Artifacts) -> std::ffi::OsString {
@@ -210,4 +213,14 @@ fn path_with_shim(artifacts: &Artifacts) -> std::ffi::OsString {
         path.push(rest);
     }
     path
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn task_topics_are_read_off_ctr_events() {
+        let text = "2026-12-01 10:12:34.123456789 +0000 UTC default /tasks/create {\"container_id\":\"a\"}\n\
+                    2026-12-01 10:12:35.1 +0000 UTC default /containers/create {}\n";
+        assert_eq!(super::task_topics(text), ["/tasks/create"]);
+    }
 }
