@@ -43,6 +43,15 @@ impl Output {
     pub fn lines(&self) -> Vec<&str> {
         self.stdout.lines().collect()
     }
+
+    /// Ok, saying what it did, when it exited `code` having printed
+    /// exactly `lines` on stdout.
+    pub fn exited_with(&self, code: i32, lines: &[&str]) -> Result<String> {
+        if self.code != Some(code) || self.lines() != lines {
+            bail!("wanted exit {code} and {lines:?}; got {}", self.describe());
+        }
+        Ok(self.describe())
+    }
 }
 
 pub struct Capsad<'a> {

@@ -143,25 +143,15 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     s.check(
         "capsa run --rm busybox echo hi prints hi and exits 0",
         || {
-            let out = d.capsa(&["run", "--rm", "busybox", "echo", "hi"])?;
-            ensure!(
-                out.code == Some(0) && out.lines() == ["hi"],
-                "{}",
-                out.describe()
-            );
-            Ok(out.describe())
+            d.capsa(&["run", "--rm", "busybox", "echo", "hi"])?
+                .exited_with(0, &["hi"])
         },
     );
     s.check(
         "a failing command's exit code and output pass through",
         || {
-            let out = d.capsa(&["run", "--rm", "busybox", "sh", "-c", "echo failing; exit 3"])?;
-            ensure!(
-                out.code == Some(3) && out.lines() == ["failing"],
-                "{}",
-                out.describe()
-            );
-            Ok(out.describe())
+            d.capsa(&["run", "--rm", "busybox", "sh", "-c", "echo failing; exit 3"])?
+                .exited_with(3, &["failing"])
         },
     );
     s.check("an unknown image is refused at create", || {
@@ -373,13 +363,8 @@ fn adoption(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         ))
     });
     s.check("exec runs in it, with its output and exit code", || {
-        let out = d.capsa(&["exec", "survivor", "--", "sh", "-c", "echo in-exec; exit 4"])?;
-        ensure!(
-            out.code == Some(4) && out.lines() == ["in-exec"],
-            "{}",
-            out.describe()
-        );
-        Ok(out.describe())
+        d.capsa(&["exec", "survivor", "--", "sh", "-c", "echo in-exec; exit 4"])?
+            .exited_with(4, &["in-exec"])
     });
     s.check(
         "exec -it runs on a pty, with the terminal's size and its exit code",
@@ -472,7 +457,7 @@ fn network(s: &mut Suite, d: &Capsad) -> Result<()> {
         Ok(out.stderr.trim().to_string())
     });
     s.check("another group reaches it by its name", || {
-        let out = d.capsa(&[
+        d.capsa(&[
             "run",
             "--rm",
             "--name",
@@ -481,13 +466,8 @@ fn network(s: &mut Suite, d: &Capsad) -> Result<()> {
             "sh",
             "-c",
             "echo \"wget-got=$(wget -q -O - http://web/)\"",
-        ])?;
-        ensure!(
-            out.code == Some(0) && out.lines() == ["wget-got=served-by-web"],
-            "{}",
-            out.describe()
-        );
-        Ok(out.describe())
+        ])?
+        .exited_with(0, &["wget-got=served-by-web"])
     });
     s.check("/metrics has the group's series", || {
         let mut text = Vec::new();
@@ -696,7 +676,7 @@ fn volumes(s: &mut Suite, d: &Capsad) -> Result<()> {
     exits(d, &["stop", "-t", "1", "holder"], 0)?;
     exits(d, &["rm", "holder"], 0)?;
     s.check("it survives its group and is read by a new one", || {
-        let out = d.capsa(&[
+        d.capsa(&[
             "run",
             "--rm",
             "-v",
@@ -704,13 +684,8 @@ fn volumes(s: &mut Suite, d: &Capsad) -> Result<()> {
             "busybox",
             "cat",
             "/data/file",
-        ])?;
-        ensure!(
-            out.code == Some(0) && out.lines() == ["kept-across-groups"],
-            "{}",
-            out.describe()
-        );
-        Ok(out.describe())
+        ])?
+        .exited_with(0, &["kept-across-groups"])
     });
     exits(
         d,

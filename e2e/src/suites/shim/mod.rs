@@ -89,25 +89,15 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
     s.check(
         "ctr run with the Capsa runtime prints hello and exits 0",
         || {
-            let out = c.run(&["--rm", IMAGE, "hello", "echo", "hello"])?;
-            ensure!(
-                out.code == Some(0) && out.lines() == ["hello"],
-                "{}",
-                out.describe()
-            );
-            Ok(out.describe())
+            c.run(&["--rm", IMAGE, "hello", "echo", "hello"])?
+                .exited_with(0, &["hello"])
         },
     );
     s.check(
         "a failing command's exit code and output pass through ctr",
         || {
-            let out = c.run(&["--rm", IMAGE, "failing", "sh", "-c", "echo failing; exit 7"])?;
-            ensure!(
-                out.code == Some(7) && out.lines() == ["failing"],
-                "{}",
-                out.describe()
-            );
-            Ok(out.describe())
+            c.run(&["--rm", IMAGE, "failing", "sh", "-c", "echo failing; exit 7"])?
+                .exited_with(7, &["failing"])
         },
     );
     s.check(
