@@ -68,6 +68,11 @@ enum Command {
         /// (the host IP is 127.0.0.1 unless given).
         #[arg(short = 'p', long = "publish")]
         publish: Vec<PortSpec>,
+        /// Run this program instead of the image's entrypoint; as with
+        /// docker, the image's command is then not appended (the
+        /// arguments after IMAGE are the program's).
+        #[arg(long)]
+        entrypoint: Option<String>,
         image: String,
         /// The command, instead of the image's.
         #[arg(trailing_var_arg = true)]
@@ -249,6 +254,7 @@ fn run(cli: Cli) -> Result<u8> {
             publish,
             restart,
             volume,
+            entrypoint,
             image,
             args,
         } => {
@@ -267,7 +273,7 @@ fn run(cli: Cli) -> Result<u8> {
                 containers: vec![ContainerSpec {
                     name: "main".into(),
                     image,
-                    command: None,
+                    command: entrypoint.map(|program| vec![program]),
                     args: (!args.is_empty()).then_some(args),
                     env: variables,
                     working_dir: None,

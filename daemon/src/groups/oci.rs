@@ -19,17 +19,36 @@ pub fn normalized(image: &str) -> String {
     capsa_image_store::normalize_name(image).unwrap_or_else(|_| image.to_string())
 }
 
+/// The process's argv, as Kubernetes combines them: the spec's `command`
+/// replaces the image's entrypoint and drops its cmd, and `args` replace
+/// the cmd. So: neither given runs entrypoint + cmd; args alone run
+/// entrypoint + args; command alone runs command (the image's cmd is not
+/// appended); both run command + args. (docker's `--entrypoint` is
+/// `command`, its trailing arguments `args`.)
+pub fn argv(
+    entrypoint: &[String],
+    cmd: &[String],
+    command: Option<&[String]>,
+    args: Option<&[String]>,
+) -> Vec<String> {
+    match (command, args) {
+        (None, None) => [entrypoint, cmd].concat(),
+        (None, Some(args)) => [entrypoint, args].concat(),
+        (Some(command), None) => command.to_vec(),
+        (Some(command), Some(args)) => [command, args].concat(),
+    }
+}
+
 pub fn spec_for(image: &OciImage, container: &ContainerSpec) -> anyhow::Result<Spec> {
     let config = image.config.config().clone().unwrap_or_default();
-    let mut spec = image.spec(container.args.as_deref())?;
+    let mut spec = image.spec(None)?;
     let mut process = spec.process().clone().unwrap_or_default();
-    if let Some(command) = &container.command {
-        let rest = container
-            .args
-            .clone()
-            .unwrap_or_else(|| config.cmd().clone().unwrap_or_default());
-        process.set_args(Some(command.iter().cloned().chain(rest).collect()));
-    }
+    process.set_args(Some(argv(
+        config.entrypoint().as_deref().unwrap_or_default(),
+        config.cmd().as_deref().unwrap_or_default(),
+        container.command.as_deref(),
+        container.args.as_deref(),
+    )));
     let mut env = process.env().clone().unwrap_or_default();
     for (key, value) in &container.env {
         env.retain(|e| e.split('=').next() != Some(key.as_str()));
@@ -147,11 +166,38 @@ mod tests {
     fn args_replace_the_cmd_and_a_command_replaces_the_entrypoint() {
         let spec = spec_for(&image(), &container(r#","args":["once"]"#)).unwrap();
         assert_eq!(args(&spec), ["/bin/entry", "once"]);
-        let spec = spec_for(&image(), &container(r#","command":["/bin/sh","-c"]"#)).unwrap();
-        assert_eq!(args(&spec), ["/bin/sh", "-c", "serve", "--port=80"]);
+        // A command alone drops the image's cmd, as Kubernetes does.
+        let spec = spec_for(&image(), &container(r#","command":["sleep","600"]"#)).unwrap();
+        assert_eq!(args(&spec), ["sleep", "600"]);
         let both = r#","command":["/bin/sh","-c"],"args":["echo hi"]"#;
         let spec = spec_for(&image(), &container(both)).unwrap();
         assert_eq!(args(&spec), ["/bin/sh", "-c", "echo hi"]);
+    }
+
+    #[test]
+    fn command_and_args_combine_as_kubernetes_documents() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (entrypoint, cmd) = (words(&["/entry"]), words(&["serve"]));
+        let (command, args) = (words(&["/bin/sh", "-c"]), words(&["echo hi"]));
+        let run = |c: Option<&Vec<String>>, a: Option<&Vec<String>>| {
+            argv(
+                &entrypoint,
+                &cmd,
+                c.map(Vec::as_slice),
+                a.map(Vec::as_slice),
+            )
+        };
+        assert_eq!(run(None, None), ["/entry", "serve"]);
+        assert_eq!(run(None, Some(&args)), ["/entry", "echo hi"]);
+        assert_eq!(run(Some(&command), None), ["/bin/sh", "-c"]);
+        assert_eq!(
+            run(Some(&command), Some(&args)),
+            ["/bin/sh", "-c", "echo hi"]
+        );
+        // An empty args list is given args: the cmd goes (docker's
+        // `--entrypoint` with no arguments).
+        assert_eq!(argv(&entrypoint, &cmd, None, Some(&[])), ["/entry"]);
+        assert_eq!(argv(&[], &cmd, None, None), ["serve"]);
     }
 
     #[test]

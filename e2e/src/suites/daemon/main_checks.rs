@@ -154,6 +154,30 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 .exited_with(3, &["failing"])
         },
     );
+    s.check(
+        "--entrypoint runs the program alone, without the image's command (as docker does)",
+        || {
+            d.capsa(&["run", "--rm", "--entrypoint", "echo", "busybox"])?
+                .exited_with(0, &[""])
+        },
+    );
+    s.check(
+        "a command without args drops the image's command (as Kubernetes does)",
+        || {
+            let spec = serde_json::json!({"name": "command-only", "containers": [
+                {"name": "main", "image": "busybox", "command": ["sh", "-c", "echo \"$0\" $#"]}]});
+            d.create(spec)?;
+            d.start_group("command-only", &mut Vec::new())?;
+            let exit = d.wait("command-only", "main")?;
+            let lines = d.log_lines("command-only", "main")?;
+            d.delete("command-only")?;
+            ensure!(
+                exit.exit_code == 0 && lines == ["sh 0"],
+                "{exit:?}: {lines:?}"
+            );
+            Ok(lines.join(""))
+        },
+    );
     s.check("an unknown image is refused at create", || {
         let spec = serde_json::json!({"name": "unknown", "containers": [{"name": "main", "image": "no-such-image"}]});
         let error = expect_error(d.create(spec), ErrorCode::ImageNotFound)?;
