@@ -261,7 +261,7 @@ fn run(cli: Cli) -> Result<u8> {
             let (volumes, volume_mounts) = volume_options(&volume)?;
             let name = name
                 .unwrap_or_else(|| format!("run-{:08x}", std::process::id() ^ (now_ms() as u32)));
-            let mut variables = BTreeMap::new();
+            let mut variables = indexmap::IndexMap::new();
             for pair in env {
                 let (key, value) = pair
                     .split_once('=')

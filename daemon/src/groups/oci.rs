@@ -214,6 +214,14 @@ mod tests {
     }
 
     #[test]
+    fn spec_env_comes_after_the_image_env_in_its_own_order() {
+        let fields = r#","env":{"ZED":"1","ALPHA":"2","MODE":"spec"}"#;
+        let spec = spec_for(&image(), &container(fields)).unwrap();
+        let env = spec.process().clone().unwrap().env().clone().unwrap();
+        assert_eq!(env, ["PATH=/bin", "ZED=1", "ALPHA=2", "MODE=spec"]);
+    }
+
+    #[test]
     fn volume_mounts_bind_the_sandbox_volume() {
         let fields = r#","volumeMounts":[{"name":"data","mountPath":"/data","readOnly":true}]"#;
         let spec = spec_for(&image(), &container(fields)).unwrap();
