@@ -196,13 +196,26 @@ pub struct Background {
 }
 
 impl Background {
-    pub fn spawn(mut command: Command) -> Result<Self> {
+    pub fn spawn(command: Command) -> Result<Self> {
+        Self::spawn_with(command, None)
+    }
+
+    /// `command`, with `stdin` written to it (and then closed) when given.
+    pub fn spawn_with(mut command: Command, stdin: Option<&[u8]>) -> Result<Self> {
         let mut child = command
-            .stdin(Stdio::null())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {:?}", command.get_program()))?;
+        if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(bytes)
+                .with_context(|| format!("writing to {:?}", command.get_program()))?;
+        }
         Ok(Background {
             stdout: read_in_background(child.stdout.take()),
             stderr: read_in_background(child.stderr.take()),
@@ -210,9 +223,9 @@ impl Background {
         })
     }
 
-    /// Waits up to `timeout`; a program still running then is killed,
-    /// and that is an emulation fault (a guest that stopped answering).
-    pub fn finish(mut self, timeout: Duration) -> Result<Run> {
+    /// Waits up to `timeout`, killing a program still running then; says
+    /// whether it had to.
+    fn wait_for(mut self, timeout: Duration) -> Result<(Run, bool)> {
         let deadline = Instant::now() + timeout;
         let status: Option<ExitStatus> = loop {
             if let Some(status) = self.child.try_wait()? {
@@ -230,13 +243,36 @@ impl Background {
             stdout: self.stdout.join().unwrap_or_default(),
             stderr: self.stderr.join().unwrap_or_default(),
         };
-        if status.is_none() {
+        Ok((run, status.is_none()))
+    }
+
+    /// Waits up to `timeout`; a microVM (or its host end) still running
+    /// then is killed, and that is an emulation fault (a guest that
+    /// stopped answering).
+    pub fn finish(self, timeout: Duration) -> Result<Run> {
+        let (run, timed_out) = self.wait_for(timeout)?;
+        if timed_out {
             return Err(EmulationFault(format!(
                 "still running after {} s; its last lines:\n{}",
                 timeout.as_secs(),
                 run.tail(20)
             ))
             .into());
+        }
+        Ok(run)
+    }
+
+    /// Waits up to `timeout`; a program still running then is killed, and
+    /// that is a failure of the check (a host program that hangs is ours:
+    /// capsad and the shim bound their own waits on a guest).
+    pub fn finish_or_fail(self, timeout: Duration) -> Result<Run> {
+        let (run, timed_out) = self.wait_for(timeout)?;
+        if timed_out {
+            anyhow::bail!(
+                "still running after {} s, killed; its last lines:\n{}",
+                timeout.as_secs(),
+                run.tail(20)
+            );
         }
         Ok(run)
     }

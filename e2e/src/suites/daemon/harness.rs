@@ -5,7 +5,6 @@
 //! own behaviour is what is checked.
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -19,6 +18,9 @@ use hyper::Method;
 use crate::vm::{self, Artifacts};
 
 pub const NETNS: &str = "capsa-e2e-daemon";
+/// The longest a CLI (or ctr) command may take: a boot and a few calls to
+/// a guest, each of which capsad and the shim bound themselves.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What a `capsa` command did.
 #[derive(Debug)]
@@ -26,6 +28,16 @@ pub struct Output {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl From<vm::Run> for Output {
+    fn from(run: vm::Run) -> Self {
+        Output {
+            code: run.status,
+            stdout: run.stdout,
+            stderr: run.stderr,
+        }
+    }
 }
 
 impl Output {
@@ -165,29 +177,13 @@ impl<'a> Capsad<'a> {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    /// Runs the real `capsa` with `args` (and `stdin`), as a user would.
+    /// Runs the real `capsa` with `args` (and `stdin`), as a user would;
+    /// one that hangs fails after [`COMMAND_TIMEOUT`].
     pub fn capsa_with(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
         let mut command = Command::new(self.artifacts.path("capsa"));
-        command
-            .args(args)
-            .env("CAPSA_SOCKET", &self.socket)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().context("starting capsa")?;
-        if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(bytes)?;
-        }
-        let output = child.wait_with_output()?;
-        Ok(Output {
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        })
+        command.args(args).env("CAPSA_SOCKET", &self.socket);
+        let run = vm::Background::spawn_with(command, stdin)?.finish_or_fail(COMMAND_TIMEOUT)?;
+        Ok(Output::from(run))
     }
 
     pub fn capsa(&self, args: &[&str]) -> Result<Output> {

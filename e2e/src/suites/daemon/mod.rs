@@ -4,7 +4,7 @@
 
 mod cycles;
 mod harness;
-pub use harness::Output;
+pub use harness::{Output, COMMAND_TIMEOUT};
 mod main_checks;
 mod metrics;
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::suites::daemon::Output;
-use crate::vm::Artifacts;
+use crate::suites::daemon::{Output, COMMAND_TIMEOUT};
+use crate::vm::{self, Artifacts};
 
 pub const RUNTIME: &str = "io.containerd.capsa.v2";
 pub const IMAGE: &str = "docker.io/library/busybox:latest";
@@ -81,17 +81,10 @@ impl<'a> Containerd<'a> {
 
     /// `ctr ARGS`, its stdin empty.
     pub fn ctr(&self, args: &[&str]) -> Result<Output> {
-        let output = self
-            .base()
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running ctr")?;
-        Ok(Output {
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        })
+        let mut command = self.base();
+        command.args(args);
+        let run = vm::Background::spawn(command)?.finish_or_fail(COMMAND_TIMEOUT)?;
+        Ok(Output::from(run))
     }
 
     /// `ctr run` with the Capsa shim: ARGS are run's own and then IMAGE ID

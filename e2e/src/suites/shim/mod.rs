@@ -167,7 +167,7 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
         );
         let mut command = Command::new(c.artifacts.tool("script"));
         command.args(["-q", "-e", "-c", &line, "/dev/null"]);
-        let run = vm::run(command, Duration::from_secs(120))?;
+        let run = vm::Background::spawn(command)?.finish_or_fail(Duration::from_secs(120))?;
         ensure!(run.status == Some(3), "status {:?}: {}", run.status, run.tail(5));
         ensure!(run.stdout.contains("stdin-is-a-terminal") && run.stdout.contains("30 100"), "{}", run.tail(5));
         Ok("30 100, exit 3".into())
