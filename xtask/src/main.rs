@@ -46,9 +46,10 @@ pub struct E2eArgs {
     /// Bytes each way through the devices suite's bulk vsock stream.
     #[arg(long, env = "CAPSA_DEVICE_CHECK_BULK", default_value_t = 1 << 30)]
     pub bulk_bytes: u64,
-    /// Runs of a suite that emulation faults keep hitting, in all.
-    #[arg(long, default_value_t = 3)]
-    pub attempts: u32,
+    /// Runs of a suite that emulation faults keep hitting, in all (by
+    /// default the suite's own figure: more for more microVM boots).
+    #[arg(long)]
+    pub attempts: Option<u32>,
     /// Reports an emulation fault in this suite on its first run, to show
     /// that only that suite is run again.
     #[arg(long, value_name = "SUITE")]
@@ -90,10 +91,13 @@ fn e2e(args: &E2eArgs) -> Result<bool> {
         );
     }
     let payload = payload::Payload::build(args)?;
-    let mut outcomes = Outcomes::new(&suites);
+    let mut outcomes = Outcomes::new(&suites, |name| {
+        args.attempts
+            .unwrap_or_else(|| capsa_e2e::suites::runs_allowed(name))
+    });
     let mut attempt = 1;
     loop {
-        let pending = outcomes.pending(args.attempts);
+        let pending = outcomes.pending();
         if pending.is_empty() {
             break;
         }
@@ -101,7 +105,7 @@ fn e2e(args: &E2eArgs) -> Result<bool> {
             .then_some(args.force_fault.as_deref())
             .flatten();
         let log = payload.run(&pending, args, force, attempt)?;
-        for retry in outcomes.record(&pending, &log, args.attempts) {
+        for retry in outcomes.record(&pending, &log) {
             eprintln!("xtask e2e: {retry}");
         }
         attempt += 1;

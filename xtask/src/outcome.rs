@@ -23,6 +23,8 @@ struct Suite {
     name: String,
     state: State,
     runs: u32,
+    /// Runs it may have in all, when faults keep hitting it.
+    allowed: u32,
     ended: bool,
     ms: u64,
     checks: Vec<CheckLine>,
@@ -59,7 +61,8 @@ fn seen(log: &str, suite: &str) -> Seen {
 }
 
 impl Outcomes {
-    pub fn new(names: &[String]) -> Self {
+    /// `allowed`: how many runs each suite may have in all.
+    pub fn new(names: &[String], allowed: impl Fn(&str) -> u32) -> Self {
         Outcomes {
             suites: names
                 .iter()
@@ -67,6 +70,7 @@ impl Outcomes {
                     name: name.clone(),
                     state: State::Pending,
                     runs: 0,
+                    allowed: allowed(name),
                     ended: false,
                     ms: 0,
                     checks: Vec::new(),
@@ -78,17 +82,17 @@ impl Outcomes {
     }
 
     /// The suites the next run is to take.
-    pub fn pending(&self, attempts: u32) -> Vec<String> {
+    pub fn pending(&self) -> Vec<String> {
         self.suites
             .iter()
-            .filter(|s| s.state == State::Pending && s.runs < attempts)
+            .filter(|s| s.state == State::Pending && s.runs < s.allowed)
             .map(|s| s.name.clone())
             .collect()
     }
 
     /// Takes what a run of `ran` printed; returns the retries it calls
     /// for, each with its reason.
-    pub fn record(&mut self, ran: &[String], log: &str, attempts: u32) -> Vec<String> {
+    pub fn record(&mut self, ran: &[String], log: &str) -> Vec<String> {
         let mut retries = Vec::new();
         for suite in self.suites.iter_mut().filter(|s| ran.contains(&s.name)) {
             let seen = seen(log, &suite.name);
@@ -114,6 +118,7 @@ impl Outcomes {
                 suite.state = State::Done;
                 continue;
             };
+            let attempts = suite.allowed;
             if suite.runs < attempts {
                 let retry = format!(
                     "suite {} is run again on its own (run {} of at most {attempts}): {fault}",
@@ -258,7 +263,7 @@ mod tests {
     #[test]
     fn a_fault_reruns_only_its_suite() {
         let all = names(&["boot", "agent", "devices"]);
-        let mut outcomes = Outcomes::new(&all);
+        let mut outcomes = Outcomes::new(&all, |_| 3);
         let log = [
             start("boot"),
             check("boot", "a", true),
@@ -273,20 +278,20 @@ mod tests {
             end("devices"),
         ]
         .join("\n");
-        let retries = outcomes.record(&all, &log, 3);
+        let retries = outcomes.record(&all, &log);
         assert_eq!(retries.len(), 1);
         assert!(
             retries[0].contains("suite agent is run again"),
             "{retries:?}"
         );
         assert_eq!(
-            outcomes.pending(3),
+            outcomes.pending(),
             ["agent"],
             "a real failure is not retried"
         );
         let log = [start("agent"), check("agent", "b", true), end("agent")].join("\n");
-        assert!(outcomes.record(&names(&["agent"]), &log, 3).is_empty());
-        assert!(outcomes.pending(3).is_empty());
+        assert!(outcomes.record(&names(&["agent"]), &log).is_empty());
+        assert!(outcomes.pending().is_empty());
         let report = outcomes.report(Duration::from_secs(1));
         let agent = &report.suites[1];
         assert_eq!(
@@ -301,7 +306,7 @@ mod tests {
     #[test]
     fn a_freeze_reruns_the_suite_it_hit_and_runs_those_it_kept_from_starting() {
         let all = names(&["boot", "agent", "devices"]);
-        let mut outcomes = Outcomes::new(&all);
+        let mut outcomes = Outcomes::new(&all, |_| 3);
         let log = [
             start("boot"),
             end("boot"),
@@ -309,20 +314,20 @@ mod tests {
             check("agent", "b", true),
         ]
         .join("\n");
-        let retries = outcomes.record(&all, &log, 3);
+        let retries = outcomes.record(&all, &log);
         assert!(retries
             .iter()
             .any(|r| r.contains("the outer machine stopped while it ran")));
         assert!(retries
             .iter()
             .any(|r| r.contains("devices did not get to start")));
-        assert_eq!(outcomes.pending(3), ["agent", "devices"]);
+        assert_eq!(outcomes.pending(), ["agent", "devices"]);
     }
 
     #[test]
     fn faults_stop_at_the_attempts_allowed_and_then_count_as_failures() {
         let all = names(&["boot"]);
-        let mut outcomes = Outcomes::new(&all);
+        let mut outcomes = Outcomes::new(&all, |_| 2);
         let log = [
             start("boot"),
             fault("boot"),
@@ -331,10 +336,10 @@ mod tests {
         ]
         .join("\n");
         for _ in 0..2 {
-            assert_eq!(outcomes.pending(2), ["boot"]);
-            outcomes.record(&all, &log, 2);
+            assert_eq!(outcomes.pending(), ["boot"]);
+            outcomes.record(&all, &log);
         }
-        assert!(outcomes.pending(2).is_empty());
+        assert!(outcomes.pending().is_empty());
         let report = outcomes.report(Duration::ZERO);
         assert!(!report.suites[0].finished);
         assert!(!report.passed());

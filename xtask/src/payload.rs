@@ -20,17 +20,6 @@ mount -t cgroup2 none /sys/fs/cgroup
 mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 ";
 
-/// Seconds the outer machine gets for each suite.
-fn budget_secs(suite: &str) -> u64 {
-    match suite {
-        "boot" => 300,
-        "agent" => 600,
-        "cycles" => 1500,
-        "shim" => 480,
-        _ => 900,
-    }
-}
-
 pub struct Payload {
     root: PathBuf,
     dir: PathBuf,
@@ -243,7 +232,11 @@ impl Payload {
             ),
         )?;
         let log = self.root.join(format!("target/e2e/outer-{attempt}.log"));
-        let timeout: u64 = 120 + suites.iter().map(|s| budget_secs(s)).sum::<u64>();
+        let timeout: u64 = 120
+            + suites
+                .iter()
+                .map(|s| capsa_e2e::suites::budget_secs(s))
+                .sum::<u64>();
         let status = Command::new(self.root.join("scripts/nested-kvm.sh"))
             .arg(&self.dir)
             .arg(&log)

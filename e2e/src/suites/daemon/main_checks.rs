@@ -1,4 +1,4 @@
-//! The daemon and the CLI end to end, as the daemon-check did: run, exit
+//! The daemon and the CLI end to end: run, exit
 //! codes, a two-container group from a YAML file, logs as they come, a
 //! daemon killed under a running group and its successor adopting it,
 //! bad specs and unknown images, progress, networking (addresses, a
