@@ -68,10 +68,16 @@ impl<'a> Suite<'a> {
     }
 
     /// Runs `check` unless another was asked for: it passes with its
-    /// detail, or fails with its error (and its cause chain).
+    /// detail, or fails with its error (and its cause chain). Once an
+    /// emulation fault has hit the suite, checks are no longer run (each
+    /// would wait out the same dead guest): the suite is run again.
     pub fn check(&mut self, check: &str, run: impl FnOnce() -> anyhow::Result<String>) {
         if !self.wants(check) {
             return;
+        }
+        if self.faulted {
+            let not_run = anyhow::anyhow!("not run: an emulation fault hit the suite before it");
+            return self.decided(check, Instant::now(), Err(not_run));
         }
         let began = Instant::now();
         let result = run();
@@ -154,9 +160,15 @@ mod tests {
         suite.check("fails", || anyhow::bail!("wrong"));
         suite.check("faults", || Err(EmulationFault("froze".into()).into()));
         suite.verdict("value", false, "saw 3");
-        assert_eq!(suite.end(), 3);
+        let mut ran = false;
+        suite.check("after the fault", || {
+            ran = true;
+            Ok(String::new())
+        });
+        assert!(!ran, "a check after a fault is not run");
+        assert_eq!(suite.end(), 4);
         let lines = lines(&out);
-        assert_eq!(lines.len(), 7);
+        assert_eq!(lines.len(), 8);
         let Line::Check(fails) = &lines[2] else {
             panic!()
         };
@@ -168,7 +180,11 @@ mod tests {
                 fault: "froze".into()
             }
         );
-        assert!(matches!(&lines[6], Line::SuiteEnd { suite_end, .. } if suite_end == "s"));
+        let Line::Check(skipped) = &lines[6] else {
+            panic!()
+        };
+        assert!(!skipped.ok && skipped.detail.starts_with("not run"));
+        assert!(matches!(&lines[7], Line::SuiteEnd { suite_end, .. } if suite_end == "s"));
     }
 
     #[test]
