@@ -65,6 +65,8 @@ impl ProcessEntry {
 
 struct ContainerEntry {
     container: Mutex<Option<Container>>,
+    /// What `stop_all` sends first.
+    stop_signal: Signal,
     cgroup: Cgroup,
     init: Arc<ProcessEntry>,
     execs: Mutex<HashMap<String, Arc<ProcessEntry>>>,
@@ -105,6 +107,7 @@ impl Containers {
         let mut spec: Spec = serde_json::from_slice(spec_json)
             .map_err(|e| ApiError::invalid(format!("the OCI runtime spec: {e}")))?;
         spec.set_mounts(Some(with_sandbox_files(&spec, sandbox_mounts)));
+        let stop_signal = stop_signal_of(&spec)?;
         if self.lock_entries().contains_key(id) {
             return Err(ApiError::exists(format!("container {id} already exists")));
         }
@@ -138,6 +141,7 @@ impl Containers {
         );
         let entry = ContainerEntry {
             container: Mutex::new(Some(container)),
+            stop_signal,
             cgroup,
             init,
             execs: Mutex::new(HashMap::new()),
@@ -316,8 +320,8 @@ impl Containers {
         }
     }
 
-    /// SIGTERM to every container, SIGKILL (by deleting) whatever is left
-    /// after `grace`.
+    /// Every container's stop signal (SIGTERM unless its spec says), then
+    /// SIGKILL (by deleting) whatever is left after `grace`.
     pub fn stop_all(&self, grace: Duration) {
         let entries: Vec<(String, Arc<ContainerEntry>)> = self
             .lock_entries()
@@ -326,7 +330,7 @@ impl Containers {
             .collect();
         for (_, entry) in &entries {
             if !entry.init.has_exited() {
-                let _ = kill(Pid::from_raw(entry.init.pid), Signal::SIGTERM);
+                let _ = kill(Pid::from_raw(entry.init.pid), entry.stop_signal);
             }
         }
         let deadline = Instant::now() + grace;
@@ -461,6 +465,26 @@ fn with_sandbox_files(spec: &Spec, sandbox_mounts: &[Mount]) -> Vec<Mount> {
         }
     }
     mounts
+}
+
+/// The spec's stop signal (capsa_protocol::STOP_SIGNAL_ANNOTATION).
+fn stop_signal_of(spec: &Spec) -> Result<Signal, ApiError> {
+    let Some(text) = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(capsa_protocol::STOP_SIGNAL_ANNOTATION))
+    else {
+        return Ok(Signal::SIGTERM);
+    };
+    text.parse::<i32>()
+        .ok()
+        .and_then(|n| Signal::try_from(n).ok())
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "annotation {}: {text:?} is not a signal number",
+                capsa_protocol::STOP_SIGNAL_ANNOTATION
+            ))
+        })
 }
 
 #[cfg(test)]

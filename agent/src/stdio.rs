@@ -27,7 +27,7 @@ use nix::sys::socket::{
     SockFlag, SockType, VsockAddr,
 };
 
-use capsa_protocol::stdio::{read_line, StreamHeader, StreamKind, ACK_BYTES};
+use capsa_protocol::stdio::{read_line, Resume, StreamHeader, StreamKind, ACK_BYTES};
 
 use crate::kmsg;
 
@@ -44,14 +44,16 @@ pub type StreamKey = StreamHeader;
 /// A host connection to a stream.
 pub struct Attachment {
     pub connection: File,
-    /// The host acknowledges what it kept (output streams only).
-    pub acked: bool,
+    /// The host acknowledges what it kept, and resumes here (output
+    /// streams only).
+    pub acked: Option<Resume>,
 }
 
 /// Where a host connection waits to be picked up by its copier; a newer
 /// connection for an output stream replaces the one in use.
-#[derive(Default)]
 pub struct Slot {
+    /// This stream's id, unique across the guest's boots (see `Resume`).
+    stream_id: u64,
     state: Mutex<SlotState>,
     changed: Condvar,
 }
@@ -65,6 +67,14 @@ struct SlotState {
 }
 
 impl Slot {
+    fn new() -> Self {
+        Slot {
+            stream_id: next_stream_id(),
+            state: Mutex::default(),
+            changed: Condvar::new(),
+        }
+    }
+
     /// Waits for the host's connection; None when it did not come in time
     /// after the process exited.
     pub fn wait_for_host(&self) -> Option<Attachment> {
@@ -106,7 +116,7 @@ pub struct StdioHub {
 
 impl StdioHub {
     pub fn register(&self, key: StreamKey) -> Arc<Slot> {
-        let slot = Arc::new(Slot::default());
+        let slot = Arc::new(Slot::new());
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.insert(key, slot.clone());
         slot
@@ -184,7 +194,7 @@ impl StdioHub {
     }
 
     /// Reads the header line and claims the slot it names.
-    fn route(&self, connection: &mut File) -> Result<(Arc<Slot>, bool), String> {
+    fn route(&self, connection: &mut File) -> Result<(Arc<Slot>, Option<Resume>), String> {
         let line =
             read_header(connection).map_err(|e| format!("reading the stream header: {e}"))?;
         let (header, acked) = StreamHeader::parse(&line)?;
@@ -270,18 +280,45 @@ fn readable(source: &File, timeout: Duration) -> bool {
     !matches!(poll(&mut fds, timeout), Ok(0))
 }
 
+/// A stream id no other stream of this guest, nor of any other boot, has:
+/// the boot's random id plus a count.
+fn next_stream_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static BOOT: OnceLock<u64> = OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(1);
+    let boot = *BOOT.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let hex: String = text
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(16)
+            .collect();
+        u64::from_str_radix(&hex, 16).unwrap_or_else(|_| {
+            // No boot id: the clock still differs between boots.
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        })
+    });
+    boot.wrapping_add(COUNT.fetch_add(1, Ordering::Relaxed) << 20)
+}
+
 /// One output stream's way to the host. When the host goes away, the
 /// copy waits for it to attach again and the process blocks on its full
 /// pipe meanwhile; once the process has exited, that wait is bounded by
 /// ATTACH_GRACE_AFTER_EXIT and what is left is dropped. On an acked
-/// connection, bytes stay queued until the host acknowledges them and are
-/// resent on the next connection; on a plain one, what was in flight when
-/// it broke is lost with it.
+/// connection, bytes stay queued until the host acknowledges them (by
+/// their offset in the stream) and a new connection resumes where the
+/// host says it has them up to; on a plain one, what was in flight when it
+/// broke is lost with it.
 struct Output {
     slot: Arc<Slot>,
     sink: Option<Sink>,
     /// Bytes not yet acknowledged (plain connections: not yet written).
     queue: Vec<u8>,
+    /// The stream offset of `queue`'s first byte.
+    base: u64,
     /// How much of `queue` went out on the current connection.
     written: usize,
 }
@@ -289,7 +326,9 @@ struct Output {
 struct Sink {
     connection: File,
     acked: bool,
-    /// Acknowledged bytes of this connection.
+    /// The preamble (stream id and start offset) is still to be sent.
+    preamble_due: bool,
+    /// The stream offset the host has acknowledged up to.
     acknowledged: u64,
     partial: [u8; ACK_BYTES],
     partial_len: usize,
@@ -297,13 +336,32 @@ struct Sink {
 
 impl Output {
     fn new(slot: Arc<Slot>) -> Self {
-        let sink = slot.wait_for_host().map(Sink::new);
-        Output {
+        let mut output = Output {
             slot,
-            sink,
+            sink: None,
             queue: Vec::new(),
+            base: 0,
             written: 0,
+        };
+        if let Some(first) = output.slot.wait_for_host() {
+            output.use_connection(first);
         }
+        output
+    }
+
+    /// Forgets what the host has up to stream offset `offset`.
+    fn kept_until(&mut self, offset: u64) {
+        let kept = usize::try_from(offset.saturating_sub(self.base))
+            .unwrap_or(usize::MAX)
+            .min(self.queue.len());
+        self.queue.drain(..kept);
+        self.base += kept as u64;
+        self.written = self.written.saturating_sub(kept);
+    }
+
+    /// The stream offset after the last byte written to the connection.
+    fn sent_until(&self) -> u64 {
+        self.base + self.written as u64
     }
 
     fn take_newer(&mut self) {
@@ -316,16 +374,26 @@ impl Output {
     fn use_connection(&mut self, attachment: Attachment) {
         // Acknowledgements the old connection still holds spare resending
         // what the host already kept.
+        let sent = self.sent_until();
         if let Some(mut old) = self.sink.take().filter(|old| old.acked) {
-            if let Ok(kept) = old.read_acks(false, self.written) {
-                self.queue.drain(..kept);
+            if let Ok(kept) = old.read_acks(false, sent) {
+                self.kept_until(kept);
             }
         }
-        if !attachment.acked {
+        match attachment.acked {
             // A plain reader never acknowledges: hold nothing for it.
-            self.queue.clear();
+            None => {
+                let all = self.base + self.queue.len() as u64;
+                self.kept_until(all);
+            }
+            // The host kept this stream up to there.
+            Some(resume) if resume.stream_id == self.slot.stream_id => {
+                self.kept_until(resume.offset)
+            }
+            // The host has nothing of this stream: all that is held goes.
+            Some(_) => {}
         }
-        self.sink = Some(Sink::new(attachment));
+        self.sink = Some(Sink::new(attachment, self.base));
         self.written = 0;
     }
 
@@ -335,6 +403,7 @@ impl Output {
         }
         if self.sink.is_none() {
             // Nobody attached in time: drain.
+            self.base += chunk.len() as u64;
             return;
         }
         self.queue.extend_from_slice(chunk);
@@ -350,25 +419,39 @@ impl Output {
                 Err(_) => self.reconnect(),
             }
         }
-        self.queue.clear();
+        let all = self.base + self.queue.len() as u64;
+        self.kept_until(all);
     }
 
     fn try_deliver(&mut self) -> io::Result<()> {
+        let stream_id = self.slot.stream_id;
+        let base = self.base;
         let Some(sink) = self.sink.as_mut() else {
             return Ok(());
         };
+        if sink.preamble_due {
+            let preamble = Resume {
+                stream_id,
+                offset: base,
+            };
+            sink.connection.write_all(&preamble.to_bytes())?;
+            sink.preamble_due = false;
+        }
         sink.connection.write_all(&self.queue[self.written..])?;
         self.written = self.queue.len();
         if !sink.acked {
-            self.queue.clear();
-            self.written = 0;
+            let all = self.base + self.queue.len() as u64;
+            self.kept_until(all);
             return Ok(());
         }
         let mut blocking = false;
         loop {
-            let kept = sink.read_acks(blocking, self.written)?;
-            self.queue.drain(..kept);
-            self.written -= kept;
+            let sent = self.sent_until();
+            let Some(sink) = self.sink.as_mut() else {
+                return Ok(());
+            };
+            let kept = sink.read_acks(blocking, sent)?;
+            self.kept_until(kept);
             if self.queue.len() <= ACK_WINDOW {
                 return Ok(());
             }
@@ -397,11 +480,12 @@ impl Output {
                 return;
             }
             while !self.queue.is_empty() {
-                match sink.read_acks(true, self.written) {
-                    Ok(kept) => {
-                        self.queue.drain(..kept);
-                        self.written -= kept;
-                    }
+                let sent = self.sent_until();
+                let Some(sink) = self.sink.as_mut() else {
+                    break;
+                };
+                match sink.read_acks(true, sent) {
+                    Ok(kept) => self.kept_until(kept),
                     Err(_) => break,
                 }
             }
@@ -414,36 +498,37 @@ impl Output {
 }
 
 impl Sink {
-    fn new(attachment: Attachment) -> Self {
+    fn new(attachment: Attachment, start: u64) -> Self {
         Sink {
             connection: attachment.connection,
-            acked: attachment.acked,
-            acknowledged: 0,
+            acked: attachment.acked.is_some(),
+            preamble_due: attachment.acked.is_some(),
+            acknowledged: start,
             partial: [0; ACK_BYTES],
             partial_len: 0,
         }
     }
 
     /// Reads the acknowledgements that arrived (waiting for one when
-    /// `blocking`) and returns how many more bytes the host kept. An
-    /// acknowledgement beyond `written`, or going backwards, breaks the
+    /// `blocking`) and returns the stream offset the host has kept up to.
+    /// An acknowledgement beyond `sent`, or going backwards, breaks the
     /// connection: the host is confused and a fresh attach is safer.
-    fn read_acks(&mut self, blocking: bool, written: usize) -> io::Result<usize> {
+    fn read_acks(&mut self, blocking: bool, sent: u64) -> io::Result<u64> {
         let fd = self.connection.as_raw_fd();
-        let mut kept = 0usize;
         let mut flags = if blocking {
             MsgFlags::empty()
         } else {
             MsgFlags::MSG_DONTWAIT
         };
+        let mut any = false;
         loop {
             let n = match recv(fd, &mut self.partial[self.partial_len..], flags) {
                 Ok(n) if n > 0 => n,
-                Err(nix::errno::Errno::EAGAIN) => return Ok(kept),
+                Err(nix::errno::Errno::EAGAIN) => return Ok(self.acknowledged),
                 Err(nix::errno::Errno::EINTR) => continue,
                 // What was acknowledged before the end counts; the next
                 // call meets the end again.
-                _ if kept > 0 => return Ok(kept),
+                _ if any => return Ok(self.acknowledged),
                 Ok(_) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Err(e) => return Err(e.into()),
             };
@@ -452,16 +537,15 @@ impl Sink {
                 continue;
             }
             self.partial_len = 0;
-            let total = u64::from_le_bytes(self.partial);
-            let more = total
-                .checked_sub(self.acknowledged)
-                .and_then(|more| usize::try_from(more).ok())
-                .filter(|&more| kept + more <= written)
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, "acknowledged unsent output")
-                })?;
-            self.acknowledged = total;
-            kept += more;
+            let kept = u64::from_le_bytes(self.partial);
+            if kept < self.acknowledged || kept > sent {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "acknowledged unsent output",
+                ));
+            }
+            self.acknowledged = kept;
+            any = true;
             // One acknowledgement is what a blocking caller waited for.
             flags = MsgFlags::MSG_DONTWAIT;
         }

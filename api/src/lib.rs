@@ -3,6 +3,7 @@
 //! what the daemon reports about groups and images, and its errors.
 
 pub mod exec;
+pub mod signal;
 pub mod spec;
 
 use serde::{Deserialize, Serialize};

@@ -120,6 +120,14 @@ pub struct ContainerSpec {
     pub env: IndexMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
+    /// Replaces the image's user: `user[:group]`, each a name (looked up
+    /// in the container's /etc/passwd and /etc/group) or a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Replaces the image's stop signal (`SIGTERM` when neither gives
+    /// one): a name, with or without `SIG`, or a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
     /// CPU limit, in CPUs (0.5 = half of one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_limit: Option<f64>,
@@ -388,6 +396,19 @@ impl GroupSpec {
             for key in container.env.keys() {
                 if key.is_empty() || key.contains('=') {
                     problems.push(format!("{at}.env: {key:?} is not a variable name"));
+                }
+            }
+            if let Some(user) = &container.user {
+                let (name, group) = user.split_once(':').unwrap_or((user, "-"));
+                if name.is_empty() || group.is_empty() || user.contains(char::is_whitespace) {
+                    problems.push(format!(
+                        "{at}.user: {user:?} is not user[:group] (names or numbers)"
+                    ));
+                }
+            }
+            if let Some(signal) = &container.stop_signal {
+                if crate::signal::number(signal).is_none() {
+                    problems.push(format!("{at}.stopSignal: {signal:?} is not a signal"));
                 }
             }
             if let Some(dir) = &container.working_dir {

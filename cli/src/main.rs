@@ -73,6 +73,17 @@ enum Command {
         /// arguments after IMAGE are the program's).
         #[arg(long)]
         entrypoint: Option<String>,
+        /// Run as USER[:GROUP] (names or numbers), instead of the image's
+        /// user.
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        /// The working directory, instead of the image's.
+        #[arg(short = 'w', long)]
+        workdir: Option<String>,
+        /// Stop the container with this signal, instead of the image's
+        /// (SIGTERM when it names none).
+        #[arg(long)]
+        stop_signal: Option<String>,
         image: String,
         /// The command, instead of the image's.
         #[arg(trailing_var_arg = true)]
@@ -255,6 +266,9 @@ fn run(cli: Cli) -> Result<u8> {
             restart,
             volume,
             entrypoint,
+            user,
+            workdir,
+            stop_signal,
             image,
             args,
         } => {
@@ -276,7 +290,9 @@ fn run(cli: Cli) -> Result<u8> {
                     command: entrypoint.map(|program| vec![program]),
                     args: (!args.is_empty()).then_some(args),
                     env: variables,
-                    working_dir: None,
+                    working_dir: workdir,
+                    user,
+                    stop_signal,
                     cpu_limit: None,
                     memory_limit_mib: None,
                     cpu_request: None,

@@ -1,36 +1,82 @@
-//! Container logs on the host: JSON lines (time, stream, line) appended as
-//! output arrives from the guest, rotated by size (`NAME.log` becomes
-//! `NAME.log.1`), read back and followed for `logs`.
+//! Container logs on the host: JSON lines (time, stream, line, and where
+//! in the guest's stream the line ends) appended as output arrives from
+//! the guest, rotated by size (`NAME.log` becomes `NAME.log.1`), read back
+//! and followed for `logs`.
+//!
+//! Each line is written once: a record carries the stream's id and the
+//! offset its bytes end at, so the log itself is the durable record of how
+//! far each stream got. A daemon that restarts reads it back and resumes
+//! each stream there (the agent resends from that offset, and drops what
+//! is before it), whether or not it had acknowledged those bytes before it
+//! died; a record cut short by the death is removed.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use capsa_api::LogLine;
-use capsa_protocol::stdio::ack;
+use capsa_protocol::stdio::{ack, Resume};
+use serde::{Deserialize, Serialize};
 
 use crate::state::now_ms;
 
 /// A log is rotated when it grows past this.
 pub const ROTATE_BYTES: u64 = 16 << 20;
+/// A longer line is kept as several records of at most this many bytes
+/// (docker splits at the same size), so a guest that never prints a
+/// newline cannot make the daemon hold its output.
+pub const MAX_LINE_BYTES: usize = 16 << 10;
+
+/// A log file's record.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    time: u64,
+    stream: String,
+    line: String,
+    /// The guest's stream the line came from, and the stream offset after
+    /// its bytes.
+    #[serde(default)]
+    stream_id: u64,
+    #[serde(default)]
+    end: u64,
+}
 
 /// Appends lines to one container's log; shared by its stdout and stderr
 /// copiers.
 pub struct LogWriter {
     path: PathBuf,
     file: Mutex<File>,
+    /// Where each stream (by its tag) is kept up to.
+    kept: Mutex<HashMap<String, Resume>>,
 }
 
 impl LogWriter {
+    /// Opens the log, dropping a last record that a daemon's death cut
+    /// short, and learns where each stream got to.
     pub fn open(path: &Path) -> io::Result<Arc<Self>> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let mut kept = HashMap::new();
+        let rotated = path.with_extension("log.1");
+        if rotated.exists() {
+            scan(&rotated, &mut kept)?;
+        }
+        let whole = scan(path, &mut kept)?;
+        if whole < file.metadata()?.len() {
+            file.set_len(whole)?;
+        }
         Ok(Arc::new(LogWriter {
             path: path.to_path_buf(),
             file: Mutex::new(file),
+            kept: Mutex::new(kept),
         }))
     }
 
@@ -38,47 +84,116 @@ impl LogWriter {
         &self.path
     }
 
-    fn append(&self, stream: &str, line: &str) -> io::Result<()> {
-        let record = LogLine {
+    /// Where stream `stream` is kept up to, to attach it from there.
+    pub fn resume_point(&self, stream: &str) -> Resume {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.get(stream).copied().unwrap_or_default()
+    }
+
+    /// Writes one record, whole, in one write.
+    fn append(&self, stream: &str, line: &[u8], at: Resume) -> io::Result<()> {
+        let text = String::from_utf8_lossy(line);
+        let record = Record {
             time: now_ms(),
             stream: stream.to_string(),
-            line: line.to_string(),
+            line: text.strip_suffix('\n').unwrap_or(&text).to_string(),
+            stream_id: at.stream_id,
+            end: at.offset,
         };
-        let mut text = serde_json::to_string(&record).map_err(io::Error::other)?;
-        text.push('\n');
+        let mut text = serde_json::to_vec(&record).map_err(io::Error::other)?;
+        text.push(b'\n');
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(text.as_bytes())?;
+        file.write_all(&text)?;
+        self.kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(stream.to_string(), at);
         if file.metadata()?.len() > ROTATE_BYTES {
             let rotated = self.path.with_extension("log.1");
             fs::rename(&self.path, &rotated)?;
             *file = OpenOptions::new()
                 .create(true)
+                .read(true)
                 .append(true)
                 .open(&self.path)?;
         }
         Ok(())
     }
 
-    /// Copies an acked stdio stream into the log line by line until it
-    /// ends, a last line without a newline too. Bytes are acknowledged
-    /// once their lines are written, so the agent resends, after a restart
-    /// of the daemon, what never reached the log.
+    /// Copies an acked stdio stream (attached from `resume_point`) into the
+    /// log line by line until it ends, a last line without a newline too.
+    /// Bytes are acknowledged once their lines are written.
     pub fn copy(&self, stream: &str, source: impl Read + Write) -> io::Result<()> {
         let mut reader = BufReader::new(source);
+        let start = Resume::read_from(&mut reader)?;
+        let mut at = start;
         let mut buffer = Vec::new();
-        let mut kept = 0u64;
         loop {
             buffer.clear();
-            if reader.read_until(b'\n', &mut buffer)? == 0 {
-                return ack(reader.get_mut(), kept);
+            if read_bounded_line(&mut reader, &mut buffer, MAX_LINE_BYTES)? == 0 {
+                return ack(reader.get_mut(), at.offset);
             }
-            let text = String::from_utf8_lossy(&buffer);
-            self.append(stream, text.strip_suffix('\n').unwrap_or(&text))?;
-            kept += buffer.len() as u64;
+            at.offset += buffer.len() as u64;
+            self.append(stream, &buffer, at)?;
             // One acknowledgement per batch the guest sent, not per line.
             if reader.buffer().is_empty() {
-                ack(reader.get_mut(), kept)?;
+                ack(reader.get_mut(), at.offset)?;
             }
+        }
+    }
+}
+
+/// Reads up to and including a newline, or `max` bytes, whichever first;
+/// returns how many bytes it read (0 at the end).
+fn read_bounded_line(
+    reader: &mut impl BufRead,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<usize> {
+    while out.len() < max {
+        let available = match reader.fill_buf() {
+            Ok(available) => available,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            break;
+        }
+        let room = max - out.len();
+        let (take, done) = match available.iter().take(room).position(|&b| b == b'\n') {
+            Some(newline) => (newline + 1, true),
+            None => (available.len().min(room), false),
+        };
+        out.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        if done {
+            break;
+        }
+    }
+    Ok(out.len())
+}
+
+/// Reads `path`'s records, noting each stream's last resume point in
+/// `kept`; returns the length of its whole records.
+fn scan(path: &Path, kept: &mut HashMap<String, Resume>) -> io::Result<u64> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut whole = 0u64;
+    let mut buffer = Vec::new();
+    loop {
+        buffer.clear();
+        let n = reader.read_until(b'\n', &mut buffer)?;
+        if n == 0 || buffer.last() != Some(&b'\n') {
+            return Ok(whole);
+        }
+        whole += n as u64;
+        if let Ok(record) = serde_json::from_slice::<Record>(&buffer) {
+            kept.insert(
+                record.stream,
+                Resume {
+                    stream_id: record.stream_id,
+                    offset: record.end,
+                },
+            );
         }
     }
 }
@@ -130,8 +245,12 @@ pub fn read_lines(path: &Path, offset: u64, out: &mut Vec<LogLine>) -> io::Resul
             return Ok(position);
         }
         position += n as u64;
-        if let Ok(line) = serde_json::from_str(&buffer) {
-            out.push(line);
+        if let Ok(record) = serde_json::from_str::<Record>(&buffer) {
+            out.push(LogLine {
+                time: record.time,
+                stream: record.stream,
+                line: record.line,
+            });
         }
     }
 }
@@ -140,38 +259,117 @@ pub fn read_lines(path: &Path, offset: u64, out: &mut Vec<LogLine>) -> io::Resul
 mod tests {
     use super::*;
 
+    const STREAM: u64 = 0xabc;
+
+    /// Plays the agent: sends the preamble and `output` from `start`, and
+    /// returns the last acknowledgement.
+    fn deliver(writer: &LogWriter, stream: &str, start: u64, output: &[u8]) -> u64 {
+        let (mut guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
+        let preamble = Resume {
+            stream_id: STREAM,
+            offset: start,
+        };
+        guest.write_all(&preamble.to_bytes()).unwrap();
+        guest.write_all(output).unwrap();
+        guest.shutdown(std::net::Shutdown::Write).unwrap();
+        writer.copy(stream, host).unwrap();
+        let mut acks = Vec::new();
+        guest.read_to_end(&mut acks).unwrap();
+        let last = acks.rchunks(8).next().unwrap();
+        u64::from_le_bytes(last.try_into().unwrap())
+    }
+
+    fn lines(path: &Path) -> Vec<(String, String)> {
+        let (all, _) = read(path, None, None).unwrap();
+        all.into_iter().map(|l| (l.stream, l.line)).collect()
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected
+            .iter()
+            .map(|(s, l)| (s.to_string(), l.to_string()))
+            .collect()
+    }
+
     #[test]
     fn lines_round_trip_with_tail_and_partial_last_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.log");
         let writer = LogWriter::open(&path).unwrap();
-        for (stream, output) in [("stdout", &b"one\ntwo\nthree"[..]), ("stderr", b"oops\n")] {
-            let (mut guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
-            guest.write_all(output).unwrap();
-            guest.shutdown(std::net::Shutdown::Write).unwrap();
-            writer.copy(stream, host).unwrap();
-            let mut acks = Vec::new();
-            guest.read_to_end(&mut acks).unwrap();
-            let last = acks.rchunks(8).next().unwrap();
-            let kept = u64::from_le_bytes(last.try_into().unwrap());
-            assert_eq!(kept, output.len() as u64, "all of {stream} acknowledged");
-        }
-        let (all, offset) = read(&path, None, None).unwrap();
-        let text: Vec<(&str, &str)> = all
-            .iter()
-            .map(|l| (l.stream.as_str(), l.line.as_str()))
-            .collect();
+        let kept = deliver(&writer, "stdout", 0, b"one\ntwo\nthree");
+        assert_eq!(kept, 13, "acknowledged by stream offset");
+        assert_eq!(deliver(&writer, "stderr", 0, b"oops\n"), 5);
         assert_eq!(
-            text,
-            [
+            lines(&path),
+            pairs(&[
                 ("stdout", "one"),
                 ("stdout", "two"),
                 ("stdout", "three"),
                 ("stderr", "oops")
-            ]
+            ])
         );
+        let (_, offset) = read(&path, None, None).unwrap();
         assert_eq!(offset, fs::metadata(&path).unwrap().len());
         let (last, _) = read(&path, Some(1), None).unwrap();
         assert_eq!(last[0].line, "oops");
+    }
+
+    #[test]
+    fn a_reopened_log_resumes_each_stream_where_its_last_record_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let writer = LogWriter::open(&path).unwrap();
+        assert_eq!(writer.resume_point("stdout"), Resume::default());
+        deliver(&writer, "stdout", 100, b"a\nbb\n");
+        deliver(&writer, "stderr", 0, b"e\n");
+        drop(writer);
+        // A daemon killed in the middle of a record leaves part of it.
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(br#"{"time":1,"stream":"stdout","li"#)
+            .unwrap();
+        drop(file);
+        let writer = LogWriter::open(&path).unwrap();
+        let resume = writer.resume_point("stdout");
+        assert_eq!(
+            resume,
+            Resume {
+                stream_id: STREAM,
+                offset: 105
+            }
+        );
+        assert_eq!(writer.resume_point("stderr").offset, 2);
+        // The agent resends from there; nothing is doubled or glued to the
+        // cut record.
+        deliver(&writer, "stdout", resume.offset, b"ccc\n");
+        assert_eq!(
+            lines(&path),
+            pairs(&[
+                ("stdout", "a"),
+                ("stdout", "bb"),
+                ("stderr", "e"),
+                ("stdout", "ccc")
+            ])
+        );
+        assert_eq!(
+            LogWriter::open(&path)
+                .unwrap()
+                .resume_point("stdout")
+                .offset,
+            109
+        );
+    }
+
+    #[test]
+    fn a_line_without_end_is_kept_in_bounded_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let writer = LogWriter::open(&path).unwrap();
+        let mut output = vec![b'x'; MAX_LINE_BYTES * 2 + 10];
+        output.extend_from_slice(b"\nEND\n");
+        assert_eq!(deliver(&writer, "stdout", 0, &output), output.len() as u64);
+        let found = lines(&path);
+        let sizes: Vec<usize> = found.iter().map(|(_, l)| l.len()).collect();
+        assert_eq!(sizes, [MAX_LINE_BYTES, MAX_LINE_BYTES, 10, 3]);
+        assert_eq!(found[3].1, "END");
     }
 }

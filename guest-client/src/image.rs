@@ -28,8 +28,6 @@ pub enum ImageError {
         reference: String,
         tags: String,
     },
-    #[error("image user {0:?}: only numeric uid[:gid] is supported")]
-    User(String),
 }
 
 /// One layer: the manifest's descriptor and the config's diff id.
@@ -142,7 +140,6 @@ impl OciImage {
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
         }
-        let (uid, gid) = parse_user(config.user().as_deref().unwrap_or(""))?;
         let cwd = config
             .working_dir()
             .clone()
@@ -154,10 +151,13 @@ impl OciImage {
             .args(command)
             .env(env)
             .cwd(cwd)
+            // The runtime resolves the image's `user[:group]` in the
+            // container's own /etc/passwd and /etc/group.
             .user(
                 UserBuilder::default()
-                    .uid(uid)
-                    .gid(gid)
+                    .uid(0u32)
+                    .gid(0u32)
+                    .username(config.user().clone().unwrap_or_default())
                     .build()
                     .expect("all fields set"),
             )
@@ -219,23 +219,6 @@ fn blob_path(layout: &Path, digest: &str) -> Option<PathBuf> {
     (clean(algorithm) && clean(hex)).then(|| layout.join("blobs").join(algorithm).join(hex))
 }
 
-fn parse_user(user: &str) -> Result<(u32, u32), ImageError> {
-    if user.is_empty() {
-        return Ok((0, 0));
-    }
-    let bad = || ImageError::User(user.to_string());
-    let (uid, gid) = user.split_once(':').unwrap_or((user, ""));
-    let uid: u32 = uid.parse().map_err(|_| bad())?;
-    // Without /etc/passwd to look in, a bare uid gets group 0, as Docker
-    // gives a uid the image does not list.
-    let gid: u32 = if gid.is_empty() {
-        0
-    } else {
-        gid.parse().map_err(|_| bad())?
-    };
-    Ok((uid, gid))
-}
-
 /// Opens a layer blob for sending.
 pub fn open_layer(layer: &ImageLayer) -> std::io::Result<File> {
     File::open(&layer.path)
@@ -255,13 +238,5 @@ mod tests {
         for bad in ["sha256:../x", "sha256/../..:x", "abc", "sha256:", ":abc"] {
             assert!(blob_path(layout, bad).is_none(), "{bad}");
         }
-    }
-
-    #[test]
-    fn users_are_numeric() {
-        assert_eq!(parse_user("").unwrap(), (0, 0));
-        assert_eq!(parse_user("1000").unwrap(), (1000, 0));
-        assert_eq!(parse_user("1000:50").unwrap(), (1000, 50));
-        assert!(parse_user("nobody").is_err());
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use capsa_protocol::agent::*;
 use capsa_protocol::agent_ttrpc::AgentClient;
-use capsa_protocol::stdio::{attach, AttachError, StreamHeader, StreamKind};
+use capsa_protocol::stdio::{attach, AttachError, Resume, StreamHeader, StreamKind};
 use capsa_protocol::{check_version, vmm_socket, AgentConnectError, LAYER_CHUNK_BYTES};
 use oci_spec::runtime::{Process, Spec};
 
@@ -345,22 +345,28 @@ impl Guest {
         exec_id: &str,
         kind: StreamKind,
     ) -> Result<UnixStream, GuestError> {
-        self.open_stream(&StreamHeader::new(id, exec_id, kind), false)
+        self.open_stream(&StreamHeader::new(id, exec_id, kind), None)
     }
 
     /// Attaches an output stream whose reader acknowledges what it kept
-    /// (capsa_protocol::stdio::ack), so the agent resends what a dropped
-    /// connection lost when the stream is attached again.
+    /// (capsa_protocol::stdio::ack) and resumes from `resume`, the last
+    /// point it kept: the connection starts with the agent's preamble
+    /// (`Resume::read_from`), then the bytes from there.
     pub fn attach_acked(
         &self,
         id: &str,
         exec_id: &str,
         kind: StreamKind,
+        resume: Resume,
     ) -> Result<UnixStream, GuestError> {
-        self.open_stream(&StreamHeader::new(id, exec_id, kind), true)
+        self.open_stream(&StreamHeader::new(id, exec_id, kind), Some(resume))
     }
 
-    fn open_stream(&self, header: &StreamHeader, acked: bool) -> Result<UnixStream, GuestError> {
+    fn open_stream(
+        &self,
+        header: &StreamHeader,
+        acked: Option<Resume>,
+    ) -> Result<UnixStream, GuestError> {
         Ok(attach(&self.socket, header, acked)?)
     }
 

@@ -17,7 +17,7 @@ pub mod vmm_socket;
 
 /// The API version this build speaks. Bump it with any change that an
 /// older peer would misread.
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
 
 /// The vsock port the agent serves its ttrpc API on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -34,6 +34,11 @@ pub const VOLUMES_DIR: &str = "/run/capsa/volumes";
 /// /etc/hostname, /etc/resolv.conf) must not cover. The containerd shim
 /// sets it for host files it copies into a container's root filesystem.
 pub const OWN_FILES_ANNOTATION: &str = "io.capsa.own-files";
+
+/// A container spec annotation: the signal (its number) the agent stops
+/// the container's process with, before SIGKILL after the grace; SIGTERM
+/// without it.
+pub const STOP_SIGNAL_ANNOTATION: &str = "io.capsa.stop-signal";
 
 /// Layer blobs travel in WriteLayer chunks of at most this size, well under
 /// ttrpc's 4 MiB message limit.

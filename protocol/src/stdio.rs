@@ -12,8 +12,49 @@ use crate::STDIO_VSOCK_PORT;
 pub const MAX_LINE: usize = 512;
 /// The exec id that names a container's own process.
 const INIT_PROCESS: &str = "-";
-/// The header's last word when the host acknowledges what it kept.
+/// The header's word, before the resume point, when the host acknowledges
+/// what it kept.
 const ACKED: &str = "acked";
+
+/// Where an acknowledged output stream picks up: which stream (an id the
+/// agent draws when the process starts, so that a restarted container's
+/// new output is never taken for its old) and the offset in it of the
+/// first byte the host still needs. The host sends the last it kept; the
+/// agent answers, in the connection's first bytes (`PREAMBLE_BYTES`),
+/// where it really starts: its stream's id and the offset of its first
+/// byte, at or after what the host asked for unless those bytes are gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Resume {
+    pub stream_id: u64,
+    pub offset: u64,
+}
+
+/// The size of the agent's preamble on an acknowledged connection.
+pub const PREAMBLE_BYTES: usize = 16;
+
+impl Resume {
+    pub fn to_bytes(self) -> [u8; PREAMBLE_BYTES] {
+        let mut bytes = [0u8; PREAMBLE_BYTES];
+        bytes[..8].copy_from_slice(&self.stream_id.to_le_bytes());
+        bytes[8..].copy_from_slice(&self.offset.to_le_bytes());
+        bytes
+    }
+
+    /// Reads the agent's preamble.
+    pub fn read_from(reader: &mut impl Read) -> io::Result<Self> {
+        let mut bytes = [0u8; PREAMBLE_BYTES];
+        reader.read_exact(&mut bytes)?;
+        let word = |range: std::ops::Range<usize>| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[range]);
+            u64::from_le_bytes(word)
+        };
+        Ok(Resume {
+            stream_id: word(0..8),
+            offset: word(8..16),
+        })
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamKind {
@@ -65,14 +106,17 @@ impl StreamHeader {
     }
 
     /// The header line; `acked` asks the agent to keep output until the
-    /// host acknowledges it (output streams only).
-    pub fn line(&self, acked: bool) -> String {
+    /// host acknowledges it, resuming where it says (output streams only).
+    pub fn line(&self, acked: Option<Resume>) -> String {
         let exec = if self.exec_id.is_empty() {
             INIT_PROCESS
         } else {
             &self.exec_id
         };
-        let suffix = if acked { " acked" } else { "" };
+        let suffix = match acked {
+            Some(r) => format!(" {ACKED} {:x} {}", r.stream_id, r.offset),
+            None => String::new(),
+        };
         format!(
             "{} {exec} {}{suffix}\n",
             self.container_id,
@@ -80,23 +124,22 @@ impl StreamHeader {
         )
     }
 
-    /// The header in `line` (without its newline) and whether the host
-    /// acknowledges, or why it is not one.
-    pub fn parse(line: &str) -> Result<(Self, bool), String> {
-        let mut fields = line.split(' ');
-        let (Some(container_id), Some(exec_id), Some(kind), last, None) = (
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-        ) else {
-            return Err(format!("malformed stream header {line:?}"));
+    /// The header in `line` (without its newline) and where the host
+    /// resumes when it acknowledges, or why it is not one.
+    pub fn parse(line: &str) -> Result<(Self, Option<Resume>), String> {
+        let malformed = || format!("malformed stream header {line:?}");
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (container_id, exec_id, kind, rest) = match fields.as_slice() {
+            [c, e, k, rest @ ..] => (*c, *e, *k, rest),
+            _ => return Err(malformed()),
         };
-        let acked = match last {
-            None => false,
-            Some(ACKED) if kind != "stdin" => true,
-            Some(_) => return Err(format!("malformed stream header {line:?}")),
+        let acked = match rest {
+            [] => None,
+            [ACKED, id, offset] if kind != "stdin" => Some(Resume {
+                stream_id: u64::from_str_radix(id, 16).map_err(|_| malformed())?,
+                offset: offset.parse().map_err(|_| malformed())?,
+            }),
+            _ => return Err(malformed()),
         };
         let kind = match kind {
             "stdin" => StreamKind::Stdin,
@@ -151,11 +194,12 @@ pub fn read_line<R: Read>(reader: &mut R) -> io::Result<Option<String>> {
 }
 
 /// Opens one stdio stream through the VMM's vsock socket at `vmm_socket`;
-/// with `acked` the caller sends acknowledgements (see `ack`).
+/// with `acked` the caller reads the preamble (`Resume::read_from`) and
+/// sends acknowledgements (see `ack`).
 pub fn attach(
     vmm_socket: &Path,
     header: &StreamHeader,
-    acked: bool,
+    acked: Option<Resume>,
 ) -> Result<UnixStream, AttachError> {
     let mut stream = vmm_socket::connect(vmm_socket, STDIO_VSOCK_PORT)?;
     let io_error = |source| AttachError::Io {
@@ -178,8 +222,8 @@ pub fn attach(
     }
 }
 
-/// Tells the agent that the first `kept` bytes of this acked connection
-/// are safe with the host.
+/// Tells the agent that its stream's bytes before offset `kept` are safe
+/// with the host.
 pub fn ack(connection: &mut impl Write, kept: u64) -> io::Result<()> {
     connection.write_all(&kept.to_le_bytes())
 }
@@ -193,13 +237,21 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_garbage_is_refused() {
+        let resume = Resume {
+            stream_id: 0xfeed_beef,
+            offset: 4096,
+        };
         for (header, acked) in [
-            (StreamHeader::new("web", "", StreamKind::Stdout), false),
-            (StreamHeader::new("web", "", StreamKind::Stderr), true),
+            (StreamHeader::new("web", "", StreamKind::Stdout), None),
             (
-                StreamHeader::new("web", "debug-1", StreamKind::Stdin),
-                false,
+                StreamHeader::new("web", "", StreamKind::Stderr),
+                Some(resume),
             ),
+            (
+                StreamHeader::new("web", "", StreamKind::Stdout),
+                Some(Resume::default()),
+            ),
+            (StreamHeader::new("web", "debug-1", StreamKind::Stdin), None),
         ] {
             let line = header.line(acked);
             assert_eq!(
@@ -213,12 +265,26 @@ mod tests {
             "web - ",
             "web - stdweird",
             "web - stdout extra",
-            "web - stdin acked",
-            "web - stdout acked extra",
+            "web - stdout acked",
+            "web - stdin acked 0 0",
+            "web - stdout acked 0 0 extra",
+            "web - stdout acked zz 0",
+            "web - stdout acked 0 -1",
             " - stdout",
         ] {
             assert!(StreamHeader::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn preambles_round_trip() {
+        let resume = Resume {
+            stream_id: u64::MAX,
+            offset: 7,
+        };
+        let bytes = resume.to_bytes();
+        assert_eq!(Resume::read_from(&mut &bytes[..]).unwrap(), resume);
+        assert!(Resume::read_from(&mut &bytes[..15]).is_err());
     }
 
     #[test]

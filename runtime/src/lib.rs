@@ -14,6 +14,7 @@ mod container;
 pub mod init;
 pub mod reaper;
 pub mod stdio;
+pub mod user;
 
 pub use cgroup::{Cgroup, CgroupError, CgroupStats};
 pub use container::{is_cgroup2, validate_id, Container, Runtime, RuntimeConfig, RuntimeError};

@@ -53,7 +53,7 @@ impl Daemon {
         }
         let image = OciImage::open(self.images.layout(), Some(&oci::normalized(&spec.image)))
             .map_err(internal)?;
-        let mut process = oci::spec_for(&image, spec)
+        let mut process = oci::spec_for(&image, spec, name)
             .map_err(internal)?
             .process()
             .clone()

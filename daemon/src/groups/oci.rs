@@ -7,6 +7,7 @@ use std::path::Path;
 
 use capsa_api::ContainerSpec;
 use capsa_guest_client::OciImage;
+use oci_spec::image::Config as ImageConfig;
 use oci_spec::runtime::{
     LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec,
 };
@@ -39,26 +40,111 @@ pub fn argv(
     }
 }
 
-pub fn spec_for(image: &OciImage, container: &ContainerSpec) -> anyhow::Result<Spec> {
+/// The PATH a container gets when its image sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const SIGTERM: i32 = 15;
+
+/// What runs in a container and how it is stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerProcess {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// `user[:group]` as given, resolved in the guest against the
+    /// container's own /etc/passwd and /etc/group (empty: root).
+    pub user: String,
+    pub stop_signal: i32,
+}
+
+/// Sets `entry` (`KEY=value`) in `env`: in place when the key is there,
+/// else at the end (containerd's and docker's replace-or-append).
+fn set_env(env: &mut Vec<String>, entry: String) {
+    let key = entry.split('=').next().unwrap_or_default();
+    match env.iter_mut().find(|e| e.split('=').next() == Some(key)) {
+        Some(slot) => *slot = entry,
+        None => env.push(entry),
+    }
+}
+
+/// The one place a container's process is decided, from its image's
+/// config and its spec, as containerd's CRI does for Kubernetes:
+/// - argv: see `argv`;
+/// - env: PATH (a default) and HOSTNAME, TERM=xterm with a terminal, then
+///   the image's, then the spec's in its order, each replacing a variable
+///   of the same name in place;
+/// - working directory: the spec's, else the image's, else `/`;
+/// - user: the spec's, else the image's, else root;
+/// - stop signal: the spec's, else the image's, else SIGTERM.
+pub fn process(
+    config: &ImageConfig,
+    container: &ContainerSpec,
+    hostname: &str,
+) -> ContainerProcess {
+    let mut env = vec![
+        format!("PATH={DEFAULT_PATH}"),
+        format!("HOSTNAME={hostname}"),
+    ];
+    if container.tty {
+        env.push("TERM=xterm".into());
+    }
+    for entry in config.env().iter().flatten() {
+        set_env(&mut env, entry.clone());
+    }
+    for (key, value) in &container.env {
+        set_env(&mut env, format!("{key}={value}"));
+    }
+    let image_dir = config.working_dir().clone().filter(|d| !d.is_empty());
+    let stop_signal = container
+        .stop_signal
+        .as_deref()
+        .or(config.stop_signal().as_deref())
+        .and_then(capsa_api::signal::number)
+        .unwrap_or(SIGTERM);
+    ContainerProcess {
+        args: argv(
+            config.entrypoint().as_deref().unwrap_or_default(),
+            config.cmd().as_deref().unwrap_or_default(),
+            container.command.as_deref(),
+            container.args.as_deref(),
+        ),
+        env,
+        cwd: container
+            .working_dir
+            .clone()
+            .or(image_dir)
+            .unwrap_or_else(|| "/".into()),
+        user: container
+            .user
+            .clone()
+            .or_else(|| config.user().clone())
+            .unwrap_or_default(),
+        stop_signal,
+    }
+}
+
+pub fn spec_for(
+    image: &OciImage,
+    container: &ContainerSpec,
+    hostname: &str,
+) -> anyhow::Result<Spec> {
     let config = image.config.config().clone().unwrap_or_default();
+    let decided = process(&config, container, hostname);
     let mut spec = image.spec(None)?;
     let mut process = spec.process().clone().unwrap_or_default();
-    process.set_args(Some(argv(
-        config.entrypoint().as_deref().unwrap_or_default(),
-        config.cmd().as_deref().unwrap_or_default(),
-        container.command.as_deref(),
-        container.args.as_deref(),
-    )));
-    let mut env = process.env().clone().unwrap_or_default();
-    for (key, value) in &container.env {
-        env.retain(|e| e.split('=').next() != Some(key.as_str()));
-        env.push(format!("{key}={value}"));
-    }
-    process.set_env(Some(env));
-    if let Some(dir) = &container.working_dir {
-        process.set_cwd(dir.into());
-    }
+    process.set_args(Some(decided.args));
+    process.set_env(Some(decided.env));
+    process.set_cwd(decided.cwd.into());
+    // Names are resolved in the guest, in the container's own files.
+    let mut user = process.user().clone();
+    user.set_username(Some(decided.user));
+    process.set_user(user);
     process.set_terminal(Some(container.tty));
+    let mut annotations = spec.annotations().clone().unwrap_or_default();
+    annotations.insert(
+        capsa_protocol::STOP_SIGNAL_ANNOTATION.to_string(),
+        decided.stop_signal.to_string(),
+    );
+    spec.set_annotations(Some(annotations));
     spec.set_process(Some(process));
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for mount in &container.volume_mounts {
@@ -151,7 +237,7 @@ mod tests {
 
     #[test]
     fn the_image_process_runs_unless_the_spec_says_otherwise() {
-        let spec = spec_for(&image(), &container("")).unwrap();
+        let spec = spec_for(&image(), &container(""), "g").unwrap();
         assert_eq!(args(&spec), ["/bin/entry", "serve", "--port=80"]);
         let process = spec.process().clone().unwrap();
         assert_eq!(process.cwd(), Path::new("/srv"));
@@ -164,13 +250,13 @@ mod tests {
 
     #[test]
     fn args_replace_the_cmd_and_a_command_replaces_the_entrypoint() {
-        let spec = spec_for(&image(), &container(r#","args":["once"]"#)).unwrap();
+        let spec = spec_for(&image(), &container(r#","args":["once"]"#), "g").unwrap();
         assert_eq!(args(&spec), ["/bin/entry", "once"]);
         // A command alone drops the image's cmd, as Kubernetes does.
-        let spec = spec_for(&image(), &container(r#","command":["sleep","600"]"#)).unwrap();
+        let spec = spec_for(&image(), &container(r#","command":["sleep","600"]"#), "g").unwrap();
         assert_eq!(args(&spec), ["sleep", "600"]);
         let both = r#","command":["/bin/sh","-c"],"args":["echo hi"]"#;
-        let spec = spec_for(&image(), &container(both)).unwrap();
+        let spec = spec_for(&image(), &container(both), "g").unwrap();
         assert_eq!(args(&spec), ["/bin/sh", "-c", "echo hi"]);
     }
 
@@ -200,31 +286,93 @@ mod tests {
         assert_eq!(argv(&[], &cmd, None, None), ["serve"]);
     }
 
-    #[test]
-    fn env_overrides_the_image_and_working_dir_and_tty_apply() {
-        let fields = r#","env":{"MODE":"spec","NEW":"1"},"workingDir":"/tmp","tty":true"#;
-        let spec = spec_for(&image(), &container(fields)).unwrap();
-        let process = spec.process().clone().unwrap();
-        let env = process.env().clone().unwrap();
-        assert!(env.contains(&"MODE=spec".to_string()), "{env:?}");
-        assert!(!env.contains(&"MODE=image".to_string()), "{env:?}");
-        assert!(env.contains(&"NEW=1".to_string()) && env.contains(&"PATH=/bin".to_string()));
-        assert_eq!(process.cwd(), Path::new("/tmp"));
-        assert_eq!(process.terminal(), Some(true));
+    fn decided(fields: &str) -> ContainerProcess {
+        let config = image().config.config().clone().unwrap();
+        process(&config, &container(fields), "web")
     }
 
     #[test]
-    fn spec_env_comes_after_the_image_env_in_its_own_order() {
-        let fields = r#","env":{"ZED":"1","ALPHA":"2","MODE":"spec"}"#;
-        let spec = spec_for(&image(), &container(fields)).unwrap();
-        let env = spec.process().clone().unwrap().env().clone().unwrap();
-        assert_eq!(env, ["PATH=/bin", "ZED=1", "ALPHA=2", "MODE=spec"]);
+    fn env_is_path_and_hostname_then_the_images_then_the_specs_in_place() {
+        assert_eq!(
+            decided("").env,
+            ["PATH=/bin", "HOSTNAME=web", "MODE=image"],
+            "the image's PATH replaces the default in place"
+        );
+        let fields = r#","env":{"ZED":"1","ALPHA":"2","MODE":"spec","HOSTNAME":"mine"}"#;
+        assert_eq!(
+            decided(fields).env,
+            [
+                "PATH=/bin",
+                "HOSTNAME=mine",
+                "MODE=spec",
+                "ZED=1",
+                "ALPHA=2"
+            ]
+        );
+        let bare = ConfigBuilder::default().build().unwrap();
+        let env = process(&bare, &container(r#","tty":true"#), "web").env;
+        assert_eq!(
+            env,
+            [
+                format!("PATH={DEFAULT_PATH}"),
+                "HOSTNAME=web".into(),
+                "TERM=xterm".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn working_dir_is_the_specs_then_the_images_then_root() {
+        assert_eq!(decided("").cwd, "/srv");
+        assert_eq!(decided(r#","workingDir":"/tmp""#).cwd, "/tmp");
+        let bare = ConfigBuilder::default()
+            .working_dir(String::new())
+            .build()
+            .unwrap();
+        assert_eq!(process(&bare, &container(""), "g").cwd, "/");
+    }
+
+    #[test]
+    fn user_is_the_specs_then_the_images_then_root() {
+        let bare = ConfigBuilder::default().build().unwrap();
+        assert_eq!(process(&bare, &container(""), "g").user, "");
+        let app = ConfigBuilder::default()
+            .user("app".to_string())
+            .build()
+            .unwrap();
+        assert_eq!(process(&app, &container(""), "g").user, "app");
+        let given = process(&app, &container(r#","user":"1000:extra""#), "g");
+        assert_eq!(given.user, "1000:extra");
+    }
+
+    #[test]
+    fn stop_signal_is_the_specs_then_the_images_then_sigterm() {
+        assert_eq!(decided("").stop_signal, 15);
+        let quits = ConfigBuilder::default()
+            .stop_signal("SIGQUIT".to_string())
+            .build()
+            .unwrap();
+        assert_eq!(process(&quits, &container(""), "g").stop_signal, 3);
+        let given = process(&quits, &container(r#","stopSignal":"USR1""#), "g");
+        assert_eq!(given.stop_signal, 10);
+    }
+
+    #[test]
+    fn the_spec_carries_the_decision_to_the_guest() {
+        let fields = r#","user":"app","stopSignal":"SIGINT","workingDir":"/tmp","tty":true"#;
+        let spec = spec_for(&image(), &container(fields), "web").unwrap();
+        let process = spec.process().clone().unwrap();
+        assert_eq!(process.user().username().as_deref(), Some("app"));
+        assert_eq!(process.cwd(), Path::new("/tmp"));
+        assert_eq!(process.terminal(), Some(true));
+        let annotations = spec.annotations().clone().unwrap();
+        assert_eq!(annotations[capsa_protocol::STOP_SIGNAL_ANNOTATION], "2");
     }
 
     #[test]
     fn volume_mounts_bind_the_sandbox_volume() {
         let fields = r#","volumeMounts":[{"name":"data","mountPath":"/data","readOnly":true}]"#;
-        let spec = spec_for(&image(), &container(fields)).unwrap();
+        let spec = spec_for(&image(), &container(fields), "g").unwrap();
         let mount = spec
             .mounts()
             .clone()
@@ -251,7 +399,7 @@ mod tests {
     fn resources_become_cgroup_limits() {
         let fields =
             r#","cpuLimit":0.5,"cpuRequest":0.25,"memoryLimitMib":64,"memoryRequestMib":32"#;
-        let spec = spec_for(&image(), &container(fields)).unwrap();
+        let spec = spec_for(&image(), &container(fields), "g").unwrap();
         let resources = spec.linux().clone().unwrap().resources().clone().unwrap();
         let cpu = resources.cpu().clone().unwrap();
         assert_eq!(

@@ -202,7 +202,7 @@ impl Daemon {
             image.layers.len(),
             pushing.elapsed().as_millis()
         ));
-        let spec = oci::spec_for(&image, container).map_err(internal)?;
+        let spec = oci::spec_for(&image, container, &group.name()).map_err(internal)?;
         guest
             .create(&container.name, &chain, &spec, Streams::OUTPUT)
             .map_err(failed(format!("container {}", container.name)))?;
@@ -254,7 +254,7 @@ pub(super) fn attach_logs(
     let mut copiers = Vec::new();
     for &(kind, tag) in streams {
         let stream = guest
-            .attach_acked(&container.name, "", kind)
+            .attach_acked(&container.name, "", kind, log.resume_point(tag))
             .map_err(internal)?;
         let log = log.clone();
         copiers.push(std::thread::spawn(move || {

@@ -13,12 +13,16 @@ use nix::unistd::{access, setgid, setgroups, setsid, setuid, AccessFlags, Gid, U
 use oci_spec::runtime::{Capabilities, PosixRlimitType, Process};
 
 use super::{Context, Failure};
+use crate::user;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// What must happen while still root and before Ready: session and
-/// terminal, limits, working directory.
-pub fn prepare(process: &Process) -> Result<(), Failure> {
+/// What must happen while still root and before Ready, inside the
+/// container's root: session and terminal, limits, working directory, and
+/// the user as the container's /etc/passwd and /etc/group say (see
+/// `user`). Returns the process with its user resolved and HOME set when
+/// its environment has none, as runc and crun do.
+pub fn prepare(process: &Process) -> Result<Process, Failure> {
     setsid().context(|| "starting a session".into())?;
     if process.terminal().unwrap_or(false) {
         // SAFETY: TIOCSCTTY takes an integer argument and touches no memory
@@ -39,8 +43,41 @@ pub fn prepare(process: &Process) -> Result<(), Failure> {
         std::fs::write("/proc/self/oom_score_adj", score.to_string())
             .context(|| "setting oom_score_adj".into())?;
     }
+    let process = with_resolved_user(process)?;
     let cwd = process.cwd();
-    nix::unistd::chdir(cwd).context(|| format!("entering the working directory {}", cwd.display()))
+    nix::unistd::chdir(cwd)
+        .context(|| format!("entering the working directory {}", cwd.display()))?;
+    Ok(process)
+}
+
+/// The process with numeric ids for its user: a `username` (the unresolved
+/// `user[:group]` an image or a spec gives) is looked up; without one the
+/// ids stand as given. HOME comes from the user's passwd entry.
+fn with_resolved_user(process: &Process) -> Result<Process, Failure> {
+    let read = |path: &str| user::read_database(Path::new(path)).map_err(|e| e.to_string());
+    let (passwd, group) = (read("/etc/passwd")?, read("/etc/group")?);
+    let mut process = process.clone();
+    let mut spec_user = process.user().clone();
+    let (wanted, by_name) = match spec_user.username() {
+        Some(name) => (name.clone(), true),
+        None => (spec_user.uid().to_string(), false),
+    };
+    let resolved = user::resolve(&wanted, &passwd, &group).map_err(|e| e.to_string())?;
+    if by_name {
+        spec_user.set_uid(resolved.uid);
+        spec_user.set_gid(resolved.gid);
+        let mut gids = resolved.additional_gids.clone();
+        gids.extend(spec_user.additional_gids().iter().flatten());
+        spec_user.set_additional_gids(Some(gids));
+        spec_user.set_username(None);
+        process.set_user(spec_user);
+    }
+    let mut env = process.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", resolved.home));
+        process.set_env(Some(env));
+    }
+    Ok(process)
 }
 
 fn resource_of(kind: PosixRlimitType) -> Resource {

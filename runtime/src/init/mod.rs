@@ -106,7 +106,7 @@ fn run(channel: &mut Channel) -> Result<Infallible, Failure> {
                 .context(|| format!("setting the hostname {hostname:?}"))?;
         }
     }
-    exec::prepare(&config.process)?;
+    let process = exec::prepare(&config.process)?;
     channel
         .send(&Message::Ready)
         .context(|| "reporting ready".into())?;
@@ -116,7 +116,7 @@ fn run(channel: &mut Channel) -> Result<Infallible, Failure> {
         None => std::process::exit(1),
         Some(other) => return Err(format!("expected start, got {other:?}")),
     }
-    exec::become_process(&config.process)
+    exec::become_process(&process)
 }
 
 /// New namespaces of the kinds the spec asks for (or joins those it gives

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use capsa_guest_client::{ExitInfo, Guest, OciImage, Streams};
-use capsa_protocol::stdio::{ack, StreamKind};
+use capsa_protocol::stdio::{ack, Resume, StreamKind};
 use oci_spec::runtime::{LinuxBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec};
 
 use crate::suite::Suite;
@@ -194,59 +194,85 @@ fn fast_exit_output(check: &Check) -> Result<String> {
     Ok(format!("{} bytes", out.len()))
 }
 
-/// A host that drops an acked output stream and attaches again gets
-/// everything it had not acknowledged, in order, and nothing it had.
+/// A host that drops an acked output stream and attaches again gets the
+/// stream from the offset it says it kept, whether or not its
+/// acknowledgement of that arrived, and nothing before: exactly once. A
+/// host that names another stream gets all that was not acknowledged.
 fn reattach_resends_unacknowledged(check: &Check) -> Result<String> {
     let id = "reattach";
     let spec = check.spec(&["sh", "-c", "seq 1 2000; sleep 1; seq 2001 3000"])?;
     check
         .guest
         .create(id, &check.chain, &spec, Streams::OUTPUT)?;
+    let upto = |last: usize| (1..=last).map(|i| format!("{i}\n")).collect::<String>();
     let result = (|| {
-        let mut first = check.guest.attach_acked(id, "", StreamKind::Stdout)?;
+        let mut first = check
+            .guest
+            .attach_acked(id, "", StreamKind::Stdout, Resume::default())?;
         let stderr = check.guest.attach(id, "", StreamKind::Stderr)?;
         check.guest.start(id)?;
+        let preamble = Resume::read_from(&mut first)?;
+        ensure!(preamble.offset == 0, "a new stream starts at {preamble:?}");
         let mut seen = Vec::new();
         read_until(&mut first, &mut seen, "\n100\n")?;
-        // Keep lines 1-50, as a host that then crashed would have.
-        let kept = (1..=50).map(|i| format!("{i}\n")).collect::<String>();
         ensure!(
-            seen.starts_with(kept.as_bytes()),
+            seen.starts_with(upto(100).as_bytes()),
             "first connection: {seen:?}"
         );
-        ack(&mut first, kept.len() as u64)?;
-        // An acknowledgement still on its way when the connection ends
-        // may be missed, and its bytes come again: delivery is at least
-        // once. Here it gets the time to arrive.
+        // Acknowledge lines 1-50; the host then wrote up to line 80 and
+        // died before acknowledging those.
+        ack(&mut first, upto(50).len() as u64)?;
         std::thread::sleep(Duration::from_millis(200));
         drop(first);
-        let mut second = check.guest.attach_acked(id, "", StreamKind::Stdout)?;
+        let kept = Resume {
+            stream_id: preamble.stream_id,
+            offset: upto(80).len() as u64,
+        };
+        let mut second = check.guest.attach_acked(id, "", StreamKind::Stdout, kept)?;
+        let resumed = Resume::read_from(&mut second)?;
+        ensure!(resumed == kept, "resumed at {resumed:?}, asked {kept:?}");
+        // Another stream's offset means nothing here: everything held (all
+        // after what the host said it kept) comes again.
+        let mut seen = Vec::new();
+        read_until(&mut second, &mut seen, "\n100\n")?;
+        drop(second);
+        let stranger = Resume {
+            stream_id: preamble.stream_id ^ 1,
+            offset: 1 << 40,
+        };
+        let mut third = check
+            .guest
+            .attach_acked(id, "", StreamKind::Stdout, stranger)?;
+        let start = Resume::read_from(&mut third)?;
+        ensure!(
+            start.offset == kept.offset,
+            "a stranger's resume started at {start:?}"
+        );
         let mut rest = Vec::new();
         let mut buffer = [0u8; 4096];
         loop {
-            let n = second.read(&mut buffer)?;
+            let n = third.read(&mut buffer)?;
             if n == 0 {
                 break;
             }
             rest.extend_from_slice(&buffer[..n]);
-            ack(&mut second, rest.len() as u64)?;
+            ack(&mut third, start.offset + rest.len() as u64)?;
         }
         let err = read_to_string(stderr)?;
         let exit = check.guest.wait(id, "")?;
         let rest = String::from_utf8_lossy(&rest);
-        let resumed_at: usize = rest.lines().next().unwrap_or("").parse().unwrap_or(0);
-        let expected = (resumed_at..=3000)
-            .map(|i| format!("{i}\n"))
-            .collect::<String>();
+        let expected = (81..=3000).map(|i| format!("{i}\n")).collect::<String>();
         ensure!(
-            resumed_at == 51 && rest == expected && exit.code == 0,
+            rest == expected && exit.code == 0,
             "{} lines after the re-attach (first {:?}), stderr {err:?}, {exit:?}",
             rest.lines().count(),
             rest.lines().next()
         );
-        Ok(format!(
-            "the re-attached stream resumed at line {resumed_at}, the first not acknowledged"
-        ))
+        Ok(
+            "resumed at line 81 where the host said it kept 80 (having acknowledged 50), \
+            and there again for another stream's offset"
+                .to_string(),
+        )
     })();
     check.guest.delete(id)?;
     result
