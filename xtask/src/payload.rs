@@ -82,6 +82,7 @@ impl Payload {
         std::fs::create_dir_all(&dir)?;
         for program in [
             "capsa-e2e",
+            "capsa-proc-probe",
             "capsa-vmm",
             "capsa-io-probe",
             "capsad",
@@ -163,7 +164,7 @@ impl Payload {
             // runc) cannot run behind that wrapper: they and their
             // libraries are installed where the loader looks (NESTED_SETUP).
             let native = format!(
-                ". {}/scripts/lib.sh && native_programs {} containerd ctr containerd-shim-runc-v2 runc script",
+                ". {}/scripts/lib.sh && native_programs {} containerd ctr containerd-shim-runc-v2 runc crun script",
                 root.display(),
                 dir.display()
             );

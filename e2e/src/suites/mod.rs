@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod boot;
+pub mod conformance;
 pub mod daemon;
 pub mod devices;
 pub mod shim;
@@ -21,13 +22,22 @@ pub struct Options {
 /// The cycles suite comes last: with the most microVM boots it is the
 /// likeliest to see the outer machine freeze, and a freeze keeps the
 /// suites after it from starting.
-pub const ALL: &[&str] = &["boot", "agent", "devices", "daemon", "shim", "cycles"];
+pub const ALL: &[&str] = &[
+    "boot",
+    "agent",
+    "devices",
+    "daemon",
+    "logs",
+    "conformance",
+    "shim",
+    "cycles",
+];
 
 /// Seconds the outer machine gets for suite `name`.
 pub fn budget_secs(name: &str) -> u64 {
     match name {
         "boot" => 300,
-        "agent" | "shim" => 600,
+        "agent" | "shim" | "logs" | "conformance" => 600,
         "cycles" => 1500,
         _ => 900,
     }
@@ -50,6 +60,8 @@ pub fn run(name: &str, suite: &mut Suite, artifacts: &Artifacts, options: &Optio
         "agent" => agent::run(suite, artifacts),
         "devices" => devices::run(suite, artifacts, options.bulk_bytes),
         "daemon" => daemon::run(suite, artifacts),
+        "logs" => daemon::run_logs(suite, artifacts),
+        "conformance" => conformance::run(suite, artifacts),
         "cycles" => daemon::run_cycles(suite, artifacts, options.allowed_hangs),
         "shim" => shim::run(suite, artifacts),
         _ => return false,

@@ -6,7 +6,6 @@
 //! images and events. The checks decide by the API's types (exit codes,
 //! views, wait results, log lines, events) wherever there is one.
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -412,15 +411,15 @@ fn adoption(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     s.check(
         "its log has the output from before, during and after the restart",
         || {
-            // Delivery is at least once: a line may come twice.
-            let beats: BTreeSet<String> = d
+            // Exactly once: none lost, none twice.
+            let beats: Vec<String> = d
                 .log_lines("survivor", "main")?
                 .into_iter()
                 .filter(|l| l.starts_with("beat-"))
                 .collect();
-            let want: BTreeSet<String> = (1..=15).map(|i| format!("beat-{i}")).collect();
+            let want: Vec<String> = (1..=15).map(|i| format!("beat-{i}")).collect();
             ensure!(beats == want, "{beats:?}");
-            Ok("beat-1 to beat-15".into())
+            Ok("beat-1 to beat-15, each once".into())
         },
     );
     exits(d, &["rm", "survivor"], 0)?;

@@ -1,10 +1,12 @@
 //! capsad and the capsa CLI end to end: the `daemon` suite (every feature
-//! a user of the daemon meets) and the `cycles` suite (50 groups in a row
-//! leave nothing behind).
+//! a user of the daemon meets), the `logs` suite (a daemon killed again
+//! and again loses and doubles no line) and the `cycles` suite (50 groups
+//! in a row leave nothing behind).
 
 mod cycles;
 mod harness;
-pub use harness::{Output, COMMAND_TIMEOUT};
+mod logs;
+pub use harness::{Capsad, Output, COMMAND_TIMEOUT};
 mod main_checks;
 mod metrics;
 
@@ -29,6 +31,19 @@ pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
 pub fn run_cycles(suite: &mut Suite, artifacts: &Artifacts, allowed_hangs: u32) {
     let result = harness::Capsad::new(artifacts, "cycles")
         .and_then(|mut d| cycles::run(suite, &mut d, allowed_hangs));
+    if let Err(e) = result {
+        suite.check("the suite ran to its end", || Err(e));
+    }
+}
+
+pub fn run_logs(suite: &mut Suite, artifacts: &Artifacts) {
+    let result = harness::Capsad::new(artifacts, "logs").and_then(|mut d| {
+        let result = logs::run(suite, &mut d);
+        if result.is_err() {
+            eprintln!("capsad's log:\n{}", d.log_tail());
+        }
+        result
+    });
     if let Err(e) = result {
         suite.check("the suite ran to its end", || Err(e));
     }
