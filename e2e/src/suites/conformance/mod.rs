@@ -114,26 +114,15 @@ fn differences(capsa: &Comparable, crun: &Comparable) -> Vec<String> {
         );
     }
     differ("cwd", capsa.cwd.clone(), crun.cwd.clone());
-    differ(
-        "uid/gid/groups",
-        format!("{:?}", capsa.ids),
-        format!("{:?}", crun.ids),
-    );
-    differ(
-        "exit",
-        format!("{:?}", capsa.exit_code),
-        format!("{:?}", crun.exit_code),
-    );
-    differ(
-        "signal",
-        format!("{:?}", capsa.signal),
-        format!("{:?}", crun.signal),
-    );
-    differ(
-        "caught",
-        format!("{:?}", capsa.caught),
-        format!("{:?}", crun.caught),
-    );
+    let debug = |value: &dyn std::fmt::Debug| format!("{value:?}");
+    for (what, a, b) in [
+        ("uid/gid/groups", debug(&capsa.ids), debug(&crun.ids)),
+        ("exit", debug(&capsa.exit_code), debug(&crun.exit_code)),
+        ("signal", debug(&capsa.signal), debug(&crun.signal)),
+        ("caught", debug(&capsa.caught), debug(&crun.caught)),
+    ] {
+        differ(what, a, b);
+    }
     found
 }
 

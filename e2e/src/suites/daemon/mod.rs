@@ -14,8 +14,23 @@ use crate::suite::Suite;
 use crate::vm::Artifacts;
 
 pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
-    let result = harness::Capsad::new(artifacts, "daemon").and_then(|mut d| {
-        let result = main_checks::run(suite, &mut d);
+    with_capsad(suite, artifacts, "daemon", main_checks::run);
+}
+
+pub fn run_logs(suite: &mut Suite, artifacts: &Artifacts) {
+    with_capsad(suite, artifacts, "logs", logs::run);
+}
+
+/// Runs `checks` with a capsad of their own, showing its log's tail when
+/// they could not go on.
+fn with_capsad(
+    suite: &mut Suite,
+    artifacts: &Artifacts,
+    name: &str,
+    checks: fn(&mut Suite, &mut harness::Capsad) -> anyhow::Result<()>,
+) {
+    let result = harness::Capsad::new(artifacts, name).and_then(|mut d| {
+        let result = checks(suite, &mut d);
         if result.is_err() {
             eprintln!("capsad's log:\n{}", d.log_tail());
         }
@@ -31,19 +46,6 @@ pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
 pub fn run_cycles(suite: &mut Suite, artifacts: &Artifacts, allowed_hangs: u32) {
     let result = harness::Capsad::new(artifacts, "cycles")
         .and_then(|mut d| cycles::run(suite, &mut d, allowed_hangs));
-    if let Err(e) = result {
-        suite.check("the suite ran to its end", || Err(e));
-    }
-}
-
-pub fn run_logs(suite: &mut Suite, artifacts: &Artifacts) {
-    let result = harness::Capsad::new(artifacts, "logs").and_then(|mut d| {
-        let result = logs::run(suite, &mut d);
-        if result.is_err() {
-            eprintln!("capsad's log:\n{}", d.log_tail());
-        }
-        result
-    });
     if let Err(e) = result {
         suite.check("the suite ran to its end", || Err(e));
     }
