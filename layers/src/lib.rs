@@ -4,6 +4,7 @@
 //! overlayfs stacks as a container's read-only root.
 
 pub mod digest;
+pub mod erofs;
 pub mod store;
 pub mod unpack;
 

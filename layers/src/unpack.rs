@@ -22,9 +22,9 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 use tar::EntryType;
 
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
-const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
+pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
+pub(crate) const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// A layer that sets overlay's own xattrs could redirect lookups into other
 /// layers; only we may set them.
 const RESERVED_XATTR_PREFIX: &str = "trusted.overlay.";
@@ -206,7 +206,7 @@ fn apply_entry<R: Read>(
 
 /// The entry's path relative to the root, or a refusal when it would
 /// leave it.
-fn confine(raw: &Path, name: &str) -> Result<PathBuf, UnpackError> {
+pub(crate) fn confine(raw: &Path, name: &str) -> Result<PathBuf, UnpackError> {
     let mut relative = PathBuf::new();
     for component in raw.components() {
         match component {
@@ -342,7 +342,7 @@ fn write_file<R: Read>(
     Ok(written)
 }
 
-fn pax_xattrs<R: Read>(
+pub(crate) fn pax_xattrs<R: Read>(
     entry: &mut tar::Entry<R>,
     name: &str,
 ) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
@@ -426,14 +426,14 @@ fn display_relative(root: &Path, path: &Path) -> String {
         .to_string()
 }
 
-fn refused(name: &str, reason: String) -> UnpackError {
+pub(crate) fn refused(name: &str, reason: String) -> UnpackError {
     UnpackError::Refused {
         entry: name.to_string(),
         reason,
     }
 }
 
-fn apply_error(name: &str, what: &'static str, source: io::Error) -> UnpackError {
+pub(crate) fn apply_error(name: &str, what: &'static str, source: io::Error) -> UnpackError {
     UnpackError::Apply {
         entry: name.to_string(),
         what,

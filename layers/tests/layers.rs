@@ -3,102 +3,15 @@
 //! xattrs and the overlay and tmpfs mounts need it.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
+mod common;
+use common::*;
+
 use capsa_layers::{unpack, Compression, Digest, LayerError, LayerSpec, LayerStore, UnpackError};
 use tar::{EntryType, Header};
-
-/// One tar entry, with raw names so hostile paths can be written (the tar
-/// crate's own setters refuse them).
-struct Entry {
-    name: Vec<u8>,
-    kind: EntryType,
-    data: Vec<u8>,
-    link: Vec<u8>,
-    mode: u32,
-    uid: u64,
-    gid: u64,
-    mtime: u64,
-    device: (u32, u32),
-    pax: Vec<(String, Vec<u8>)>,
-}
-
-fn entry(name: &str, kind: EntryType) -> Entry {
-    Entry {
-        name: name.as_bytes().to_vec(),
-        kind,
-        data: Vec::new(),
-        link: Vec::new(),
-        mode: if kind == EntryType::Directory {
-            0o755
-        } else {
-            0o644
-        },
-        uid: 0,
-        gid: 0,
-        mtime: 1_600_000_000,
-        device: (0, 0),
-        pax: Vec::new(),
-    }
-}
-
-fn file(name: &str, data: &[u8]) -> Entry {
-    Entry {
-        data: data.to_vec(),
-        ..entry(name, EntryType::Regular)
-    }
-}
-
-fn dir(name: &str) -> Entry {
-    entry(name, EntryType::Directory)
-}
-
-fn symlink(name: &str, target: &str) -> Entry {
-    Entry {
-        link: target.as_bytes().to_vec(),
-        ..entry(name, EntryType::Symlink)
-    }
-}
-
-fn hard_link(name: &str, target: &str) -> Entry {
-    Entry {
-        link: target.as_bytes().to_vec(),
-        ..entry(name, EntryType::Link)
-    }
-}
-
-fn tar_of(entries: &[Entry]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for e in entries {
-        if !e.pax.is_empty() {
-            builder
-                .append_pax_extensions(e.pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-                .unwrap();
-        }
-        let mut header = Header::new_ustar();
-        header.as_old_mut().name[..e.name.len()].copy_from_slice(&e.name);
-        header.as_old_mut().linkname[..e.link.len()].copy_from_slice(&e.link);
-        header.set_entry_type(e.kind);
-        header.set_size(e.data.len() as u64);
-        header.set_mode(e.mode);
-        header.set_uid(e.uid);
-        header.set_gid(e.gid);
-        header.set_mtime(e.mtime);
-        header.set_device_major(e.device.0).unwrap();
-        header.set_device_minor(e.device.1).unwrap();
-        header.set_cksum();
-        builder.append(&header, e.data.as_slice()).unwrap();
-    }
-    builder.into_inner().unwrap()
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    encoder.write_all(bytes).unwrap();
-    encoder.finish().unwrap()
-}
 
 /// A spec that matches `blob`, whose uncompressed tar is `tar`.
 fn spec_for(
