@@ -15,6 +15,7 @@
 //! `docker save` tar (whose layers it describes with an OCI manifest).
 
 mod archive;
+pub mod layer_images;
 
 /// How an import or a pull is going, for progress reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +94,13 @@ pub enum StoreError {
     InUse(String, String),
     #[error("invalid image name {0:?}: use NAME[:TAG] of letters, digits and . _ - / :")]
     InvalidName(String),
+    /// The source names the layer.
+    #[error("{source}")]
+    Layer {
+        layer: String,
+        #[source]
+        source: capsa_layers::LayerError,
+    },
 }
 
 fn invalid(what: impl Into<String>, message: impl Into<String>) -> StoreError {
@@ -443,6 +451,32 @@ impl ImageStore {
             }
         }
         Ok(removed)
+    }
+
+    /// The chain id of every layer of every tagged image: what the layer
+    /// images (`layer_images`) must keep.
+    pub fn chains_in_use(&self) -> Result<HashSet<Digest>, StoreError> {
+        let index = {
+            let _guard = self.index_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.read_index()?
+        };
+        let mut chains = HashSet::new();
+        for descriptor in index.manifests() {
+            let manifest = self.manifest(descriptor.digest().as_ref())?;
+            let config_path = self.blob_path(manifest.config().digest().as_ref())?;
+            let config = oci_spec::image::ImageConfiguration::from_file(&config_path)
+                .map_err(|e| invalid(format!("config {}", config_path.display()), e.to_string()))?;
+            let mut parent: Option<Digest> = None;
+            for diff_id in config.rootfs().diff_ids() {
+                let diff: Digest = diff_id
+                    .parse()
+                    .map_err(|e| invalid(format!("diff id {diff_id}"), format!("{e}")))?;
+                let chain = capsa_layers::chain_id(parent.as_ref(), &diff);
+                chains.insert(chain);
+                parent = Some(chain);
+            }
+        }
+        Ok(chains)
     }
 
     /// Stores an OCI manifest for a config and layers already in the store

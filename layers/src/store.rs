@@ -227,64 +227,77 @@ impl LayerStore {
         let parent = spec.parent.map(|p| p.to_string()).unwrap_or_default();
         fs::write(&parent_file, parent).map_err(io_error("writing", &parent_file))?;
 
-        let mut compressed = HashingReader::new(blob);
-        let unpacked = {
-            let decoder: Box<dyn Read + '_> = match spec.compression {
-                Compression::None => Box::new(&mut compressed),
-                Compression::Gzip => Box::new(MultiGzDecoder::new(&mut compressed)),
-                Compression::Zstd => match zstd::stream::read::Decoder::new(&mut compressed) {
-                    Ok(decoder) => Box::new(decoder),
-                    Err(e) => Box::new(FailingReader(Some(e))),
-                },
-            };
-            let mut diff = HashingReader::new(decoder);
-            // tar reads 512-byte blocks; the decompressors run far faster
-            // asked for large pieces.
-            let unpacked = {
-                let mut buffered = io::BufReader::with_capacity(DECOMPRESS_CHUNK, &mut diff);
-                // The diff id covers the tar's trailing padding too, hence
-                // reading to the end.
-                unpack(&mut buffered, &diff_dir).and_then(|summary| {
-                    io::copy(&mut buffered, &mut io::sink()).map_err(UnpackError::Read)?;
-                    Ok(summary)
-                })
-            };
-            unpacked.map(|summary| (summary, diff.finish().0))
-        };
-        let (summary, diff_digest) = match unpacked {
-            Ok(done) => done,
-            Err(e) => return Err(self.finish_failed(spec, compressed, e)),
-        };
-        let blob_bytes = check_blob(spec, compressed)?;
-        if diff_digest != spec.diff_id {
-            return Err(LayerError::DiffIdMismatch {
-                digest: spec.digest,
-                expected: spec.diff_id,
-                actual: diff_digest,
-            });
-        }
-        Ok((summary, blob_bytes))
+        verified(spec, blob, |tar| unpack(tar, &diff_dir))
     }
+}
 
-    /// The error to report when unpacking failed: a blob that does not match
-    /// its digest explains any unpack error, so that comes first.
-    fn finish_failed<R: Read>(
-        &self,
-        spec: &LayerSpec,
-        compressed: HashingReader<R>,
-        error: UnpackError,
-    ) -> LayerError {
-        match check_blob(spec, compressed) {
-            Err(
-                mismatch @ (LayerError::DigestMismatch { .. } | LayerError::SizeMismatch { .. }),
-            ) => mismatch,
-            _ => LayerError::Unpack {
-                digest: spec.digest,
-                source: error,
+/// Reads `blob` (decompressed) through `apply`, verifying the blob's
+/// digest and size and the tar's diff id; returns what `apply` returned
+/// and the blob's size. Used to unpack and to convert, so both refuse the
+/// same corrupt or truncated layers.
+pub fn verified<R: Read, T>(
+    spec: &LayerSpec,
+    blob: R,
+    apply: impl FnOnce(&mut dyn Read) -> Result<T, UnpackError>,
+) -> Result<(T, u64), LayerError> {
+    let mut compressed = HashingReader::new(blob);
+    let applied = {
+        let decoder: Box<dyn Read + '_> = match spec.compression {
+            Compression::None => Box::new(&mut compressed),
+            Compression::Gzip => Box::new(MultiGzDecoder::new(&mut compressed)),
+            Compression::Zstd => match zstd::stream::read::Decoder::new(&mut compressed) {
+                Ok(decoder) => Box::new(decoder),
+                Err(e) => Box::new(FailingReader(Some(e))),
             },
-        }
+        };
+        let mut diff = HashingReader::new(decoder);
+        // tar reads 512-byte blocks; the decompressors run far faster
+        // asked for large pieces.
+        let applied = {
+            let mut buffered = io::BufReader::with_capacity(DECOMPRESS_CHUNK, &mut diff);
+            // The diff id covers the tar's trailing padding too, hence
+            // reading to the end.
+            apply(&mut buffered).and_then(|result| {
+                io::copy(&mut buffered, &mut io::sink()).map_err(UnpackError::Read)?;
+                Ok(result)
+            })
+        };
+        applied.map(|result| (result, diff.finish().0))
+    };
+    let (result, diff_digest) = match applied {
+        Ok(done) => done,
+        Err(e) => return Err(finish_failed(spec, compressed, e)),
+    };
+    let blob_bytes = check_blob(spec, compressed)?;
+    if diff_digest != spec.diff_id {
+        return Err(LayerError::DiffIdMismatch {
+            digest: spec.digest,
+            expected: spec.diff_id,
+            actual: diff_digest,
+        });
     }
+    Ok((result, blob_bytes))
+}
 
+/// The error to report when unpacking failed: a blob that does not match
+/// its digest explains any unpack error, so that comes first.
+fn finish_failed<R: Read>(
+    spec: &LayerSpec,
+    compressed: HashingReader<R>,
+    error: UnpackError,
+) -> LayerError {
+    match check_blob(spec, compressed) {
+        Err(mismatch @ (LayerError::DigestMismatch { .. } | LayerError::SizeMismatch { .. })) => {
+            mismatch
+        }
+        _ => LayerError::Unpack {
+            digest: spec.digest,
+            source: error,
+        },
+    }
+}
+
+impl LayerStore {
     /// The layer directories of `chain_id`, topmost first, as overlayfs'
     /// `lowerdir=` wants them.
     pub fn lower_dirs(&self, chain_id: &Digest) -> Result<Vec<PathBuf>, LayerError> {

@@ -248,3 +248,14 @@ fn file_data<R: Read, W: Write + Seek>(
         None => Ok((Data::Inline(small), size)),
     }
 }
+
+/// Converts one layer blob (compressed as `spec` says) into an EROFS
+/// image written to `out`, verifying the blob's digest and the diff id as
+/// an import does; returns the conversion's summary and the blob's size.
+pub fn convert_layer<R: Read, W: Write + Seek>(
+    spec: &crate::LayerSpec,
+    blob: R,
+    out: W,
+) -> Result<(ConvertSummary, u64), crate::LayerError> {
+    crate::store::verified(spec, blob, |tar| convert(tar, out))
+}
