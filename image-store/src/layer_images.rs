@@ -220,7 +220,7 @@ impl LayerImages {
             let (summary, _) = convert_layer(&layer.spec, BufReader::new(blob), &mut writer)
                 .map_err(|source| StoreError::Layer {
                     layer: layer.spec.digest.to_string(),
-                    source,
+                    source: Box::new(source),
                 })?;
             let out = writer
                 .into_inner()

@@ -99,7 +99,7 @@ pub enum StoreError {
     Layer {
         layer: String,
         #[source]
-        source: capsa_layers::LayerError,
+        source: Box<capsa_layers::LayerError>,
     },
 }
 
