@@ -323,8 +323,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = layer(dir.path(), &[("a", b"one")]);
         let images = LayerImages::open(&dir.path().join("cache")).unwrap();
-        assert_eq!(events(&images, &[source.clone()]), ["converted"]);
-        assert_eq!(events(&images, &[source.clone()]), ["cached"]);
+        assert_eq!(
+            events(&images, std::slice::from_ref(&source)),
+            ["converted"]
+        );
+        assert_eq!(events(&images, std::slice::from_ref(&source)), ["cached"]);
         // A new daemon checks the image against its record, once.
         let images = LayerImages::open(&dir.path().join("cache")).unwrap();
         assert_eq!(events(&images, &[source]), ["cached"]);
@@ -336,14 +339,14 @@ mod tests {
         let source = layer(dir.path(), &[("a", b"one")]);
         let cache = dir.path().join("cache");
         let images = LayerImages::open(&cache).unwrap();
-        events(&images, &[source.clone()]);
+        events(&images, std::slice::from_ref(&source));
         let image = images.image_of(&source.spec.chain_id());
         let mut bytes = fs::read(&image).unwrap();
         bytes[5000] ^= 0xff;
         fs::write(&image, &bytes).unwrap();
         let images = LayerImages::open(&cache).unwrap();
-        assert_eq!(events(&images, &[source.clone()]), ["rebuilt"]);
-        assert_eq!(events(&images, &[source.clone()]), ["cached"]);
+        assert_eq!(events(&images, std::slice::from_ref(&source)), ["rebuilt"]);
+        assert_eq!(events(&images, std::slice::from_ref(&source)), ["cached"]);
         // A crash between the image and its record: no record, no use.
         fs::remove_file(cache.join(format!("{}.json", source.spec.chain_id().hex()))).unwrap();
         fs::write(cache.join("x.0.partial"), b"half").unwrap();
@@ -377,7 +380,9 @@ mod tests {
         source.spec.digest = source.spec.diff_id;
         let cache = dir.path().join("cache");
         let images = LayerImages::open(&cache).unwrap();
-        let error = images.ensure(&[source.clone()], &mut |_| {}).unwrap_err();
+        let error = images
+            .ensure(std::slice::from_ref(&source), &mut |_| {})
+            .unwrap_err();
         assert!(
             error.to_string().contains(&source.spec.digest.to_string()),
             "{error}"
