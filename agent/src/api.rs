@@ -141,6 +141,7 @@ impl agent_ttrpc::Agent for AgentService {
         self.containers.create(
             &request.container_id,
             &request.image_chain_id,
+            &request.layer_disks,
             &request.oci_spec_json,
             stdio_request(&request.stdio),
             &self.sandbox.container_mounts(),

@@ -18,6 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::Mount;
 
+use crate::disks::LayerDisks;
 use crate::errors::ApiError;
 use crate::images::Images;
 use crate::stdio::{close_input, copy_input, copy_output, Slot, StdioHub};
@@ -75,6 +76,7 @@ struct ContainerEntry {
 pub struct Containers {
     runtime: Runtime,
     images: Arc<Images>,
+    layer_disks: LayerDisks,
     hub: Arc<StdioHub>,
     entries: Mutex<HashMap<String, Arc<ContainerEntry>>>,
 }
@@ -90,15 +92,19 @@ impl Containers {
         Containers {
             runtime,
             images,
+            layer_disks: LayerDisks::default(),
             hub,
             entries: Mutex::new(HashMap::new()),
         }
     }
 
+    /// `layer_disks` (serials, topmost first) when the image comes on
+    /// disks, else its layers are the store's `image_chain_id`.
     pub fn create(
         &self,
         id: &str,
         image_chain_id: &str,
+        layer_disks: &[String],
         spec_json: &[u8],
         stdio: StdioRequest,
         sandbox_mounts: &[Mount],
@@ -111,14 +117,17 @@ impl Containers {
         if self.lock_entries().contains_key(id) {
             return Err(ApiError::exists(format!("container {id} already exists")));
         }
-        let chain: Digest = image_chain_id
-            .parse()
-            .map_err(|e| ApiError::invalid(format!("image_chain_id: {e}")))?;
-        let lower = self
-            .images
-            .store()
-            .lower_dirs(&chain)
-            .map_err(ApiError::from_layer)?;
+        let lower = if layer_disks.is_empty() {
+            let chain: Digest = image_chain_id
+                .parse()
+                .map_err(|e| ApiError::invalid(format!("image_chain_id: {e}")))?;
+            self.images
+                .store()
+                .lower_dirs(&chain)
+                .map_err(ApiError::from_layer)?
+        } else {
+            self.layer_disks.lower_dirs(layer_disks)?
+        };
         let terminal = spec
             .process()
             .as_ref()

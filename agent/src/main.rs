@@ -10,6 +10,7 @@
 
 mod api;
 mod containers;
+mod disks;
 mod errors;
 mod images;
 mod init;

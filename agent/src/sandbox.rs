@@ -269,7 +269,7 @@ fn mount_volume(volume: &Volume) -> Result<(), ApiError> {
             .map_err(|e| failed("making it read-only", &e))
         }
         Some(volume::Source::Block(block)) => {
-            let device = find_disk(&block.serial).ok_or_else(|| {
+            let device = crate::disks::find(&block.serial).ok_or_else(|| {
                 failed(
                     "finding its disk",
                     &format!("no virtio disk has serial {:?}", block.serial),
@@ -292,19 +292,4 @@ fn mount_volume(volume: &Volume) -> Result<(), ApiError> {
             volume.name
         ))),
     }
-}
-
-/// The /dev node of the virtio disk whose serial (the VMM's id=) is
-/// `serial`.
-fn find_disk(serial: &str) -> Option<PathBuf> {
-    for entry in fs::read_dir("/sys/block").ok()?.flatten() {
-        let name = entry.file_name();
-        let found = fs::read_to_string(entry.path().join("serial"))
-            .map(|s| s.trim() == serial)
-            .unwrap_or(false);
-        if found {
-            return Some(Path::new("/dev").join(name));
-        }
-    }
-    None
 }

@@ -90,9 +90,13 @@ fn main() -> Result<()> {
             "setting up the group network (capsad needs CAP_NET_ADMIN; --no-network runs without)",
         )?)
     };
+    let layer_images =
+        capsa_image_store::layer_images::LayerImages::open(&args.root.join("layer-images"))
+            .context("cannot open the layer images")?;
     let daemon = groups::Daemon::new(
         args.root.clone(),
         images,
+        layer_images,
         capsa_vm_process::VmConfig {
             vmm,
             kernel: args.kernel.clone(),

@@ -276,6 +276,8 @@ impl Guest {
         }
     }
 
+    /// Creates container `id` on the image layers the agent holds as
+    /// chain `chain_id` (sent with `push_image`).
     pub fn create(
         &self,
         id: &str,
@@ -286,6 +288,24 @@ impl Guest {
         self.create_raw(id, chain_id, serde_json::to_vec(spec)?, streams)
     }
 
+    /// Creates container `id` on the image layers attached as read-only
+    /// disks with serials `layer_disks`, topmost first.
+    pub fn create_on_disks(
+        &self,
+        id: &str,
+        layer_disks: &[String],
+        spec: &Spec,
+        streams: Streams,
+    ) -> Result<(), GuestError> {
+        self.send_create(CreateContainerRequest {
+            container_id: id.to_string(),
+            layer_disks: layer_disks.to_vec(),
+            oci_spec_json: serde_json::to_vec(spec)?,
+            stdio: protobuf::MessageField::some(streams.request()),
+            ..Default::default()
+        })
+    }
+
     /// Create with the spec as bytes, valid or not.
     pub fn create_raw(
         &self,
@@ -294,17 +314,18 @@ impl Guest {
         spec_json: Vec<u8>,
         streams: Streams,
     ) -> Result<(), GuestError> {
+        self.send_create(CreateContainerRequest {
+            container_id: id.to_string(),
+            image_chain_id: chain_id.to_string(),
+            oci_spec_json: spec_json,
+            stdio: protobuf::MessageField::some(streams.request()),
+            ..Default::default()
+        })
+    }
+
+    fn send_create(&self, request: CreateContainerRequest) -> Result<(), GuestError> {
         self.agent
-            .create_container(
-                timeout(CALL_TIMEOUT),
-                &CreateContainerRequest {
-                    container_id: id.to_string(),
-                    image_chain_id: chain_id.to_string(),
-                    oci_spec_json: spec_json,
-                    stdio: protobuf::MessageField::some(streams.request()),
-                    ..Default::default()
-                },
-            )
+            .create_container(timeout(CALL_TIMEOUT), &request)
             .map_err(call("CreateContainer"))?;
         Ok(())
     }

@@ -15,6 +15,7 @@
 mod adopt;
 mod exec;
 mod group;
+mod layers;
 pub mod lifecycle;
 mod oci;
 mod restart;
@@ -31,6 +32,7 @@ use capsa_api::{
     ApiError, ContainerStatus, ErrorCode, Event, GroupSpec, GroupStatus, GroupView, PortProtocol,
     WaitResponse,
 };
+use capsa_image_store::layer_images::LayerImages;
 use capsa_image_store::ImageStore;
 use capsa_network::Network;
 use capsa_volumes::VolumeStore;
@@ -48,6 +50,8 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 pub struct Daemon {
     pub root: PathBuf,
     pub images: ImageStore,
+    /// Each image layer as an EROFS disk image, converted once.
+    pub layer_images: LayerImages,
     vm: VmConfig,
     /// None when the daemon runs without networking (--no-network).
     network: Option<Network>,
@@ -65,6 +69,7 @@ impl Daemon {
     pub fn new(
         root: PathBuf,
         images: ImageStore,
+        layer_images: LayerImages,
         vm: VmConfig,
         network: Option<Network>,
         volumes: VolumeStore,
@@ -72,6 +77,7 @@ impl Daemon {
         Arc::new(Daemon {
             root,
             images,
+            layer_images,
             vm,
             network,
             volumes,

@@ -11,13 +11,16 @@ use capsa_protocol::stdio::StreamKind;
 use capsa_vm_process::{self as vm, sandbox, VmSpec};
 
 use super::lifecycle::{Refused, Transition};
-use super::{oci, restart, Daemon, Group};
-use crate::errors::{guest_failed, internal, refused};
+use super::{layers, oci, restart, Daemon, Group};
+use crate::errors::{guest_failed, internal, invalid, refused};
 use crate::logs::LogWriter;
 use crate::state::now_ms;
 
 /// How long a booting guest gets to answer.
 const BOOT_PATIENCE: Duration = Duration::from_secs(120);
+/// Disks a VM may have (volumes and image layers): the VMM's 19 virtio
+/// slots, less the network, vsock and entropy devices.
+const MAX_DISKS: usize = 16;
 
 impl Daemon {
     /// Boots the group's VM and starts its containers, telling `report`
@@ -45,6 +48,19 @@ impl Daemon {
             .map(|r| r.spec)
             .collect();
         let volumes = crate::volumes::plan(&self.volumes, &record.spec, &running)?;
+        let mut disks = volumes.disks.clone();
+        disks.extend(layers::disks(
+            &self.layer_images,
+            self.images.layout(),
+            &record.spec.containers,
+            report,
+        )?);
+        if disks.len() > MAX_DISKS {
+            return Err(invalid(format!(
+                "group {name:?} needs {} disks (its volumes and its images' layers); a VM has at most {MAX_DISKS}",
+                disks.len()
+            )));
+        }
         let net = self
             .network
             .as_ref()
@@ -56,7 +72,7 @@ impl Daemon {
                 cpus: record.spec.cpus(),
                 memory_mib: record.spec.memory_mib(),
                 net,
-                disks: &volumes.disks,
+                disks: &disks,
                 vsock: &group.paths.vsock(),
                 console: &group.paths.console(),
             },
@@ -191,20 +207,10 @@ impl Daemon {
             Some(&oci::normalized(&container.image)),
         )
         .map_err(internal)?;
-        let pushing = Instant::now();
-        let chain = guest
-            .push_image(&image)
-            .map_err(failed(format!("container {}: image", container.name)))?;
-        report(format!(
-            "container {}: image {} ({} layer(s)) in the guest after {} ms",
-            container.name,
-            container.image,
-            image.layers.len(),
-            pushing.elapsed().as_millis()
-        ));
+        let disks = layers::serials(&image)?;
         let spec = oci::spec_for(&image, container, &group.name()).map_err(internal)?;
         guest
-            .create(&container.name, &chain, &spec, Streams::OUTPUT)
+            .create_on_disks(&container.name, &disks, &spec, Streams::OUTPUT)
             .map_err(failed(format!("container {}", container.name)))?;
         let copiers = attach_logs(group, guest, container)?;
         guest

@@ -117,7 +117,14 @@ pub(super) async fn remove_image(
             .remove(&query.name, |name| daemon.image_user(name))
             .map_err(store_error)?;
         let (blobs, bytes) = daemon.images.garbage_collect().map_err(internal)?;
-        Ok(serde_json::json!({"removed": query.name, "blobs_freed": blobs, "bytes_freed": bytes}))
+        let in_use = daemon.images.chains_in_use().map_err(store_error)?;
+        let layer_images = daemon.layer_images.retain(&in_use).map_err(store_error)?;
+        Ok(serde_json::json!({
+            "removed": query.name,
+            "blobs_freed": blobs,
+            "bytes_freed": bytes,
+            "layer_images_freed": layer_images,
+        }))
     })
     .await
     .map(Json)

@@ -177,9 +177,12 @@ mod tests {
 
     fn daemon(dir: &Path) -> Arc<Daemon> {
         let images = capsa_image_store::ImageStore::open(&dir.join("images")).unwrap();
+        let layer_images =
+            capsa_image_store::layer_images::LayerImages::open(&dir.join("layer-images")).unwrap();
         Daemon::new(
             dir.to_path_buf(),
             images,
+            layer_images,
             capsa_vm_process::VmConfig {
                 vmm: "/nonexistent/capsa-vmm".into(),
                 kernel: "/nonexistent/vmlinux".into(),

@@ -260,6 +260,26 @@ fn pair(s: &mut Suite, d: &Capsad) -> Result<()> {
         Ok(progress.join("; "))
     });
     s.check(
+        "the image's layer disk was converted once (at the first run) and is now cached",
+        || {
+            let cached = progress
+                .iter()
+                .filter(|p| p.contains("disk image cached"))
+                .count();
+            let converted = progress.iter().any(|p| p.contains("converted"));
+            let images: Vec<_> = std::fs::read_dir(d.root().join("root/layer-images"))?
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
+                .collect();
+            ensure!(
+                cached == 1 && !converted && images.len() == 1,
+                "{cached} cached, converted {converted}, {} images: {progress:?}",
+                images.len()
+            );
+            Ok("one layer disk, cached, shared by both containers".into())
+        },
+    );
+    s.check(
         "both containers of a two-container group ran, with their exit codes",
         || {
             let (first, second) = (d.wait("pair", "first")?, d.wait("pair", "second")?);

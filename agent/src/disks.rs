@@ -1,0 +1,95 @@
+//! The VM's virtio disks, found by serial (the VMM's id=), and the image
+//! layers among them: EROFS images mounted read-only, once each, where
+//! containers stack them as overlay lower layers.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::mount::{mount, MsFlags};
+
+use crate::errors::ApiError;
+
+/// Where layer disks are mounted, one directory per serial.
+const LAYER_DISKS_DIR: &str = "/run/capsa/layer-disks";
+/// The longest serial virtio-blk reports.
+const MAX_SERIAL: usize = 20;
+
+/// The /dev node of the virtio disk whose serial is `serial`.
+pub fn find(serial: &str) -> Option<PathBuf> {
+    for entry in fs::read_dir("/sys/block").ok()?.flatten() {
+        let name = entry.file_name();
+        let found = fs::read_to_string(entry.path().join("serial"))
+            .map(|s| s.trim() == serial)
+            .unwrap_or(false);
+        if found {
+            return Some(Path::new("/dev").join(name));
+        }
+    }
+    None
+}
+
+/// The layer disks mounted so far.
+#[derive(Default)]
+pub struct LayerDisks {
+    mounted: Mutex<HashMap<String, PathBuf>>,
+}
+
+impl LayerDisks {
+    /// The mount points of the layer disks `serials` (in their order),
+    /// mounting those not mounted yet.
+    pub fn lower_dirs(&self, serials: &[String]) -> Result<Vec<PathBuf>, ApiError> {
+        let mut mounted = self.mounted.lock().unwrap_or_else(|e| e.into_inner());
+        serials
+            .iter()
+            .map(|serial| {
+                if let Some(dir) = mounted.get(serial) {
+                    return Ok(dir.clone());
+                }
+                let dir = mount_layer(serial)?;
+                mounted.insert(serial.clone(), dir.clone());
+                Ok(dir)
+            })
+            .collect()
+    }
+}
+
+fn mount_layer(serial: &str) -> Result<PathBuf, ApiError> {
+    let valid = !serial.is_empty()
+        && serial.len() <= MAX_SERIAL
+        && serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !valid {
+        return Err(ApiError::invalid(format!(
+            "layer disk serial {serial:?}: use 1 to {MAX_SERIAL} letters, digits or '-'"
+        )));
+    }
+    let device = find(serial).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "layer disk {serial}: no virtio disk has that serial"
+        ))
+    })?;
+    let dir = Path::new(LAYER_DISKS_DIR).join(serial);
+    fs::create_dir_all(&dir).map_err(|e| {
+        ApiError::internal(format!(
+            "layer disk {serial}: creating {}: {e}",
+            dir.display()
+        ))
+    })?;
+    mount(
+        Some(&device),
+        &dir,
+        Some("erofs"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        ApiError::invalid(format!(
+            "layer disk {serial}: mounting {} (erofs): {e}",
+            device.display()
+        ))
+    })?;
+    Ok(dir)
+}
