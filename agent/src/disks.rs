@@ -11,6 +11,9 @@ use nix::mount::{mount, MsFlags};
 
 use crate::errors::ApiError;
 
+/// Where the containers' writable layers live (the runtime's state
+/// directory); the scratch disk is mounted here.
+pub const CONTAINERS_DIR: &str = "/run/capsa/containers";
 /// Where layer disks are mounted, one directory per serial.
 const LAYER_DISKS_DIR: &str = "/run/capsa/layer-disks";
 /// The longest serial virtio-blk reports.
@@ -55,7 +58,7 @@ impl LayerDisks {
     }
 }
 
-fn mount_layer(serial: &str) -> Result<PathBuf, ApiError> {
+fn disk(what: &str, serial: &str) -> Result<PathBuf, ApiError> {
     let valid = !serial.is_empty()
         && serial.len() <= MAX_SERIAL
         && serial
@@ -63,14 +66,38 @@ fn mount_layer(serial: &str) -> Result<PathBuf, ApiError> {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-');
     if !valid {
         return Err(ApiError::invalid(format!(
-            "layer disk serial {serial:?}: use 1 to {MAX_SERIAL} letters, digits or '-'"
+            "{what} serial {serial:?}: use 1 to {MAX_SERIAL} letters, digits or '-'"
         )));
     }
-    let device = find(serial).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "layer disk {serial}: no virtio disk has that serial"
+    find(serial).ok_or_else(|| {
+        ApiError::not_found(format!("{what} {serial}: no virtio disk has that serial"))
+    })
+}
+
+/// Mounts the scratch disk (an empty ext4 the host made) where the
+/// containers' writable layers go, so they take disk, not memory.
+pub fn mount_scratch(serial: &str) -> Result<(), ApiError> {
+    let device = disk("scratch disk", serial)?;
+    fs::create_dir_all(CONTAINERS_DIR)
+        .map_err(|e| ApiError::internal(format!("scratch disk: creating {CONTAINERS_DIR}: {e}")))?;
+    // noinit_itable: the host's file stays sparse.
+    mount(
+        Some(&device),
+        CONTAINERS_DIR,
+        Some("ext4"),
+        MsFlags::empty(),
+        Some("noinit_itable"),
+    )
+    .map_err(|e| {
+        ApiError::invalid(format!(
+            "scratch disk {serial}: mounting {} (ext4): {e}",
+            device.display()
         ))
-    })?;
+    })
+}
+
+fn mount_layer(serial: &str) -> Result<PathBuf, ApiError> {
+    let device = disk("layer disk", serial)?;
     let dir = Path::new(LAYER_DISKS_DIR).join(serial);
     fs::create_dir_all(&dir).map_err(|e| {
         ApiError::internal(format!(

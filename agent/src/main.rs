@@ -32,7 +32,6 @@ use capsa_runtime::{Runtime, RuntimeConfig};
 /// The argument that makes this binary the container-init helper.
 const CONTAINER_INIT: &str = "container-init";
 const LAYERS_DIR: &str = "/run/capsa/layers";
-const CONTAINERS_DIR: &str = "/run/capsa/containers";
 const CGROUP_PARENT: &str = "/sys/fs/cgroup/containers";
 
 fn main() {
@@ -76,7 +75,7 @@ fn run() -> Result<()> {
     let runtime = Runtime::new(RuntimeConfig {
         helper: PathBuf::from("/proc/self/exe"),
         helper_args: vec![CONTAINER_INIT.to_string()],
-        state_dir: PathBuf::from(CONTAINERS_DIR),
+        state_dir: PathBuf::from(disks::CONTAINERS_DIR),
         cgroup_parent: PathBuf::from(CGROUP_PARENT),
     });
     let hub = Arc::new(stdio::StdioHub::default());

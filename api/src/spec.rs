@@ -11,6 +11,9 @@ pub const DEFAULT_CPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 const MAX_CPUS: u8 = 64;
 const MIN_MEMORY_MIB: u64 = 64;
+/// The writable layers' disk when the spec does not size it.
+pub const DEFAULT_SCRATCH_MIB: u64 = 10 << 10;
+const MIN_SCRATCH_MIB: u64 = 64;
 /// An ext4 volume smaller than this has no room for its journal.
 pub const MIN_VOLUME_MIB: u64 = 8;
 
@@ -33,6 +36,10 @@ pub struct GroupSpec {
     /// Volumes the containers may mount (volumeMounts).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
+    /// MiB of the disk that holds the containers' writable layers (a
+    /// sparse file on the host, made afresh at each boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_mib: Option<u64>,
 }
 
 /// A volume of the group: exactly one of its sources is given.
@@ -349,6 +356,10 @@ impl GroupSpec {
         self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)
     }
 
+    pub fn scratch_mib(&self) -> u64 {
+        self.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB)
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         let mut problems = Vec::new();
         if !valid_name(&self.name) {
@@ -369,6 +380,13 @@ impl GroupSpec {
             if memory < MIN_MEMORY_MIB {
                 problems.push(format!(
                     "memoryMib: {memory} is below the minimum of {MIN_MEMORY_MIB}"
+                ));
+            }
+        }
+        if let Some(scratch) = self.scratch_mib {
+            if !(MIN_SCRATCH_MIB..=(16 << 20)).contains(&scratch) {
+                problems.push(format!(
+                    "scratchMib: {scratch} is not between {MIN_SCRATCH_MIB} and 16777216 (16 TiB)"
                 ));
             }
         }

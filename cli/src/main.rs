@@ -54,6 +54,10 @@ enum Command {
         /// MiB.
         #[arg(long)]
         memory: Option<u64>,
+        /// MiB of disk for the container's writable layer (10240 unless
+        /// given).
+        #[arg(long)]
+        scratch: Option<u64>,
         /// KEY=VALUE
         #[arg(short = 'e', long = "env")]
         env: Vec<String>,
@@ -261,6 +265,7 @@ fn run(cli: Cli) -> Result<u8> {
             name,
             cpus,
             memory,
+            scratch,
             env,
             publish,
             restart,
@@ -307,6 +312,7 @@ fn run(cli: Cli) -> Result<u8> {
                 labels: BTreeMap::new(),
                 restart_policy: restart,
                 volumes,
+                scratch_mib: scratch,
             };
             let _: GroupView = client.call(
                 Method::POST,

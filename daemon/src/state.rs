@@ -114,6 +114,11 @@ impl GroupPaths {
         self.dir.join("v.sock")
     }
 
+    /// The disk of the containers' writable layers.
+    pub fn scratch(&self) -> PathBuf {
+        self.dir.join("scratch.img")
+    }
+
     pub fn console(&self) -> PathBuf {
         self.dir.join("console.log")
     }

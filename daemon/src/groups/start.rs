@@ -9,6 +9,7 @@ use capsa_api::{ApiError, ContainerSpec, GroupSpec, GroupStatus, GroupView};
 use capsa_guest_client::{Guest, OciImage, Streams};
 use capsa_protocol::stdio::StreamKind;
 use capsa_vm_process::{self as vm, sandbox, VmSpec};
+use capsa_vmm_config::DiskConfig;
 
 use super::lifecycle::{Refused, Transition};
 use super::{layers, oci, restart, Daemon, Group};
@@ -18,6 +19,8 @@ use crate::state::now_ms;
 
 /// How long a booting guest gets to answer.
 const BOOT_PATIENCE: Duration = Duration::from_secs(120);
+/// The serial of a group's scratch disk.
+const SCRATCH_SERIAL: &str = "scratch";
 /// Disks a VM may have (volumes and image layers): the VMM's 19 virtio
 /// slots, less the network, vsock and entropy devices.
 const MAX_DISKS: usize = 16;
@@ -48,7 +51,20 @@ impl Daemon {
             .map(|r| r.spec)
             .collect();
         let volumes = crate::volumes::plan(&self.volumes, &record.spec, &running)?;
+        // Made afresh at each boot: nothing the guest wrote before is read.
+        let scratch = group.paths.scratch();
+        capsa_volumes::make_ext4(
+            &format!("scratch disk of {name}"),
+            &scratch,
+            record.spec.scratch_mib(),
+        )
+        .map_err(internal)?;
         let mut disks = volumes.disks.clone();
+        disks.push(DiskConfig {
+            path: scratch,
+            read_only: false,
+            id: Some(SCRATCH_SERIAL.to_string()),
+        });
         disks.extend(layers::disks(
             &self.layer_images,
             self.images.layout(),
@@ -164,6 +180,7 @@ impl Daemon {
     ) -> capsa_protocol::agent::SetupSandboxRequest {
         let mut sandbox = capsa_protocol::agent::SetupSandboxRequest {
             hostname: record.spec.name.clone(),
+            scratch_disk: SCRATCH_SERIAL.to_string(),
             time_unix_ns: (now_ms() as i64) * 1_000_000,
             volumes,
             ..Default::default()

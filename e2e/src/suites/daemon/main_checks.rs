@@ -147,6 +147,15 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         },
     );
     s.check(
+        "a container writes 1 GiB into its root filesystem, 4 times its VM's memory, and reads it back",
+        || {
+            let script = "dd if=/dev/zero of=/big bs=1M count=1024 2>/dev/null && sync \
+                          && wc -c < /big && rm /big";
+            d.capsa(&["run", "--rm", "--memory", "256", "busybox", "sh", "-c", script])?
+                .exited_with(0, &["1073741824"])
+        },
+    );
+    s.check(
         "a failing command's exit code and output pass through",
         || {
             d.capsa(&["run", "--rm", "busybox", "sh", "-c", "echo failing; exit 3"])?
