@@ -71,6 +71,13 @@ fn main() -> ExitCode {
     }
 }
 
+impl E2eArgs {
+    /// Whether suite `name` is among those to run (all, when none is named).
+    pub fn wants_suite(&self, name: &str) -> bool {
+        self.suites.is_empty() || self.suites.iter().any(|s| s == name)
+    }
+}
+
 fn e2e(args: &E2eArgs) -> Result<bool> {
     let began = Instant::now();
     let suites: Vec<String> = if args.suites.is_empty() {

@@ -129,6 +129,16 @@ impl Payload {
             .arg(".")
             .status()?;
         ensure!(tar.success(), "packing busybox.tar");
+        // A real-size image for the images suite (built once, cached).
+        if args.wants_suite("images") {
+            let debian = script(&root, "scripts/debian-image.sh", &[])?;
+            let copied = Command::new("cp")
+                .arg("-r")
+                .arg(&debian)
+                .arg(dir.join("debian-oci"))
+                .status()?;
+            ensure!(copied.success(), "copying the Debian image");
+        }
         // An empty ext4 disk for the agent suite's block volume.
         let disk = dir.join("data.img");
         std::fs::File::create(&disk)?.set_len(16 << 20)?;

@@ -1,10 +1,12 @@
 //! capsad and the capsa CLI end to end: the `daemon` suite (every feature
-//! a user of the daemon meets), the `logs` suite (a daemon killed again
+//! a user of the daemon meets), the `images` suite (a real-size image from
+//! cached layer disks), the `logs` suite (a daemon killed again
 //! and again loses and doubles no line) and the `cycles` suite (50 groups
 //! in a row leave nothing behind).
 
 mod cycles;
 mod harness;
+mod images;
 mod logs;
 pub use harness::{Capsad, Output, COMMAND_TIMEOUT};
 mod main_checks;
@@ -19,6 +21,10 @@ pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
 
 pub fn run_logs(suite: &mut Suite, artifacts: &Artifacts) {
     with_capsad(suite, artifacts, "logs", logs::run);
+}
+
+pub fn run_images(suite: &mut Suite, artifacts: &Artifacts) {
+    with_capsad(suite, artifacts, "images", images::run);
 }
 
 /// Runs `checks` with a capsad of their own, showing its log's tail when
