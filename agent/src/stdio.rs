@@ -64,6 +64,9 @@ struct SlotState {
     attached: bool,
     /// Set when the process exited: how long to keep waiting for an attach.
     give_up_at: Option<Instant>,
+    /// Set once the stream has ended and the host has all of it: its
+    /// length. A later attach (a restarted daemon's) gets just the end.
+    ended_at: Option<u64>,
 }
 
 impl Slot {
@@ -99,6 +102,15 @@ impl Slot {
     fn newer_connection(&self) -> Option<Attachment> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.connection.take()
+    }
+
+    /// The stream has ended at offset `end`, all of it with the host (or
+    /// dropped): later attaches get only the end.
+    fn ended(&self, end: u64) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.ended_at = Some(end);
+        // A connection that came meanwhile gets the end too.
+        state.connection = None;
     }
 
     /// The process has exited: stop waiting for an attach after the grace.
@@ -184,6 +196,19 @@ impl StdioHub {
                     return;
                 }
                 let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(end) = state.ended_at {
+                    // Nothing more will come: say where it ended, and end.
+                    drop(state);
+                    if acked.is_some() {
+                        let preamble = Resume {
+                            stream_id: slot.stream_id,
+                            offset: end,
+                        };
+                        let _ = connection.write_all(&preamble.to_bytes());
+                    }
+                    let _ = shutdown(connection.as_raw_fd(), Shutdown::Write);
+                    return;
+                }
                 state.connection = Some(Attachment { connection, acked });
                 slot.changed.notify_all();
                 return;
@@ -469,6 +494,12 @@ impl Output {
     /// The process's output ended: deliver the rest, end the stream, and on
     /// an acked connection wait until the host has kept all of it.
     fn finish(mut self) {
+        self.deliver_the_end();
+        let end = self.base + self.queue.len() as u64;
+        self.slot.ended(end);
+    }
+
+    fn deliver_the_end(&mut self) {
         loop {
             self.take_newer();
             self.deliver();

@@ -260,6 +260,18 @@ fn reattach_resends_unacknowledged(check: &Check) -> Result<String> {
         }
         let err = read_to_string(stderr)?;
         let exit = check.guest.wait(id, "")?;
+        // A host attaching once the stream has ended (a daemon restarted
+        // then) is told where it ended, and the stream ends.
+        let mut late = check.guest.attach_acked(id, "", StreamKind::Stdout, kept)?;
+        late.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let end = Resume::read_from(&mut late)?;
+        let mut after = Vec::new();
+        late.read_to_end(&mut after)?;
+        ensure!(
+            end.offset == upto(3000).len() as u64 && after.is_empty(),
+            "a late attach got {end:?} and {} bytes",
+            after.len()
+        );
         let rest = String::from_utf8_lossy(&rest);
         let expected = (81..=3000).map(|i| format!("{i}\n")).collect::<String>();
         ensure!(

@@ -17,6 +17,8 @@ pub const KILLS: u32 = 24;
 const STEADY_LINES: u32 = 3000;
 const BURSTS: u32 = 80;
 const BURST_LINES: u32 = 300;
+/// How long the containers may take to finish printing after the kills.
+const FINISH_PATIENCE: Duration = Duration::from_secs(300);
 
 /// A small xorshift generator: the kills' moments, reproducible from the
 /// seed the suite prints.
@@ -85,6 +87,55 @@ fn printing(view: &GroupView) -> bool {
             .any(|c| c.status == ContainerStatus::Running)
 }
 
+/// Waits (bounded) for both containers to exit 0; a wait that runs out
+/// says where each stream got to and what the guest's console shows.
+fn finish(d: &Capsad) -> Result<()> {
+    let deadline = Instant::now() + FINISH_PATIENCE;
+    loop {
+        let view = d.group("chatty")?;
+        let exited: Vec<_> = view
+            .containers
+            .iter()
+            .filter(|c| c.status == ContainerStatus::Exited)
+            .collect();
+        if exited.len() == view.containers.len() {
+            for c in exited {
+                ensure!(c.exit_code == Some(0), "{}: exit {:?}", c.name, c.exit_code);
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let mut where_ = Vec::new();
+            for (container, stream) in [
+                ("steady", "stdout"),
+                ("steady", "stderr"),
+                ("bursts", "stdout"),
+            ] {
+                let lines = stream_lines(d, container, stream)?;
+                where_.push(format!(
+                    "{container} {stream}: {} lines, last {:?}",
+                    lines.len(),
+                    lines.last()
+                ));
+            }
+            let console = std::fs::read_to_string(d.root().join("root/groups/chatty/console.log"))
+                .unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(15).collect();
+            anyhow::bail!(
+                "the containers did not finish in {} s: {:?}; {}; console: {}",
+                FINISH_PATIENCE.as_secs(),
+                view.containers
+                    .iter()
+                    .map(|c| (&c.name, c.status))
+                    .collect::<Vec<_>>(),
+                where_.join("; "),
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     d.start()?;
     let import = d.import_busybox()?;
@@ -124,10 +175,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             began.elapsed().as_secs()
         ),
     );
-    for container in ["steady", "bursts"] {
-        let exit = d.wait("chatty", container)?;
-        ensure!(exit.exit_code == 0, "{container}: {exit:?}");
-    }
+    finish(d)?;
     let expect = |f: &dyn Fn(u32) -> String, n: u32| (1..=n).map(f).collect::<Vec<_>>();
     s.check(
         "each line of stdout and stderr is in the log exactly once, in order",
