@@ -36,6 +36,14 @@ impl Daemon {
     ) -> Result<GroupView, ApiError> {
         let began = Instant::now();
         let group = self.group(name)?;
+        // Before the start lock: a first conversion of a big image must
+        // not hold other groups' starts back.
+        let layer_disks = layers::disks(
+            &self.layer_images,
+            self.images.layout(),
+            &group.snapshot().spec.containers,
+            report,
+        )?;
         let starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let record = group.snapshot();
         if record.status == GroupStatus::Running {
@@ -65,12 +73,7 @@ impl Daemon {
             read_only: false,
             id: Some(SCRATCH_SERIAL.to_string()),
         });
-        disks.extend(layers::disks(
-            &self.layer_images,
-            self.images.layout(),
-            &record.spec.containers,
-            report,
-        )?);
+        disks.extend(layer_disks);
         if disks.len() > MAX_DISKS {
             return Err(invalid(format!(
                 "group {name:?} needs {} disks (its volumes and its images' layers); a VM has at most {MAX_DISKS}",
