@@ -10,13 +10,15 @@ use capsa_api::{ContainerStatus, GroupStatus, GroupView};
 use hyper::Method;
 
 use super::harness::Capsad;
-use crate::suite::Suite;
+use crate::suite::{EmulationFault, Suite};
 
 /// Kills that must land while the containers are still printing.
 pub const KILLS: u32 = 24;
 const STEADY_LINES: u32 = 3000;
 const BURSTS: u32 = 80;
 const BURST_LINES: u32 = 300;
+/// What capsa-vmm says of a guest that triple-faulted.
+const TRIPLE_FAULT: &str = "guest triple-faulted";
 /// How long the containers may take to finish printing after the kills.
 const FINISH_PATIENCE: Duration = Duration::from_secs(300);
 
@@ -79,6 +81,21 @@ fn difference(got: &[String], want: &[String]) -> String {
     )
 }
 
+/// A group whose VM failed: the emulation's fault when capsa-vmm said the
+/// guest triple-faulted (nested KVM does that now and then), else a
+/// failure.
+fn failed(d: &Capsad, view: &GroupView) -> anyhow::Error {
+    let console = std::fs::read_to_string(d.root().join("root/groups/chatty/console.log"))
+        .unwrap_or_default();
+    if console.contains(TRIPLE_FAULT) {
+        return EmulationFault(format!("the group's microVM {TRIPLE_FAULT}")).into();
+    }
+    anyhow::anyhow!(
+        "the group failed: {}",
+        view.error.clone().unwrap_or_default()
+    )
+}
+
 fn printing(view: &GroupView) -> bool {
     view.status == GroupStatus::Running
         && view
@@ -93,6 +110,9 @@ fn finish(d: &Capsad) -> Result<()> {
     let deadline = Instant::now() + FINISH_PATIENCE;
     loop {
         let view = d.group("chatty")?;
+        if view.status == GroupStatus::Failed {
+            return Err(failed(d, &view));
+        }
         let exited: Vec<_> = view
             .containers
             .iter()
@@ -156,8 +176,11 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     let began = Instant::now();
     while while_printing < KILLS {
         std::thread::sleep(Duration::from_millis(moments.between(100, 1500)));
-        let running = printing(&d.group("chatty")?);
-        if !running {
+        let view = d.group("chatty")?;
+        if view.status == GroupStatus::Failed {
+            return Err(failed(d, &view));
+        }
+        if !printing(&view) {
             break;
         }
         d.kill();
