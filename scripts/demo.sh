@@ -27,10 +27,15 @@ cp "$initrd" "$payload/initramfs.cpio"
 nested=0
 "$root/scripts/kvm-is-pvm.sh" && nested=1
 dir=$payload
-[ "$nested" = 1 ] && dir=/payload
+if [ "$nested" = 1 ]; then
+    dir=/payload
+    # The outer machine has busybox only: capsad makes each group's scratch
+    # disk with mkfs.ext4.
+    "$root/scripts/nested-add-program.sh" "$payload" mkfs.ext4
+fi
 {
     printf 'cd %q\n' "$dir"
-    printf 'export PATH=%q:$PATH\n' "$dir"
+    printf 'export PATH=%q:%q/bin:$PATH\n' "$dir" "$dir"
     cat <<'QUICKSTART'
 state=$(mktemp -d)
 export CAPSA_SOCKET=$state/capsad.sock
