@@ -138,7 +138,8 @@ impl LogWriter {
                     other => other,
                 };
             }
-            at.offset += buffer.len() as u64;
+            // The preamble is the guest's word: an offset near the top saturates.
+            at.offset = at.offset.saturating_add(buffer.len() as u64);
             self.append(stream, &buffer, at)?;
             // One acknowledgement per batch the guest sent, not per line.
             if reader.buffer().is_empty() {
