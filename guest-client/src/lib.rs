@@ -25,7 +25,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum GuestError {
     #[error(transparent)]
     Connect(#[from] AgentConnectError),
-    #[error("{call}: {source}")]
+    #[error("{call}: {}", describe(.source))]
     Call {
         call: &'static str,
         #[source]
@@ -76,6 +76,20 @@ impl GuestError {
             } => Some(status.code()),
             _ => None,
         }
+    }
+}
+
+/// A ttrpc error in words: the agent's message and its code for a refused
+/// call (never the status's debug form).
+fn describe(error: &ttrpc::Error) -> String {
+    match error {
+        ttrpc::Error::RpcStatus(status) => {
+            let code = format!("{:?}", status.code())
+                .to_lowercase()
+                .replace('_', " ");
+            format!("{} (the agent said: {code})", status.message())
+        }
+        other => other.to_string(),
     }
 }
 
@@ -542,6 +556,24 @@ fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize
         }
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_call_reads_as_a_sentence() {
+        let status = ttrpc::get_status(ttrpc::Code::DATA_LOSS, "layer x: no space left on device");
+        let error = GuestError::Call {
+            call: "CommitLayer",
+            source: ttrpc::Error::RpcStatus(status),
+        };
+        assert_eq!(
+            error.to_string(),
+            "CommitLayer: layer x: no space left on device (the agent said: data loss)"
+        );
+    }
 }
 
 #[cfg(test)]
