@@ -211,20 +211,7 @@ fn every_kind_of_entry_comes_out_as_unpack_writes_it() {
         file("cache/.wh..wh..opq", b""),
         file("cache/new", b"n"),
     ]);
-    // A GNU long name, past ustar's 100 bytes.
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(4);
-    header.set_mode(0o644);
-    header.set_entry_type(EntryType::Regular);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(5);
-    builder
-        .append_data(&mut header, &long_name, &b"long"[..])
-        .unwrap();
-    tar.truncate(tar.len() - 1024);
-    tar.extend(builder.into_inner().unwrap());
+    append_long_name(&mut tar, &long_name, 5);
     let summary = assert_same_as_unpack(&tar);
     assert_eq!(summary.entries, 21);
     assert!(summary.file_bytes >= 300_000);

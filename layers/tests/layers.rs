@@ -11,7 +11,7 @@ mod common;
 use common::*;
 
 use capsa_layers::{unpack, Compression, Digest, LayerError, LayerSpec, LayerStore, UnpackError};
-use tar::{EntryType, Header};
+use tar::EntryType;
 
 /// A spec that matches `blob`, whose uncompressed tar is `tar`.
 fn spec_for(
@@ -96,20 +96,8 @@ fn unpacks_every_kind_of_entry_with_its_metadata() {
         null,
     ];
     // A long name goes through the GNU long-name extension.
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut header = Header::new_gnu();
-    header.set_size(4);
-    header.set_mode(0o644);
-    header.set_entry_type(EntryType::Regular);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    builder
-        .append_data(&mut header, &long_name, &b"long"[..])
-        .unwrap();
     let mut tar = tar_of(&entries);
-    tar.truncate(tar.len() - 1024); // drop the end-of-archive blocks
-    tar.extend(builder.into_inner().unwrap());
+    append_long_name(&mut tar, &long_name, 0);
     entries.clear();
 
     let root = tempfile::tempdir().unwrap();

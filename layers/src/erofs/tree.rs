@@ -84,16 +84,7 @@ impl Default for Tree {
 impl Tree {
     pub fn new() -> Self {
         Tree {
-            nodes: vec![Node {
-                mode: S_IFDIR | 0o755,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                nlink: 2,
-                xattrs: Vec::new(),
-                kind: Kind::Dir(BTreeMap::new()),
-                parent: ROOT,
-            }],
+            nodes: vec![made_directory(ROOT)],
         }
     }
 
@@ -130,20 +121,7 @@ impl Tree {
                     Kind::Symlink(_) => return Err(Refusal::ThroughSymlink(walked.join("/"))),
                     _ => return Err(Refusal::NotADirectory(walked.join("/"))),
                 },
-                None => self.insert(
-                    at,
-                    part,
-                    Node {
-                        mode: S_IFDIR | 0o755,
-                        uid: 0,
-                        gid: 0,
-                        mtime: 0,
-                        nlink: 2,
-                        xattrs: Vec::new(),
-                        kind: Kind::Dir(BTreeMap::new()),
-                        parent: at,
-                    },
-                ),
+                None => self.insert(at, part, made_directory(at)),
             };
         }
         Ok(at)
@@ -305,6 +283,21 @@ impl Tree {
             }
         }
         order
+    }
+}
+
+/// A directory the layer implies but does not list (the root, or a parent
+/// of an entry): 0755, root's, as `unpack` makes them.
+fn made_directory(parent: NodeId) -> Node {
+    Node {
+        mode: S_IFDIR | 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        nlink: 2,
+        xattrs: Vec::new(),
+        kind: Kind::Dir(BTreeMap::new()),
+        parent,
     }
 }
 

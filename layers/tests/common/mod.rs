@@ -94,3 +94,22 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     encoder.write_all(bytes).unwrap();
     encoder.finish().unwrap()
 }
+
+/// Appends to the archive `tar` (ending it again) a file `name` holding
+/// "long", with its name in a GNU long-name record: for names past
+/// ustar's 100 bytes.
+pub fn append_long_name(tar: &mut Vec<u8>, name: &str, mtime: u64) {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = Header::new_gnu();
+    header.set_size(4);
+    header.set_mode(0o644);
+    header.set_entry_type(EntryType::Regular);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(mtime);
+    builder
+        .append_data(&mut header, name, &b"long"[..])
+        .unwrap();
+    tar.truncate(tar.len() - 1024); // drop the end-of-archive blocks
+    tar.extend(builder.into_inner().unwrap());
+}
