@@ -96,6 +96,21 @@ pub fn mount_scratch(serial: &str) -> Result<(), ApiError> {
     })
 }
 
+/// Without a scratch disk (the spec asked for none), the writable layers
+/// go to a tmpfs: guest memory, bounded by half of it.
+pub fn mount_scratch_in_memory() -> Result<(), ApiError> {
+    fs::create_dir_all(CONTAINERS_DIR)
+        .map_err(|e| ApiError::internal(format!("creating {CONTAINERS_DIR}: {e}")))?;
+    mount(
+        Some("tmpfs"),
+        CONTAINERS_DIR,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0700"),
+    )
+    .map_err(|e| ApiError::internal(format!("mounting a tmpfs on {CONTAINERS_DIR}: {e}")))
+}
+
 fn mount_layer(serial: &str) -> Result<PathBuf, ApiError> {
     let device = disk("layer disk", serial)?;
     let dir = Path::new(LAYER_DISKS_DIR).join(serial);

@@ -76,7 +76,9 @@ impl Sandbox {
         for volume in &request.volumes {
             mount_volume(volume)?;
         }
-        if !request.scratch_disk.is_empty() {
+        if request.scratch_disk.is_empty() {
+            crate::disks::mount_scratch_in_memory()?;
+        } else {
             crate::disks::mount_scratch(&request.scratch_disk)?;
         }
         *set_up = true;

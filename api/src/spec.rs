@@ -37,7 +37,8 @@ pub struct GroupSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
     /// MiB of the disk that holds the containers' writable layers (a
-    /// sparse file on the host, made afresh at each boot).
+    /// sparse file on the host, made afresh at each boot); 0 for no disk:
+    /// the writable layers are then a tmpfs in the VM's memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scratch_mib: Option<u64>,
 }
@@ -384,9 +385,9 @@ impl GroupSpec {
             }
         }
         if let Some(scratch) = self.scratch_mib {
-            if !(MIN_SCRATCH_MIB..=(16 << 20)).contains(&scratch) {
+            if scratch != 0 && !(MIN_SCRATCH_MIB..=(16 << 20)).contains(&scratch) {
                 problems.push(format!(
-                    "scratchMib: {scratch} is not between {MIN_SCRATCH_MIB} and 16777216 (16 TiB)"
+                    "scratchMib: {scratch} is neither 0 (in memory) nor between {MIN_SCRATCH_MIB} and 16777216 (16 TiB)"
                 ));
             }
         }

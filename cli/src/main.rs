@@ -7,12 +7,12 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use capsa_api::exec::ExecRequest;
+use capsa_api::{ApiError, ErrorCode, Event, GroupStats};
 use capsa_api::{
     ContainerSpec, GroupSpec, GroupView, ImageView, ImportRequest, LogLine, PersistentSpec,
     PortSpec, PullRequest, RestartPolicy, VolumeGrowRequest, VolumeMount, VolumeRequest,
     VolumeSpec, VolumeView, WaitResponse,
 };
-use capsa_api::{Event, GroupStats};
 use clap::{Parser, Subcommand};
 use hyper::Method;
 
@@ -55,7 +55,7 @@ enum Command {
         #[arg(long)]
         memory: Option<u64>,
         /// MiB of disk for the container's writable layer (10240 unless
-        /// given).
+        /// given); 0 keeps it in the VM's memory (a tmpfs) instead.
         #[arg(long)]
         scratch: Option<u64>,
         /// KEY=VALUE
@@ -88,6 +88,10 @@ enum Command {
         /// (SIGTERM when it names none).
         #[arg(long)]
         stop_signal: Option<String>,
+        /// Pull the image first: when the store does not have it
+        /// (missing), every time (always), or never.
+        #[arg(long, value_enum, default_value_t = PullPolicy::Missing)]
+        pull: PullPolicy,
         image: String,
         /// The command, instead of the image's.
         #[arg(trailing_var_arg = true)]
@@ -274,6 +278,7 @@ fn run(cli: Cli) -> Result<u8> {
             user,
             workdir,
             stop_signal,
+            pull,
             image,
             args,
         } => {
@@ -291,7 +296,7 @@ fn run(cli: Cli) -> Result<u8> {
                 name: name.clone(),
                 containers: vec![ContainerSpec {
                     name: "main".into(),
-                    image,
+                    image: image.clone(),
                     command: entrypoint.map(|program| vec![program]),
                     args: (!args.is_empty()).then_some(args),
                     env: variables,
@@ -314,11 +319,7 @@ fn run(cli: Cli) -> Result<u8> {
                 volumes,
                 scratch_mib: scratch,
             };
-            let _: GroupView = client.call(
-                Method::POST,
-                "/v1/groups",
-                Some(serde_json::to_string(&spec)?),
-            )?;
+            create_pulling(&client, &spec, &image, pull)?;
             // Attached, the container's stderr is ours: steps only go to a
             // terminal there.
             let started = start_group(&client, &name, detach || std::io::stderr().is_terminal());
@@ -675,6 +676,58 @@ fn run(cli: Cli) -> Result<u8> {
 }
 
 /// An import or a pull: its progress on stderr, then the stored image.
+/// When `capsa run` pulls its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PullPolicy {
+    Missing,
+    Always,
+    Never,
+}
+
+/// Creates the group `spec`, pulling `image` (with progress on stderr)
+/// first or when capsad does not have it, as `policy` says, as docker does.
+fn create_pulling(
+    client: &Client,
+    spec: &GroupSpec,
+    image: &str,
+    policy: PullPolicy,
+) -> Result<()> {
+    let pull = || {
+        let request = PullRequest {
+            reference: image.to_string(),
+            name: None,
+            username: None,
+            password: None,
+            insecure: false,
+        };
+        client
+            .call_with_progress::<ImageView>(
+                Method::POST,
+                "/v1/images/pull",
+                Some(serde_json::to_string(&request)?),
+                |text| eprintln!("{text}"),
+            )
+            .with_context(|| format!("pulling {image}"))
+    };
+    if policy == PullPolicy::Always {
+        pull()?;
+    }
+    let body = serde_json::to_string(spec)?;
+    let created = client.call::<GroupView>(Method::POST, "/v1/groups", Some(body.clone()));
+    let missing = created
+        .as_ref()
+        .err()
+        .and_then(|e| e.downcast_ref::<ApiError>())
+        .is_some_and(|e| e.code == ErrorCode::ImageNotFound);
+    if !(missing && policy == PullPolicy::Missing) {
+        return created.map(drop);
+    }
+    eprintln!("no image {image} here: pulling it");
+    pull()?;
+    client.call::<GroupView>(Method::POST, "/v1/groups", Some(body))?;
+    Ok(())
+}
+
 fn store_image(
     client: &Client,
     path: &str,

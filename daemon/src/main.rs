@@ -53,6 +53,24 @@ struct Args {
     /// it is always on the API socket.
     #[arg(long, value_name = "ADDRESS:PORT")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// A Docker Hub mirror (`http://HOST:PORT` or `https://HOST`), asked
+    /// before Docker Hub for names such as `busybox`; repeatable, asked in
+    /// order, as docker's `registry-mirrors`.
+    #[arg(long = "registry-mirror", value_name = "URL", value_parser = mirror_url)]
+    registry_mirrors: Vec<String>,
+}
+
+/// A mirror must be an http(s) URL with a host and nothing after it.
+fn mirror_url(text: &str) -> Result<String, String> {
+    let rest = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+        .ok_or("a mirror is http://HOST[:PORT] or https://HOST[:PORT]")?;
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains(['/', '?', '#', ' ']) {
+        return Err("a mirror is http://HOST[:PORT] or https://HOST[:PORT], with no path".into());
+    }
+    Ok(text.trim_end_matches('/').to_string())
 }
 
 fn main() -> Result<()> {
@@ -105,6 +123,7 @@ fn main() -> Result<()> {
         network,
         capsa_volumes::VolumeStore::open(&args.root.join("volumes"))
             .context("opening the volume store")?,
+        args.registry_mirrors.clone(),
     );
     daemon.restore();
 

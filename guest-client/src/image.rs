@@ -87,8 +87,18 @@ impl OciImage {
                 }
             },
         };
-        let manifest_path = blob_path(layout, manifest.digest().as_ref())
-            .ok_or_else(|| failed("manifest", format!("bad digest {}", manifest.digest())))?;
+        Self::open_manifest(layout, manifest.digest().as_ref())
+    }
+
+    /// The image whose manifest has `digest` in `layout`.
+    pub fn open_manifest(layout: &Path, digest: &str) -> Result<Self, ImageError> {
+        let failed = |what: &str, message: String| ImageError::Layout {
+            layout: layout.to_path_buf(),
+            what: what.to_string(),
+            message,
+        };
+        let manifest_path = blob_path(layout, digest)
+            .ok_or_else(|| failed("manifest", format!("bad digest {digest}")))?;
         let manifest = ImageManifest::from_file(&manifest_path)
             .map_err(|e| failed("manifest", e.to_string()))?;
         let config_path = blob_path(layout, manifest.config().digest().as_ref())

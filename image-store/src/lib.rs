@@ -16,6 +16,9 @@
 
 mod archive;
 pub mod layer_images;
+pub mod name;
+
+pub use name::{normalize_name, ImageName};
 
 /// How an import or a pull is going, for progress reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,8 +95,10 @@ pub enum StoreError {
     NotFound(String),
     #[error("image {0:?} is in use by {1}; remove that first")]
     InUse(String, String),
-    #[error("invalid image name {0:?}: use NAME[:TAG] of letters, digits and . _ - / :")]
-    InvalidName(String),
+    #[error(
+        "invalid image name {name:?}: {reason} (use [REGISTRY/]NAME[:TAG][@DIGEST], lowercase)"
+    )]
+    InvalidName { name: String, reason: String },
     /// The source names the layer.
     #[error("{source}")]
     Layer {
@@ -134,26 +139,6 @@ pub struct ImageStore {
     /// index.json is read, changed and replaced under this lock.
     index_lock: Mutex<()>,
     next_temp: AtomicU64,
-}
-
-/// `name` with `:latest` when it has no tag.
-pub fn normalize_name(name: &str) -> Result<String, StoreError> {
-    let valid = !name.is_empty()
-        && name.len() <= 255
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
-        && !name.starts_with(['.', '-', '/', ':'])
-        && !name.contains("..");
-    if !valid {
-        return Err(StoreError::InvalidName(name.to_string()));
-    }
-    let last = name.rsplit('/').next().unwrap_or(name);
-    Ok(if last.contains(':') {
-        name.to_string()
-    } else {
-        format!("{name}:latest")
-    })
 }
 
 impl ImageStore {
@@ -312,7 +297,7 @@ impl ImageStore {
             Some(reference) => index
                 .manifests()
                 .iter()
-                .find(|d| tag_of(d).as_deref() == Some(reference))
+                .find(|d| raw_tag_of(d).as_deref() == Some(reference))
                 .ok_or_else(|| {
                     StoreError::NotFound(format!("{reference} in {}", source.display()))
                 })?,
@@ -376,22 +361,19 @@ impl ImageStore {
         names.iter().map(|name| self.summary(name)).collect()
     }
 
-    /// The image `name` (`:latest` when untagged) or NotFound.
+    /// The image `name` (`:latest` when untagged) or NotFound; a name
+    /// with a digest must point at that manifest.
     pub fn summary(&self, name: &str) -> Result<ImageSummary, StoreError> {
-        let name = normalize_name(name)?;
+        let name = ImageName::parse(name)?;
         let index = self.read_index()?;
-        let descriptor = index
-            .manifests()
-            .iter()
-            .find(|d| tag_of(d).as_deref() == Some(name.as_str()))
-            .ok_or_else(|| StoreError::NotFound(name.clone()))?;
+        let descriptor = find(&index, &name)?;
         let digest = descriptor.digest().to_string();
         let manifest = self.manifest(&digest)?;
         let size = descriptor.size()
             + manifest.config().size()
             + manifest.layers().iter().map(|l| l.size()).sum::<u64>();
         Ok(ImageSummary {
-            name,
+            name: name.familiar(),
             manifest_digest: digest,
             size,
             layers: manifest.layers().len(),
@@ -404,9 +386,10 @@ impl ImageStore {
         name: &str,
         in_use: impl Fn(&str) -> Option<String>,
     ) -> Result<(), StoreError> {
-        let name = normalize_name(name)?;
+        let parsed = ImageName::parse(name)?;
+        let name = parsed.key();
         if let Some(user) = in_use(&name) {
-            return Err(StoreError::InUse(name, user));
+            return Err(StoreError::InUse(parsed.familiar(), user));
         }
         let _guard = self.index_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut index = self.read_index()?;
@@ -418,7 +401,7 @@ impl ImageStore {
             .cloned()
             .collect();
         if kept.len() == before {
-            return Err(StoreError::NotFound(name));
+            return Err(StoreError::NotFound(parsed.familiar()));
         }
         index.set_manifests(kept);
         self.write_index(&index)
@@ -522,12 +505,55 @@ impl ImageStore {
     }
 }
 
+/// The store key a manifest is tagged with (a tag written by an older
+/// Capsa, such as `busybox:latest`, reads as its key).
 fn tag_of(descriptor: &Descriptor) -> Option<String> {
+    let tag = raw_tag_of(descriptor)?;
+    Some(normalize_name(&tag).unwrap_or(tag))
+}
+
+/// The ref-name annotation as written (in a layout being imported, often
+/// a bare tag such as `latest`).
+fn raw_tag_of(descriptor: &Descriptor) -> Option<String> {
     descriptor
         .annotations()
         .as_ref()
         .and_then(|a: &HashMap<String, String>| a.get(REF_NAME))
         .cloned()
+}
+
+/// The manifest `name` is: its tag's, which must be the pinned digest if
+/// the name has one; a name with a digest only finds any tag of the
+/// repository at that digest.
+fn find<'a>(index: &'a ImageIndex, name: &ImageName) -> Result<&'a Descriptor, StoreError> {
+    let key = name.key();
+    let not_found = || StoreError::NotFound(name.familiar());
+    let tagged = index
+        .manifests()
+        .iter()
+        .find(|d| tag_of(d).as_deref() == Some(key.as_str()));
+    let Some(digest) = name.digest() else {
+        return tagged.ok_or_else(not_found);
+    };
+    let at_digest = |d: &&Descriptor| d.digest().to_string() == digest;
+    match tagged {
+        // A key with the digest in it was pulled by that digest (which
+        // may be an index's).
+        Some(d) if at_digest(&d) || key.contains('@') => Ok(d),
+        Some(_) => Err(StoreError::NotFound(format!(
+            "{} at {digest} (the tag points at another manifest)",
+            name.familiar()
+        ))),
+        None => {
+            let repository = format!("{}:", name.repository_key());
+            index
+                .manifests()
+                .iter()
+                .filter(|d| tag_of(d).is_some_and(|t| t.starts_with(&repository)))
+                .find(at_digest)
+                .ok_or_else(not_found)
+        }
+    }
 }
 
 fn empty_index() -> Result<ImageIndex, StoreError> {

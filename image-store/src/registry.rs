@@ -10,77 +10,12 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
 pub use crate::Progress;
-use crate::{invalid, ImageStore, ImageSummary, StoreError};
+use crate::{invalid, ImageName, ImageStore, ImageSummary, StoreError};
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
      application/vnd.oci.image.manifest.v1+json, \
      application/vnd.docker.distribution.manifest.list.v2+json, \
      application/vnd.docker.distribution.manifest.v2+json";
-
-/// `[registry/]repository[:tag|@digest]`, Docker's way: no registry means
-/// Docker Hub, and a one-part name there is under `library/`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reference {
-    pub registry: String,
-    pub repository: String,
-    pub reference: String,
-}
-
-impl Reference {
-    pub fn parse(text: &str) -> Result<Self, StoreError> {
-        let bad = || StoreError::InvalidName(text.to_string());
-        if text.is_empty() || text.starts_with(['/', ':', '@']) {
-            return Err(bad());
-        }
-        let (rest, reference) = match text.split_once('@') {
-            Some((rest, digest)) => (rest, digest.to_string()),
-            None => {
-                let last = text.rsplit('/').next().unwrap_or(text);
-                match last.split_once(':') {
-                    Some((_, tag)) => (&text[..text.len() - tag.len() - 1], tag.to_string()),
-                    None => (text, "latest".to_string()),
-                }
-            }
-        };
-        let (registry, repository) = match rest.split_once('/') {
-            Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
-                (first.to_string(), path.to_string())
-            }
-            _ => ("registry-1.docker.io".to_string(), rest.to_string()),
-        };
-        let repository = if registry == "registry-1.docker.io" && !repository.contains('/') {
-            format!("library/{repository}")
-        } else {
-            repository
-        };
-        let valid = !repository.is_empty()
-            && repository
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
-            && !reference.is_empty()
-            && reference
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
-        if !valid {
-            return Err(bad());
-        }
-        Ok(Reference {
-            registry,
-            repository,
-            reference,
-        })
-    }
-
-    fn is_loopback(&self) -> bool {
-        let host = self
-            .registry
-            .rsplit_once(':')
-            .map_or(self.registry.as_str(), |(h, _)| h);
-        matches!(host, "localhost" | "127.0.0.1" | "[::1]")
-    }
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct PullOptions {
@@ -88,12 +23,15 @@ pub struct PullOptions {
     pub credentials: Option<(String, String)>,
     /// Plain HTTP (always for localhost and 127.0.0.1).
     pub insecure: bool,
+    /// Docker Hub mirrors (`http://host:port` or `https://host`), asked in
+    /// order before Docker Hub itself, as docker's `registry-mirrors`.
+    pub mirrors: Vec<String>,
 }
 
 struct Session<'a> {
     agent: ureq::Agent,
     base: String,
-    reference: &'a Reference,
+    name: &'a ImageName,
     options: &'a PullOptions,
     token: Option<String>,
 }
@@ -125,10 +63,9 @@ impl Session<'_> {
                 }
                 Err(ureq::Error::Status(404, _)) => {
                     return Err(StoreError::NotFound(format!(
-                        "{}/{}:{} ({path})",
-                        self.reference.registry,
-                        self.reference.repository,
-                        self.reference.reference
+                        "{} ({}{path})",
+                        self.name.familiar(),
+                        self.base
                     )))
                 }
                 Err(ureq::Error::Status(code, response)) => {
@@ -180,7 +117,7 @@ impl Session<'_> {
         if !query.iter().any(|(k, _)| k == "scope") {
             query.push((
                 "scope".into(),
-                format!("repository:{}:pull", self.reference.repository),
+                format!("repository:{}:pull", self.name.repository()),
             ));
         }
         let realm =
@@ -205,7 +142,7 @@ impl Session<'_> {
     }
 
     fn manifest(&mut self, reference: &str) -> Result<(Vec<u8>, String), StoreError> {
-        let path = format!("/v2/{}/manifests/{reference}", self.reference.repository);
+        let path = format!("/v2/{}/manifests/{reference}", self.name.repository());
         let response = self.get(&path, Some(MANIFEST_TYPES))?;
         let media_type = response.content_type().to_string();
         let mut bytes = Vec::new();
@@ -238,6 +175,53 @@ fn split_params(text: &str) -> Vec<String> {
 }
 
 impl ImageStore {
+    /// The first endpoint that has `name`'s manifest: the mirrors in order
+    /// for Docker Hub names, then the name's own registry. Every endpoint's
+    /// refusal is in the error when none has it.
+    fn find_manifest<'a>(
+        &self,
+        name: &'a ImageName,
+        options: &'a PullOptions,
+    ) -> Result<(Session<'a>, (Vec<u8>, String)), StoreError> {
+        let scheme = if options.insecure || name.is_loopback() {
+            "http"
+        } else {
+            "https"
+        };
+        let mut endpoints: Vec<String> = Vec::new();
+        if name.is_docker_hub() {
+            endpoints.extend(
+                options
+                    .mirrors
+                    .iter()
+                    .map(|m| m.trim_end_matches('/').to_string()),
+            );
+        }
+        endpoints.push(format!("{scheme}://{}", name.registry_host()));
+        let mut refusals = Vec::new();
+        let last = endpoints.len() - 1;
+        for (i, base) in endpoints.into_iter().enumerate() {
+            let mut session = Session {
+                agent: ureq::AgentBuilder::new()
+                    .timeout_connect(std::time::Duration::from_secs(30))
+                    .build(),
+                base,
+                name,
+                options,
+                token: None,
+            };
+            match session.manifest(name.remote_reference()) {
+                Ok(found) => return Ok((session, found)),
+                Err(e) if i == last && refusals.is_empty() => return Err(e),
+                Err(e) => refusals.push(format!("{}: {e}", session.base)),
+            }
+        }
+        Err(failed(
+            format!("pulling {}", name.familiar()),
+            refusals.join("; "),
+        ))
+    }
+
     /// Pulls `reference` from its registry and tags it `name` (the
     /// reference itself by default).
     pub fn pull(
@@ -247,23 +231,18 @@ impl ImageStore {
         options: &PullOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ImageSummary, StoreError> {
-        let parsed = Reference::parse(reference)?;
-        let scheme = if options.insecure || parsed.is_loopback() {
-            "http"
-        } else {
-            "https"
-        };
-        let mut session = Session {
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(std::time::Duration::from_secs(30))
-                .build(),
-            base: format!("{scheme}://{}", parsed.registry),
-            reference: &parsed,
-            options,
-            token: None,
-        };
-        let (mut bytes, media_type) = session.manifest(&parsed.reference)?;
+        let parsed = ImageName::parse(reference)?;
+        let (mut session, (mut bytes, media_type)) = self.find_manifest(&parsed, options)?;
         if media_type.contains("index") || media_type.contains("manifest.list") {
+            if let Some(pinned) = parsed.digest() {
+                let actual = capsa_layers::Digest::of(&bytes);
+                if actual.to_string() != pinned {
+                    return Err(StoreError::DigestMismatch {
+                        expected: pinned.to_string(),
+                        actual,
+                    });
+                }
+            }
             let index: serde_json::Value =
                 serde_json::from_slice(&bytes).map_err(|e| failed("image index", e))?;
             let chosen = index["manifests"]
@@ -280,10 +259,7 @@ impl ImageStore {
             let (digest, _) = self.put_blob(bytes.as_slice(), Some(&chosen))?;
             progress(Progress::Manifest { digest });
         } else {
-            let expected = parsed
-                .reference
-                .starts_with("sha256:")
-                .then_some(parsed.reference.as_str());
+            let expected = parsed.digest();
             let (digest, _) = self.put_blob(bytes.as_slice(), expected)?;
             progress(Progress::Manifest { digest });
         }
@@ -305,7 +281,7 @@ impl ImageStore {
                 continue;
             }
             let response =
-                session.get(&format!("/v2/{}/blobs/{digest}", parsed.repository), None)?;
+                session.get(&format!("/v2/{}/blobs/{digest}", parsed.repository()), None)?;
             self.put_blob(response.into_reader(), Some(digest))?;
             progress(Progress::Blob {
                 digest: digest.to_string(),
@@ -316,13 +292,7 @@ impl ImageStore {
         let manifest_digest = capsa_layers::Digest::of(&bytes).to_string();
         let name = match name {
             Some(name) => crate::normalize_name(name)?,
-            None => {
-                let full = format!(
-                    "{}/{}:{}",
-                    parsed.registry, parsed.repository, parsed.reference
-                );
-                crate::normalize_name(&full.replace('@', ":"))?
-            }
+            None => parsed.key(),
         };
         let digest_value = manifest_digest
             .parse::<oci_spec::image::Digest>()
@@ -340,35 +310,6 @@ impl ImageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn references_follow_dockers_rules() {
-        let r = Reference::parse("busybox").unwrap();
-        assert_eq!(
-            (
-                r.registry.as_str(),
-                r.repository.as_str(),
-                r.reference.as_str()
-            ),
-            ("registry-1.docker.io", "library/busybox", "latest")
-        );
-        let r = Reference::parse("127.0.0.1:5000/team/app:v2").unwrap();
-        assert_eq!(
-            (
-                r.registry.as_str(),
-                r.repository.as_str(),
-                r.reference.as_str()
-            ),
-            ("127.0.0.1:5000", "team/app", "v2")
-        );
-        assert!(r.is_loopback());
-        let digest = format!("sha256:{}", "a".repeat(64));
-        let r = Reference::parse(&format!("ghcr.io/o/i@{digest}")).unwrap();
-        assert_eq!(r.reference, digest);
-        for bad in ["", "UPPER/case", "a b", "x:"] {
-            assert!(Reference::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn challenges_split_outside_quotes() {

@@ -411,3 +411,74 @@ fn an_unreachable_registry_is_a_clear_error() {
         "{error}"
     );
 }
+
+#[test]
+fn docker_hub_names_pull_from_the_mirrors_in_order_and_digests_pin() {
+    let registry = start_registry();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    common::oci_layout(&layout, "latest", b"mirrored");
+    push(
+        &layout,
+        "latest",
+        &format!("{}/library/busybox:latest", registry.address),
+    );
+    let store = ImageStore::open(&dir.path().join("store")).unwrap();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let options = PullOptions {
+        mirrors: vec![dead.clone(), format!("http://{}/", registry.address)],
+        ..PullOptions::default()
+    };
+    // `busybox` is docker.io/library/busybox:latest: the dead mirror is
+    // passed over, the live one serves it.
+    let summary = store.pull("busybox", None, &options, &mut |_| {}).unwrap();
+    assert_eq!(summary.name, "busybox:latest");
+    for name in [
+        "busybox",
+        "busybox:latest",
+        "docker.io/library/busybox",
+        "index.docker.io/library/busybox:latest",
+    ] {
+        assert_eq!(store.summary(name).unwrap(), summary, "{name}");
+    }
+    let digest = summary.manifest_digest.clone();
+    assert_eq!(
+        store
+            .summary(&format!("busybox:latest@{digest}"))
+            .unwrap()
+            .manifest_digest,
+        digest
+    );
+    assert_eq!(
+        store
+            .summary(&format!("busybox@{digest}"))
+            .unwrap()
+            .manifest_digest,
+        digest
+    );
+    let other = format!("sha256:{}", "0".repeat(64));
+    assert!(matches!(
+        store.summary(&format!("busybox:latest@{other}")),
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Pinned by digest, under a name of its own.
+    let pinned = store
+        .pull(&format!("busybox@{digest}"), None, &options, &mut |_| {})
+        .unwrap();
+    assert_eq!(pinned.name, format!("busybox@{digest}"));
+    let wrong = store
+        .pull(&format!("busybox@{other}"), None, &options, &mut |_| {})
+        .unwrap_err();
+    assert!(!wrong.to_string().contains("Error {"), "{wrong}");
+
+    // No mirror has it: every refusal is in the one error.
+    let missing = store
+        .pull("nothere", None, &options, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains(&dead) && missing.contains(&registry.address),
+        "{missing}"
+    );
+}

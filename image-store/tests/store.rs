@@ -17,12 +17,18 @@ fn store() -> (tempfile::TempDir, ImageStore) {
 
 #[test]
 fn names_get_latest_and_bad_names_are_refused() {
-    assert_eq!(normalize_name("busybox").unwrap(), "busybox:latest");
+    assert_eq!(
+        normalize_name("busybox").unwrap(),
+        "docker.io/library/busybox:latest"
+    );
     assert_eq!(
         normalize_name("reg.local:5000/app").unwrap(),
         "reg.local:5000/app:latest"
     );
-    assert_eq!(normalize_name("app:1.2").unwrap(), "app:1.2");
+    assert_eq!(
+        normalize_name("app:1.2").unwrap(),
+        "docker.io/library/app:1.2"
+    );
     for bad in ["", "../x", "a b", "-x", "a/../b"] {
         assert!(normalize_name(bad).is_err(), "{bad:?}");
     }
@@ -52,12 +58,12 @@ fn imports_an_oci_layout_and_the_store_is_itself_one() {
     assert_eq!(summary.manifest_digest, manifest);
     assert_eq!(summary.layers, 1);
     assert_eq!(store.list().unwrap(), vec![summary.clone()]);
-    // Another layout reader finds it by its tag.
+    // Another layout reader finds it by its full name.
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(store.layout().join("index.json")).unwrap()).unwrap();
     assert_eq!(
         index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
-        "busybox:latest"
+        "docker.io/library/busybox:latest"
     );
     // Importing again under another name stores no blob twice.
     let blobs = fs::read_dir(store.layout().join("blobs/sha256"))

@@ -141,6 +141,16 @@ impl Payload {
                 .arg(dir.join("debian-oci"))
                 .status()?;
             ensure!(copied.success(), "copying the Debian image");
+            // A Docker Hub mirror's storage holding busybox, for the
+            // suite's registry on loopback.
+            script(
+                &root,
+                "scripts/registry-data.sh",
+                &[
+                    path(&dir.join("busybox-oci"))?,
+                    path(&dir.join("registry-data"))?,
+                ],
+            )?;
         }
         // An empty ext4 disk for the agent suite's block volume.
         let disk = dir.join("data.img");
@@ -176,8 +186,13 @@ impl Payload {
             // Programs that re-execute themselves (containerd's shims,
             // runc) cannot run behind that wrapper: they and their
             // libraries are installed where the loader looks (NESTED_SETUP).
+            let registry = if args.wants_suite("images") {
+                " docker-registry"
+            } else {
+                ""
+            };
             let native = format!(
-                ". {}/scripts/lib.sh && native_programs {} containerd ctr containerd-shim-runc-v2 runc crun script",
+                ". {}/scripts/lib.sh && native_programs {} containerd ctr containerd-shim-runc-v2 runc crun script{registry}",
                 root.display(),
                 dir.display()
             );

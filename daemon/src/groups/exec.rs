@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use capsa_api::exec::ExecRequest;
 use capsa_api::{ApiError, ContainerStatus, ErrorCode};
-use capsa_guest_client::{Guest, OciImage, Streams};
+use capsa_guest_client::{Guest, Streams};
 use capsa_protocol::stdio::StreamKind;
 
 use super::{oci, Daemon};
@@ -51,8 +51,7 @@ impl Daemon {
         if request.command.is_empty() {
             return Err(error(ErrorCode::InvalidRequest, "exec needs a command"));
         }
-        let image = OciImage::open(self.images.layout(), Some(&oci::normalized(&spec.image)))
-            .map_err(internal)?;
+        let image = self.open_image(&spec.image)?;
         let mut process = oci::spec_for(&image, spec, name)
             .map_err(internal)?
             .process()

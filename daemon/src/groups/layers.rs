@@ -5,13 +5,11 @@
 
 use std::collections::HashSet;
 
-use capsa_api::ContainerSpec;
 use capsa_guest_client::OciImage;
 use capsa_image_store::layer_images::{LayerImages, LayerSource};
 use capsa_layers::{chain_id, Compression, Digest, LayerSpec};
 use capsa_vmm_config::DiskConfig;
 
-use super::oci;
 use crate::errors::{internal, store_error};
 use capsa_api::ApiError;
 
@@ -57,35 +55,55 @@ pub fn serials(image: &OciImage) -> Result<Vec<String>, ApiError> {
         .collect())
 }
 
-/// Every layer disk the containers need, each once, converting what is
-/// not cached yet (each layer's outcome goes to `report`).
+/// The image's layers as disk images, base first, converting what is not
+/// cached yet (each layer's outcome goes to `report`). `skip` holds the
+/// chains already served, which are left out (and get added).
+fn convert(
+    images: &LayerImages,
+    image: &OciImage,
+    skip: &mut HashSet<Digest>,
+    report: &mut dyn FnMut(String),
+) -> Result<Vec<DiskConfig>, ApiError> {
+    let sources: Vec<LayerSource> = sources(image)?
+        .into_iter()
+        .filter(|s| skip.insert(s.spec.chain_id()))
+        .collect();
+    let paths = images
+        .ensure(&sources, &mut |event| report(event.to_string()))
+        .map_err(store_error)?;
+    Ok(sources
+        .iter()
+        .zip(paths)
+        .map(|(source, path)| DiskConfig {
+            path,
+            read_only: true,
+            id: Some(serial(&source.spec.chain_id())),
+        })
+        .collect())
+}
+
+/// Converts every layer of `image` not cached yet: what import and pull
+/// do, so that a first start finds its disks ready.
+pub fn prepare(
+    images: &LayerImages,
+    image: &OciImage,
+    report: &mut dyn FnMut(String),
+) -> Result<(), ApiError> {
+    convert(images, image, &mut HashSet::new(), report).map(drop)
+}
+
+/// Every layer disk the containers (name, image) need, each once.
 pub fn disks(
     images: &LayerImages,
-    layout: &std::path::Path,
-    containers: &[ContainerSpec],
+    containers: &[(String, OciImage)],
     report: &mut dyn FnMut(String),
 ) -> Result<Vec<DiskConfig>, ApiError> {
     let mut seen = HashSet::new();
     let mut disks = Vec::new();
-    for container in containers {
-        let image =
-            OciImage::open(layout, Some(&oci::normalized(&container.image))).map_err(internal)?;
-        let sources: Vec<LayerSource> = sources(&image)?
-            .into_iter()
-            .filter(|s| seen.insert(s.spec.chain_id()))
-            .collect();
-        let paths = images
-            .ensure(&sources, &mut |event| {
-                report(format!("container {}: {event}", container.name))
-            })
-            .map_err(store_error)?;
-        for (source, path) in sources.iter().zip(paths) {
-            disks.push(DiskConfig {
-                path,
-                read_only: true,
-                id: Some(serial(&source.spec.chain_id())),
-            });
-        }
+    for (name, image) in containers {
+        disks.extend(convert(images, image, &mut seen, &mut |event| {
+            report(format!("container {name}: {event}"))
+        })?);
     }
     Ok(disks)
 }

@@ -15,7 +15,7 @@
 mod adopt;
 mod exec;
 mod group;
-mod layers;
+pub mod layers;
 pub mod lifecycle;
 mod oci;
 mod restart;
@@ -37,7 +37,7 @@ use capsa_image_store::ImageStore;
 use capsa_network::Network;
 use capsa_volumes::VolumeStore;
 
-use crate::errors::{conflict, error, internal, no_container, no_group};
+use crate::errors::{conflict, error, internal, no_container, no_group, store_error};
 use crate::state::{self, GroupPaths, GroupRecord};
 use capsa_vm_process::VmConfig;
 pub use exec::Exec;
@@ -63,6 +63,8 @@ pub struct Daemon {
     groups: Mutex<BTreeMap<String, Arc<Group>>>,
     next_exec: std::sync::atomic::AtomicU64,
     events: tokio::sync::broadcast::Sender<Event>,
+    /// Docker Hub mirrors pulls ask first (capsad --registry-mirror).
+    pub registry_mirrors: Vec<String>,
 }
 
 impl Daemon {
@@ -73,6 +75,7 @@ impl Daemon {
         vm: VmConfig,
         network: Option<Network>,
         volumes: VolumeStore,
+        registry_mirrors: Vec<String>,
     ) -> Arc<Self> {
         Arc::new(Daemon {
             root,
@@ -86,6 +89,7 @@ impl Daemon {
             groups: Mutex::new(BTreeMap::new()),
             next_exec: std::sync::atomic::AtomicU64::new(1),
             events: tokio::sync::broadcast::channel(1024).0,
+            registry_mirrors,
         })
     }
 
@@ -172,6 +176,13 @@ impl Daemon {
         Ok(self.group(name)?.snapshot().view())
     }
 
+    /// The image the store knows as `name`.
+    pub fn open_image(&self, name: &str) -> Result<capsa_guest_client::OciImage, ApiError> {
+        let summary = self.images.summary(name).map_err(store_error)?;
+        capsa_guest_client::OciImage::open_manifest(self.images.layout(), &summary.manifest_digest)
+            .map_err(internal)
+    }
+
     /// Who uses image `name`, if any group does.
     pub fn image_user(&self, name: &str) -> Option<String> {
         self.all_groups().iter().find_map(|group| {
@@ -209,7 +220,7 @@ impl Daemon {
         if !missing.is_empty() {
             return Err(ApiError {
                 code: ErrorCode::ImageNotFound,
-                message: "the spec names images the store does not have (capsa image import)"
+                message: "the spec names images the store does not have (capsa image pull or capsa image import)"
                     .into(),
                 details: missing,
             });

@@ -15,11 +15,6 @@ use oci_spec::runtime::{
 /// CFS period the CPU limit is a quota of.
 const CPU_PERIOD_USEC: u64 = 100_000;
 
-/// The name the image store knows `image` by.
-pub fn normalized(image: &str) -> String {
-    capsa_image_store::normalize_name(image).unwrap_or_else(|_| image.to_string())
-}
-
 /// The process's argv, as Kubernetes combines them: the spec's `command`
 /// replaces the image's entrypoint and drops its cmd, and `args` replace
 /// the cmd. So: neither given runs entrypoint + cmd; args alone run

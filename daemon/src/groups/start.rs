@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use capsa_api::{ApiError, ContainerSpec, GroupSpec, GroupStatus, GroupView};
-use capsa_guest_client::{Guest, OciImage, Streams};
+use capsa_guest_client::{Guest, Streams};
 use capsa_protocol::stdio::StreamKind;
 use capsa_vm_process::{self as vm, sandbox, VmSpec};
 use capsa_vmm_config::DiskConfig;
@@ -38,12 +38,14 @@ impl Daemon {
         let group = self.group(name)?;
         // Before the start lock: a first conversion of a big image must
         // not hold other groups' starts back.
-        let layer_disks = layers::disks(
-            &self.layer_images,
-            self.images.layout(),
-            &group.snapshot().spec.containers,
-            report,
-        )?;
+        let images = group
+            .snapshot()
+            .spec
+            .containers
+            .iter()
+            .map(|c| Ok((c.name.clone(), self.open_image(&c.image)?)))
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let layer_disks = layers::disks(&self.layer_images, &images, report)?;
         let starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let record = group.snapshot();
         if record.status == GroupStatus::Running {
@@ -59,20 +61,23 @@ impl Daemon {
             .map(|r| r.spec)
             .collect();
         let volumes = crate::volumes::plan(&self.volumes, &record.spec, &running)?;
+        let mut disks = volumes.disks.clone();
         // Made afresh at each boot: nothing the guest wrote before is read.
         let scratch = group.paths.scratch();
-        capsa_volumes::make_ext4(
-            &format!("scratch disk of {name}"),
-            &scratch,
-            record.spec.scratch_mib(),
-        )
-        .map_err(internal)?;
-        let mut disks = volumes.disks.clone();
-        disks.push(DiskConfig {
-            path: scratch,
-            read_only: false,
-            id: Some(SCRATCH_SERIAL.to_string()),
-        });
+        let _ = std::fs::remove_file(&scratch);
+        if record.spec.scratch_mib() > 0 {
+            capsa_volumes::make_ext4(
+                &format!("scratch disk of {name}"),
+                &scratch,
+                record.spec.scratch_mib(),
+            )
+            .map_err(internal)?;
+            disks.push(DiskConfig {
+                path: scratch,
+                read_only: false,
+                id: Some(SCRATCH_SERIAL.to_string()),
+            });
+        }
         disks.extend(layer_disks);
         if disks.len() > MAX_DISKS {
             return Err(invalid(format!(
@@ -183,7 +188,11 @@ impl Daemon {
     ) -> capsa_protocol::agent::SetupSandboxRequest {
         let mut sandbox = capsa_protocol::agent::SetupSandboxRequest {
             hostname: record.spec.name.clone(),
-            scratch_disk: SCRATCH_SERIAL.to_string(),
+            scratch_disk: if record.spec.scratch_mib() > 0 {
+                SCRATCH_SERIAL.to_string()
+            } else {
+                String::new()
+            },
             time_unix_ns: (now_ms() as i64) * 1_000_000,
             volumes,
             ..Default::default()
@@ -222,11 +231,7 @@ impl Daemon {
         let console = group.paths.console();
         let console = console.as_path();
         let failed = |what: String| move |e| guest_failed(console, &what, e);
-        let image = OciImage::open(
-            self.images.layout(),
-            Some(&oci::normalized(&container.image)),
-        )
-        .map_err(internal)?;
+        let image = self.open_image(&container.image)?;
         let disks = layers::serials(&image)?;
         let spec = oci::spec_for(&image, container, &group.name()).map_err(internal)?;
         guest

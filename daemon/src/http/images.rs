@@ -67,9 +67,40 @@ pub(super) async fn import_image(
                 ),
             ))
         }?;
-        Ok(view_of(summary))
+        prepared(&daemon, summary, report)
     })
     .await
+}
+
+/// The imported or pulled image with its layers converted to disk images
+/// (reported), so that no start converts them. An image that cannot be
+/// converted cannot run: its tag is removed again, with the reason.
+fn prepared(
+    daemon: &Daemon,
+    summary: capsa_image_store::ImageSummary,
+    report: &mut dyn FnMut(String),
+) -> Result<ImageView, capsa_api::ApiError> {
+    let converted = daemon.open_image(&summary.name).and_then(|image| {
+        crate::groups::layers::prepare(&daemon.layer_images, &image, &mut |event| report(event))
+    });
+    if let Err(e) = converted {
+        let untagged = daemon.images.remove(&summary.name, |_| None);
+        let _ = daemon.images.garbage_collect();
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            format!(
+                "image {} cannot be run, so it was {}: {}",
+                summary.name,
+                if untagged.is_ok() {
+                    "not kept"
+                } else {
+                    "kept, but unusable"
+                },
+                e.message
+            ),
+        ));
+    }
+    Ok(view_of(summary))
 }
 
 pub(super) async fn pull_image(
@@ -81,6 +112,7 @@ pub(super) async fn pull_image(
         let options = capsa_image_store::registry::PullOptions {
             credentials: request.username.clone().zip(request.password.clone()),
             insecure: request.insecure,
+            mirrors: daemon.registry_mirrors.clone(),
         };
         match daemon.images.pull(
             &request.reference,
@@ -88,7 +120,7 @@ pub(super) async fn pull_image(
             &options,
             &mut |p| report(p.to_string()),
         ) {
-            Ok(summary) => Ok(view_of(summary)),
+            Ok(summary) => prepared(&daemon, summary, report),
             Err(capsa_image_store::StoreError::NotFound(what)) => Err(error(
                 ErrorCode::ImageNotFound,
                 format!("the registry has no {what}"),

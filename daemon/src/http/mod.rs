@@ -190,6 +190,7 @@ mod tests {
             },
             None,
             capsa_volumes::VolumeStore::open(&dir.join("volumes")).unwrap(),
+            Vec::new(),
         )
     }
 

@@ -73,6 +73,8 @@ pub struct Capsad<'a> {
     child: Option<Child>,
     /// The events seen by every daemon of the suite, in order.
     pub events: Arc<Mutex<Vec<Event>>>,
+    /// More capsad arguments, for the suites' own settings.
+    pub daemon_args: Vec<std::ffi::OsString>,
 }
 
 impl<'a> Capsad<'a> {
@@ -90,6 +92,7 @@ impl<'a> Capsad<'a> {
             work,
             child: None,
             events: Arc::default(),
+            daemon_args: Vec::new(),
         })
     }
 
@@ -103,7 +106,7 @@ impl<'a> Capsad<'a> {
             .create(true)
             .append(true)
             .open(self.work.join("capsad.log"))?;
-        let args: Vec<std::ffi::OsString> = vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "--root".into(),
             self.work.join("root").into(),
             "--socket".into(),
@@ -115,6 +118,7 @@ impl<'a> Capsad<'a> {
             "--vmm".into(),
             self.artifacts.vmm().into(),
         ];
+        args.extend(self.daemon_args.iter().cloned());
         // ip execs capsad: the child is capsad itself.
         let child = self
             .artifacts

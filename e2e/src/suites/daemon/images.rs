@@ -1,22 +1,77 @@
 //! The `images` suite: a real-size image (Debian bookworm minbase with
-//! python3, built by scripts/debian-image.sh) through capsad: it runs at
-//! the default VM size, its layer is converted into a disk image once and
-//! then served from the cache, two groups read the same host file, a
-//! damaged cache entry is noticed and converted again by a restarted
-//! daemon, and `run --rm` leaves no scratch disk.
+//! python3, built by scripts/debian-image.sh) through capsad: its layer is
+//! converted into a disk image once, at import, and then served from the
+//! cache; it runs at the default VM size; two groups read the same host
+//! file; a damaged cache entry is noticed and converted again by a
+//! restarted daemon; `run --rm` leaves no scratch disk; a group without a
+//! scratch disk writes to memory. And names as docker users type them:
+//! `busybox` pulled from a Docker Hub mirror on loopback (Debian's
+//! docker-registry, filled by scripts/registry-data.sh), then run.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use capsa_api::GroupView;
+use anyhow::{bail, ensure, Context, Result};
+use capsa_api::{GroupView, ImageView, ImportRequest};
 use hyper::Method;
 
-use super::harness::Capsad;
+use super::harness::{Capsad, NETNS};
 use crate::suite::Suite;
 
 const IMAGE: &str = "debian";
+/// The Docker Hub mirror, in capsad's network namespace.
+const MIRROR: &str = "127.0.0.1:5000";
+
+/// Debian's docker-registry serving the payload's registry-data; stopped
+/// when dropped.
+struct Registry(Child);
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_registry(d: &Capsad) -> Result<Registry> {
+    let config = d.work.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {MIRROR}\n",
+            d.artifacts.path("registry-data").display()
+        ),
+    )?;
+    let registry = d.artifacts.tool("docker-registry");
+    let child = d
+        .artifacts
+        .command_in(Some(NETNS), &registry, &["serve".into(), config.into()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", registry.display()))?;
+    let registry = Registry(child);
+    // Up when its port answers, seen from the namespace.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut probe = d.artifacts.command_in(
+            Some(NETNS),
+            &d.artifacts.tool("curl"),
+            &["-sf".into(), format!("http://{MIRROR}/v2/").into()],
+        );
+        if probe.output().is_ok_and(|o| o.status.success()) {
+            return Ok(registry);
+        }
+        if Instant::now() > deadline {
+            bail!("docker-registry did not answer on {MIRROR} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
 
 /// Starts a one-container group of the Debian image running `command`;
 /// returns the start's progress lines.
@@ -68,37 +123,48 @@ fn says(progress: &[String], what: &str) -> bool {
 }
 
 pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
+    let _registry = start_registry(d)?;
+    d.daemon_args = vec![
+        "--registry-mirror".into(),
+        format!("http://{MIRROR}").into(),
+    ];
     d.start()?;
     let layout = d.artifacts.path("debian-oci");
-    let import = d.capsa(&[
-        "image",
-        "import",
-        &layout.to_string_lossy(),
-        "--name",
-        IMAGE,
-    ])?;
-    ensure!(import.code == Some(0), "import: {}", import.describe());
-    let mut first = Vec::new();
+    let request = ImportRequest {
+        path: layout.to_string_lossy().into_owned(),
+        name: Some(IMAGE.into()),
+    };
+    let mut imported = Vec::new();
+    let _: ImageView = d.client()?.call_with_progress(
+        Method::POST,
+        "/v1/images/import",
+        Some(serde_json::to_string(&request)?),
+        |line| imported.push(line.to_string()),
+    )?;
     s.check(
-        "python3 -c 'print(6*7)' prints 42 at the default VM size",
+        "its layer is converted into a disk image at import, with progress",
         || {
-            first = start(d, "py", &["python3", "-c", "print(6*7)"])?;
-            let exit = d.wait("py", "main")?;
-            let lines: Vec<String> = d.logs("py", "main")?.into_iter().map(|l| l.line).collect();
-            remove(d, "py")?;
-            ensure!(exit.exit_code == 0 && lines == ["42"], "{exit:?} {lines:?}");
-            Ok(format!("256 MiB; {}", first.join("; ")))
-        },
-    );
-    s.check(
-        "its layer was converted into a disk image at that first start",
-        || {
-            ensure!(says(&first, "converted to a disk image"), "{first:?}");
-            Ok(first
+            ensure!(says(&imported, "converted to a disk image"), "{imported:?}");
+            Ok(imported
                 .iter()
                 .find(|p| p.contains("converted"))
                 .cloned()
                 .unwrap_or_default())
+        },
+    );
+    s.check(
+        "python3 -c 'print(6*7)' prints 42 at the default VM size, converting nothing",
+        || {
+            let first = start(d, "py", &["python3", "-c", "print(6*7)"])?;
+            let exit = d.wait("py", "main")?;
+            let lines: Vec<String> = d.logs("py", "main")?.into_iter().map(|l| l.line).collect();
+            remove(d, "py")?;
+            ensure!(exit.exit_code == 0 && lines == ["42"], "{exit:?} {lines:?}");
+            ensure!(
+                says(&first, "disk image cached") && !says(&first, "converted"),
+                "{first:?}"
+            );
+            Ok(format!("256 MiB; {}", first.join("; ")))
         },
     );
     s.check(
@@ -149,10 +215,83 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         },
     );
     s.check(
+        "a group with scratchMib 0 has no scratch disk and writes its layer to memory",
+        || {
+            let spec = serde_json::json!({"name": "mem", "scratchMib": 0, "containers": [
+                {"name": "main", "image": IMAGE,
+                 "command": ["sh", "-c", "echo data > /written && cat /written && sleep 30"]}]});
+            let client = d.client()?;
+            let _: GroupView = client.call(Method::POST, "/v1/groups", Some(spec.to_string()))?;
+            let _: GroupView = client.call(Method::POST, "/v1/groups/mem/start", None)?;
+            let result = (|| {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let lines = loop {
+                    let lines: Vec<String> =
+                        d.logs("mem", "main")?.into_iter().map(|l| l.line).collect();
+                    if !lines.is_empty() || Instant::now() > deadline {
+                        break lines;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                };
+                ensure!(lines == ["data"], "{lines:?}");
+                let scratch = d.root().join("root/groups/mem/scratch.img");
+                ensure!(!scratch.exists(), "{} exists", scratch.display());
+                Ok("wrote /written; no scratch.img".to_string())
+            })();
+            remove(d, "mem")?;
+            result
+        },
+    );
+    s.check(
+        "pull busybox, then run busybox: Docker Hub names from a mirror on loopback",
+        || {
+            let pulled = d.capsa(&["image", "pull", "busybox"])?;
+            ensure!(pulled.code == Some(0), "pull: {}", pulled.describe());
+            let images: Vec<ImageView> = d.client()?.call(Method::GET, "/v1/images", None)?;
+            ensure!(
+                images.iter().any(|i| i.name == "busybox:latest"),
+                "{images:?}"
+            );
+            d.capsa(&["run", "--rm", "busybox", "echo", "hi"])?
+                .exited_with(0, &["hi"])?;
+            Ok(format!(
+                "pulled {} via {MIRROR}, ran it",
+                pulled.stdout.trim()
+            ))
+        },
+    );
+    s.check(
+        "run pulls an image it does not have (--pull missing), and --pull never refuses",
+        || {
+            let removed = d.capsa(&["image", "rm", "busybox"])?;
+            ensure!(removed.code == Some(0), "rm: {}", removed.describe());
+            let never = d.capsa(&["run", "--rm", "--pull", "never", "busybox", "true"])?;
+            ensure!(
+                never.code != Some(0) && never.stderr.contains("no image"),
+                "--pull never: {}",
+                never.describe()
+            );
+            let run = d.capsa(&[
+                "run",
+                "--rm",
+                "docker.io/library/busybox:latest",
+                "echo",
+                "again",
+            ])?;
+            run.exited_with(0, &["again"])?;
+            ensure!(run.stderr.contains("pulling"), "{}", run.describe());
+            Ok(format!("--pull never: {}", never.stderr.trim()))
+        },
+    );
+    s.check(
         "a damaged cached disk image is noticed by a restarted daemon and converted again",
         || {
+            // The Debian layer's: the biggest (busybox's is there too).
             let images = layer_images(d)?;
-            let image: &Path = images.first().context("no layer image")?;
+            let image: &Path = images
+                .iter()
+                .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                .context("no layer image")?;
             let mut bytes = std::fs::read(image)?;
             let middle = bytes.len() / 2;
             bytes[middle] ^= 0x55;
