@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# Benchmark: `capsa run --rm busybox true` through a real capsad, next to
-# runc and crun running the same busybox rootfs (an OCI bundle from umoci),
-# N runs each; and a running group's memory on the host. Prints a table and
-# writes target/capsa/bench-containers.json. On a PVM host everything runs
-# inside the nested QEMU machine, peers included, so the figures compare.
+# Benchmark: `capsa run --rm IMAGE true` through a real capsad, for busybox
+# and for a real-size Debian image with python3 (scripts/debian-image.sh):
+# the import (with the layers' conversion to disk images), the first run
+# and cached runs, next to runc and crun running the same root filesystems
+# (OCI bundles from umoci), N runs each; and a running container's memory,
+# in the guest and on the host. Prints a table and writes
+# target/capsa/bench-containers.json. On a PVM host everything runs inside
+# the nested QEMU machine, peers included, so the figures compare.
 #
 #   scripts/bench-containers.sh [RUNS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/scripts/lib.sh"
-runs=${1:-20}
+runs=${1:-10}
 { read -r kernel; read -r initrd; } < <("$root/scripts/setup.sh")
-for p in runc crun; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >&2
-done
+need_packages runc crun umoci
 bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-daemon capsa-cli capsa-benches)
 payload=$(mktemp -d)
 trap 'rm -rf "$payload"' EXIT
@@ -22,9 +22,11 @@ cp "$bin/capsa-vmm" "$bin/capsad" "$bin/capsa" "$bin/capsa-bench" "$payload/"
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
 "$root/scripts/busybox-image.sh" "$payload/busybox-oci" > /dev/null
-umoci unpack --image "$payload/busybox-oci:latest" "$payload/bundle" > /dev/null
-# The bundle runs `true`, without a terminal.
-python3 - "$payload/bundle/config.json" <<'PY'
+cp -r "$("$root/scripts/debian-image.sh")" "$payload/debian-oci"
+for image in busybox debian; do
+    umoci unpack --image "$payload/$image-oci:latest" "$payload/$image-bundle" > /dev/null
+    # The bundle runs `true`, without a terminal.
+    python3 - "$payload/$image-bundle/config.json" <<'PY'
 import json, sys
 path = sys.argv[1]
 config = json.load(open(path))
@@ -32,6 +34,7 @@ config["process"]["args"] = ["/bin/true"]
 config["process"]["terminal"] = False
 json.dump(config, open(path, "w"))
 PY
+done
 nested=0
 "$root/scripts/kvm-is-pvm.sh" && nested=1
 dir=$payload runc=$(command -v runc) crun=$(command -v crun)
@@ -61,9 +64,9 @@ export CAPSA_SOCKET=$state/capsad.sock
     --vmm ./capsa-vmm > "$state/capsad.log" 2>&1 &
 daemon=$!
 for i in $(seq 100); do [ -S "$CAPSA_SOCKET" ] && break; sleep 0.1; done
-./capsa image import busybox-oci --name busybox > /dev/null
-./capsa-bench containers --runs "$runs" --capsa ./capsa --image busybox \
-    --peer "runc=$runc" --peer "crun=$crun" --bundle bundle $peer_args --json "$state/bench.json" 2>&1
+./capsa-bench containers --runs "$runs" --capsa ./capsa \
+    --image busybox,busybox-oci,busybox-bundle --image debian,debian-oci,debian-bundle \
+    --peer "runc=$runc" --peer "crun=$crun" $peer_args --json "$state/bench.json" 2>&1
 echo "=== JSON"
 cat "$state/bench.json"
 echo
@@ -77,7 +80,7 @@ if [ "$nested" = 1 ]; then
 else
     sh "$payload/run.sh" > "$log" 2>&1
 fi
-sed -n '/^starting a container/,/^a running group/p' "$log"
+sed -n '/^starting a container/,/^cached start/p' "$log"
 mkdir -p "$root/target/capsa"
 payload_json "$log" "$root/target/capsa/bench-containers.json"
 echo "results written to target/capsa/bench-containers.json"

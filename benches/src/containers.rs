@@ -1,8 +1,11 @@
-//! Starting a container: wall time of `capsa run --rm IMAGE true` (a group
-//! in a microVM of its own: boot, image, container, exit, delete) next to
-//! runc and crun running the same busybox rootfs from an OCI bundle; and a
-//! running group's memory on the host (its VMM's RSS and PSS, which hold
-//! the guest's memory too).
+//! Starting a container, per image: wall time of `capsa run --rm IMAGE
+//! true` (a group in a microVM of its own: boot, layer disks, container,
+//! exit, delete), the first time right after the import (which verifies
+//! the blobs and converts the layers to disk images, timed too) and then
+//! cached; next to runc and crun running the same root filesystem from an
+//! OCI bundle. And a running container's memory: the guest's own use
+//! (MemTotal - MemAvailable, read in the container) and its VMM's RSS and
+//! PSS on the host.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,21 +19,20 @@ use crate::stats::{print_wall_table, Summary, WallRow};
 
 #[derive(clap::Args)]
 pub struct ContainersArgs {
-    /// Runs per runtime.
+    /// Cached runs per image and runtime.
     #[arg(long, default_value_t = 20)]
     runs: usize,
     /// The capsa CLI (CAPSA_SOCKET names the daemon).
     #[arg(long)]
     capsa: PathBuf,
-    /// The image, already imported.
-    #[arg(long, default_value = "busybox")]
-    image: String,
-    /// Peers: NAME=PATH of an OCI runtime (runc, crun), run on --bundle.
+    /// NAME,LAYOUT,BUNDLE: an image to import from the OCI layout as NAME,
+    /// and the same root filesystem as an OCI bundle running `true` for
+    /// the peers. Repeatable.
+    #[arg(long = "image", value_parser = parse_image)]
+    images: Vec<Image>,
+    /// Peers: NAME=PATH of an OCI runtime (runc, crun), run on each bundle.
     #[arg(long = "peer")]
     peers: Vec<String>,
-    /// An OCI bundle whose process is `true`.
-    #[arg(long)]
-    bundle: Option<PathBuf>,
     /// More arguments for the peers' `run` (`--no-pivot` where the root
     /// is an initramfs, which pivot_root refuses).
     #[arg(long = "peer-run-arg", allow_hyphen_values = true)]
@@ -39,18 +41,47 @@ pub struct ContainersArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone)]
+struct Image {
+    name: String,
+    layout: PathBuf,
+    bundle: PathBuf,
+}
+
+fn parse_image(text: &str) -> Result<Image, String> {
+    match text.split(',').collect::<Vec<_>>().as_slice() {
+        [name, layout, bundle] => Ok(Image {
+            name: name.to_string(),
+            layout: layout.into(),
+            bundle: bundle.into(),
+        }),
+        _ => Err(format!("{text}: expected NAME,LAYOUT,BUNDLE")),
+    }
+}
+
 #[derive(Serialize)]
 struct Memory {
+    guest_used_kib: u64,
+    guest_total_kib: u64,
     vmm_rss_kib: u64,
     vmm_pss_kib: u64,
-    group_memory_mib: u64,
+}
+
+#[derive(Serialize)]
+struct ImageReport {
+    image: String,
+    /// `capsa image import`: verify the blobs, convert the layers.
+    import_ms: f64,
+    /// The first `capsa run --rm IMAGE true` after the import.
+    first_run_ms: f64,
+    rows: Vec<WallRow>,
+    memory: Option<Memory>,
 }
 
 #[derive(Serialize)]
 struct Report {
     runs: usize,
-    rows: Vec<WallRow>,
-    memory: Option<Memory>,
+    images: Vec<ImageReport>,
 }
 
 /// A kib figure from a /proc status-like file.
@@ -61,86 +92,154 @@ fn field_kib(text: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn group_memory(capsa: &PathBuf, image: &str) -> Result<Memory> {
-    let name = format!("bench-mem-{}", std::process::id());
-    let mut start = Command::new(capsa);
-    start.args(["run", "-d", "--name", &name, image, "sleep", "60"]);
-    process::timed_ms(start)?;
-    let mut inspect = Command::new(capsa);
-    inspect.args(["inspect", &name]);
-    let view = process::run(inspect, Duration::from_secs(60))?.success()?;
-    let view: serde_json::Value = serde_json::from_str(&view.stdout)?;
-    let pid = view["vmm_pid"].as_u64().context("no VMM pid")?;
-    let memory_mib = view["memory_mib"].as_u64().unwrap_or(0);
-    // Let the guest settle after boot.
-    std::thread::sleep(Duration::from_secs(2));
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let memory = Memory {
-        vmm_rss_kib: field_kib(&status, "VmRSS:").unwrap_or(0),
-        vmm_pss_kib: field_kib(&rollup, "Pss:").unwrap_or(0),
-        group_memory_mib: memory_mib,
-    };
-    let mut remove = Command::new(capsa);
-    remove.args(["rm", &name]);
-    process::timed_ms(remove)?;
-    Ok(memory)
+fn capsa(capsa: &PathBuf, args: &[&str]) -> Command {
+    let mut command = Command::new(capsa);
+    command.args(args);
+    command
 }
 
-pub fn run(args: &ContainersArgs) -> Result<()> {
-    let mut rows = Vec::new();
-    let mut capsa = Vec::new();
+/// A container of `image` sleeping: the guest's memory in use as the
+/// container reads it, and its VMM's on the host.
+fn group_memory(cli: &PathBuf, image: &str) -> Result<Memory> {
+    let name = format!("bench-mem-{}", std::process::id());
+    process::timed_ms(capsa(
+        cli,
+        &["run", "-d", "--name", &name, image, "sleep", "120"],
+    ))?;
+    let measured = (|| {
+        let view =
+            process::run(capsa(cli, &["inspect", &name]), Duration::from_secs(60))?.success()?;
+        let view: serde_json::Value = serde_json::from_str(&view.stdout)?;
+        let pid = view["vmm_pid"].as_u64().context("no VMM pid")?;
+        // Let the guest settle after boot.
+        std::thread::sleep(Duration::from_secs(2));
+        let meminfo = process::run(
+            capsa(cli, &["exec", &name, "cat", "/proc/meminfo"]),
+            Duration::from_secs(60),
+        )?
+        .success()?
+        .stdout;
+        let total = field_kib(&meminfo, "MemTotal:").context("no MemTotal")?;
+        let available = field_kib(&meminfo, "MemAvailable:").context("no MemAvailable")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        Ok(Memory {
+            guest_used_kib: total.saturating_sub(available),
+            guest_total_kib: total,
+            vmm_rss_kib: field_kib(&status, "VmRSS:").unwrap_or(0),
+            vmm_pss_kib: field_kib(&rollup, "Pss:").unwrap_or(0),
+        })
+    })();
+    process::timed_ms(capsa(cli, &["rm", &name]))?;
+    measured
+}
+
+fn bench_image(args: &ContainersArgs, image: &Image) -> Result<ImageReport> {
+    let cli = &args.capsa;
+    // From nothing: the image and its layer disks are gone after rm.
+    let _ = process::run(
+        capsa(cli, &["image", "rm", &image.name]),
+        Duration::from_secs(60),
+    );
+    let layout = image.layout.to_string_lossy();
+    let import_ms = process::timed_ms(capsa(
+        cli,
+        &["image", "import", &layout, "--name", &image.name],
+    ))?;
+    let first_run_ms = process::timed_ms(capsa(cli, &["run", "--rm", &image.name, "true"]))?;
+    let mut cached = Vec::new();
     for _ in 0..args.runs {
-        let mut command = Command::new(&args.capsa);
-        command.args(["run", "--rm", &args.image, "true"]);
-        capsa.push(process::timed_ms(command)?);
+        cached.push(process::timed_ms(capsa(
+            cli,
+            &["run", "--rm", &image.name, "true"],
+        ))?);
     }
-    eprintln!("capsa run: {capsa:.0?} ms");
-    rows.push(WallRow {
-        runtime: "capsa run --rm (microVM per group)".into(),
-        wall_ms: Summary::of(&capsa),
-    });
+    eprintln!("{}: capsa run (cached): {cached:.0?} ms", image.name);
+    let mut rows = vec![WallRow {
+        runtime: format!("{}: capsa run --rm (microVM, cached disks)", image.name),
+        wall_ms: Summary::of(&cached),
+    }];
     for peer in &args.peers {
         let Some((name, path)) = peer.split_once('=') else {
             bail!("--peer {peer}: expected NAME=PATH");
         };
-        let bundle = args.bundle.as_ref().context("peers need --bundle")?;
         let samples = process::wall_samples(name, args.runs, |run| {
             let mut command = Command::new(path);
             command
                 .arg("run")
                 .args(&args.peer_run_args)
                 .arg("--bundle")
-                .arg(bundle)
+                .arg(&image.bundle)
                 .arg(format!("bench-{}-{run}", std::process::id()));
             command
         });
         rows.push(WallRow {
-            runtime: format!("{name} run (same rootfs, no VM)"),
+            runtime: format!("{}: {name} run (same rootfs, no VM)", image.name),
             wall_ms: Summary::of(&samples),
         });
     }
-    let memory = group_memory(&args.capsa, &args.image)
-        .map_err(|e| eprintln!("memory: {e:#}"))
+    let memory = group_memory(cli, &image.name)
+        .map_err(|e| eprintln!("{}: memory: {e:#}", image.name))
         .ok();
+    Ok(ImageReport {
+        image: image.name.clone(),
+        import_ms,
+        first_run_ms,
+        rows,
+        memory,
+    })
+}
+
+pub fn run(args: &ContainersArgs) -> Result<()> {
+    if args.images.is_empty() {
+        bail!("name at least one --image NAME,LAYOUT,BUNDLE");
+    }
+    let images = args
+        .images
+        .iter()
+        .map(|image| bench_image(args, image))
+        .collect::<Result<Vec<_>>>()?;
 
     println!(
         "starting a container running `true`, wall ms, median (min-max) of {} runs",
         args.runs
     );
+    let rows: Vec<WallRow> = images.iter().flat_map(|i| i.rows.clone()).collect();
     print_wall_table(&rows);
-    if let Some(m) = &memory {
+    println!(
+        "{:<12} {:>12} {:>14} {:>16} {:>14} {:>14}",
+        "image", "import ms", "first run ms", "guest used MiB", "VMM RSS MiB", "VMM PSS MiB"
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    for image in &images {
+        let m = image.memory.as_ref();
+        let show =
+            |f: fn(&Memory) -> u64| m.map_or("-".to_string(), |m| format!("{:.1}", mib(f(m))));
         println!(
-            "a running group (1 vCPU, {} MiB, busybox sleeping): VMM RSS {:.1} MiB, PSS {:.1} MiB",
-            m.group_memory_mib,
-            m.vmm_rss_kib as f64 / 1024.0,
-            m.vmm_pss_kib as f64 / 1024.0
+            "{:<12} {:>12.0} {:>14.0} {:>16} {:>14} {:>14}",
+            image.image,
+            image.import_ms,
+            image.first_run_ms,
+            show(|m| m.guest_used_kib),
+            show(|m| m.vmm_rss_kib),
+            show(|m| m.vmm_pss_kib),
         );
+    }
+    if let [base, other, ..] = images.as_slice() {
+        let median = |i: &ImageReport| i.rows[0].wall_ms.as_ref().map(|s| s.median);
+        if let (Some(a), Some(b)) = (median(base), median(other)) {
+            println!(
+                "cached start, {} / {}: {:.2}x (target: at most 1.2x)",
+                other.image,
+                base.image,
+                b / a
+            );
+        }
     }
     let report = Report {
         runs: args.runs,
-        rows,
-        memory,
+        images,
     };
     crate::write_json(
         args.json

@@ -1,7 +1,7 @@
 use serde::Serialize;
 
 /// Summary of repeated measurements, in the unit of the samples.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Summary {
     pub median: f64,
     pub min: f64,
@@ -37,7 +37,7 @@ pub fn cell(summary: &Option<Summary>) -> String {
 }
 
 /// One runtime's wall time, a row of the container-start tables.
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 pub struct WallRow {
     pub runtime: String,
     pub wall_ms: Option<Summary>,
