@@ -42,6 +42,8 @@ if [ "$nested" = 1 ]; then
     dir=/payload
     "$root/scripts/nested-add-program.sh" "$payload" runc
     "$root/scripts/nested-add-program.sh" "$payload" crun
+    # capsad makes each group's scratch disk with it.
+    "$root/scripts/nested-add-program.sh" "$payload" mkfs.ext4
     runc=/payload/programs/runc crun=/payload/programs/crun
 fi
 {

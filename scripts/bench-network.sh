@@ -26,6 +26,8 @@ nested=0 dir=$payload tools=""
 if "$root/scripts/kvm-is-pvm.sh"; then
     nested=1 dir=/payload tools=/payload/bin/
     "$root/scripts/nested-add-program.sh" "$payload" ip
+    # capsad makes each group's scratch disk with it.
+    "$root/scripts/nested-add-program.sh" "$payload" mkfs.ext4
 fi
 {
     printf 'cd %q\n' "$dir"

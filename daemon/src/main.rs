@@ -74,6 +74,10 @@ fn mirror_url(text: &str) -> Result<String, String> {
 }
 
 fn main() -> Result<()> {
+    // capsad runs itself again, unprivileged, to convert a layer.
+    if let Some(code) = capsa_image_store::converter::serve_if_asked() {
+        std::process::exit(code);
+    }
     let args = Args::parse();
     for file in [&args.kernel, &args.initrd] {
         anyhow::ensure!(file.is_file(), "{} does not exist", file.display());
@@ -110,6 +114,7 @@ fn main() -> Result<()> {
     };
     let layer_images =
         capsa_image_store::layer_images::LayerImages::open(&args.root.join("layer-images"))
+            .and_then(|l| l.isolated(PathBuf::from("/proc/self/exe")))
             .context("cannot open the layer images")?;
     let daemon = groups::Daemon::new(
         args.root.clone(),

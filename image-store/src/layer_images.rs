@@ -17,13 +17,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter};
+use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use capsa_layers::erofs::{convert_layer, ConvertSummary};
+use capsa_layers::erofs::ConvertSummary;
+
+use crate::converter::Converter;
 use capsa_layers::{Digest, LayerSpec};
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +89,7 @@ pub struct LayerImages {
     /// Images checked against their record in this process.
     verified: Mutex<HashSet<Digest>>,
     next_partial: AtomicU64,
+    converter: Converter,
 }
 
 fn sha256_of(path: &Path) -> io::Result<(Digest, u64)> {
@@ -111,7 +114,21 @@ impl LayerImages {
             locks: Mutex::default(),
             verified: Mutex::default(),
             next_partial: AtomicU64::new(0),
+            converter: Converter::InProcess,
         })
+    }
+
+    /// Conversions run in `program` as an unprivileged conversion child
+    /// (`converter`) when this process is root; `program` calls
+    /// `converter::serve_if_asked` first in its main.
+    pub fn isolated(mut self, program: PathBuf) -> Result<Self, StoreError> {
+        use std::os::unix::fs::PermissionsExt;
+        let empty = self.dir.join("empty");
+        fs::create_dir_all(&empty).map_err(io_error("creating", &empty))?;
+        fs::set_permissions(&empty, fs::Permissions::from_mode(0o555))
+            .map_err(io_error("setting the mode of", &empty))?;
+        self.converter = Converter::for_daemon(program, empty);
+        Ok(self)
     }
 
     fn image_path(&self, chain: &Digest) -> PathBuf {
@@ -216,15 +233,11 @@ impl LayerImages {
         let result = (|| {
             let blob = File::open(&layer.blob).map_err(io_error("opening", &layer.blob))?;
             let out = File::create(&partial).map_err(io_error("creating", &partial))?;
-            let mut writer = BufWriter::new(out);
-            let (summary, _) = convert_layer(&layer.spec, BufReader::new(blob), &mut writer)
-                .map_err(|source| StoreError::Layer {
-                    layer: layer.spec.digest.to_string(),
-                    source: Box::new(source),
-                })?;
-            let out = writer
-                .into_inner()
-                .map_err(|e| io_error("writing", &partial)(e.into_error()))?;
+            let (summary, _) = self.converter.convert(
+                &layer.spec,
+                blob,
+                out.try_clone().map_err(io_error("opening", &partial))?,
+            )?;
             out.sync_all().map_err(io_error("syncing", &partial))?;
             let (digest, bytes) = sha256_of(&partial).map_err(io_error("reading", &partial))?;
             fs::rename(&partial, &image).map_err(io_error("committing", &image))?;

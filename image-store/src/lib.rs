@@ -15,6 +15,7 @@
 //! `docker save` tar (whose layers it describes with an OCI manifest).
 
 mod archive;
+pub mod converter;
 pub mod layer_images;
 pub mod name;
 
@@ -99,6 +100,9 @@ pub enum StoreError {
         "invalid image name {name:?}: {reason} (use [REGISTRY/]NAME[:TAG][@DIGEST], lowercase)"
     )]
     InvalidName { name: String, reason: String },
+    /// A conversion child's report, which names the layer.
+    #[error("{message}")]
+    Conversion { layer: String, message: String },
     /// The source names the layer.
     #[error("{source}")]
     Layer {
