@@ -384,6 +384,23 @@ impl ImageStore {
         })
     }
 
+    /// Tags the manifest `digest`, already in the store, as `name` again
+    /// (what an import that must be undone puts back).
+    pub fn retag(&self, name: &str, digest: &str) -> Result<(), StoreError> {
+        let key = normalize_name(name)?;
+        let path = self.blob_path(digest)?;
+        let size = fs::metadata(&path)
+            .map_err(io_error("reading", &path))?
+            .len();
+        let digest = digest
+            .parse::<oci_spec::image::Digest>()
+            .map_err(|e| invalid("manifest digest", e.to_string()))?;
+        self.tag(
+            &key,
+            &Descriptor::new(MediaType::ImageManifest, size, digest),
+        )
+    }
+
     /// Untags `name`. `in_use` names who uses an image, if anyone does.
     pub fn remove(
         &self,

@@ -41,6 +41,7 @@ pub(super) async fn import_image(
                 format!("importing {}: {e}", request.path),
             )
         };
+        let previous = current(&daemon, request.name.as_deref());
         let mut progress = |p: capsa_image_store::Progress| report(p.to_string());
         let summary = if path.is_dir() {
             let name = request.name.clone().ok_or_else(|| {
@@ -67,40 +68,52 @@ pub(super) async fn import_image(
                 ),
             ))
         }?;
-        prepared(&daemon, summary, report)
+        prepared(&daemon, summary, previous, report)
     })
     .await
 }
 
 /// The imported or pulled image with its layers converted to disk images
 /// (reported), so that no start converts them. An image that cannot be
-/// converted cannot run: its tag is removed again, with the reason.
+/// converted cannot run: the name goes back to the image it had before
+/// (`previous`), or away, with the reason.
 fn prepared(
     daemon: &Daemon,
     summary: capsa_image_store::ImageSummary,
+    previous: Option<capsa_image_store::ImageSummary>,
     report: &mut dyn FnMut(String),
 ) -> Result<ImageView, capsa_api::ApiError> {
-    let converted = daemon.open_image(&summary.name).and_then(|image| {
-        crate::groups::layers::prepare(&daemon.layer_images, &image, &mut |event| report(event))
-    });
-    if let Err(e) = converted {
-        let untagged = daemon.images.remove(&summary.name, |_| None);
-        let _ = daemon.images.garbage_collect();
-        return Err(error(
-            ErrorCode::InvalidRequest,
-            format!(
-                "image {} cannot be run, so it was {}: {}",
-                summary.name,
-                if untagged.is_ok() {
-                    "not kept"
-                } else {
-                    "kept, but unusable"
-                },
-                e.message
-            ),
-        ));
-    }
-    Ok(view_of(summary))
+    let converted = daemon
+        .open_image(&summary.name)
+        .and_then(|image| crate::groups::layers::prepare(&daemon.layer_images, &image, report));
+    let Err(e) = converted else {
+        return Ok(view_of(summary));
+    };
+    let undone = match &previous {
+        Some(previous) => daemon
+            .images
+            .retag(&summary.name, &previous.manifest_digest)
+            .map(|()| format!("{} is still {}", summary.name, previous.manifest_digest)),
+        None => daemon
+            .images
+            .remove(&summary.name, |_| None)
+            .map(|()| "it was not kept".to_string()),
+    };
+    let _ = daemon.images.garbage_collect();
+    Err(error(
+        ErrorCode::InvalidRequest,
+        format!(
+            "image {} cannot be run ({}): {}",
+            summary.name,
+            undone.unwrap_or_else(|e| format!("and undoing the import failed: {e}")),
+            e.message
+        ),
+    ))
+}
+
+/// What `name` is now, if anything: what a failed import puts back.
+fn current(daemon: &Daemon, name: Option<&str>) -> Option<capsa_image_store::ImageSummary> {
+    daemon.images.summary(name?).ok()
 }
 
 pub(super) async fn pull_image(
@@ -114,13 +127,17 @@ pub(super) async fn pull_image(
             insecure: request.insecure,
             mirrors: daemon.registry_mirrors.clone(),
         };
+        let previous = current(
+            &daemon,
+            Some(request.name.as_deref().unwrap_or(&request.reference)),
+        );
         match daemon.images.pull(
             &request.reference,
             request.name.as_deref(),
             &options,
             &mut |p| report(p.to_string()),
         ) {
-            Ok(summary) => prepared(&daemon, summary, report),
+            Ok(summary) => prepared(&daemon, summary, previous, report),
             Err(capsa_image_store::StoreError::NotFound(what)) => Err(error(
                 ErrorCode::ImageNotFound,
                 format!("the registry has no {what}"),
@@ -160,4 +177,121 @@ pub(super) async fn remove_image(
     })
     .await
     .map(Json)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use capsa_api::ApiError;
+    use capsa_layers::Digest;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::super::{router, tests::daemon};
+
+    fn blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+        let digest = Digest::of(bytes);
+        std::fs::write(layout.join("blobs/sha256").join(digest.hex()), bytes).unwrap();
+        (digest.to_string(), bytes.len())
+    }
+
+    /// A one-layer OCI layout (uncompressed layer) of regular files; the
+    /// paths go into the headers unchecked.
+    fn layout(layout: &Path, files: &[(&str, &[u8])]) {
+        std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+        std::fs::write(
+            layout.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, content) in files {
+            let mut header = tar::Header::new_gnu();
+            header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_size(content.len() as u64);
+            header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(1_700_000_000);
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_cksum();
+            builder.append(&header, *content).unwrap();
+        }
+        let tar = builder.into_inner().unwrap();
+        let (layer, layer_size) = blob(layout, &tar);
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [layer]},
+        });
+        let (config, config_size) = blob(layout, config.to_string().as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_size}],
+        });
+        let (manifest, manifest_size) = blob(layout, manifest.to_string().as_bytes());
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest, "size": manifest_size}]});
+        std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    }
+
+    async fn import(router: &axum::Router, path: &Path, name: &str) -> (StatusCode, String) {
+        let body = serde_json::json!({"path": path, "name": name}).to_string();
+        let request = Request::builder()
+            .method("POST")
+            .uri("/v1/images/import")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn an_image_whose_layer_cannot_be_converted_is_refused_and_its_name_keeps_its_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = daemon(dir.path());
+        let router = router(daemon.clone());
+        let (good, evil) = (dir.path().join("good"), dir.path().join("evil"));
+        layout(&good, &[("etc/motd", b"hello")]);
+        layout(&evil, &[("../escape", b"x")]);
+
+        let (status, body) = import(&router, &good, "app").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let before = daemon.images.summary("app").unwrap();
+        let converted = std::fs::read_dir(dir.path().join("layer-images"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
+            .count();
+        assert_eq!(converted, 1, "converted at import");
+
+        // Over an existing name: refused, and the name keeps its image.
+        let (status, body) = import(&router, &evil, "app").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let e: ApiError = serde_json::from_str(&body).unwrap();
+        assert!(
+            e.message.contains("cannot be run")
+                && e.message.contains("is still")
+                && e.message.contains("escape")
+                && !e.message.contains('{'),
+            "{}",
+            e.message
+        );
+        assert_eq!(daemon.images.summary("app").unwrap(), before);
+
+        // A new name: refused, and not kept.
+        let (status, body) = import(&router, &evil, "other").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let e: ApiError = serde_json::from_str(&body).unwrap();
+        assert!(e.message.contains("not kept"), "{}", e.message);
+        assert!(daemon.images.summary("other").is_err());
+    }
 }

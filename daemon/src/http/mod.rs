@@ -164,7 +164,7 @@ pub fn metrics_router(daemon: Arc<Daemon>) -> Router {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
@@ -175,7 +175,7 @@ mod tests {
 
     const METHODS: &[&str] = &["GET", "POST", "DELETE", "PUT", "PATCH"];
 
-    fn daemon(dir: &Path) -> Arc<Daemon> {
+    pub(in crate::http) fn daemon(dir: &Path) -> Arc<Daemon> {
         let images = capsa_image_store::ImageStore::open(&dir.join("images")).unwrap();
         let layer_images =
             capsa_image_store::layer_images::LayerImages::open(&dir.join("layer-images")).unwrap();

@@ -243,6 +243,19 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         },
     );
     s.check(
+        "a full scratch disk is the container's own ENOSPC, in one sentence, and capsad goes on",
+        || {
+            let full = d.capsa(&[
+                "run", "--rm", "--scratch", "64", IMAGE, "sh", "-c",
+                "dd if=/dev/zero of=/big bs=1M count=100 2>&1 | grep -o 'No space left on device' | head -1; exit 7",
+            ])?;
+            full.exited_with(7, &["No space left on device"])?;
+            let groups: Vec<GroupView> = d.client()?.call(Method::GET, "/v1/groups", None)?;
+            ensure!(groups.is_empty(), "{groups:?}");
+            Ok(full.describe())
+        },
+    );
+    s.check(
         "pull busybox, then run busybox: Docker Hub names from a mirror on loopback",
         || {
             let pulled = d.capsa(&["image", "pull", "busybox"])?;
