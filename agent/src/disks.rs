@@ -33,6 +33,33 @@ pub fn find(serial: &str) -> Option<PathBuf> {
     None
 }
 
+/// The size in bytes of the disk `device` (/dev/vdX), from sysfs.
+pub fn size_bytes(device: &Path) -> Option<u64> {
+    let name = device.file_name()?;
+    let sectors = fs::read_to_string(Path::new("/sys/class/block").join(name).join("size")).ok()?;
+    sectors.trim().parse::<u64>().ok()?.checked_mul(512)
+}
+
+// EXT4_IOC_RESIZE_FS: grow a mounted ext4 to a block count.
+nix::ioctl_write_ptr!(ext4_resize_fs, b'f', 16, u64);
+
+/// Grows the ext4 mounted at `target` to fill its disk `device`, online,
+/// in the guest's kernel: when the host grew a volume's file, the file
+/// system follows at the next mount, and no host tool ever reads what a
+/// guest wrote. A file system that already fills its disk is left as is.
+pub fn grow_ext4(device: &Path, target: &Path) -> Result<(), String> {
+    let disk = size_bytes(device).ok_or("cannot read the disk's size")?;
+    let stat = nix::sys::statvfs::statvfs(target).map_err(|e| format!("statvfs: {e}"))?;
+    let block = stat.fragment_size().max(1);
+    let blocks = disk / block;
+    let dir = fs::File::open(target).map_err(|e| format!("opening it: {e}"))?;
+    // SAFETY: the ioctl reads one u64 from a live stack value; the fd is
+    // the mounted file system's root directory, open for the call.
+    unsafe { ext4_resize_fs(std::os::fd::AsRawFd::as_raw_fd(&dir), &blocks) }
+        .map(drop)
+        .map_err(|e| format!("resizing to {blocks} blocks of {block} bytes: {e}"))
+}
+
 /// The layer disks mounted so far.
 #[derive(Default)]
 pub struct LayerDisks {

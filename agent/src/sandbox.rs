@@ -281,16 +281,25 @@ fn mount_volume(volume: &Volume) -> Result<(), ApiError> {
                 )
             })?;
             let mut flags = nodev;
-            if block.read_only {
-                flags |= MsFlags::MS_RDONLY;
-            }
             let fstype = if block.fstype.is_empty() {
                 "ext4"
             } else {
                 block.fstype.as_str()
             };
-            mount(Some(&device), &target, Some(fstype), flags, None::<&str>)
-                .map_err(|e| failed(&format!("mounting {} ({fstype})", device.display()), &e))
+            let ext4 = fstype == "ext4";
+            // A read-only disk cannot take a journal replay: it is left
+            // for the next read-write mount, where this kernel replays it.
+            let options = (block.read_only && ext4).then_some("noload");
+            if block.read_only {
+                flags |= MsFlags::MS_RDONLY;
+            }
+            mount(Some(&device), &target, Some(fstype), flags, options)
+                .map_err(|e| failed(&format!("mounting {} ({fstype})", device.display()), &e))?;
+            if ext4 && !block.read_only {
+                crate::disks::grow_ext4(&device, &target)
+                    .map_err(|e| failed("growing its file system to its disk", &e))?;
+            }
+            Ok(())
         }
         _ => Err(ApiError::invalid(format!(
             "volume {} has no known source",

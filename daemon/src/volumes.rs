@@ -79,12 +79,6 @@ pub fn plan(
                     }
                 }
             }
-            let attached_elsewhere = running.iter().any(|other| {
-                other
-                    .volumes
-                    .iter()
-                    .any(|v| v.persistent.as_ref().is_some_and(|p| &p.volume == name))
-            });
             let image = match (store.image(name), persistent.size_mib) {
                 (Ok(image), _) => image,
                 (Err(capsa_volumes::VolumeError::NotFound(_)), Some(size)) => {
@@ -93,9 +87,6 @@ pub fn plan(
                 }
                 (Err(e), _) => return Err(volume_error(e)),
             };
-            if persistent.read_only && !attached_elsewhere {
-                store.repair(name).map_err(volume_error)?;
-            }
             let serial = serial(plan.disks.len());
             plan.disks.push(DiskConfig {
                 path: image,

@@ -1,7 +1,11 @@
 //! Named persistent volumes: `ROOT/NAME/disk.ext4`, an ext4 file system in
 //! a sparse file, with `ROOT/NAME/volume.json` beside it. A group attaches
 //! one as a virtio-blk disk; the volume outlives groups until removed.
-//! Made with mkfs.ext4 and grown with resize2fs (e2fsprogs).
+//! Made with mkfs.ext4 (e2fsprogs) on a fresh file, the only file system
+//! tool the host runs: growing a volume grows its file, and the guest's
+//! kernel grows the file system online when the agent mounts it
+//! (`capsa-agent`'s `disks::grow_ext4`). Nothing on the host parses what
+//! a guest wrote.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -127,8 +131,9 @@ impl VolumeStore {
         made
     }
 
-    /// Grows a volume (not attached anywhere) and its file system to
-    /// `size_mib`. Shrinking is refused: data could be lost.
+    /// Grows a volume (not attached anywhere) to `size_mib`: its file;
+    /// its file system follows at the next mount, in the guest. Shrinking
+    /// is refused: data could be lost.
     pub fn grow(&self, name: &str, size_mib: u64) -> Result<Volume, VolumeError> {
         check_size(name, size_mib)?;
         let mut volume = self.get(name)?;
@@ -148,19 +153,9 @@ impl VolumeStore {
         file.set_len(new_size)
             .map_err(|e| io(name, "growing its image", e))?;
         drop(file);
-        // resize2fs wants a freshly checked file system.
-        run(name, "e2fsck", &["-f", "-p"], &image)?;
-        run(name, "resize2fs", &[], &image)?;
         volume.size_bytes = new_size;
         write_record(&self.dir(name)?, &volume)?;
         Ok(volume)
-    }
-
-    /// Replays the journal and fixes what is safe to fix, for a volume no
-    /// VM has attached (say one whose VM died): a read-only attach could
-    /// not replay it.
-    pub fn repair(&self, name: &str) -> Result<(), VolumeError> {
-        run(name, "e2fsck", &["-p"], &self.image(name)?)
     }
 
     /// Deletes the volume and its data.
@@ -213,9 +208,7 @@ fn run(name: &str, tool: &'static str, args: &[&str], image: &Path) -> Result<()
         .arg(image)
         .output()
         .map_err(|e| io(name, &format!("running {tool} (e2fsprogs)"), e))?;
-    // e2fsck -p exits 1 when it fixed something, which is fine.
-    let fine = output.status.success() || (tool == "e2fsck" && output.status.code() == Some(1));
-    if fine {
+    if output.status.success() {
         Ok(())
     } else {
         Err(VolumeError::Tool {

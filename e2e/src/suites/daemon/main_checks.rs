@@ -759,10 +759,35 @@ fn volumes(s: &mut Suite, d: &Capsad) -> Result<()> {
         },
     );
     exits(d, &["rm", "shared"], 0)?;
-    s.check("a volume grows, and is removed", || {
-        exits(d, &["volume", "grow", "data", "--size", "32"], 0)?;
-        exits(d, &["volume", "ls"], 0)?;
-        exits(d, &["volume", "rm", "data"], 0)
-    });
+    s.check(
+        "a volume grows: its file on the host, its file system in the guest at the next mount, keeping its data (no e2fsck or resize2fs on the host)",
+        || {
+            exits(d, &["volume", "grow", "data", "--size", "32"], 0)?;
+            let out = d.capsa(&[
+                "run",
+                "--rm",
+                "-v",
+                "data:/data",
+                "busybox",
+                "sh",
+                "-c",
+                "cat /data/file; df -k /data | tail -1",
+            ])?;
+            let lines = out.lines();
+            let total_kib: u64 = lines
+                .get(1)
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+                .with_context(|| out.describe())?;
+            ensure!(
+                out.code == Some(0) && lines[0] == "kept-across-groups" && total_kib > 24 << 10,
+                "{}",
+                out.describe()
+            );
+            exits(d, &["volume", "ls"], 0)?;
+            exits(d, &["volume", "rm", "data"], 0)?;
+            Ok(format!("{total_kib} KiB after growing to 32 MiB from 16"))
+        },
+    );
     Ok(())
 }
