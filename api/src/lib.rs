@@ -203,6 +203,10 @@ pub struct LogLine {
     pub time: u64,
     pub stream: String,
     pub line: String,
+    /// A piece of a longer line (at most 16 KiB each, as docker's): the
+    /// next record of its stream continues it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 /// Something that happened to a group, as `GET /v1/events` streams it.

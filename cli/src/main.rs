@@ -838,11 +838,13 @@ fn follow_logs(
                     String::from_utf8_lossy(&line)
                 );
             };
+            // A piece of a long line: the next record continues it.
+            let end = if record.partial { "" } else { "\n" };
             if record.stream == "stderr" {
-                let _ = writeln!(std::io::stderr(), "{}", record.line);
+                let _ = write!(std::io::stderr(), "{}{end}", record.line);
             } else {
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "{}", record.line)?;
+                write!(out, "{}{end}", record.line)?;
                 out.flush()?;
             }
         }

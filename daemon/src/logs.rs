@@ -41,6 +41,9 @@ struct Record {
     stream_id: u64,
     #[serde(default)]
     end: u64,
+    /// Cut at MAX_LINE_BYTES: the stream's next record continues it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    partial: bool,
 }
 
 /// Appends lines to one container's log; shared by its stdout and stderr
@@ -99,6 +102,7 @@ impl LogWriter {
             line: text.strip_suffix('\n').unwrap_or(&text).to_string(),
             stream_id: at.stream_id,
             end: at.offset,
+            partial: line.len() >= MAX_LINE_BYTES && !line.ends_with(b"\n"),
         };
         let mut text = serde_json::to_vec(&record).map_err(io::Error::other)?;
         text.push(b'\n');
@@ -256,6 +260,7 @@ pub fn read_lines(path: &Path, offset: u64, out: &mut Vec<LogLine>) -> io::Resul
                 time: record.time,
                 stream: record.stream,
                 line: record.line,
+                partial: record.partial,
             });
         }
     }
@@ -377,5 +382,8 @@ mod tests {
         let sizes: Vec<usize> = found.iter().map(|(_, l)| l.len()).collect();
         assert_eq!(sizes, [MAX_LINE_BYTES, MAX_LINE_BYTES, 10, 3]);
         assert_eq!(found[3].1, "END");
+        let (records, _) = read(&path, None, None).unwrap();
+        let partial: Vec<bool> = records.iter().map(|l| l.partial).collect();
+        assert_eq!(partial, [true, true, false, false], "pieces say so");
     }
 }

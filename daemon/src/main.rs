@@ -58,6 +58,22 @@ struct Args {
     /// order, as docker's `registry-mirrors`.
     #[arg(long = "registry-mirror", value_name = "URL", value_parser = mirror_url)]
     registry_mirrors: Vec<String>,
+    /// The cgroup (v2) under which each VM gets one of its own, holding it
+    /// to its memory, vCPUs and a thread count.
+    #[arg(long, default_value = "/sys/fs/cgroup/capsa")]
+    cgroup_parent: PathBuf,
+}
+
+/// The VMs' parent cgroup, or None (said once) where the host has no
+/// cgroup v2 with the memory, cpu and pids controllers.
+fn cgroups(parent: &std::path::Path) -> Option<capsa_cgroup::Hierarchy> {
+    match capsa_cgroup::Hierarchy::open(parent) {
+        Ok(hierarchy) => Some(hierarchy),
+        Err(e) => {
+            eprintln!("capsad: VMs run without cgroup limits: {e}");
+            None
+        }
+    }
 }
 
 /// A mirror must be an http(s) URL with a host and nothing after it.
@@ -128,7 +144,10 @@ fn main() -> Result<()> {
         network,
         capsa_volumes::VolumeStore::open(&args.root.join("volumes"))
             .context("opening the volume store")?,
-        args.registry_mirrors.clone(),
+        groups::Settings {
+            registry_mirrors: args.registry_mirrors.clone(),
+            cgroups: cgroups(&args.cgroup_parent),
+        },
     );
     daemon.restore();
 

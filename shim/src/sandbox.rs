@@ -75,6 +75,7 @@ impl Sandbox {
                 disks: &[],
                 vsock: &vsock,
                 console: &console,
+                cgroup_procs: None,
             },
         )?;
         // The shim's reaper collects the VMM when it exits.

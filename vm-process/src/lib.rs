@@ -23,6 +23,12 @@ pub enum VmError {
     },
     #[error("the VMM's command line: {0}")]
     Args(#[from] capsa_vmm_config::ArgError),
+    #[error("joining the VM's cgroup ({}): {source}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("starting {}: {source}", vmm.display())]
     Spawn {
         vmm: PathBuf,
@@ -51,6 +57,9 @@ pub struct VmSpec<'a> {
     pub vsock: &'a Path,
     /// Where the guest's console (and the VMM's own messages) go.
     pub console: &'a Path,
+    /// The `cgroup.procs` of the cgroup the VMM runs in, if any: the
+    /// VMM's process joins it before it executes.
+    pub cgroup_procs: Option<&'a Path>,
 }
 
 /// capsa-vmm beside the running binary, else whatever PATH finds.
@@ -79,17 +88,45 @@ pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
         vsock: Some(VsockConfig::at(vm.vsock)),
         ..VmmArgs::new(&config.kernel)
     };
-    Command::new(&config.vmm)
+    let mut command = Command::new(&config.vmm);
+    command
         .args(args.to_args()?)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err)
-        .process_group(0)
-        .spawn()
-        .map_err(|source| VmError::Spawn {
-            vmm: config.vmm.clone(),
-            source,
+        .process_group(0);
+    // Open (close-on-exec) until the spawn returns.
+    let cgroup = vm
+        .cgroup_procs
+        .map(|path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|source| VmError::Cgroup {
+                    path: path.to_path_buf(),
+                    source,
+                })
         })
+        .transpose()?;
+    if let Some(procs) = &cgroup {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(procs);
+        // SAFETY: runs in the forked child before exec and only calls
+        // write(2), which is async-signal-safe, on an fd that stays open
+        // in the child until exec; "0" moves the calling process.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    command.spawn().map_err(|source| VmError::Spawn {
+        vmm: config.vmm.clone(),
+        source,
+    })
 }
 
 /// Whether `pid` is a live capsa-vmm serving `vsock` (and not a process
@@ -147,6 +184,7 @@ mod tests {
                 disks: &[],
                 vsock: &vsock,
                 console: &console,
+                cgroup_procs: None,
             },
         )
         .unwrap_err();

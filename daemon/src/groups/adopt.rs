@@ -47,7 +47,9 @@ pub fn adoption(record: &GroupRecord, alive: impl Fn(u32) -> bool) -> Adoption {
 }
 
 impl Daemon {
-    /// Loads the groups on disk and adopts those whose VMM still runs.
+    /// Loads the groups on disk, then adopts those whose VMM still runs,
+    /// each in the background: a guest that does not answer delays no
+    /// one, the API included.
     pub fn restore(self: &Arc<Self>) {
         for (paths, record) in state::load_all(&self.root) {
             let record = match record {
@@ -67,7 +69,8 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(name, group.clone());
-            adopt(self.clone(), group);
+            let daemon = self.clone();
+            std::thread::spawn(move || adopt(daemon, group));
         }
     }
 }
@@ -92,10 +95,10 @@ fn adopt(daemon: Arc<Daemon>, group: Arc<Group>) {
     {
         Ok(sandbox) => Arc::new(sandbox),
         Err(e) => {
-            eprintln!(
-                "capsad: group {}: cannot reach its agent: {e}",
-                record.spec.name
-            );
+            let error =
+                format!("unresponsive: its agent did not answer after the daemon restarted: {e}");
+            eprintln!("capsad: group {}: {error}", record.spec.name);
+            let _ = group.transition(Transition::Note { error });
             return;
         }
     };

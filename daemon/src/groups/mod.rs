@@ -63,8 +63,16 @@ pub struct Daemon {
     groups: Mutex<BTreeMap<String, Arc<Group>>>,
     next_exec: std::sync::atomic::AtomicU64,
     events: tokio::sync::broadcast::Sender<Event>,
+    pub settings: Settings,
+}
+
+/// capsad's settings for what it runs and fetches.
+#[derive(Debug, Default)]
+pub struct Settings {
     /// Docker Hub mirrors pulls ask first (capsad --registry-mirror).
     pub registry_mirrors: Vec<String>,
+    /// The parent of the VMs' cgroups, where the host has cgroup v2.
+    pub cgroups: Option<capsa_cgroup::Hierarchy>,
 }
 
 impl Daemon {
@@ -75,7 +83,7 @@ impl Daemon {
         vm: VmConfig,
         network: Option<Network>,
         volumes: VolumeStore,
-        registry_mirrors: Vec<String>,
+        settings: Settings,
     ) -> Arc<Self> {
         Arc::new(Daemon {
             root,
@@ -89,7 +97,7 @@ impl Daemon {
             groups: Mutex::new(BTreeMap::new()),
             next_exec: std::sync::atomic::AtomicU64::new(1),
             events: tokio::sync::broadcast::channel(1024).0,
-            registry_mirrors,
+            settings,
         })
     }
 

@@ -90,6 +90,18 @@ impl Daemon {
             .as_ref()
             .zip(record.ip)
             .map(|(network, ip)| network.nic(ip));
+        let cgroup = self
+            .settings
+            .cgroups
+            .as_ref()
+            .map(|cgroups| {
+                cgroups.create(
+                    name,
+                    &capsa_cgroup::Limits::for_vm(record.spec.cpus(), record.spec.memory_mib()),
+                )
+            })
+            .transpose()
+            .map_err(internal)?;
         let (booting, mut child) = sandbox::boot(
             &self.vm,
             &VmSpec {
@@ -99,6 +111,7 @@ impl Daemon {
                 disks: &disks,
                 vsock: &group.paths.vsock(),
                 console: &group.paths.console(),
+                cgroup_procs: cgroup.as_ref().map(|c| c.procs()).as_deref(),
             },
         )
         .map_err(internal)?;
@@ -322,6 +335,16 @@ pub(super) fn stop_vm(group: &Arc<Group>, grace: Duration) {
 /// and then the restart policy may boot the group again.
 pub(super) fn vm_exited(daemon: &Arc<Daemon>, group: &Arc<Group>, how: String) {
     group.lock().sandbox.take();
+    if let Some(cgroup) = daemon
+        .settings
+        .cgroups
+        .as_ref()
+        .and_then(|c| c.find(&group.name()))
+    {
+        if let Err(e) = cgroup.remove(Duration::from_secs(5)) {
+            eprintln!("capsad: group {}: {e}", group.name());
+        }
+    }
     let console = vm::console_tail(&group.paths.console());
     let after = group.transition(Transition::VmmExited { how, console });
     if after.is_ok_and(|record| record.status == GroupStatus::Failed) {

@@ -125,7 +125,7 @@ pub(super) async fn pull_image(
         let options = capsa_image_store::registry::PullOptions {
             credentials: request.username.clone().zip(request.password.clone()),
             insecure: request.insecure,
-            mirrors: daemon.registry_mirrors.clone(),
+            mirrors: daemon.settings.registry_mirrors.clone(),
         };
         let previous = current(
             &daemon,

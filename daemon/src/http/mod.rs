@@ -190,7 +190,7 @@ pub(super) mod tests {
             },
             None,
             capsa_volumes::VolumeStore::open(&dir.join("volumes")).unwrap(),
-            Vec::new(),
+            Default::default(),
         )
     }
 

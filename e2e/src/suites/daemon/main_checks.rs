@@ -220,6 +220,8 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     pair(s, d)?;
     follow(s, d)?;
     adoption(s, d)?;
+    super::hostile::run(s, d)?;
+    super::limits::run(s, d)?;
     network(s, d)?;
     restarts(s, d)?;
     volumes(s, d)?;

@@ -6,7 +6,9 @@
 
 mod cycles;
 mod harness;
+mod hostile;
 mod images;
+mod limits;
 mod logs;
 pub use harness::{Capsad, Output, COMMAND_TIMEOUT};
 mod main_checks;

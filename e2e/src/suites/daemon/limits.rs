@@ -1,0 +1,83 @@
+//! Host limits on each VM (issue 16): its VMM runs in a cgroup v2 of its
+//! own that holds it to its memory, vCPUs and thread count, and that goes
+//! with the VM.
+
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
+
+use super::harness::Capsad;
+use crate::suite::Suite;
+
+/// capsad's default cgroup parent, as the cgroup v2 mount shows it.
+const PARENT: &str = "/sys/fs/cgroup/capsa";
+
+fn read(dir: &std::path::Path, file: &str) -> Result<String> {
+    let path = dir.join(file);
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_string())
+}
+
+pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
+    let run = d.capsa(&[
+        "run", "-d", "--name", "sized", "--cpus", "1", "--memory", "256", "busybox", "sleep", "300",
+    ])?;
+    ensure!(run.code == Some(0), "run -d sized: {}", run.describe());
+    let dir = PathBuf::from(PARENT).join("sized");
+    s.check(
+        "the VMM runs in a cgroup of its own: memory.max its memory plus 128 MiB, no swap, cpu.max its vCPUs, pids.max 128",
+        || {
+            let pid = d.group("sized")?.vmm_pid.context("no VMM pid")?;
+            let cgroup = capsa_cgroup::of_process(pid).context("no cgroup")?;
+            ensure!(cgroup == "/capsa/sized", "{cgroup}");
+            let files = [
+                ("memory.max", ((256 + 128) << 20).to_string()),
+                ("memory.swap.max", "0".to_string()),
+                ("cpu.max", "100000 100000".to_string()),
+                ("pids.max", "128".to_string()),
+            ];
+            for (file, want) in &files {
+                let value = read(&dir, file)?;
+                ensure!(&value == want, "{file} is {value}, not {want}");
+            }
+            Ok(format!("{cgroup}: {files:?}"))
+        },
+    );
+    s.check(
+        "a guest that allocates more than its memory stays under memory.max: the guest's OOM killer acts, the VM lives",
+        || {
+            let out = d.capsa(&[
+                "exec", "sized", "--", "sh", "-c",
+                "head -c 400m /dev/zero | tail > /dev/null; echo after",
+            ])?;
+            let view = d.group("sized")?;
+            let max: u64 = read(&dir, "memory.max")?.parse()?;
+            let peak: u64 = read(&dir, "memory.peak")?.parse()?;
+            let events = read(&dir, "memory.events")?;
+            let host_oom = events
+                .lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .unwrap_or("0");
+            ensure!(
+                view.status == capsa_api::GroupStatus::Running && peak <= max && host_oom == "0",
+                "{view:?}; peak {peak}, max {max}; {events}; exec: {}",
+                out.describe()
+            );
+            Ok(format!(
+                "VMM peak {} MiB of {} MiB; exec: {}",
+                peak >> 20,
+                max >> 20,
+                out.describe()
+            ))
+        },
+    );
+    let removed = d.capsa(&["rm", "sized"])?;
+    ensure!(removed.code == Some(0), "rm sized: {}", removed.describe());
+    s.check("its cgroup goes with the VM", || {
+        ensure!(!dir.exists(), "{} is still there", dir.display());
+        Ok(format!("{} removed", dir.display()))
+    });
+    Ok(())
+}
