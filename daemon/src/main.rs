@@ -62,6 +62,18 @@ struct Args {
     /// to its memory, vCPUs and a thread count.
     #[arg(long, default_value = "/sys/fs/cgroup/capsa")]
     cgroup_parent: PathBuf,
+    /// The most memory (MiB) one group's VM may ask for (default: the
+    /// memory budget less a VMM's overhead).
+    #[arg(long)]
+    max_vm_memory_mib: Option<u64>,
+    /// The most vCPUs one group's VM may ask for.
+    #[arg(long)]
+    max_vm_cpus: Option<u8>,
+    /// The memory (MiB) all running VMs may hold together, each its
+    /// guest's memory and its VMM's overhead (default: the host's memory
+    /// less 512 MiB). A start beyond it is refused.
+    #[arg(long)]
+    memory_budget_mib: Option<u64>,
 }
 
 /// The VMs' parent cgroup, or None (said once) where the host has no
@@ -147,6 +159,11 @@ fn main() -> Result<()> {
         groups::Settings {
             registry_mirrors: args.registry_mirrors.clone(),
             cgroups: cgroups(&args.cgroup_parent),
+            capacity: groups::admission::Capacity::of_host(
+                args.max_vm_memory_mib,
+                args.max_vm_cpus,
+                args.memory_budget_mib,
+            ),
         },
     );
     daemon.restore();

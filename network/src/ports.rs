@@ -18,6 +18,10 @@ const CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 const UDP_IDLE: Duration = Duration::from_secs(60);
 /// At most this many UDP clients are relayed at once per port.
 const UDP_CLIENTS: usize = 1024;
+/// At most this many TCP connections are proxied at once per port; more
+/// are closed as they come, so one client cannot take the daemon's
+/// descriptors.
+const TCP_CONNECTIONS: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -63,7 +67,7 @@ pub fn publish(
             let socket = std::net::TcpListener::bind(listen).map_err(unavailable)?;
             socket.set_nonblocking(true).map_err(unavailable)?;
             let listener = TcpListener::from_std(socket).map_err(unavailable)?;
-            tokio::spawn(forward_tcp(listener, target))
+            tokio::spawn(forward_tcp(listener, target, TCP_CONNECTIONS))
         }
         Protocol::Udp => {
             let socket = std::net::UdpSocket::bind(listen).map_err(unavailable)?;
@@ -78,7 +82,7 @@ pub fn publish(
     })
 }
 
-async fn forward_tcp(listener: TcpListener, target: SocketAddr) {
+async fn forward_tcp(listener: TcpListener, target: SocketAddr, cap: usize) {
     // Owned here: aborting this task ends every connection too.
     let mut connections = JoinSet::new();
     loop {
@@ -89,6 +93,11 @@ async fn forward_tcp(listener: TcpListener, target: SocketAddr) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
+                if connections.len() >= cap {
+                    // Closed at once: the client sees the end.
+                    drop(inbound);
+                    continue;
+                }
                 connections.spawn(async move {
                     let Ok(Ok(mut outbound)) =
                         tokio::time::timeout(CONNECT_PATIENCE, TcpStream::connect(target)).await
@@ -159,4 +168,54 @@ async fn relay_replies(
         let _ = socket.send_to(&buffer[..n], client).await;
     }
     client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed_and_the_others_served() {
+        // The group: echoes what it reads.
+        let group = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = group.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = group.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 64];
+                    while let Ok(n) = stream.read(&mut buffer).await {
+                        if n == 0 || stream.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen = listener.local_addr().unwrap();
+        tokio::spawn(forward_tcp(listener, target, 3));
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut client = TcpStream::connect(listen).await.unwrap();
+            client.write_all(b"hi").await.unwrap();
+            let mut echo = [0u8; 2];
+            client.read_exact(&mut echo).await.unwrap();
+            assert_eq!(&echo, b"hi");
+            held.push(client);
+        }
+        let mut refused = TcpStream::connect(listen).await.unwrap();
+        let mut buffer = [0u8; 2];
+        let read = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut buffer))
+            .await
+            .expect("closed, not left hanging");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        // One goes, and a new one is served.
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut again = TcpStream::connect(listen).await.unwrap();
+        again.write_all(b"ok").await.unwrap();
+        again.read_exact(&mut buffer).await.unwrap();
+        assert_eq!(&buffer, b"ok");
+    }
 }

@@ -155,7 +155,22 @@ pub fn kill(pid: u32) {
 
 /// The last lines of the VM's console, for a failure report.
 pub fn console_tail(console: &Path) -> String {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    // Read from its end: the guest writes as much as it likes there.
+    const TAIL_BYTES: u64 = 16 << 10;
+    let Ok(mut file) = File::open(console) else {
+        return String::new();
+    };
+    let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bytes = Vec::new();
+    if file
+        .seek(SeekFrom::Start(length.saturating_sub(TAIL_BYTES)))
+        .is_err()
+        || file.take(TAIL_BYTES).read_to_end(&mut bytes).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(8)..].join("\n")
 }
@@ -163,6 +178,23 @@ pub fn console_tail(console: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_console_tail_is_read_from_the_end_of_a_huge_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        let file = File::create(&console).unwrap();
+        // A sparse 8 GiB of a guest's writing, then its last lines.
+        file.set_len(8 << 30).unwrap();
+        drop(file);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&console)
+            .unwrap();
+        std::io::Write::write_all(&mut file, b"\nlast words\nthe end\n").unwrap();
+        let tail = console_tail(&console);
+        assert!(tail.ends_with("last words\nthe end"), "{tail:?}");
+    }
 
     #[test]
     fn a_missing_vmm_is_a_clear_error() {

@@ -12,6 +12,7 @@
 //! - `exec`, `stats`, `oci`: processes started in a container, figures,
 //!   and the OCI runtime spec made of a container spec.
 
+pub mod admission;
 mod adopt;
 mod exec;
 mod group;
@@ -73,6 +74,8 @@ pub struct Settings {
     pub registry_mirrors: Vec<String>,
     /// The parent of the VMs' cgroups, where the host has cgroup v2.
     pub cgroups: Option<capsa_cgroup::Hierarchy>,
+    /// The VM sizes and the memory this host takes.
+    pub capacity: admission::Capacity,
 }
 
 impl Daemon {
@@ -219,6 +222,14 @@ impl Daemon {
             message: "invalid container group spec".into(),
             details: e.problems,
         })?;
+        let too_big = self.settings.capacity.check_spec(&spec);
+        if !too_big.is_empty() {
+            return Err(ApiError {
+                code: ErrorCode::InvalidSpec,
+                message: "the group's VM is larger than this daemon allows".into(),
+                details: too_big,
+            });
+        }
         let mut missing = Vec::new();
         for (i, container) in spec.containers.iter().enumerate() {
             if let Err(e) = self.images.summary(&container.image) {

@@ -13,7 +13,7 @@ use capsa_vmm_config::DiskConfig;
 
 use super::lifecycle::{Refused, Transition};
 use super::{layers, oci, restart, Daemon, Group};
-use crate::errors::{guest_failed, internal, invalid, refused};
+use crate::errors::{conflict, guest_failed, internal, invalid, refused};
 use crate::logs::LogWriter;
 use crate::state::now_ms;
 
@@ -60,6 +60,10 @@ impl Daemon {
             .filter(|r| r.status == GroupStatus::Running && r.spec.name != record.spec.name)
             .map(|r| r.spec)
             .collect();
+        self.settings
+            .capacity
+            .admit(&record.spec, &running)
+            .map_err(conflict)?;
         let volumes = crate::volumes::plan(&self.volumes, &record.spec, &running)?;
         let mut disks = volumes.disks.clone();
         // Made afresh at each boot: nothing the guest wrote before is read.

@@ -73,6 +73,55 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             ))
         },
     );
+    let mut maximum = None;
+    s.check(
+        "a VM larger than the daemon allows is refused at create, naming the field and the maximum",
+        || {
+            let out = d.capsa(&["run", "--rm", "--memory", "1000000", "busybox", "true"])?;
+            let at = out
+                .stderr
+                .find("memoryMib: 1000000 is above this daemon's maximum of ")
+                .with_context(|| out.describe())?;
+            let rest = &out.stderr[at..];
+            let number: String = rest
+                .trim_start_matches("memoryMib: 1000000 is above this daemon's maximum of ")
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            maximum = Some(number.parse::<u64>()?);
+            ensure!(out.code != Some(0), "{}", out.describe());
+            Ok(out.stderr.trim().to_string())
+        },
+    );
+    if let Some(maximum) = maximum {
+        s.check(
+            "a start beyond the host's memory budget is refused, not overcommitted",
+            || {
+                let spec = serde_json::json!({"name": "big", "memoryMib": maximum, "containers": [
+                    {"name": "main", "image": "busybox", "command": ["true"]}]});
+                let client = d.client()?;
+                let _: capsa_api::GroupView =
+                    client.call(hyper::Method::POST, "/v1/groups", Some(spec.to_string()))?;
+                let started = client.call::<capsa_api::GroupView>(
+                    hyper::Method::POST,
+                    "/v1/groups/big/start",
+                    None,
+                );
+                let _: serde_json::Value =
+                    client.call(hyper::Method::DELETE, "/v1/groups/big", None)?;
+                let e = match started {
+                    Ok(view) => anyhow::bail!("started: {view:?}"),
+                    Err(e) => e,
+                };
+                let message = e
+                    .downcast_ref::<capsa_api::ApiError>()
+                    .map(|e| e.message.clone())
+                    .unwrap_or_else(|| format!("{e:#}"));
+                ensure!(message.contains("not enough host memory"), "{message}");
+                Ok(message)
+            },
+        );
+    }
     let removed = d.capsa(&["rm", "sized"])?;
     ensure!(removed.code == Some(0), "rm sized: {}", removed.describe());
     s.check("its cgroup goes with the VM", || {
