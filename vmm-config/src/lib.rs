@@ -18,6 +18,14 @@ pub const DEFAULT_CMDLINE: &str = "quiet";
 pub const DEFAULT_CPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 
+/// The VMM's seccomp filter, for a system call it does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Seccomp {
+    Kill,
+    Log,
+    Off,
+}
+
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
 #[command(name = "capsa-vmm", version, about = "Boot a Capsa microVM on KVM")]
 pub struct VmmArgs {
@@ -57,6 +65,11 @@ pub struct VmmArgs {
     /// Do not attach the virtio-rng entropy device.
     #[arg(long)]
     pub no_rng: bool,
+    /// What the VMM's seccomp filter does with a system call it does not
+    /// allow: kill the VMM (the default), log it and let it through (to
+    /// learn a new code path's calls), or no filter at all.
+    #[arg(long, value_enum, default_value_t = Seccomp::Kill)]
+    pub seccomp: Seccomp,
 }
 
 impl VmmArgs {
@@ -74,6 +87,7 @@ impl VmmArgs {
             nets: Vec::new(),
             vsock: None,
             no_rng: false,
+            seccomp: Seccomp::Kill,
         }
     }
 
@@ -107,6 +121,17 @@ impl VmmArgs {
         }
         if self.no_rng {
             args.push("--no-rng".into());
+        }
+        if self.seccomp != Seccomp::Kill {
+            args.push("--seccomp".into());
+            args.push(
+                match self.seccomp {
+                    Seccomp::Kill => "kill",
+                    Seccomp::Log => "log",
+                    Seccomp::Off => "off",
+                }
+                .into(),
+            );
         }
         Ok(args)
     }
@@ -152,6 +177,7 @@ mod tests {
                 guest_cid: 7,
             }),
             no_rng: true,
+            seccomp: Seccomp::Log,
         };
         assert_eq!(parse(args.to_args().unwrap()), args);
     }

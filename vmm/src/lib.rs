@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 mod vcpu;
 pub mod virtio;
 pub mod vm;

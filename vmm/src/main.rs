@@ -38,6 +38,7 @@ fn boot(args: VmmArgs) -> Result<ExitCode, capsa_vmm::VmError> {
         rng: !args.no_rng,
         vsock: args.vsock,
         nets: args.nets,
+        seccomp: args.seccomp,
     };
     let outcome = capsa_vmm::run(&config)?;
     if !outcome.exit.is_clean() {

@@ -70,10 +70,14 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-vsock bridged to Unix sockets.
     pub vsock: Option<VsockConfig>,
+    /// The seccomp filter's action on a system call it does not allow.
+    pub seccomp: capsa_vmm_config::Seccomp,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    #[error("{0}")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot open /dev/kvm: {0} (is KVM enabled on this host, and may this user use it?)")]
     Kvm(kvm_ioctls::Error),
     #[error("{0} vCPUs requested: Capsa supports 1 to {1} on this host")]
@@ -257,6 +261,8 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     }
 
     vcpu::install_kick_handler().map_err(VmError::Thread)?;
+    // Everything is open and mapped: from here on the VMM only runs.
+    crate::seccomp::install(config.seccomp)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
