@@ -229,6 +229,9 @@ pub struct Event {
 pub struct GroupStats {
     pub group: String,
     pub vmm_rss_kib: u64,
+    /// The VMM's resident memory outside the guest's: its own overhead.
+    #[serde(default)]
+    pub vmm_overhead_kib: u64,
     pub vmm_cpu_seconds: f64,
     /// Bytes through the group's network interface, as the host's tap
     /// counts them: received from the guest, and sent to it.

@@ -138,11 +138,27 @@ fn measure(
 pub fn run(args: &BootArgs) -> Result<()> {
     let timeout = Duration::from_secs(args.timeout_secs);
     let argv = capsa_args(args).to_args()?;
+    let unfiltered = capsa_vmm_config::VmmArgs {
+        seccomp: capsa_vmm_config::Seccomp::Off,
+        ..capsa_args(args)
+    }
+    .to_args()?;
     let mut results = vec![measure("capsa-vmm", args.runs, timeout, || {
         let mut c = Command::new(&args.vmm);
         c.args(&argv);
         c
     })?];
+    // The price of the seccomp filter (target: at most 5%).
+    results.push(measure(
+        "capsa-vmm --seccomp off",
+        args.runs,
+        timeout,
+        || {
+            let mut c = Command::new(&args.vmm);
+            c.args(&unfiltered);
+            c
+        },
+    )?);
     if let Some(qemu) = &args.qemu {
         results.push(measure("qemu -M microvm", args.runs, timeout, || {
             qemu_command(qemu, args)

@@ -57,6 +57,7 @@ pub fn render(daemon: &Daemon) -> String {
     let group_restarts = Family::<GroupLabels, Counter>::default();
     let vmm_cpu = Family::<GroupLabels, FloatCounter>::default();
     let vmm_memory = Family::<GroupLabels, Gauge>::default();
+    let vmm_overhead = Family::<GroupLabels, Gauge>::default();
     let net_from_guest = Family::<GroupLabels, Counter>::default();
     let net_to_guest = Family::<GroupLabels, Counter>::default();
     let block_read = Family::<GroupLabels, Counter>::default();
@@ -98,6 +99,9 @@ pub fn render(daemon: &Daemon) -> String {
         vmm_memory
             .get_or_create(&group)
             .set((stats.vmm_rss_kib * 1024) as i64);
+        vmm_overhead
+            .get_or_create(&group)
+            .set((stats.vmm_overhead_kib * 1024) as i64);
         net_from_guest
             .get_or_create(&group)
             .inc_by(stats.net_from_guest_bytes);
@@ -147,6 +151,11 @@ pub fn render(daemon: &Daemon) -> String {
         "vmm_memory_bytes",
         "Resident memory of the group's VMM process (the guest's memory included)",
         vmm_memory,
+    );
+    registry.register(
+        "vmm_overhead_bytes",
+        "Resident memory of the group's VMM outside the guest's memory",
+        vmm_overhead,
     );
     registry.register(
         "network_from_guest_bytes",

@@ -1,6 +1,6 @@
 //! The VMM process of a microVM: started as a process of its own (its own
-//! process group, so neither a signal to its starter nor the starter's
-//! death reaches it), found again by PID after a restart, and stopped.
+//! session, so neither a signal to its starter nor the starter's death
+//! reaches it), found again by PID after a restart, and stopped.
 //! capsad and the containerd shim both start their VMs here, and reach
 //! their agents through [`sandbox`].
 
@@ -93,8 +93,20 @@ pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
         .args(args.to_args()?)
         .stdin(Stdio::null())
         .stdout(log)
-        .stderr(err)
-        .process_group(0);
+        .stderr(err);
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory. A
+    // session of its own: neither a signal to its starter's group nor the
+    // starter's death reaches the VMM (a stopped VMM in a process group
+    // orphaned by that death would get SIGHUP).
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
     // Open (close-on-exec) until the spawn returns.
     let cgroup = vm
         .cgroup_procs
@@ -127,6 +139,21 @@ pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
         vmm: config.vmm.clone(),
         source,
     })
+}
+
+/// How a VMM process ended, in words: a SIGSYS is its seccomp filter's
+/// doing.
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(libc::SIGSYS)) => {
+            "killed by its seccomp filter (SIGSYS): it made a system call it may not make"
+                .to_string()
+        }
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => status.to_string(),
+    }
 }
 
 /// Whether `pid` is a live capsa-vmm serving `vsock` (and not a process
@@ -178,6 +205,17 @@ pub fn console_tail(console: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exits_are_told_in_words() {
+        use std::os::unix::process::ExitStatusExt;
+        let sigsys = std::process::ExitStatus::from_raw(libc::SIGSYS);
+        assert!(describe_exit(sigsys).contains("seccomp"));
+        let killed = std::process::ExitStatus::from_raw(libc::SIGKILL);
+        assert_eq!(describe_exit(killed), "killed by signal 9");
+        let exited = std::process::ExitStatus::from_raw(3 << 8);
+        assert_eq!(describe_exit(exited), "exit code 3");
+    }
 
     #[test]
     fn the_console_tail_is_read_from_the_end_of_a_huge_console() {

@@ -12,6 +12,11 @@ use clap::Parser;
 const CRASH_TAIL_LINES: usize = 40;
 
 fn main() -> ExitCode {
+    // One malloc arena: glibc's per-thread arenas read
+    // /proc/sys/vm/overcommit_memory when they shrink, a file the seccomp
+    // filter (rightly) does not let a running VMM open.
+    // SAFETY: mallopt only sets an allocator tunable; no thread runs yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let args = VmmArgs::parse();
     match boot(args) {
         Ok(code) => code,

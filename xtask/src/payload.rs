@@ -20,6 +20,13 @@ mount -t cgroup2 none /sys/fs/cgroup
 mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 ";
 
+/// After the suites: the system calls the VMMs' seccomp filters refused
+/// (the kernel's audit records, type 1326), counted by thread name and
+/// syscall number, for whoever reads a failed run's log.
+const NESTED_AFTER: &str = "echo '=== seccomp refusals (count, thread, syscall number):'
+dmesg | grep -a type=1326 | sed -e 's/.*comm=//' -e 's/ exe=.*syscall=/ /' -e 's/ compat.*//' | sort | uniq -c
+";
+
 /// The longest one outer machine may run.
 const MAX_OUTER_SECS: u64 = 2400;
 
@@ -257,7 +264,7 @@ impl Payload {
         std::fs::write(
             self.dir.join("run.sh"),
             format!(
-                "{NESTED_SETUP}./capsa-e2e --artifacts /payload --ip /payload/bin/ip {}\n",
+                "{NESTED_SETUP}./capsa-e2e --artifacts /payload --ip /payload/bin/ip {}\n{NESTED_AFTER}",
                 words.join(" ")
             ),
         )?;

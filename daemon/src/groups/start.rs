@@ -139,7 +139,7 @@ impl Daemon {
         std::thread::spawn(move || {
             let how = child
                 .wait()
-                .map(|s| s.to_string())
+                .map(vm::describe_exit)
                 .unwrap_or_else(|e| e.to_string());
             vm_exited(&daemon, &watched, how);
         });

@@ -60,6 +60,46 @@ impl ProcFigures {
     }
 }
 
+/// The resident KiB of the guest's memory in a VMM's /proc/PID/smaps: its
+/// largest anonymous mappings that together are `guest_kib` (the guest's
+/// RAM, below and above the MMIO gap), None when none add up to it.
+pub fn guest_rss_kib(smaps: &str, guest_kib: u64) -> Option<u64> {
+    // (size, rss) of each anonymous mapping.
+    let mut mappings: Vec<(u64, u64)> = Vec::new();
+    let mut anonymous = false;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: address perms offset dev inode [path].
+            anonymous = words.nth(4).is_none();
+            if anonymous {
+                mappings.push((0, 0));
+            }
+            continue;
+        }
+        let mut value = || words.next().and_then(|v| v.parse::<u64>().ok());
+        match (anonymous, first, mappings.last_mut()) {
+            (true, "Size:", Some(last)) => last.0 = value().unwrap_or(0),
+            (true, "Rss:", Some(last)) => last.1 = value().unwrap_or(0),
+            _ => {}
+        }
+    }
+    mappings.sort_by_key(|m| std::cmp::Reverse(m.0));
+    let (mut size, mut rss) = (0, 0);
+    for (mapping_size, mapping_rss) in mappings {
+        if size + mapping_size > guest_kib {
+            continue;
+        }
+        size += mapping_size;
+        rss += mapping_rss;
+        if size == guest_kib {
+            return Some(rss);
+        }
+    }
+    None
+}
+
 impl Daemon {
     pub fn stats(&self, name: &str) -> Result<GroupStats, ApiError> {
         let group = self.group(name)?;
@@ -96,9 +136,14 @@ impl Daemon {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0)
         };
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let vmm_overhead_kib = guest_rss_kib(&smaps, record.spec.memory_mib() << 10)
+            .map(|guest| figures.rss_kib.saturating_sub(guest))
+            .unwrap_or(0);
         Ok(GroupStats {
             group: name.to_string(),
             vmm_rss_kib: figures.rss_kib,
+            vmm_overhead_kib,
             vmm_cpu_seconds: figures.cpu_ticks as f64 / per_second,
             net_from_guest_bytes: tap("rx_bytes"),
             net_to_guest_bytes: tap("tx_bytes"),
@@ -127,6 +172,29 @@ mod tests {
                 write_bytes: 8192,
             }
         );
+    }
+
+    #[test]
+    fn the_guests_memory_is_told_apart_from_the_vmms_own() {
+        let smaps = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 08:01 1234 /payload/capsa-vmm
+Size:               1024 kB
+Rss:                 900 kB
+7f0000000000-7f0010000000 rw-p 00000000 00:00 0
+Size:             262144 kB
+Rss:               30000 kB
+7f0010000000-7f0010800000 rw-p 00000000 00:00 0
+Size:               8192 kB
+Rss:                  64 kB
+7f0020000000-7f0020100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Rss:                 500 kB
+";
+        assert_eq!(guest_rss_kib(smaps, 262144), Some(30000));
+        // Two regions (below and above the MMIO gap).
+        assert_eq!(guest_rss_kib(smaps, 262144 + 8192), Some(30064));
+        assert_eq!(guest_rss_kib(smaps, 999), None);
+        assert_eq!(guest_rss_kib("", 262144), None);
     }
 
     #[test]

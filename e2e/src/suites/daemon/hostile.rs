@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use capsa_api::GroupStatus;
 
-use super::harness::Capsad;
+use super::harness::{send_signal, Capsad};
 use crate::suite::Suite;
 
 pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
@@ -40,17 +40,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     let run = d.capsa(&["run", "-d", "--name", "frozen", "busybox", "sleep", "300"])?;
     ensure!(run.code == Some(0), "run -d frozen: {}", run.describe());
     let pid = d.group("frozen")?.vmm_pid.context("no VMM pid")?;
-    let signal = |signal: libc::c_int| {
-        // SAFETY: kill(2) takes no memory; the pid is the group's VMM.
-        let sent = unsafe { libc::kill(pid as libc::pid_t, signal) };
-        ensure!(
-            sent == 0,
-            "kill {signal} {pid}: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(())
-    };
-    signal(libc::SIGSTOP)?;
+    send_signal(pid, libc::SIGSTOP)?;
     s.check(
         "with a group's VMM frozen, a restarted capsad serves its API within 5 s and marks the group unresponsive",
         || {
@@ -75,7 +65,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             Ok(format!("API after {answered:.1?}; {error}"))
         },
     );
-    signal(libc::SIGCONT)?;
+    send_signal(pid, libc::SIGCONT)?;
     let removed = d.capsa(&["rm", "frozen"])?;
     ensure!(removed.code == Some(0), "rm frozen: {}", removed.describe());
     Ok(())

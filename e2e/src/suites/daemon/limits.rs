@@ -1,16 +1,13 @@
 //! Host limits on each VM (issue 16): its VMM runs in a cgroup v2 of its
 //! own that holds it to its memory, vCPUs and thread count, and that goes
-//! with the VM.
-
-use std::path::PathBuf;
+//! with the VM; every thread of it is under its seccomp filter, and a VMM
+//! that filter kills fails its group with the reason. Sizes beyond the
+//! daemon's maxima or the host's budget are refused.
 
 use anyhow::{ensure, Context, Result};
 
-use super::harness::Capsad;
+use super::harness::{cgroup_parent, send_signal, Capsad};
 use crate::suite::Suite;
-
-/// capsad's default cgroup parent, as the cgroup v2 mount shows it.
-const PARENT: &str = "/sys/fs/cgroup/capsa";
 
 fn read(dir: &std::path::Path, file: &str) -> Result<String> {
     let path = dir.join(file);
@@ -25,7 +22,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         "run", "-d", "--name", "sized", "--cpus", "1", "--memory", "256", "busybox", "sleep", "300",
     ])?;
     ensure!(run.code == Some(0), "run -d sized: {}", run.describe());
-    let dir = PathBuf::from(PARENT).join("sized");
+    let dir = cgroup_parent().join("sized");
     s.check(
         "the VMM runs in a cgroup of its own: memory.max its memory plus 128 MiB, no swap, cpu.max its vCPUs, pids.max 128",
         || {
@@ -71,6 +68,56 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 max >> 20,
                 out.describe()
             ))
+        },
+    );
+    s.check(
+        "every thread of the VMM runs under its seccomp filter (Seccomp: 2)",
+        || {
+            let pid = d.group("sized")?.vmm_pid.context("no VMM pid")?;
+            let mut threads = Vec::new();
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+                let status = std::fs::read_to_string(task.path().join("status"))?;
+                let field = |name: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(|v| v.trim().to_string())
+                        .unwrap_or_default()
+                };
+                threads.push((field("Name:"), field("Seccomp:")));
+            }
+            ensure!(
+                threads.len() >= 2 && threads.iter().all(|(_, mode)| mode == "2"),
+                "{threads:?}"
+            );
+            Ok(format!("{threads:?}"))
+        },
+    );
+    s.check(
+        "a VMM killed by SIGSYS (what its filter does to a forbidden call) fails its group with that reason",
+        || {
+            let run = d.capsa(&["run", "-d", "--name", "sigsys", "busybox", "sleep", "300"])?;
+            ensure!(run.code == Some(0), "run -d sigsys: {}", run.describe());
+            let pid = d.group("sigsys")?.vmm_pid.context("no VMM pid")?;
+            send_signal(pid, libc::SIGSYS)?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let view = loop {
+                let view = d.group("sigsys")?;
+                if view.status != capsa_api::GroupStatus::Running
+                    || std::time::Instant::now() > deadline
+                {
+                    break view;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            };
+            let removed = d.capsa(&["rm", "sigsys"])?;
+            let error = view.error.clone().unwrap_or_default();
+            ensure!(
+                view.status == capsa_api::GroupStatus::Failed && error.contains("seccomp"),
+                "{view:?}"
+            );
+            ensure!(removed.code == Some(0), "rm: {}", removed.describe());
+            Ok(error.lines().next().unwrap_or_default().to_string())
         },
     );
     let mut maximum = None;

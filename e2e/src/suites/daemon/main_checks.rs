@@ -408,12 +408,16 @@ fn adoption(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             .find(|c| c.name == "main")
             .context("no main")?;
         ensure!(
-            stats.vmm_rss_kib > 0 && main.memory_bytes > 0 && main.pids >= 1,
+            stats.vmm_rss_kib > 0
+                && stats.vmm_overhead_kib > 0
+                && stats.vmm_overhead_kib < stats.vmm_rss_kib
+                && main.memory_bytes > 0
+                && main.pids >= 1,
             "{stats:?}"
         );
         Ok(format!(
-            "VMM {} KiB, main {} bytes, {} pids",
-            stats.vmm_rss_kib, main.memory_bytes, main.pids
+            "VMM {} KiB ({} KiB its own), main {} bytes, {} pids",
+            stats.vmm_rss_kib, stats.vmm_overhead_kib, main.memory_bytes, main.pids
         ))
     });
     s.check("exec runs in it, with its output and exit code", || {

@@ -92,11 +92,9 @@ fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     }
 }
 
-impl Drop for Vsock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config.path);
-    }
-}
+// The socket file stays when the VMM ends: under its seccomp filter a
+// running VMM removes no file. Whoever starts the next VMM on that path
+// removes it (`remove_stale_socket`, and the starters themselves).
 
 impl super::VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
