@@ -39,9 +39,13 @@ for applet in sh mount insmod echo cat poweroff timeout sleep mkdir dd rm ls gre
     ln -s busybox "$stage/bin/$applet"
 done
 load=()
-# KVM, and taps on a bridge for groups' networks.
+# KVM, taps on a bridge for groups' networks, and a virtio disk with ext4
+# for /tmp (below).
 for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd \
          drivers/net/tun net/llc/llc net/802/stp net/bridge/bridge \
+         drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
+         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk \
+         crypto/crc32c_generic lib/crc16 fs/mbcache fs/jbd2/jbd2 fs/ext4/ext4 \
          ${CAPSA_NESTED_MODULES:-}; do
     cp "$modules/$m.ko" "$stage/modules/"
     load+=("$(basename "$m")")
@@ -50,10 +54,13 @@ cp -a "$payload" "$stage/payload"
 cat > "$stage/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
 # No page of a microVM's memory moves while it runs (see boot_outer).
 echo 0 > /proc/sys/vm/compaction_proactiveness
 for m in $(cat /modules/order); do insmod /modules/$m.ko; done
+# /tmp (capsad's state in the suites and benchmarks) on a disk, as on a
+# real host: a VMM's writes to its disks are page cache that writeback
+# frees, not tmpfs pages charged to its cgroup for good.
+mount -t ext4 /dev/vda /tmp || mount -t tmpfs tmp /tmp
 export PATH=/payload/bin:/bin
 cd /payload && sh ./run.sh
 echo "=== nested-kvm: payload done"
@@ -96,8 +103,14 @@ boot_outer() {
     # CPU up once ("soft lockup ... [khugepaged]") with microVMs running;
     # it does not prevent the freezes described above.
     # QEMU's firmware writes terminal escapes before the payload's first line.
+    # A fresh sparse disk for the outer machine's /tmp at each boot
+    # (crc32c_generic is loaded for ext4 above).
+    rm -f "$stage/tmp.img"
+    truncate -s 16G "$stage/tmp.img"
+    mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "$stage/tmp.img"
     timeout "${CAPSA_NESTED_TIMEOUT_SECS:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3072 -nodefaults \
         -no-user-config -nographic -serial stdio -no-reboot -pidfile "$stage/qemu.pid" \
+        -drive "file=$stage/tmp.img,if=virtio,format=raw,cache=unsafe" \
         -kernel "$(echo "$host_dir"/x/boot/vmlinuz-*)" -initrd "$cache/outer.cpio" \
         -append "console=ttyS0 quiet panic=-1 transparent_hugepage=never" | stdbuf -oL tr -d '\r' >> "$log" || true
     kill "$watcher" 2>/dev/null || true
