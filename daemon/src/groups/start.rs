@@ -118,7 +118,13 @@ impl Daemon {
                 cgroup_procs: cgroup.as_ref().map(|c| c.procs()).as_deref(),
             },
         )
-        .map_err(internal)?;
+        .map_err(|e| {
+            // No VMM: nothing will end in that cgroup to remove it later.
+            if let Some(cgroup) = &cgroup {
+                let _ = cgroup.remove(Duration::ZERO);
+            }
+            internal(e)
+        })?;
         let pid = booting.pid();
         report(format!(
             "booting the microVM: {} vCPU, {} MiB (VMM pid {pid})",
