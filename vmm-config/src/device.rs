@@ -24,6 +24,12 @@ pub enum ArgError {
     MulticastMac(String),
     #[error("bad vsock CID {0:?}")]
     BadCid(String),
+    #[error("bad descriptor {0:?} (expected a number above 2)")]
+    BadFd(String),
+    #[error("bad jail user or group id {0:?} (expected a number other than 0)")]
+    BadId(String),
+    #[error("descriptor {0} is given to more than one device")]
+    SharedFd(i32),
     #[error(
         "{what} {value:?} cannot be passed to the VMM: it is empty, not UTF-8, or has a comma"
     )]
@@ -32,7 +38,7 @@ pub enum ArgError {
 
 /// Splits `HEAD[,OPTION]...` into its head, which must be there, and its
 /// options.
-fn split<'a>(
+pub(crate) fn split<'a>(
     spec: &'a str,
     what: &'static str,
 ) -> Result<(&'a str, std::str::Split<'a, char>), ArgError> {
@@ -46,7 +52,7 @@ fn split<'a>(
 
 /// A head or an option value as it goes into a device argument: text
 /// with no comma, so that it parses back as itself.
-fn field<'a>(what: &'static str, value: &'a std::ffi::OsStr) -> Result<&'a str, ArgError> {
+pub(crate) fn field<'a>(what: &'static str, value: &'a std::ffi::OsStr) -> Result<&'a str, ArgError> {
     value
         .to_str()
         .filter(|v| !v.is_empty() && !v.contains(','))
@@ -98,13 +104,38 @@ impl fmt::Display for MacAddr {
     }
 }
 
-/// `--disk PATH[,ro][,id=SERIAL]`: a raw image as virtio-blk.
+/// `--disk PATH[,ro][,id=SERIAL][,fd=N]`: a raw image as virtio-blk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
     /// What GET_ID answers (the disk's serial in the guest), at most 20 bytes.
     pub id: Option<String>,
+    /// The image is already open as this inherited descriptor (opened by
+    /// whoever started the VMM, with the access `read_only` says); `path`
+    /// then only names it.
+    pub fd: Option<i32>,
+}
+
+impl DiskConfig {
+    /// The image at `path`, opened by the VMM.
+    pub fn at(path: impl Into<PathBuf>, read_only: bool, id: Option<String>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            read_only,
+            id,
+            fd: None,
+        }
+    }
+}
+
+/// `fd=N` as an option: a descriptor the VMM inherits (0 to 2 are its
+/// standard streams).
+fn parse_fd(text: &str) -> Result<i32, ArgError> {
+    text.parse::<i32>()
+        .ok()
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| ArgError::BadFd(text.to_string()))
 }
 
 impl FromStr for DiskConfig {
@@ -112,20 +143,17 @@ impl FromStr for DiskConfig {
 
     fn from_str(spec: &str) -> Result<Self, ArgError> {
         let (path, options) = split(spec, "the disk image path")?;
-        let mut disk = DiskConfig {
-            path: PathBuf::from(path),
-            read_only: false,
-            id: None,
-        };
+        let mut disk = DiskConfig::at(path, false, None);
         for option in options {
             match option.split_once('=') {
                 None if option == "ro" => disk.read_only = true,
                 Some(("id", id)) => disk.id = Some(id.to_string()),
+                Some(("fd", fd)) => disk.fd = Some(parse_fd(fd)?),
                 _ => {
                     return Err(ArgError::UnknownOption {
                         device: "disk",
                         option: option.to_string(),
-                        expected: "ro or id=SERIAL",
+                        expected: "ro, id=SERIAL or fd=N",
                     })
                 }
             }
@@ -144,11 +172,14 @@ impl DiskConfig {
             arg.push_str(",id=");
             arg.push_str(field("disk serial", id.as_ref())?);
         }
+        if let Some(fd) = self.fd {
+            arg.push_str(&format!(",fd={fd}"));
+        }
         Ok(arg)
     }
 }
 
-/// `--net TAP[,mac=MAC][,bridge=NAME]`: a virtio-net on a host tap.
+/// `--net TAP[,mac=MAC][,bridge=NAME][,fd=N]`: a virtio-net on a host tap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     /// Name of the host tap device to attach to.
@@ -169,6 +200,7 @@ impl FromStr for NetConfig {
             tap: tap.to_string(),
             mac: MacAddr::random(),
             bridge: None,
+            fd: None,
         };
         for option in options {
             match option.split_once('=') {
@@ -176,11 +208,12 @@ impl FromStr for NetConfig {
                 Some(("bridge", bridge)) if !bridge.is_empty() => {
                     net.bridge = Some(bridge.to_string())
                 }
+                Some(("fd", fd)) => net.fd = Some(parse_fd(fd)?),
                 _ => {
                     return Err(ArgError::UnknownOption {
                         device: "net",
                         option: option.to_string(),
-                        expected: "mac=... or bridge=...",
+                        expected: "mac=..., bridge=... or fd=N",
                     })
                 }
             }
@@ -196,17 +229,24 @@ impl NetConfig {
             arg.push_str(",bridge=");
             arg.push_str(field("bridge name", bridge.as_ref())?);
         }
+        if let Some(fd) = self.fd {
+            arg.push_str(&format!(",fd={fd}"));
+        }
         Ok(arg)
     }
 }
 
-/// `--vsock PATH[,cid=N]`: a virtio-vsock bridged to a Unix socket.
+/// `--vsock PATH[,cid=N][,fd=N]`: a virtio-vsock bridged to a Unix socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VsockConfig {
     /// The Unix socket host processes connect through; guest-initiated
-    /// connections go to `<path>_<port>`.
+    /// connections go to `<path>_<port>` (which a jailed VMM cannot reach:
+    /// they are refused).
     pub path: PathBuf,
     pub guest_cid: u64,
+    /// The socket is already bound and listening at `path` as this
+    /// inherited descriptor.
+    pub listener_fd: Option<i32>,
 }
 
 impl VsockConfig {
@@ -215,15 +255,20 @@ impl VsockConfig {
         VsockConfig {
             path: path.into(),
             guest_cid: DEFAULT_GUEST_CID,
+            listener_fd: None,
         }
     }
 
     pub fn to_arg(&self) -> Result<String, ArgError> {
-        Ok(format!(
+        let mut arg = format!(
             "{},cid={}",
             field("vsock socket path", self.path.as_os_str())?,
             self.guest_cid
-        ))
+        );
+        if let Some(fd) = self.listener_fd {
+            arg.push_str(&format!(",fd={fd}"));
+        }
+        Ok(arg)
     }
 }
 
@@ -238,11 +283,12 @@ impl FromStr for VsockConfig {
                 Some(("cid", cid)) => {
                     vsock.guest_cid = cid.parse().map_err(|_| ArgError::BadCid(cid.into()))?
                 }
+                Some(("fd", fd)) => vsock.listener_fd = Some(parse_fd(fd)?),
                 _ => {
                     return Err(ArgError::UnknownOption {
                         device: "vsock",
                         option: option.to_string(),
-                        expected: "cid=N",
+                        expected: "cid=N or fd=N",
                     })
                 }
             }
@@ -262,22 +308,22 @@ mod tests {
 
     proptest! {
         #[test]
-        fn disks_round_trip(path in name(), read_only: bool, id in proptest::option::of("[a-z0-9=-]{1,20}")) {
-            let disk = DiskConfig { path: format!("/{path}").into(), read_only, id };
+        fn disks_round_trip(path in name(), read_only: bool, id in proptest::option::of("[a-z0-9=-]{1,20}"), fd in proptest::option::of(3..1000i32)) {
+            let disk = DiskConfig { path: format!("/{path}").into(), read_only, id, fd };
             prop_assert_eq!(disk.to_arg().unwrap().parse::<DiskConfig>().unwrap(), disk);
         }
 
         #[test]
-        fn nets_round_trip(tap in name(), mac: [u8; 6], bridge in proptest::option::of(name())) {
+        fn nets_round_trip(tap in name(), mac: [u8; 6], bridge in proptest::option::of(name()), fd in proptest::option::of(3..1000i32)) {
             let mut mac = mac;
             mac[0] &= !1;
-            let net = NetConfig { tap, mac: MacAddr(mac), bridge };
+            let net = NetConfig { tap, mac: MacAddr(mac), bridge, fd };
             prop_assert_eq!(net.to_arg().unwrap().parse::<NetConfig>().unwrap(), net);
         }
 
         #[test]
-        fn vsocks_round_trip(path in name(), guest_cid: u64) {
-            let vsock = VsockConfig { path: format!("/{path}").into(), guest_cid };
+        fn vsocks_round_trip(path in name(), guest_cid: u64, listener_fd in proptest::option::of(3..1000i32)) {
+            let vsock = VsockConfig { path: format!("/{path}").into(), guest_cid, listener_fd };
             prop_assert_eq!(vsock.to_arg().unwrap().parse::<VsockConfig>().unwrap(), vsock);
         }
     }
@@ -313,6 +359,10 @@ mod tests {
         assert_eq!(
             "/v,cid=x".parse::<VsockConfig>(),
             Err(ArgError::BadCid("x".into()))
+        );
+        assert_eq!(
+            "/d,fd=1".parse::<DiskConfig>(),
+            Err(ArgError::BadFd("1".into()))
         );
     }
 

@@ -5,6 +5,7 @@
 //! here, and nowhere else.
 
 mod device;
+mod jail;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 pub use device::{ArgError, DiskConfig, MacAddr, NetConfig, VsockConfig, DEFAULT_GUEST_CID};
+pub use jail::JailConfig;
 
 /// What the VMM appends to the kernel command line unless told otherwise.
 pub const DEFAULT_CMDLINE: &str = "quiet";
@@ -70,6 +72,13 @@ pub struct VmmArgs {
     /// learn a new code path's calls), or no filter at all.
     #[arg(long, value_enum, default_value_t = Seccomp::Kill)]
     pub seccomp: Seccomp,
+    /// Before the guest runs, confine the VMM (started as root): new
+    /// mount, PID, IPC, UTS, network and cgroup namespaces, the empty
+    /// directory ROOT as its root, user and group ids U and G, no
+    /// capabilities, no new privileges, and limits on files and threads.
+    /// Devices are then best passed as descriptors (fd=N).
+    #[arg(long, value_name = "ROOT,uid=U,gid=G")]
+    pub jail: Option<JailConfig>,
 }
 
 impl VmmArgs {
@@ -88,7 +97,26 @@ impl VmmArgs {
             vsock: None,
             no_rng: false,
             seccomp: Seccomp::Kill,
+            jail: None,
         }
+    }
+
+    /// The descriptors the VMM inherits for its devices, each given to
+    /// one device only.
+    pub fn inherited_fds(&self) -> Result<Vec<i32>, ArgError> {
+        let fds: Vec<i32> = self
+            .disks
+            .iter()
+            .filter_map(|d| d.fd)
+            .chain(self.nets.iter().filter_map(|n| n.fd))
+            .chain(self.vsock.iter().filter_map(|v| v.listener_fd))
+            .collect();
+        for (i, fd) in fds.iter().enumerate() {
+            if fds[..i].contains(fd) {
+                return Err(ArgError::SharedFd(*fd));
+            }
+        }
+        Ok(fds)
     }
 
     /// The arguments (without the program name) that parse back into
@@ -121,6 +149,10 @@ impl VmmArgs {
         }
         if self.no_rng {
             args.push("--no-rng".into());
+        }
+        if let Some(jail) = &self.jail {
+            args.push("--jail".into());
+            args.push(jail.to_arg()?.into());
         }
         if self.seccomp != Seccomp::Kill {
             args.push("--seccomp".into());
@@ -157,29 +189,35 @@ mod tests {
             console: Some("/run/g/console.log".into()),
             disks: vec![
                 DiskConfig {
-                    path: "/v/a.ext4".into(),
-                    read_only: true,
-                    id: Some("capsa-vol0".into()),
+                    fd: Some(7),
+                    ..DiskConfig::at("/v/a.ext4", true, Some("capsa-vol0".into()))
                 },
-                DiskConfig {
-                    path: "/v/b.img".into(),
-                    read_only: false,
-                    id: None,
-                },
+                DiskConfig::at("/v/b.img", false, None),
             ],
             nets: vec![NetConfig {
                 tap: "capsa-0a000002".into(),
                 mac: MacAddr([0x02, 0xca, 0x95, 0, 0, 2]),
                 bridge: Some("capsa0".into()),
+                fd: Some(8),
             }],
             vsock: Some(VsockConfig {
                 path: "/run/g/v.sock".into(),
                 guest_cid: 7,
+                listener_fd: Some(9),
             }),
             no_rng: true,
             seccomp: Seccomp::Log,
+            jail: Some(JailConfig {
+                root: "/run/g/jail".into(),
+                uid: 900000,
+                gid: 900000,
+            }),
         };
         assert_eq!(parse(args.to_args().unwrap()), args);
+        assert_eq!(args.inherited_fds(), Ok(vec![7, 8, 9]));
+        let mut shared = args.clone();
+        shared.disks[1].fd = Some(9);
+        assert_eq!(shared.inherited_fds(), Err(ArgError::SharedFd(9)));
     }
 
     #[test]
@@ -192,11 +230,7 @@ mod tests {
     #[test]
     fn a_device_that_would_not_parse_back_is_refused() {
         let mut args = VmmArgs::new("/k/vmlinux");
-        args.disks.push(DiskConfig {
-            path: "/v/a,ro.img".into(),
-            read_only: false,
-            id: None,
-        });
+        args.disks.push(DiskConfig::at("/v/a,ro.img", false, None));
         let err = args.to_args().unwrap_err().to_string();
         assert!(err.contains("/v/a,ro.img"), "{err}");
     }

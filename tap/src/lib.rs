@@ -1,9 +1,12 @@
 //! A Linux tap device opened with a virtio-net header, so frames and their
 //! offload metadata pass between the guest and the host stack unchanged.
+//! The daemon makes the tap and bridges it (which takes CAP_NET_ADMIN);
+//! the VMM, which has no capabilities, gets its descriptor
+//! ([`Tap::from_fd`]) and only reads and writes frames.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
@@ -91,6 +94,18 @@ impl Tap {
                 source: std::io::Error::last_os_error(),
             });
         }
+        Self::prepared(file, name)
+    }
+
+    /// The tap whose descriptor `fd` is (attached by whoever opened it),
+    /// named `name` in messages.
+    pub fn from_fd(fd: OwnedFd, name: &str) -> Result<Self, TapError> {
+        Self::prepared(File::from(fd), name)
+    }
+
+    /// Sets the header size frames carry and turns offloads off until the
+    /// guest's driver asks for them.
+    fn prepared(file: File, name: &str) -> Result<Self, TapError> {
         let tap = Self {
             file,
             name: name.to_string(),
@@ -101,6 +116,10 @@ impl Tap {
         tap.check(rc, "set the virtio-net header size")?;
         tap.set_offload(0)?;
         Ok(tap)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Adds the tap to `bridge` and brings it up.
@@ -193,5 +212,81 @@ impl Tap {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// Test support: a tap in a network namespace of its own.
+pub mod testing {
+    use super::Tap;
+
+    /// Runs `f` with a tap inside a network namespace of its own (on a
+    /// thread that unshares it), so tests never touch the host's network.
+    /// None when this process may not create namespaces or taps.
+    pub fn in_private_netns<T: Send + 'static>(
+        f: impl FnOnce(Tap) -> T + Send + 'static,
+    ) -> Option<T> {
+        std::thread::spawn(move || {
+            // SAFETY: unshare only changes this thread's namespaces.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return None;
+            }
+            let tap = Tap::open("capsa-test0").ok()?;
+            Some(f(tap))
+        })
+        .join()
+        .ok()
+        .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::in_private_netns;
+    use super::*;
+
+    #[test]
+    fn a_tap_joins_its_bridge_and_comes_up() {
+        let seen = in_private_netns(|tap| {
+            // `ip` runs in this thread's namespace: it forks from here.
+            let ip = |args: &[&str]| {
+                std::process::Command::new("ip")
+                    .args(args)
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            };
+            ip(&["link", "add", "capsa-br0", "type", "bridge"]).ok()?;
+            let missing = tap.join_bridge("capsa-nobr").unwrap_err().to_string();
+            tap.join_bridge("capsa-br0").ok()?;
+            Some((ip(&["-o", "link", "show", "capsa-test0"]).ok()?, missing))
+        })
+        .flatten();
+        let Some((link, missing)) = seen else {
+            eprintln!("skipped: no namespaces, taps or ip here");
+            return;
+        };
+        assert!(
+            link.contains("master capsa-br0") && link.contains(",UP"),
+            "{link}"
+        );
+        assert!(missing.contains("capsa-nobr"), "{missing}");
+    }
+
+    #[test]
+    fn a_passed_descriptor_is_the_same_tap() {
+        let seen = in_private_netns(|tap| {
+            let fd = tap.file.try_clone().ok()?;
+            let adopted = Tap::from_fd(fd.into(), "capsa-test0").ok()?;
+            Some(adopted.name().to_string())
+        })
+        .flatten();
+        if let Some(name) = seen {
+            assert_eq!(name, "capsa-test0");
+        }
     }
 }
