@@ -137,11 +137,7 @@ fn run_once(args: &DevicesArgs, dir: &Path) -> Result<Sample> {
         args.vsock_bytes, args.disk_mib, args.random_reads
     );
     let vm = capsa_vmm_config::VmmArgs {
-        disks: vec![capsa_vmm_config::DiskConfig {
-            path: image.clone(),
-            read_only: false,
-            id: None,
-        }],
+        disks: vec![capsa_vmm_config::DiskConfig::at(image.clone(), false, None)],
         vsock: Some(capsa_vmm_config::VsockConfig::at(&socket)),
         cmdline: format!("quiet rdinit=/bin/capsa-io-probe -- {steps}"),
         ..process::vmm_args(&args.kernel, &args.initrd, args.cpus, args.memory_mib)

@@ -74,6 +74,24 @@ struct Args {
     /// less 512 MiB). A start beyond it is refused.
     #[arg(long)]
     memory_budget_mib: Option<u64>,
+    /// Whether each VMM runs jailed: its own namespaces, an empty root,
+    /// an unprivileged user and group of its own, no capabilities (off is
+    /// for measuring what the jail costs).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    jail: Switch,
+    /// The first of the user and group ids the jails run as, one per
+    /// group; none may be an id anything else on the host uses.
+    #[arg(long, default_value_t = capsa_jail::DEFAULT_IDS.first)]
+    jail_first_id: u32,
+    /// How many jail ids there are (the most groups this daemon keeps).
+    #[arg(long, default_value_t = capsa_jail::DEFAULT_IDS.count)]
+    jail_ids: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 /// The VMs' parent cgroup, or None (said once) where the host has no
@@ -164,6 +182,10 @@ fn main() -> Result<()> {
                 args.max_vm_cpus,
                 args.memory_budget_mib,
             ),
+            jail_ids: (args.jail == Switch::On).then_some(capsa_jail::IdRange {
+                first: args.jail_first_id,
+                count: args.jail_ids,
+            }),
         },
     );
     daemon.restore();

@@ -31,6 +31,10 @@ pub struct GroupRecord {
     /// its published ports and its name hold still.
     #[serde(default)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// The user and group id its VMM's jail runs as, the group's own
+    /// while it exists.
+    #[serde(default)]
+    pub jail_id: Option<u32>,
     /// VM restarts by the restart policy.
     #[serde(default)]
     pub restart_count: u32,
@@ -62,6 +66,7 @@ impl GroupRecord {
             error: None,
             vmm_pid: None,
             ip: None,
+            jail_id: None,
             restart_count: 0,
             created_at: now_ms(),
             started_at: None,
@@ -112,6 +117,11 @@ impl GroupPaths {
     /// Short on purpose: Unix socket paths are limited to 108 bytes.
     pub fn vsock(&self) -> PathBuf {
         self.dir.join("v.sock")
+    }
+
+    /// The empty directory its VMM's jail has as root.
+    pub fn jail(&self) -> PathBuf {
+        self.dir.join("jail")
     }
 
     /// The disk of the containers' writable layers.

@@ -88,11 +88,11 @@ pub fn plan(
                 (Err(e), _) => return Err(volume_error(e)),
             };
             let serial = serial(plan.disks.len());
-            plan.disks.push(DiskConfig {
-                path: image,
-                read_only: persistent.read_only,
-                id: Some(serial.clone()),
-            });
+            plan.disks.push(DiskConfig::at(
+                image,
+                persistent.read_only,
+                Some(serial.clone()),
+            ));
             volume::Source::Block(BlockDevice {
                 serial,
                 fstype: "ext4".into(),

@@ -28,7 +28,7 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{ForkResult, Gid, Uid};
 
-pub use ids::{IdRange, DEFAULT_IDS};
+pub use ids::{Claims, IdRange, DEFAULT_IDS};
 pub use observe::Confinement;
 
 /// Where and as whom a process is confined.
@@ -83,8 +83,13 @@ pub fn enter(jail: &Jail) -> Result<(), JailError> {
     check(jail)?;
     // SAFETY: ignoring a signal touches no memory. A write beyond the
     // file-size limit then fails with EFBIG instead of killing the VMM.
-    unsafe { nix::sys::signal::signal(nix::sys::signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn) }
-        .map_err(step("ignore SIGXFSZ"))?;
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGXFSZ,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .map_err(step("ignore SIGXFSZ"))?;
     unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
@@ -214,9 +219,17 @@ fn change_root(root: &Path) -> Result<(), JailError> {
 pub(crate) fn drop_privileges(jail: &Jail) -> Result<(), JailError> {
     let limits = jail.limits;
     for (resource, value, what) in [
-        (Resource::RLIMIT_NOFILE, limits.open_files, "limit its files"),
+        (
+            Resource::RLIMIT_NOFILE,
+            limits.open_files,
+            "limit its files",
+        ),
         (Resource::RLIMIT_NPROC, limits.threads, "limit its threads"),
-        (Resource::RLIMIT_FSIZE, limits.file_size, "limit its file size"),
+        (
+            Resource::RLIMIT_FSIZE,
+            limits.file_size,
+            "limit its file size",
+        ),
         (Resource::RLIMIT_CORE, 0, "forbid core dumps"),
     ] {
         setrlimit(resource, value, value).map_err(step(what))?;
@@ -261,7 +274,9 @@ fn verify(jail: &Jail) -> Result<(), JailError> {
         .iter()
         .any(|id| id.as_raw() != jail.uid)
     {
-        return Err(JailError::Leftover("a user id other than the jail's".into()));
+        return Err(JailError::Leftover(
+            "a user id other than the jail's".into(),
+        ));
     }
     let sets = caps::read().map_err(step("read its capabilities"))?;
     if sets != caps::Sets::default() {
@@ -348,13 +363,8 @@ mod caps {
         };
         let data = [Data::default(); 2];
         // SAFETY: capset reads the header and two Data structs.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_capset,
-                &mut header as *mut Header,
-                data.as_ptr(),
-            )
-        };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
         nix::errno::Errno::result(rc).map(drop)
     }
 }

@@ -70,7 +70,9 @@ impl Confinement {
             pid: std::process::id() as i32,
             uids,
             gids,
-            groups: nix::unistd::getgroups().map(|g| g.len()).unwrap_or(usize::MAX),
+            groups: nix::unistd::getgroups()
+                .map(|g| g.len())
+                .unwrap_or(usize::MAX),
             effective_caps: caps.effective,
             permitted_caps: caps.permitted,
             inheritable_caps: caps.inheritable,

@@ -121,7 +121,11 @@ fn the_supervisor_is_jailed_and_a_sigterm_ends_both() {
         .collect();
     let mut fds = fds;
     fds.sort();
-    assert_eq!(fds, ["2", "3"], "standard error and the pipe its child watches");
+    assert_eq!(
+        fds,
+        ["2", "3"],
+        "standard error and the pipe its child watches"
+    );
     let began = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),

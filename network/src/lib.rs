@@ -126,6 +126,7 @@ impl Network {
             tap: tap_name(address),
             mac: mac_for(address),
             bridge: Some(self.bridge().to_string()),
+            fd: None,
         }
     }
 

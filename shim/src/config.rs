@@ -53,6 +53,13 @@ pub struct ShimConfig {
     pub boot_timeout_secs: u64,
     /// Grace between SIGTERM and SIGKILL when a VM shuts down.
     pub shutdown_grace_secs: u64,
+    /// Whether each VMM runs jailed (capsa-jail): its own namespaces, an
+    /// empty root, an unprivileged id of its own, no capabilities.
+    pub jail: bool,
+    /// The first of the ids the jails run as, one per sandbox (a range of
+    /// its own: capsad's starts at 900000).
+    pub jail_first_id: u32,
+    pub jail_ids: u32,
 }
 
 impl Default for ShimConfig {
@@ -65,6 +72,9 @@ impl Default for ShimConfig {
             memory_mib: 256,
             boot_timeout_secs: 60,
             shutdown_grace_secs: 5,
+            jail: true,
+            jail_first_id: 1_000_000,
+            jail_ids: 65_536,
         }
     }
 }
@@ -110,6 +120,17 @@ impl ShimConfig {
             Some(path) => Self::load(&path),
             None => Ok(ShimConfig::default()),
         }
+    }
+
+    /// Where the sandboxes' jail ids are claimed, if they are jailed.
+    pub fn jail_claims(&self) -> Option<capsa_jail::Claims> {
+        self.jail.then(|| capsa_jail::Claims {
+            dir: Path::new(crate::sandbox::STATE_ROOT).join("jail-ids"),
+            range: capsa_jail::IdRange {
+                first: self.jail_first_id,
+                count: self.jail_ids,
+            },
+        })
     }
 
     pub fn vm(&self) -> capsa_vm_process::VmConfig {

@@ -66,7 +66,19 @@ impl Sandbox {
         })?;
         let vsock = dir.join("vsock");
         let console = dir.join("console.log");
-        let (booting, child) = sandbox::boot(
+        let jail_root = dir.join("jail");
+        let jail_id = match config.jail_claims() {
+            Some(claims) => {
+                let id = claims.claim(&dir).map_err(|source| SandboxError::Dir {
+                    path: claims.dir.clone(),
+                    source,
+                })?;
+                let _ = fs::write(dir.join("jail.id"), id.to_string());
+                Some(id)
+            }
+            None => None,
+        };
+        let booted = sandbox::boot(
             &config.vm(),
             &VmSpec {
                 cpus: config.cpus,
@@ -76,8 +88,20 @@ impl Sandbox {
                 vsock: &vsock,
                 console: &console,
                 cgroup_procs: None,
+                jail: jail_id.map(|id| vm::JailSpec {
+                    root: &jail_root,
+                    uid: id,
+                    gid: id,
+                }),
             },
-        )?;
+        );
+        let (booting, child) = match booted {
+            Ok(booted) => booted,
+            Err(e) => {
+                destroy(&dir);
+                return Err(e.into());
+            }
+        };
         // The shim's reaper collects the VMM when it exits.
         drop(child);
         let _ = fs::write(dir.join("vmm.pid"), booting.pid().to_string());
@@ -148,7 +172,14 @@ pub fn destroy(dir: &Path) {
             sandbox::stop(pid, &vsock, Duration::ZERO);
         }
     }
+    let jail_id = fs::read_to_string(dir.join("jail.id"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
     let _ = fs::remove_dir_all(dir);
+    // After the directory: a claim whose holder is gone is free anyway.
+    if let (Some(id), Some(claims)) = (jail_id, ShimConfig::default().jail_claims()) {
+        claims.release(id);
+    }
 }
 
 #[cfg(test)]

@@ -122,6 +122,11 @@ impl Tap {
         &self.name
     }
 
+    /// A descriptor of this tap of its own, to hand to another process.
+    pub fn as_fd_owned(&self) -> std::io::Result<OwnedFd> {
+        Ok(self.file.try_clone()?.into())
+    }
+
     /// Adds the tap to `bridge` and brings it up.
     pub fn join_bridge(&self, bridge: &str) -> Result<(), TapError> {
         let failed = |source| TapError::Bridge {

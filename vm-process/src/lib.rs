@@ -3,15 +3,22 @@
 //! reaches it), found again by PID after a restart, and stopped.
 //! capsad and the containerd shim both start their VMs here, and reach
 //! their agents through [`sandbox`].
+//!
+//! The starter opens what the VM uses and hands the VMM descriptors: its
+//! disk images, its tap (made and bridged here), its vsock socket (bound
+//! here). With a [`JailSpec`] the VMM then confines itself (capsa-jail)
+//! and never opens a host file again.
 
 pub mod sandbox;
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use capsa_vmm_config::{DiskConfig, NetConfig, VmmArgs, VsockConfig};
+use capsa_vmm_config::{DiskConfig, JailConfig, NetConfig, VmmArgs, VsockConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -23,6 +30,26 @@ pub enum VmError {
     },
     #[error("the VMM's command line: {0}")]
     Args(#[from] capsa_vmm_config::ArgError),
+    #[error("opening disk image {}: {source}", path.display())]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM's tap: {0}")]
+    Tap(#[from] capsa_tap::TapError),
+    #[error("binding the VM's vsock socket {}: {source}", path.display())]
+    Vsock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("making the VM's jail {}: {source}", path.display())]
+    Jail {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("joining the VM's cgroup ({}): {source}", path.display())]
     Cgroup {
         path: PathBuf,
@@ -60,6 +87,105 @@ pub struct VmSpec<'a> {
     /// The `cgroup.procs` of the cgroup the VMM runs in, if any: the
     /// VMM's process joins it before it executes.
     pub cgroup_procs: Option<&'a Path>,
+    /// Where and as whom the VMM confines itself, if it does.
+    pub jail: Option<JailSpec<'a>>,
+}
+
+/// A VMM's jail: an empty directory of its own (made here) and the
+/// unprivileged ids it runs as.
+#[derive(Debug, Clone, Copy)]
+pub struct JailSpec<'a> {
+    pub root: &'a Path,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What the VMM is handed, open: the descriptors stay open here until the
+/// VMM has them.
+struct Handed {
+    fds: Vec<OwnedFd>,
+}
+
+impl Handed {
+    /// Keeps `fd` for the VMM and returns the number it will have there
+    /// (the same: it is inherited, above the standard streams).
+    fn pass(&mut self, fd: OwnedFd) -> std::io::Result<i32> {
+        let fd = if fd.as_raw_fd() < 3 {
+            // SAFETY: F_DUPFD_CLOEXEC takes numbers only; the new
+            // descriptor is owned at once.
+            let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+            if copy < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `copy` was just made and nothing else owns it.
+            unsafe { std::os::fd::FromRawFd::from_raw_fd(copy) }
+        } else {
+            fd
+        };
+        let number = fd.as_raw_fd();
+        self.fds.push(fd);
+        Ok(number)
+    }
+
+    fn disk(&mut self, disk: &DiskConfig) -> Result<DiskConfig, VmError> {
+        let failed = |source| VmError::Disk {
+            path: disk.path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!disk.read_only)
+            .open(&disk.path)
+            .map_err(failed)?;
+        Ok(DiskConfig {
+            fd: Some(self.pass(file.into()).map_err(failed)?),
+            ..disk.clone()
+        })
+    }
+
+    /// Makes the tap, bridges it and brings it up; the VMM only uses it.
+    fn net(&mut self, net: &NetConfig) -> Result<NetConfig, VmError> {
+        let tap = capsa_tap::Tap::open(&net.tap)?;
+        if let Some(bridge) = &net.bridge {
+            tap.join_bridge(bridge)?;
+        }
+        let fd = tap
+            .as_fd_owned()
+            .and_then(|fd| self.pass(fd))
+            .map_err(|source| capsa_tap::TapError::Attach {
+                name: net.tap.clone(),
+                source,
+            })?;
+        Ok(NetConfig {
+            fd: Some(fd),
+            bridge: None,
+            ..net.clone()
+        })
+    }
+
+    fn vsock(&mut self, path: &Path) -> Result<VsockConfig, VmError> {
+        let failed = |source| VmError::Vsock {
+            path: path.to_path_buf(),
+            source,
+        };
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(failed)?;
+        Ok(VsockConfig {
+            listener_fd: Some(self.pass(listener.into()).map_err(failed)?),
+            ..VsockConfig::at(path)
+        })
+    }
+}
+
+/// The jail's directory: made if missing, root's, empty.
+fn make_jail_root(root: &Path) -> Result<(), VmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |source| VmError::Jail {
+        path: root.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(root).map_err(failed)?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).map_err(failed)
 }
 
 /// capsa-vmm beside the running binary, else whatever PATH finds.
@@ -72,28 +198,67 @@ pub fn default_vmm() -> PathBuf {
 }
 
 pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
-    let _ = std::fs::remove_file(vm.vsock);
     let console_error = |source| VmError::Console {
         path: vm.console.to_path_buf(),
         source,
     };
     let log = File::create(vm.console).map_err(console_error)?;
     let err = log.try_clone().map_err(console_error)?;
+    let mut handed = Handed { fds: Vec::new() };
+    let disks = vm
+        .disks
+        .iter()
+        .map(|disk| handed.disk(disk))
+        .collect::<Result<Vec<_>, _>>()?;
+    let nets = vm
+        .net
+        .iter()
+        .map(|net| handed.net(net))
+        .collect::<Result<Vec<_>, _>>()?;
+    let vsock = handed.vsock(vm.vsock)?;
+    let jail = match vm.jail {
+        Some(jail) => {
+            make_jail_root(jail.root)?;
+            Some(JailConfig {
+                root: jail.root.to_path_buf(),
+                uid: jail.uid,
+                gid: jail.gid,
+            })
+        }
+        None => None,
+    };
     let args = VmmArgs {
         initrd: Some(config.initrd.clone()),
         cpus: vm.cpus,
         memory_mib: vm.memory_mib,
-        disks: vm.disks.to_vec(),
-        nets: vm.net.iter().cloned().collect(),
-        vsock: Some(VsockConfig::at(vm.vsock)),
+        disks,
+        nets,
+        vsock: Some(vsock),
+        jail,
         ..VmmArgs::new(&config.kernel)
     };
     let mut command = Command::new(&config.vmm);
     command
         .args(args.to_args()?)
+        .env_clear()
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err);
+    let inherited: Vec<i32> = handed.fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    // SAFETY: runs in the forked child before exec and only calls
+    // fcntl(2), which is async-signal-safe, on descriptors open in it
+    // (`handed` holds them until the spawn returns): they lose
+    // close-on-exec there, and only there.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &inherited {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
     // SAFETY: setsid(2) is async-signal-safe and touches no memory. A
     // session of its own: neither a signal to its starter's group nor the
     // starter's death reaches the VMM (a stopped VMM in a process group
@@ -135,10 +300,24 @@ pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
             });
         }
     }
-    command.spawn().map_err(|source| VmError::Spawn {
+    let child = command.spawn().map_err(|source| VmError::Spawn {
         vmm: config.vmm.clone(),
         source,
-    })
+    });
+    // The VMM has its copies now (the tap lives as long as the VMM's).
+    drop(handed);
+    child
+}
+
+/// The processes of the VMM started as `pid`: that one and, when it is
+/// jailed, the VMM itself, its child in the jail's PID namespace (`pid`
+/// then only waits for it).
+pub fn vmm_processes(pid: u32) -> Vec<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .collect()
 }
 
 /// How a VMM process ended, in words: a SIGSYS is its seccomp filter's
@@ -255,6 +434,7 @@ mod tests {
                 vsock: &vsock,
                 console: &console,
                 cgroup_procs: None,
+                jail: None,
             },
         )
         .unwrap_err();

@@ -52,7 +52,10 @@ pub(crate) fn split<'a>(
 
 /// A head or an option value as it goes into a device argument: text
 /// with no comma, so that it parses back as itself.
-pub(crate) fn field<'a>(what: &'static str, value: &'a std::ffi::OsStr) -> Result<&'a str, ArgError> {
+pub(crate) fn field<'a>(
+    what: &'static str,
+    value: &'a std::ffi::OsStr,
+) -> Result<&'a str, ArgError> {
     value
         .to_str()
         .filter(|v| !v.is_empty() && !v.contains(','))
@@ -189,6 +192,9 @@ pub struct NetConfig {
     /// A host bridge to add the tap to, brought up: the tap then lives
     /// exactly as long as this VMM, and nothing is left to clean up.
     pub bridge: Option<String>,
+    /// The tap is already attached as this inherited descriptor (made and
+    /// bridged by whoever started the VMM).
+    pub fd: Option<i32>,
 }
 
 impl FromStr for NetConfig {

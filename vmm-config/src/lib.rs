@@ -104,19 +104,7 @@ impl VmmArgs {
     /// The descriptors the VMM inherits for its devices, each given to
     /// one device only.
     pub fn inherited_fds(&self) -> Result<Vec<i32>, ArgError> {
-        let fds: Vec<i32> = self
-            .disks
-            .iter()
-            .filter_map(|d| d.fd)
-            .chain(self.nets.iter().filter_map(|n| n.fd))
-            .chain(self.vsock.iter().filter_map(|v| v.listener_fd))
-            .collect();
-        for (i, fd) in fds.iter().enumerate() {
-            if fds[..i].contains(fd) {
-                return Err(ArgError::SharedFd(*fd));
-            }
-        }
-        Ok(fds)
+        inherited_fds(&self.disks, &self.nets, self.vsock.as_ref())
     }
 
     /// The arguments (without the program name) that parse back into
@@ -167,6 +155,26 @@ impl VmmArgs {
         }
         Ok(args)
     }
+}
+
+/// The descriptors these devices inherit, each given to one device only.
+pub fn inherited_fds(
+    disks: &[DiskConfig],
+    nets: &[NetConfig],
+    vsock: Option<&VsockConfig>,
+) -> Result<Vec<i32>, ArgError> {
+    let fds: Vec<i32> = disks
+        .iter()
+        .filter_map(|d| d.fd)
+        .chain(nets.iter().filter_map(|n| n.fd))
+        .chain(vsock.and_then(|v| v.listener_fd))
+        .collect();
+    for (i, fd) in fds.iter().enumerate() {
+        if fds[..i].contains(fd) {
+            return Err(ArgError::SharedFd(*fd));
+        }
+    }
+    Ok(fds)
 }
 
 #[cfg(test)]

@@ -85,7 +85,16 @@ pub struct BootSpec<'a> {
     pub memory_size: u64,
 }
 
-pub fn load(memory: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, BootError> {
+/// The kernel and initrd, open: they are opened before the VMM enters
+/// its jail and loaded after.
+pub struct Images {
+    kernel: File,
+    initrd: Option<(File, u64)>,
+}
+
+/// Opens the kernel and initrd of `spec`, and checks that they fit its
+/// memory.
+pub fn open(spec: &BootSpec) -> Result<Images, BootError> {
     let mut kernel = File::open(spec.kernel).map_err(|source| BootError::OpenKernel {
         path: spec.kernel.to_owned(),
         source,
@@ -94,27 +103,29 @@ pub fn load(memory: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, Boot
         path: spec.kernel.to_owned(),
         reason,
     })?;
-
     let initrd = match spec.initrd {
         Some(path) => {
-            let file = File::open(path).map_err(|source| BootError::ReadInitrd {
+            let failed = |source| BootError::ReadInitrd {
                 path: path.to_owned(),
                 source,
-            })?;
-            let size = file
-                .metadata()
-                .map_err(|source| BootError::ReadInitrd {
-                    path: path.to_owned(),
-                    source,
-                })?
-                .len();
-            Some((path, file, size))
+            };
+            let file = File::open(path).map_err(failed)?;
+            let size = file.metadata().map_err(failed)?.len();
+            Some((file, size))
         }
         None => None,
     };
-    let initrd_size = initrd.as_ref().map_or(0, |i| i.2);
+    let initrd_size = initrd.as_ref().map_or(0, |i| i.1);
     check_memory(spec.memory_size, kernel_end, initrd_size)?;
+    Ok(Images { kernel, initrd })
+}
 
+pub fn load(
+    memory: &GuestMemoryMmap,
+    spec: &BootSpec,
+    images: Images,
+) -> Result<BootEntry, BootError> {
+    let Images { mut kernel, initrd } = images;
     let loaded =
         Elf::load(memory, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(|e| {
             BootError::NotElfKernel {
@@ -132,7 +143,7 @@ pub fn load(memory: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, Boot
     };
 
     let mut modules = Vec::new();
-    if let Some((path, mut file, size)) = initrd {
+    if let (Some(path), Some((mut file, size))) = (spec.initrd, initrd) {
         let addr = (memory::low_ram_end(spec.memory_size) - size) & !(PAGE_SIZE - 1);
         memory
             .read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)

@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod devices;
+mod fds;
 pub mod layout;
 pub mod memory;
 pub mod seccomp;

@@ -17,7 +17,19 @@ fn main() -> ExitCode {
     // filter (rightly) does not let a running VMM open.
     // SAFETY: mallopt only sets an allocator tunable; no thread runs yet.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    abort_on_panic();
     let args = VmmArgs::parse();
+    // Only the descriptors its devices were given follow the VMM in.
+    let kept = args
+        .inherited_fds()
+        .map_err(|e| e.to_string())
+        .and_then(|fds| {
+            capsa_jail::close_other_fds(&fds).map_err(|e| format!("closing stray descriptors: {e}"))
+        });
+    if let Err(e) = kept {
+        eprintln!("capsa-vmm: error: {e}");
+        return ExitCode::from(1);
+    }
     match boot(args) {
         Ok(code) => code,
         Err(e) => {
@@ -27,6 +39,17 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A panic in any thread ends the whole VMM at once (as panic = "abort"
+/// would, which a workspace profile cannot set for one binary): a VMM
+/// with a dead device thread must not go on serving its guest.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
 }
 
 fn boot(args: VmmArgs) -> Result<ExitCode, capsa_vmm::VmError> {
@@ -44,6 +67,7 @@ fn boot(args: VmmArgs) -> Result<ExitCode, capsa_vmm::VmError> {
         vsock: args.vsock,
         nets: args.nets,
         seccomp: args.seccomp,
+        jail: args.jail,
     };
     let outcome = capsa_vmm::run(&config)?;
     if !outcome.exit.is_clean() {

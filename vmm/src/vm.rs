@@ -16,7 +16,7 @@ use crate::acpi::{self, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootSpec};
 use crate::cpu::{self, CpuError, Topology};
 use crate::devices::bus::DeviceBus;
-use crate::devices::console::{ConsoleTail, ConsoleWriter};
+use crate::devices::console::{ConsoleTail, ConsoleWriter, CONSOLE_LIMIT_BYTES};
 use crate::devices::legacy::LegacyDevices;
 use crate::devices::{EventSender, GuestEvent};
 use crate::layout::{
@@ -26,11 +26,11 @@ use crate::memory::{self, MemoryError};
 use crate::vcpu;
 use crate::virtio::block::{Block, DiskConfig, DiskError};
 use crate::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW_SIZE};
-use crate::virtio::net::tap::TapError;
 use crate::virtio::net::{Net, NetConfig};
 use crate::virtio::rng::Rng;
 use crate::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use crate::virtio::{Interrupt, VirtioDevice};
+use capsa_tap::TapError;
 
 /// Kernel parameters the VMM itself depends on: the console is the 8250,
 /// reboots go through the i8042 (which the VMM sees), and a panic reboots at
@@ -72,12 +72,25 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The seccomp filter's action on a system call it does not allow.
     pub seccomp: capsa_vmm_config::Seccomp,
+    /// The jail the VMM enters once its backends are open, before the VM
+    /// exists (see capsa-jail).
+    pub jail: Option<capsa_vmm_config::JailConfig>,
 }
+
+/// Descriptors a jailed VMM may hold: KVM's, its vCPUs', eventfds, epoll,
+/// its disks, tap and vsock, and one per vsock connection.
+const JAIL_OPEN_FILES: u64 = 1024;
+/// Threads of a jailed VMM (vCPUs, device workers, connections).
+const JAIL_THREADS: u64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("{0}")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("{0}")]
+    Jail(#[from] capsa_jail::JailError),
+    #[error("{0}")]
+    Fds(#[from] capsa_vmm_config::ArgError),
     #[error("cannot open /dev/kvm: {0} (is KVM enabled on this host, and may this user use it?)")]
     Kvm(kvm_ioctls::Error),
     #[error("{0} vCPUs requested: Capsa supports 1 to {1} on this host")]
@@ -169,6 +182,7 @@ impl VmConfig {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(VmError::MemorySize(self.memory_mib));
         }
+        capsa_vmm_config::inherited_fds(&self.disks, &self.nets, self.vsock.as_ref())?;
         Ok(())
     }
 
@@ -204,10 +218,39 @@ impl VmConfig {
 }
 
 /// Boots the VM described by `config` and runs it until the guest stops.
+/// Every backend and file is opened first; then the VMM enters its jail,
+/// if it has one; only then is the VM made (KVM ties a VM to the process
+/// that makes it, and the jail is a new process).
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     config.validate(&kvm)?;
     let setup = |what| move |source| VmError::KvmSetup { what, source };
+
+    let virtio = config.virtio_devices()?;
+    let console = console_sink(config)?;
+    let memory_size = config.memory_mib * MIB;
+    let cmdline = config.full_cmdline();
+    let boot_spec = BootSpec {
+        kernel: &config.kernel,
+        initrd: config.initrd.as_deref(),
+        cmdline: &cmdline,
+        memory_size,
+    };
+    let images = boot::open(&boot_spec)?;
+    if let Some(jail) = &config.jail {
+        let largest_disk = virtio.iter().map(|d| d.backing_bytes()).max().unwrap_or(0);
+        capsa_jail::enter(&capsa_jail::Jail {
+            root: jail.root.clone(),
+            uid: jail.uid,
+            gid: jail.gid,
+            limits: capsa_jail::Limits {
+                open_files: JAIL_OPEN_FILES,
+                threads: JAIL_THREADS,
+                // Writes reach the disks' ends and the console its bound.
+                file_size: largest_disk.max(CONSOLE_LIMIT_BYTES + MIB),
+            },
+        })?;
+    }
 
     let vm = kvm.create_vm().map_err(setup("create a VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR as usize)
@@ -222,27 +265,16 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     })
     .map_err(setup("create the in-kernel PIT"))?;
 
-    let virtio = config.virtio_devices()?;
-    let memory_size = config.memory_mib * MIB;
     let memory = memory::allocate(memory_size)?;
     memory::register(&vm, &memory)?;
 
     let (events_tx, events_rx) = channel();
     let events = EventSender(events_tx);
     let tail = ConsoleTail::default();
-    let mut bus = DeviceBus::new(create_legacy_devices(&vm, config, &tail, events.clone())?);
+    let mut bus = DeviceBus::new(create_legacy_devices(&vm, console, &tail, events.clone())?);
     let virtio_layout = attach_virtio(&vm, &memory, &mut bus, virtio)?;
     let devices = Arc::new(bus);
-    let cmdline = config.full_cmdline();
-    let entry = boot::load(
-        &memory,
-        &BootSpec {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &cmdline,
-            memory_size,
-        },
-    )?;
+    let entry = boot::load(&memory, &boot_spec, images)?;
     acpi::write_tables(&memory, config.vcpus, &virtio_layout)?;
     cpu::write_gdt(&memory)?;
 
@@ -294,13 +326,9 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     })
 }
 
-fn create_legacy_devices(
-    vm: &VmFd,
-    config: &VmConfig,
-    tail: &ConsoleTail,
-    events: EventSender,
-) -> Result<LegacyDevices, VmError> {
-    let sink: Box<dyn Write + Send> = match &config.console {
+/// Where the guest's console goes, opened before the jail.
+fn console_sink(config: &VmConfig) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match &config.console {
         ConsoleOutput::Stdout => Box::new(std::io::stdout()),
         ConsoleOutput::File(path) => {
             Box::new(File::create(path).map_err(|source| VmError::ConsoleFile {
@@ -308,7 +336,15 @@ fn create_legacy_devices(
                 source,
             })?)
         }
-    };
+    })
+}
+
+fn create_legacy_devices(
+    vm: &VmFd,
+    sink: Box<dyn Write + Send>,
+    tail: &ConsoleTail,
+    events: EventSender,
+) -> Result<LegacyDevices, VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::KvmSetup {
         what: "create the serial interrupt eventfd",
         source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),

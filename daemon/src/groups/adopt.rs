@@ -51,14 +51,26 @@ impl Daemon {
     /// each in the background: a guest that does not answer delays no
     /// one, the API included.
     pub fn restore(self: &Arc<Self>) {
-        for (paths, record) in state::load_all(&self.root) {
-            let record = match record {
-                Ok(record) => record,
+        let records: Vec<_> = state::load_all(&self.root)
+            .into_iter()
+            .filter_map(|(paths, record)| match record {
+                Ok(record) => Some((paths, record)),
                 Err(e) => {
                     eprintln!("capsad: skipping {}: {e:#}", paths.dir.display());
-                    continue;
+                    None
                 }
-            };
+            })
+            .collect();
+        let mut used: Vec<u32> = records.iter().filter_map(|(_, r)| r.jail_id).collect();
+        for (paths, mut record) in records {
+            // Groups an older capsad made get their jail ids now.
+            if let (Some(ids), None) = (self.settings.jail_ids, record.jail_id) {
+                record.jail_id = ids.lowest_free(used.iter().copied());
+                used.extend(record.jail_id);
+                if let Err(e) = state::save(&paths, &record) {
+                    eprintln!("capsad: saving group {}: {e:#}", record.spec.name);
+                }
+            }
             let name = record.spec.name.clone();
             let group = self.new_group(paths, record);
             if let Err(e) = self.connect(&group) {

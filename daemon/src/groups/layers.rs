@@ -74,11 +74,7 @@ fn convert(
     Ok(sources
         .iter()
         .zip(paths)
-        .map(|(source, path)| DiskConfig {
-            path,
-            read_only: true,
-            id: Some(serial(&source.spec.chain_id())),
-        })
+        .map(|(source, path)| DiskConfig::at(path, true, Some(serial(&source.spec.chain_id()))))
         .collect())
 }
 

@@ -76,6 +76,9 @@ pub struct Settings {
     pub cgroups: Option<capsa_cgroup::Hierarchy>,
     /// The VM sizes and the memory this host takes.
     pub capacity: admission::Capacity,
+    /// The ids the VMMs' jails run as, one per group; None runs VMMs
+    /// unjailed.
+    pub jail_ids: Option<capsa_jail::IdRange>,
 }
 
 impl Daemon {
@@ -256,6 +259,15 @@ impl Daemon {
         if let Some(network) = &self.network {
             let used = groups.values().filter_map(|g| g.ip());
             record.ip = Some(network.allocate(used).map_err(conflict)?);
+        }
+        if let Some(ids) = self.settings.jail_ids {
+            let used = groups.values().filter_map(|g| g.snapshot().jail_id);
+            record.jail_id = Some(ids.lowest_free(used).ok_or_else(|| {
+                conflict(format!(
+                    "all {} jail ids (from {}) are taken: delete a group, or give capsad more (--jail-ids)",
+                    ids.count, ids.first
+                ))
+            })?);
         }
         let group = self.new_group(paths, record);
         // Ports first: a taken one refuses the group before anything is

@@ -76,11 +76,11 @@ impl Daemon {
                 record.spec.scratch_mib(),
             )
             .map_err(internal)?;
-            disks.push(DiskConfig {
-                path: scratch,
-                read_only: false,
-                id: Some(SCRATCH_SERIAL.to_string()),
-            });
+            disks.push(DiskConfig::at(
+                scratch,
+                false,
+                Some(SCRATCH_SERIAL.to_string()),
+            ));
         }
         disks.extend(layer_disks);
         if disks.len() > MAX_DISKS {
@@ -106,6 +106,20 @@ impl Daemon {
             })
             .transpose()
             .map_err(internal)?;
+        let jail_root = group.paths.jail();
+        let jail = match (self.settings.jail_ids, record.jail_id) {
+            (None, _) => None,
+            (Some(_), Some(id)) => Some(vm::JailSpec {
+                root: &jail_root,
+                uid: id,
+                gid: id,
+            }),
+            (Some(_), None) => {
+                return Err(conflict(format!(
+                    "group {name:?} has no jail id (all are taken): delete a group, or give capsad more (--jail-ids)"
+                )))
+            }
+        };
         let (booting, mut child) = sandbox::boot(
             &self.vm,
             &VmSpec {
@@ -116,6 +130,7 @@ impl Daemon {
                 vsock: &group.paths.vsock(),
                 console: &group.paths.console(),
                 cgroup_procs: cgroup.as_ref().map(|c| c.procs()).as_deref(),
+                jail,
             },
         )
         .map_err(|e| {

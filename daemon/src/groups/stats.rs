@@ -58,6 +58,18 @@ impl ProcFigures {
             |file: &str| std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
         Self::parse(&read("status"), &read("stat"), &read("io"))
     }
+
+    /// The sum over `pids`.
+    pub fn of_all(pids: &[u32]) -> Self {
+        pids.iter()
+            .map(|pid| Self::of(*pid))
+            .fold(Self::default(), |sum, one| ProcFigures {
+                rss_kib: sum.rss_kib + one.rss_kib,
+                cpu_ticks: sum.cpu_ticks + one.cpu_ticks,
+                read_bytes: sum.read_bytes + one.read_bytes,
+                write_bytes: sum.write_bytes + one.write_bytes,
+            })
+    }
 }
 
 /// The resident KiB of the guest's memory in a VMM's /proc/PID/smaps: its
@@ -107,7 +119,10 @@ impl Daemon {
         let (Some(pid), Some(guest)) = (record.vmm_pid, group.guest()) else {
             return Err(conflict(format!("group {name:?} is not running")));
         };
-        let figures = ProcFigures::of(pid);
+        // A jailed VMM is two processes: the one started, which waits, and
+        // the VMM in the jail's PID namespace.
+        let processes = capsa_vm_process::vmm_processes(pid);
+        let figures = ProcFigures::of_all(&processes);
         // SAFETY: sysconf reads a constant and touches no memory of ours.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let mut containers = Vec::new();
@@ -136,7 +151,10 @@ impl Daemon {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0)
         };
-        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let smaps: String = processes
+            .iter()
+            .map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default())
+            .collect();
         let vmm_overhead_kib = guest_rss_kib(&smaps, record.spec.memory_mib() << 10)
             .map(|guest| figures.rss_kib.saturating_sub(guest))
             .unwrap_or(0);

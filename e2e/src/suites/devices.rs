@@ -138,21 +138,14 @@ fn run_vm(suite: &mut Suite, artifacts: &Artifacts, bulk_bytes: u64) -> Result<(
         initrd: Some(artifacts.path("probe-initramfs.cpio")),
         cmdline: format!("quiet rdinit=/bin/capsa-io-probe -- {steps}"),
         disks: vec![
-            DiskConfig {
-                path: vda.clone(),
-                read_only: false,
-                id: None,
-            },
-            DiskConfig {
-                path: vdb,
-                read_only: true,
-                id: None,
-            },
+            DiskConfig::at(vda.clone(), false, None),
+            DiskConfig::at(vdb, true, None),
         ],
         nets: vec![NetConfig {
             tap: TAP.into(),
             mac: MacAddr([0x02, 0xca, 0x95, 0, 0, 2]),
             bridge: None,
+            fd: None,
         }],
         vsock: Some(VsockConfig::at(&socket)),
         ..artifacts.vm(2, 256)

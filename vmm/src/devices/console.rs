@@ -7,6 +7,10 @@ use std::sync::{Arc, Mutex};
 
 /// How much recent console output is kept for crash reports.
 pub const TAIL_BYTES: usize = 16 * 1024;
+/// How much of the guest's console reaches the sink: a guest prints as
+/// much as it likes, the host's disk is not its to fill. Past this the
+/// sink gets one line saying so; the tail still follows the guest.
+pub const CONSOLE_LIMIT_BYTES: u64 = 64 << 20;
 
 /// The last `TAIL_BYTES` the guest wrote to its console.
 #[derive(Clone, Default)]
@@ -42,14 +46,21 @@ pub struct ConsoleWriter {
     sink: Box<dyn Write + Send>,
     tail: ConsoleTail,
     sink_failed: bool,
+    /// What the sink may still take.
+    room: u64,
 }
 
 impl ConsoleWriter {
     pub fn new(sink: Box<dyn Write + Send>, tail: ConsoleTail) -> Self {
+        Self::bounded(sink, tail, CONSOLE_LIMIT_BYTES)
+    }
+
+    fn bounded(sink: Box<dyn Write + Send>, tail: ConsoleTail, limit: u64) -> Self {
         Self {
             sink,
             tail,
             sink_failed: false,
+            room: limit,
         }
     }
 }
@@ -60,7 +71,21 @@ impl Write for ConsoleWriter {
         // A closed stdout or a full disk must not stop the guest: keep the
         // tail, report the failure once, and drop further output.
         if !self.sink_failed {
-            if let Err(e) = self.sink.write_all(buf) {
+            let fits = buf
+                .len()
+                .min(usize::try_from(self.room).unwrap_or(usize::MAX));
+            self.room -= fits as u64;
+            let written = self.sink.write_all(&buf[..fits]).and_then(|()| {
+                if fits < buf.len() {
+                    self.sink.write_all(
+                        b"\n[capsa-vmm: the console reached its limit; further output is dropped]\n",
+                    )?;
+                    self.sink.flush()?;
+                    return Err(io::Error::other("the console reached its limit"));
+                }
+                Ok(())
+            });
+            if let Err(e) = written {
                 self.sink_failed = true;
                 eprintln!("capsa-vmm: console output lost from here on: {e}");
             }
@@ -100,6 +125,35 @@ mod tests {
         writer.write_all(b"\nlast line\n").unwrap();
         assert_eq!(tail.text().len(), TAIL_BYTES);
         assert_eq!(tail.last_lines(1), "last line");
+    }
+
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<u8>>>);
+    impl Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_sink_gets_at_most_its_limit_and_a_line_saying_so() {
+        let tail = ConsoleTail::default();
+        let kept = Kept::default();
+        let mut writer = ConsoleWriter::bounded(Box::new(kept.clone()), tail.clone(), 10);
+        writer.write_all(b"0123456").unwrap();
+        writer.write_all(b"789abcdef").unwrap();
+        writer.write_all(b"more\n").unwrap();
+        let sunk = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            sunk.starts_with("0123456789\n[capsa-vmm: the console reached its limit"),
+            "{sunk}"
+        );
+        assert!(!sunk.contains("abc") && !sunk.contains("more"), "{sunk}");
+        assert!(tail.text().ends_with("abcdefmore\n"));
     }
 
     #[test]

@@ -58,11 +58,14 @@ impl Block {
             path: config.path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(open_error)?;
+        let file = match config.fd {
+            Some(fd) => File::from(crate::fds::adopt(fd).map_err(open_error)?),
+            None => OpenOptions::new()
+                .read(true)
+                .write(!config.read_only)
+                .open(&config.path)
+                .map_err(open_error)?,
+        };
         // Two VMs writing one image corrupt it; readers may share.
         let locked = if config.read_only {
             file.try_lock_shared()
@@ -115,6 +118,10 @@ fn config_space(sectors: u64) -> Vec<u8> {
 }
 
 impl super::VirtioDevice for Block {
+    fn backing_bytes(&self) -> u64 {
+        self.sectors * SECTOR_SIZE
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
@@ -439,11 +446,7 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         std::fs::write(file.path(), &content).unwrap();
-        let config = DiskConfig {
-            path: file.path().to_path_buf(),
-            read_only,
-            id: Some("capsa-test-disk".into()),
-        };
+        let config = DiskConfig::at(file.path(), read_only, Some("capsa-test-disk".into()));
         (file, config)
     }
 
@@ -634,11 +637,7 @@ mod tests {
     fn images_that_are_not_whole_sectors_are_refused() {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), [0u8; 1000]).unwrap();
-        let config = DiskConfig {
-            path: file.path().to_path_buf(),
-            read_only: false,
-            id: None,
-        };
+        let config = DiskConfig::at(file.path(), false, None);
         let err = Block::open(&config).err().unwrap();
         assert!(err.to_string().contains("not a multiple of 512"), "{err}");
     }

@@ -116,7 +116,7 @@ proptest! {
         let file = tempfile::NamedTempFile::new().unwrap();
         let image: Vec<u8> = (0..16 * SECTOR_SIZE).map(|i| (i % 253) as u8).collect();
         std::fs::write(file.path(), &image).unwrap();
-        let config = DiskConfig { path: file.path().to_path_buf(), read_only, id: None };
+        let config = DiskConfig::at(file.path(), read_only, None);
         let mut guest = test_guest();
         hostile_guest(&mut guest, 0, &descs, &heads, &bytes);
         let device = Block::open(&config).unwrap();
@@ -148,7 +148,7 @@ proptest! {
         use super::vsock::{Vsock, VsockConfig};
         use super::worker::{QueueHandler, Registrar};
         let dir = tempfile::tempdir().unwrap();
-        let config = VsockConfig { path: dir.path().join("v.sock"), guest_cid: 3 };
+        let config = VsockConfig::at(dir.path().join("v.sock"));
         let _listener = std::os::unix::net::UnixListener::bind(dir.path().join("v.sock_0"));
         let vsock = Vsock::new(&config).unwrap();
         let mut guest = test_guest();

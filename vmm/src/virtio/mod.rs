@@ -51,6 +51,11 @@ pub trait VirtioDevice: Send {
     }
     /// Writes to the configuration space; most devices ignore them.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The size of the host file the device writes into, if any (a
+    /// disk's): a jailed VMM may write files up to the largest.
+    fn backing_bytes(&self) -> u64 {
+        0
+    }
     /// Starts serving the queues with the features the driver accepted.
     fn activate(&mut self, context: ActivateContext) -> Result<worker::Worker, ActivateError>;
 }

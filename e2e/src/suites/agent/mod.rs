@@ -39,12 +39,13 @@ pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
             tap: TAP.into(),
             mac: MAC,
             bridge: None,
+            fd: None,
         }],
-        disks: vec![DiskConfig {
-            path: artifacts.path("data.img"),
-            read_only: false,
-            id: Some(DISK_SERIAL.into()),
-        }],
+        disks: vec![DiskConfig::at(
+            artifacts.path("data.img"),
+            false,
+            Some(DISK_SERIAL.into()),
+        )],
         vsock: Some(VsockConfig::at(&socket)),
         ..artifacts.vm(2, 512)
     };

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use capsa_api::GroupStatus;
 
-use super::harness::{send_signal, Capsad};
+use super::harness::{cgroup_parent, Capsad};
 use crate::suite::Suite;
 
 pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
@@ -39,8 +39,9 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     );
     let run = d.capsa(&["run", "-d", "--name", "frozen", "busybox", "sleep", "300"])?;
     ensure!(run.code == Some(0), "run -d frozen: {}", run.describe());
-    let pid = d.group("frozen")?.vmm_pid.context("no VMM pid")?;
-    send_signal(pid, libc::SIGSTOP)?;
+    // The cgroup freezer stops both of a jailed VMM's processes.
+    let freeze = cgroup_parent().join("frozen").join("cgroup.freeze");
+    std::fs::write(&freeze, "1").with_context(|| format!("writing {}", freeze.display()))?;
     s.check(
         "with a group's VMM frozen, a restarted capsad serves its API within 5 s and marks the group unresponsive",
         || {
@@ -65,7 +66,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             Ok(format!("API after {answered:.1?}; {error}"))
         },
     );
-    send_signal(pid, libc::SIGCONT)?;
+    std::fs::write(&freeze, "0").with_context(|| format!("writing {}", freeze.display()))?;
     let removed = d.capsa(&["rm", "frozen"])?;
     ensure!(removed.code == Some(0), "rm frozen: {}", removed.describe());
     Ok(())

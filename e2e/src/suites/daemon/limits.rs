@@ -1,12 +1,13 @@
 //! Host limits on each VM (issue 16): its VMM runs in a cgroup v2 of its
 //! own that holds it to its memory, vCPUs and thread count, and that goes
-//! with the VM; every thread of it is under its seccomp filter, and a VMM
-//! that filter kills fails its group with the reason. Sizes beyond the
+//! with the VM; it is jailed, every thread of it is under its seccomp
+//! filter, and a VMM that filter kills fails its group with the reason. Sizes beyond the
 //! daemon's maxima or the host's budget are refused.
 
 use anyhow::{ensure, Context, Result};
 
 use super::harness::{cgroup_parent, send_signal, Capsad};
+use super::jail;
 use crate::suite::Suite;
 
 fn read(dir: &std::path::Path, file: &str) -> Result<String> {
@@ -73,26 +74,12 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         },
     );
     s.check(
-        "every thread of the VMM runs under its seccomp filter (Seccomp: 2)",
+        "every thread of the jailed VMM (both processes): Seccomp 2, the group's own non-zero uid and gid, no capabilities, no new privileges, the empty jail as root, only its own descriptors",
         || {
             let pid = d.group("sized")?.vmm_pid.context("no VMM pid")?;
-            let mut threads = Vec::new();
-            for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
-                let status = std::fs::read_to_string(task.path().join("status"))?;
-                let field = |name: &str| {
-                    status
-                        .lines()
-                        .find_map(|l| l.strip_prefix(name))
-                        .map(|v| v.trim().to_string())
-                        .unwrap_or_default()
-                };
-                threads.push((field("Name:"), field("Seccomp:")));
-            }
-            ensure!(
-                threads.len() >= 2 && threads.iter().all(|(_, mode)| mode == "2"),
-                "{threads:?}"
-            );
-            Ok(format!("{threads:?}"))
+            let jail = d.root().join("groups/sized/jail");
+            let seen = jail::inspect(pid, &jail, &d.root().join("groups/sized"), d.root())?;
+            Ok(seen)
         },
     );
     s.check(

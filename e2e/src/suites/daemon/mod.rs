@@ -8,6 +8,7 @@ mod cycles;
 mod harness;
 mod hostile;
 mod images;
+mod jail;
 mod limits;
 mod logs;
 pub use harness::{Capsad, Output, COMMAND_TIMEOUT};

@@ -2,8 +2,6 @@
 //! mergeable receive buffers (so the guest need not post 64 KiB buffers to
 //! receive TSO frames).
 
-pub mod tap;
-
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 
@@ -17,7 +15,7 @@ use super::{
     complete, next_chain, notify, read_config_bytes, ActivateContext, ActivateError, Interrupt,
     Memory,
 };
-use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+use capsa_tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 
 const QUEUE_SIZES: &[u16] = &[256, 256];
 const RX_QUEUE: usize = 0;
@@ -38,7 +36,16 @@ pub struct Net {
 
 impl Net {
     pub fn new(config: &NetConfig) -> Result<Self, TapError> {
-        let tap = Tap::open(&config.tap)?;
+        let tap = match config.fd {
+            Some(fd) => {
+                let fd = crate::fds::adopt(fd).map_err(|source| TapError::Attach {
+                    name: config.tap.clone(),
+                    source,
+                })?;
+                Tap::from_fd(fd, &config.tap)?
+            }
+            None => Tap::open(&config.tap)?,
+        };
         if let Some(bridge) = &config.bridge {
             tap.join_bridge(bridge)?;
         }
@@ -290,54 +297,9 @@ impl QueueHandler for NetQueues {
 pub mod tests {
     use super::*;
 
-    /// Runs `f` with a tap inside a network namespace of its own (on a
-    /// thread that unshares it), so tests never touch the host's network.
-    /// None when this process may not create namespaces or taps.
-    pub fn in_private_netns<T: Send + 'static>(
-        f: impl FnOnce(Tap) -> T + Send + 'static,
-    ) -> Option<T> {
-        std::thread::spawn(move || {
-            // SAFETY: unshare only changes this thread's namespaces.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return None;
-            }
-            let tap = Tap::open("capsa-test0").ok()?;
-            Some(f(tap))
-        })
-        .join()
-        .ok()
-        .flatten()
-    }
-
     use crate::virtio::testing::{writable, Guest, DATA_START};
+    pub use capsa_tap::testing::in_private_netns;
     use proptest::prelude::*;
-
-    #[test]
-    fn a_tap_joins_its_bridge_and_comes_up() {
-        let seen = in_private_netns(|tap| {
-            // `ip` runs in this thread's namespace: it forks from here.
-            let ip = |args: &[&str]| {
-                std::process::Command::new("ip")
-                    .args(args)
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            };
-            ip(&["link", "add", "capsa-br0", "type", "bridge"]).ok()?;
-            let missing = tap.join_bridge("capsa-nobr").unwrap_err().to_string();
-            tap.join_bridge("capsa-br0").ok()?;
-            Some((ip(&["-o", "link", "show", "capsa-test0"]).ok()?, missing))
-        })
-        .flatten();
-        let Some((link, missing)) = seen else {
-            eprintln!("skipped: no namespaces, taps or ip here");
-            return;
-        };
-        assert!(
-            link.contains("master capsa-br0") && link.contains(",UP"),
-            "{link}"
-        );
-        assert!(missing.contains("capsa-nobr"), "{missing}");
-    }
 
     fn with_handler<T: Send + 'static>(
         guest: &Guest,

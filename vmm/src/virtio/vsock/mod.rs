@@ -58,8 +58,13 @@ impl Vsock {
             path: config.path.clone(),
             source,
         };
-        remove_stale_socket(&config.path).map_err(listen_error)?;
-        let listener = UnixListener::bind(&config.path).map_err(listen_error)?;
+        let listener = match config.listener_fd {
+            Some(fd) => UnixListener::from(crate::fds::adopt(fd).map_err(listen_error)?),
+            None => {
+                remove_stale_socket(&config.path).map_err(listen_error)?;
+                UnixListener::bind(&config.path).map_err(listen_error)?
+            }
+        };
         listener.set_nonblocking(true).map_err(listen_error)?;
         Ok(Self {
             config: config.clone(),
@@ -174,8 +179,8 @@ mod tests {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let config = VsockConfig {
-                path: dir.path().join("vsock.sock"),
                 guest_cid: GUEST_CID,
+                ..VsockConfig::at(dir.path().join("vsock.sock"))
             };
             let mut g = Guest::new(Box::new(Vsock::new(&config).unwrap()));
             g.activate(0, 3, 64);
@@ -481,8 +486,8 @@ mod tests {
     fn reserved_cids_and_occupied_paths_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let config = VsockConfig {
-            path: dir.path().join("v.sock"),
             guest_cid: 2,
+            ..VsockConfig::at(dir.path().join("v.sock"))
         };
         assert!(matches!(
             Vsock::new(&config),
@@ -490,10 +495,7 @@ mod tests {
         ));
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();
-        let config = VsockConfig {
-            path: file,
-            guest_cid: 3,
-        };
+        let config = VsockConfig::at(file);
         let err = Vsock::new(&config).err().unwrap();
         assert!(err.to_string().contains("not a socket"), "{err}");
     }
