@@ -3,8 +3,9 @@
 # and for a real-size Debian image with python3 (scripts/debian-image.sh):
 # the import (with the layers' conversion to disk images), the first run
 # and cached runs, next to runc and crun running the same root filesystems
-# (OCI bundles from umoci), N runs each; and a running container's memory,
-# in the guest and on the host. Prints a table and writes
+# (OCI bundles from umoci), N runs each, and busybox's through a second
+# capsad whose VMMs run without jail and seccomp filter; and a running
+# container's memory, in the guest and on the host. Prints a table and writes
 # target/capsa/bench-containers.json. On a PVM host everything runs inside
 # the nested QEMU machine, peers included, so the figures compare.
 #
@@ -65,15 +66,21 @@ export CAPSA_SOCKET=$state/capsad.sock
 ./capsad --root "$state/root" --socket "$CAPSA_SOCKET" --kernel vmlinux --initrd initramfs.cpio \
     --vmm ./capsa-vmm > "$state/capsad.log" 2>&1 &
 daemon=$!
-for i in $(seq 100); do [ -S "$CAPSA_SOCKET" ] && break; sleep 0.1; done
+# The same, with its VMMs neither jailed nor filtered: what confinement costs.
+./capsad --root "$state/bare-root" --socket "$state/bare.sock" --kernel vmlinux \
+    --initrd initramfs.cpio --vmm ./capsa-vmm --bridge capsa1 --subnet 10.89.0.0/24 \
+    --jail off --seccomp off > "$state/bare.log" 2>&1 &
+bare=$!
+for i in $(seq 100); do [ -S "$CAPSA_SOCKET" ] && [ -S "$state/bare.sock" ] && break; sleep 0.1; done
 ./capsa-bench containers --runs "$runs" --capsa ./capsa \
     --image busybox,busybox-oci,busybox-bundle --image debian,debian-oci,debian-bundle \
-    --peer "runc=$runc" --peer "crun=$crun" $peer_args --json "$state/bench.json" 2>&1
+    --peer "runc=$runc" --peer "crun=$crun" $peer_args --unconfined-socket "$state/bare.sock" \
+    --json "$state/bench.json" 2>&1
 echo "=== JSON"
 cat "$state/bench.json"
 echo
 echo "=== END JSON"
-kill "$daemon"
+kill "$daemon" "$bare"
 RUN
 } > "$payload/run.sh"
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/bench-containers.log"

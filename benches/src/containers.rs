@@ -37,6 +37,11 @@ pub struct ContainersArgs {
     /// is an initramfs, which pivot_root refuses).
     #[arg(long = "peer-run-arg", allow_hyphen_values = true)]
     peer_run_args: Vec<String>,
+    /// The socket of a second capsad whose VMMs run without their jail
+    /// and seccomp filter (`--jail off --seccomp off`): the first image's
+    /// cached run is measured there too, for what confinement costs.
+    #[arg(long)]
+    unconfined_socket: Option<PathBuf>,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -63,8 +68,11 @@ fn parse_image(text: &str) -> Result<Image, String> {
 struct Memory {
     guest_used_kib: u64,
     guest_total_kib: u64,
+    /// Both processes of a jailed VMM.
     vmm_rss_kib: u64,
     vmm_pss_kib: u64,
+    /// The VMM's resident memory other than the guest's (capsad's stats).
+    vmm_overhead_kib: u64,
 }
 
 #[derive(Serialize)]
@@ -121,21 +129,33 @@ fn group_memory(cli: &PathBuf, image: &str) -> Result<Memory> {
         .stdout;
         let total = field_kib(&meminfo, "MemTotal:").context("no MemTotal")?;
         let available = field_kib(&meminfo, "MemAvailable:").context("no MemAvailable")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rollup =
-            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        let (mut rss, mut pss) = (0, 0);
+        for pid in capsa_vm_process::vmm_processes(pid as u32) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let rollup =
+                std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+            rss += field_kib(&status, "VmRSS:").unwrap_or(0);
+            pss += field_kib(&rollup, "Pss:").unwrap_or(0);
+        }
+        let stats = process::run(
+            capsa(cli, &["--json", "stats", &name]),
+            Duration::from_secs(60),
+        )?
+        .success()?;
+        let stats: serde_json::Value = serde_json::from_str(&stats.stdout)?;
         Ok(Memory {
             guest_used_kib: total.saturating_sub(available),
             guest_total_kib: total,
-            vmm_rss_kib: field_kib(&status, "VmRSS:").unwrap_or(0),
-            vmm_pss_kib: field_kib(&rollup, "Pss:").unwrap_or(0),
+            vmm_rss_kib: rss,
+            vmm_pss_kib: pss,
+            vmm_overhead_kib: stats["vmm_overhead_kib"].as_u64().unwrap_or(0),
         })
     })();
     process::timed_ms(capsa(cli, &["rm", &name]))?;
     measured
 }
 
-fn bench_image(args: &ContainersArgs, image: &Image) -> Result<ImageReport> {
+fn bench_image(args: &ContainersArgs, image: &Image, first: bool) -> Result<ImageReport> {
     let cli = &args.capsa;
     // From nothing: the image and its layer disks are gone after rm.
     let _ = process::run(
@@ -160,6 +180,31 @@ fn bench_image(args: &ContainersArgs, image: &Image) -> Result<ImageReport> {
         runtime: format!("{}: capsa run --rm (microVM, cached disks)", image.name),
         wall_ms: Summary::of(&cached),
     }];
+    if let (Some(socket), true) = (&args.unconfined_socket, first) {
+        let unconfined = |words: &[&str]| {
+            let mut command = capsa(cli, words);
+            command.env("CAPSA_SOCKET", socket);
+            command
+        };
+        process::timed_ms(unconfined(&[
+            "image",
+            "import",
+            &layout,
+            "--name",
+            &image.name,
+        ]))?;
+        process::timed_ms(unconfined(&["run", "--rm", &image.name, "true"]))?;
+        let samples = process::wall_samples("unconfined", args.runs, |_| {
+            unconfined(&["run", "--rm", &image.name, "true"])
+        });
+        rows.push(WallRow {
+            runtime: format!(
+                "{}: capsa run --rm, VMM without jail and seccomp",
+                image.name
+            ),
+            wall_ms: Summary::of(&samples),
+        });
+    }
     for peer in &args.peers {
         let Some((name, path)) = peer.split_once('=') else {
             bail!("--peer {peer}: expected NAME=PATH");
@@ -198,7 +243,8 @@ pub fn run(args: &ContainersArgs) -> Result<()> {
     let images = args
         .images
         .iter()
-        .map(|image| bench_image(args, image))
+        .enumerate()
+        .map(|(i, image)| bench_image(args, image, i == 0))
         .collect::<Result<Vec<_>>>()?;
 
     println!(
@@ -208,8 +254,14 @@ pub fn run(args: &ContainersArgs) -> Result<()> {
     let rows: Vec<WallRow> = images.iter().flat_map(|i| i.rows.clone()).collect();
     print_wall_table(&rows);
     println!(
-        "{:<12} {:>12} {:>14} {:>16} {:>14} {:>14}",
-        "image", "import ms", "first run ms", "guest used MiB", "VMM RSS MiB", "VMM PSS MiB"
+        "{:<12} {:>12} {:>14} {:>16} {:>14} {:>14} {:>18}",
+        "image",
+        "import ms",
+        "first run ms",
+        "guest used MiB",
+        "VMM RSS MiB",
+        "VMM PSS MiB",
+        "VMM overhead MiB"
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
     for image in &images {
@@ -217,13 +269,14 @@ pub fn run(args: &ContainersArgs) -> Result<()> {
         let show =
             |f: fn(&Memory) -> u64| m.map_or("-".to_string(), |m| format!("{:.1}", mib(f(m))));
         println!(
-            "{:<12} {:>12.0} {:>14.0} {:>16} {:>14} {:>14}",
+            "{:<12} {:>12.0} {:>14.0} {:>16} {:>14} {:>14} {:>18}",
             image.image,
             image.import_ms,
             image.first_run_ms,
             show(|m| m.guest_used_kib),
             show(|m| m.vmm_rss_kib),
             show(|m| m.vmm_pss_kib),
+            show(|m| m.vmm_overhead_kib),
         );
     }
     if let [base, other, ..] = images.as_slice() {

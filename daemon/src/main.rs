@@ -79,6 +79,11 @@ struct Args {
     /// for measuring what the jail costs).
     #[arg(long, value_enum, default_value_t = Switch::On)]
     jail: Switch,
+    /// Whether each VMM runs under its seccomp filter, which kills it at a
+    /// system call it does not make in its work (off is for measuring
+    /// what the filter costs).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    seccomp: Switch,
     /// The first of the user and group ids the jails run as, one per
     /// group; none may be an id anything else on the host uses.
     #[arg(long, default_value_t = capsa_jail::DEFAULT_IDS.first)]
@@ -170,6 +175,10 @@ fn main() -> Result<()> {
             vmm,
             kernel: args.kernel.clone(),
             initrd: args.initrd.clone(),
+            seccomp: match args.seccomp {
+                Switch::On => capsa_vmm_config::Seccomp::Kill,
+                Switch::Off => capsa_vmm_config::Seccomp::Off,
+            },
         },
         network,
         capsa_volumes::VolumeStore::open(&args.root.join("volumes"))

@@ -141,6 +141,7 @@ impl ShimConfig {
                 .unwrap_or_else(capsa_vm_process::default_vmm),
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
+            seccomp: capsa_vm_process::Seccomp::Kill,
         }
     }
 }

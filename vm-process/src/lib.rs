@@ -18,6 +18,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+pub use capsa_vmm_config::Seccomp;
 use capsa_vmm_config::{DiskConfig, JailConfig, NetConfig, VmmArgs, VsockConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,8 @@ pub struct VmConfig {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The VMM's seccomp filter (off only to measure what it costs).
+    pub seccomp: capsa_vmm_config::Seccomp,
 }
 
 /// One VM's shape and its host-side endpoints.
@@ -235,6 +238,7 @@ pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
         nets,
         vsock: Some(vsock),
         jail,
+        seccomp: config.seccomp,
         ..VmmArgs::new(&config.kernel)
     };
     let mut command = Command::new(&config.vmm);
@@ -421,6 +425,7 @@ mod tests {
             vmm: "/nonexistent/capsa-vmm".into(),
             kernel: "/nonexistent/vmlinux".into(),
             initrd: "/nonexistent/initrd".into(),
+            seccomp: capsa_vmm_config::Seccomp::Kill,
         };
         let vsock = dir.join("vsock");
         let console = dir.join("console.log");

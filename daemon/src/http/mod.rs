@@ -187,6 +187,7 @@ pub(super) mod tests {
                 vmm: "/nonexistent/capsa-vmm".into(),
                 kernel: "/nonexistent/vmlinux".into(),
                 initrd: "/nonexistent/initrd".into(),
+                seccomp: capsa_vmm_config::Seccomp::Kill,
             },
             None,
             capsa_volumes::VolumeStore::open(&dir.join("volumes")).unwrap(),
