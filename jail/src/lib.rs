@@ -195,8 +195,24 @@ fn change_root(root: &Path) -> Result<(), JailError> {
     )
     .map_err(step("bind its root"))?;
     nix::unistd::chdir(root.as_c_str()).map_err(step("enter its root"))?;
-    nix::unistd::pivot_root(".", ".").map_err(step("pivot into its root"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the host's tree"))?;
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => {
+            umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the host's tree"))?;
+        }
+        // A host whose root is the initramfs itself (rootfs, which has no
+        // parent to pivot from; a minimal machine's, the test machines'):
+        // the jail's mount is moved over the root and the process chroots
+        // into it, as switch_root does. The host's tree stays in this
+        // namespace, covered and out of reach of a process without
+        // CAP_SYS_CHROOT or CAP_SYS_ADMIN, which the jailed one is about
+        // to lose.
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(Some("."), "/", none, MsFlags::MS_MOVE, none)
+                .map_err(step("move its root over the initramfs"))?;
+            nix::unistd::chroot(".").map_err(step("enter its root"))?;
+        }
+        Err(e) => return Err(step("pivot into its root")(e)),
+    }
     nix::unistd::chdir("/").map_err(step("enter its root"))?;
     mount(
         none,

@@ -127,6 +127,7 @@ impl Network {
             mac: mac_for(address),
             bridge: Some(self.bridge().to_string()),
             fd: None,
+            rate: None,
         }
     }
 

@@ -5,6 +5,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::rate::RateLimit;
+
 /// The guest CID a vsock gets unless told otherwise (0-2 are reserved).
 pub const DEFAULT_GUEST_CID: u64 = 3;
 
@@ -28,6 +30,8 @@ pub enum ArgError {
     BadFd(String),
     #[error("bad jail user or group id {0:?} (expected a number other than 0)")]
     BadId(String),
+    #[error("bad rate limit {0:?} (expected a number above 0)")]
+    BadRate(String),
     #[error("descriptor {0} is given to more than one device")]
     SharedFd(i32),
     #[error(
@@ -107,7 +111,8 @@ impl fmt::Display for MacAddr {
     }
 }
 
-/// `--disk PATH[,ro][,id=SERIAL][,fd=N]`: a raw image as virtio-blk.
+/// `--disk PATH[,ro][,id=SERIAL][,fd=N][,bps=N][,ops=N][,burst-ms=N]`: a
+/// raw image as virtio-blk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
@@ -118,6 +123,8 @@ pub struct DiskConfig {
     /// whoever started the VMM, with the access `read_only` says); `path`
     /// then only names it.
     pub fd: Option<i32>,
+    /// What the guest may read and write, together, per second.
+    pub rate: Option<RateLimit>,
 }
 
 impl DiskConfig {
@@ -128,6 +135,7 @@ impl DiskConfig {
             read_only,
             id,
             fd: None,
+            rate: None,
         }
     }
 }
@@ -152,11 +160,12 @@ impl FromStr for DiskConfig {
                 None if option == "ro" => disk.read_only = true,
                 Some(("id", id)) => disk.id = Some(id.to_string()),
                 Some(("fd", fd)) => disk.fd = Some(parse_fd(fd)?),
+                Some((key, value)) if RateLimit::take_option(&mut disk.rate, key, value)? => {}
                 _ => {
                     return Err(ArgError::UnknownOption {
                         device: "disk",
                         option: option.to_string(),
-                        expected: "ro, id=SERIAL or fd=N",
+                        expected: "ro, id=SERIAL, fd=N, bps=N, ops=N or burst-ms=N",
                     })
                 }
             }
@@ -178,11 +187,13 @@ impl DiskConfig {
         if let Some(fd) = self.fd {
             arg.push_str(&format!(",fd={fd}"));
         }
+        RateLimit::push_options(&self.rate, &mut arg);
         Ok(arg)
     }
 }
 
-/// `--net TAP[,mac=MAC][,bridge=NAME][,fd=N]`: a virtio-net on a host tap.
+/// `--net TAP[,mac=MAC][,bridge=NAME][,fd=N][,bps=N][,ops=N][,burst-ms=N]`:
+/// a virtio-net on a host tap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     /// Name of the host tap device to attach to.
@@ -195,6 +206,8 @@ pub struct NetConfig {
     /// The tap is already attached as this inherited descriptor (made and
     /// bridged by whoever started the VMM).
     pub fd: Option<i32>,
+    /// What may pass per second, each way (frames for ops).
+    pub rate: Option<RateLimit>,
 }
 
 impl FromStr for NetConfig {
@@ -207,6 +220,7 @@ impl FromStr for NetConfig {
             mac: MacAddr::random(),
             bridge: None,
             fd: None,
+            rate: None,
         };
         for option in options {
             match option.split_once('=') {
@@ -215,11 +229,12 @@ impl FromStr for NetConfig {
                     net.bridge = Some(bridge.to_string())
                 }
                 Some(("fd", fd)) => net.fd = Some(parse_fd(fd)?),
+                Some((key, value)) if RateLimit::take_option(&mut net.rate, key, value)? => {}
                 _ => {
                     return Err(ArgError::UnknownOption {
                         device: "net",
                         option: option.to_string(),
-                        expected: "mac=..., bridge=... or fd=N",
+                        expected: "mac=..., bridge=..., fd=N, bps=N, ops=N or burst-ms=N",
                     })
                 }
             }
@@ -238,6 +253,7 @@ impl NetConfig {
         if let Some(fd) = self.fd {
             arg.push_str(&format!(",fd={fd}"));
         }
+        RateLimit::push_options(&self.rate, &mut arg);
         Ok(arg)
     }
 }
@@ -312,10 +328,24 @@ mod tests {
         "[a-zA-Z0-9_./-]{1,24}"
     }
 
+    fn rate() -> impl Strategy<Value = RateLimit> {
+        (
+            proptest::option::of(1..u64::MAX),
+            proptest::option::of(1..u64::MAX),
+            1..u32::MAX,
+        )
+            .prop_filter("limits something", |(b, o, _)| b.is_some() || o.is_some())
+            .prop_map(|(bytes_per_sec, ops_per_sec, burst_ms)| RateLimit {
+                bytes_per_sec,
+                ops_per_sec,
+                burst_ms,
+            })
+    }
+
     proptest! {
         #[test]
-        fn disks_round_trip(path in name(), read_only: bool, id in proptest::option::of("[a-z0-9=-]{1,20}"), fd in proptest::option::of(3..1000i32)) {
-            let disk = DiskConfig { path: format!("/{path}").into(), read_only, id, fd };
+        fn disks_round_trip(path in name(), read_only: bool, id in proptest::option::of("[a-z0-9=-]{1,20}"), fd in proptest::option::of(3..1000i32), rate in proptest::option::of(rate())) {
+            let disk = DiskConfig { path: format!("/{path}").into(), read_only, id, fd, rate };
             prop_assert_eq!(disk.to_arg().unwrap().parse::<DiskConfig>().unwrap(), disk);
         }
 
@@ -323,7 +353,7 @@ mod tests {
         fn nets_round_trip(tap in name(), mac: [u8; 6], bridge in proptest::option::of(name()), fd in proptest::option::of(3..1000i32)) {
             let mut mac = mac;
             mac[0] &= !1;
-            let net = NetConfig { tap, mac: MacAddr(mac), bridge, fd };
+            let net = NetConfig { tap, mac: MacAddr(mac), bridge, fd, rate: None };
             prop_assert_eq!(net.to_arg().unwrap().parse::<NetConfig>().unwrap(), net);
         }
 
@@ -369,6 +399,18 @@ mod tests {
         assert_eq!(
             "/d,fd=1".parse::<DiskConfig>(),
             Err(ArgError::BadFd("1".into()))
+        );
+        assert_eq!(
+            "/d,bps=0".parse::<DiskConfig>(),
+            Err(ArgError::BadRate("bps=0".into()))
+        );
+        let limited: DiskConfig = "/d,ops=100".parse().unwrap();
+        assert_eq!(
+            limited.rate,
+            Some(RateLimit {
+                ops_per_sec: Some(100),
+                ..RateLimit::default()
+            })
         );
     }
 

@@ -6,6 +6,7 @@
 
 mod device;
 mod jail;
+mod rate;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use clap::Parser;
 
 pub use device::{ArgError, DiskConfig, MacAddr, NetConfig, VsockConfig, DEFAULT_GUEST_CID};
 pub use jail::JailConfig;
+pub use rate::{RateLimit, DEFAULT_BURST_MS};
 
 /// What the VMM appends to the kernel command line unless told otherwise.
 pub const DEFAULT_CMDLINE: &str = "quiet";
@@ -207,6 +209,11 @@ mod tests {
                 mac: MacAddr([0x02, 0xca, 0x95, 0, 0, 2]),
                 bridge: Some("capsa0".into()),
                 fd: Some(8),
+                rate: Some(RateLimit {
+                    bytes_per_sec: Some(1 << 20),
+                    ops_per_sec: None,
+                    burst_ms: 50,
+                }),
             }],
             vsock: Some(VsockConfig {
                 path: "/run/g/v.sock".into(),

@@ -146,6 +146,7 @@ fn run_vm(suite: &mut Suite, artifacts: &Artifacts, bulk_bytes: u64) -> Result<(
             mac: MacAddr([0x02, 0xca, 0x95, 0, 0, 2]),
             bridge: None,
             fd: None,
+            rate: None,
         }],
         vsock: Some(VsockConfig::at(&socket)),
         ..artifacts.vm(2, 256)

@@ -40,6 +40,7 @@ pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
             mac: MAC,
             bridge: None,
             fd: None,
+            rate: None,
         }],
         disks: vec![DiskConfig::at(
             artifacts.path("data.img"),
