@@ -3,11 +3,13 @@
 //! what the daemon reports about groups and images, and its errors.
 
 pub mod exec;
+pub mod rate;
 pub mod signal;
 pub mod spec;
 
 use serde::{Deserialize, Serialize};
 
+pub use rate::RateLimitSpec;
 pub use spec::{
     ContainerSpec, EmptyDirSpec, ExecProbe, GroupSpec, PersistentSpec, PortProtocol, PortSpec,
     Probe, RestartPolicy, SpecError, TcpProbe, VolumeMount, VolumeSpec, MIN_VOLUME_MIB,
@@ -244,6 +246,12 @@ pub struct GroupStats {
     pub block_read_bytes: u64,
     #[serde(default)]
     pub block_write_bytes: u64,
+    /// The rate limits its VM's disks and network interface are held to
+    /// (the spec's, or capsad's defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_rate_limit: Option<RateLimitSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_rate_limit: Option<RateLimitSpec>,
     pub containers: Vec<ContainerStats>,
 }
 

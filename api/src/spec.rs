@@ -41,6 +41,13 @@ pub struct GroupSpec {
     /// the writable layers are then a tmpfs in the VM's memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scratch_mib: Option<u64>,
+    /// Each of the VM's disks (volumes, image layers, scratch) is held to
+    /// this; capsad's default where not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_rate_limit: Option<crate::RateLimitSpec>,
+    /// The VM's network interface is held to this, each way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_rate_limit: Option<crate::RateLimitSpec>,
 }
 
 /// A volume of the group: exactly one of its sources is given.
@@ -389,6 +396,14 @@ impl GroupSpec {
                 problems.push(format!(
                     "scratchMib: {scratch} is neither 0 (in memory) nor between {MIN_SCRATCH_MIB} and 16777216 (16 TiB)"
                 ));
+            }
+        }
+        for (field, limit) in [
+            ("diskRateLimit", &self.disk_rate_limit),
+            ("networkRateLimit", &self.network_rate_limit),
+        ] {
+            if let Some(limit) = limit {
+                problems.extend(limit.problems(field));
             }
         }
         let volumes = self.validate_volumes(&mut problems);

@@ -318,6 +318,8 @@ fn run(cli: Cli) -> Result<u8> {
                 restart_policy: restart,
                 volumes,
                 scratch_mib: scratch,
+                disk_rate_limit: None,
+                network_rate_limit: None,
             };
             create_pulling(&client, &spec, &image, pull)?;
             // Attached, the container's stderr is ours: steps only go to a

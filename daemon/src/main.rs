@@ -91,6 +91,40 @@ struct Args {
     /// How many jail ids there are (the most groups this daemon keeps).
     #[arg(long, default_value_t = capsa_jail::DEFAULT_IDS.count)]
     jail_ids: u32,
+    /// The rate limit of each disk of a group whose spec sets none, in
+    /// bytes per second (reads and writes together); none by default.
+    #[arg(long)]
+    disk_bytes_per_sec: Option<u64>,
+    /// The same, in requests per second.
+    #[arg(long)]
+    disk_ops_per_sec: Option<u64>,
+    /// The rate limit of a group's network interface, each way, where its
+    /// spec sets none: bytes per second.
+    #[arg(long)]
+    net_bytes_per_sec: Option<u64>,
+    /// The same, in frames per second.
+    #[arg(long)]
+    net_ops_per_sec: Option<u64>,
+}
+
+/// A default rate limit from capsad's flags, checked as a spec's is.
+fn default_rate(
+    field: &str,
+    bytes_per_sec: Option<u64>,
+    ops_per_sec: Option<u64>,
+) -> Result<Option<capsa_api::RateLimitSpec>> {
+    if bytes_per_sec.is_none() && ops_per_sec.is_none() {
+        return Ok(None);
+    }
+    let limit = capsa_api::RateLimitSpec {
+        bytes_per_sec,
+        ops_per_sec,
+        burst_ms: None,
+    };
+    match limit.problems(field).first() {
+        Some(problem) => anyhow::bail!("{problem}"),
+        None => Ok(Some(limit)),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -195,6 +229,16 @@ fn main() -> Result<()> {
                 first: args.jail_first_id,
                 count: args.jail_ids,
             }),
+            default_disk_rate: default_rate(
+                "--disk-*-per-sec",
+                args.disk_bytes_per_sec,
+                args.disk_ops_per_sec,
+            )?,
+            default_network_rate: default_rate(
+                "--net-*-per-sec",
+                args.net_bytes_per_sec,
+                args.net_ops_per_sec,
+            )?,
         },
     );
     daemon.restore();

@@ -49,20 +49,33 @@ impl Booting {
         self.pid
     }
 
-    /// Waits up to `patience` for the agent. A VMM whose agent never
-    /// answers is left running: the caller stops it ([`stop`]).
+    /// Waits up to `patience` for the agent, and no longer than the VMM
+    /// lives. A VMM whose agent never answers is left running: the caller
+    /// stops it ([`stop`]).
     pub fn connect(self, patience: Duration) -> Result<Sandbox, BootError> {
-        match Guest::connect(&self.vsock, patience) {
-            Ok(guest) => Ok(Sandbox {
-                pid: self.pid,
-                vsock: self.vsock,
-                console: self.console,
-                guest: Arc::new(guest),
-            }),
-            Err(error) => Err(BootError {
-                error,
-                console: console_tail(&self.console),
-            }),
+        // Tried in slices, so that a VMM that died (a bad argument, a
+        // jail it could not enter) is reported at once, with its words.
+        const SLICE: Duration = Duration::from_secs(2);
+        let deadline = Instant::now() + patience;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match Guest::connect(&self.vsock, left.min(SLICE)) {
+                Ok(guest) => {
+                    return Ok(Sandbox {
+                        pid: self.pid,
+                        vsock: self.vsock,
+                        console: self.console,
+                        guest: Arc::new(guest),
+                    })
+                }
+                Err(_) if Instant::now() < deadline && is_our_vmm(self.pid, &self.vsock) => {}
+                Err(error) => {
+                    return Err(BootError {
+                        error,
+                        console: console_tail(&self.console),
+                    })
+                }
+            }
         }
     }
 }

@@ -4,8 +4,9 @@
 //! later (vCPUs, device workers) inherit it. It allows the system calls a
 //! running VMM makes and nothing else: a call outside the list kills the
 //! whole VMM with SIGSYS (or, with `--seccomp log`, is logged by the kernel
-//! and let through, to learn what a new code path needs). What opens
-//! files on first use (the entropy source) is used once before.
+//! and let through, to learn what a new code path needs). The entropy
+//! source is getrandom(2) itself (`virtio::rng::fill_random`), which opens
+//! nothing.
 
 use std::collections::BTreeMap;
 
@@ -122,12 +123,6 @@ pub fn program(mode: Seccomp) -> Result<Option<BpfProgram>, SeccompError> {
 
 /// Installs the filter `mode` asks for on every thread of this process.
 pub fn install(mode: Seccomp) -> Result<(), SeccompError> {
-    // The entropy source opens what it needs on first use (in a static
-    // binary the getrandom crate may read /dev/urandom): do that now,
-    // while files may still be opened.
-    let mut warm = [0u8; 1];
-    getrandom::fill(&mut warm)
-        .map_err(|e| SeccompError::Build(format!("the entropy source: {e}")))?;
     match program(mode)? {
         Some(program) => apply_filter_all_threads(&program).map_err(SeccompError::Install),
         None => Ok(()),

@@ -79,6 +79,34 @@ pub struct Settings {
     /// The ids the VMMs' jails run as, one per group; None runs VMMs
     /// unjailed.
     pub jail_ids: Option<capsa_jail::IdRange>,
+    /// The rate limits of groups whose spec sets none.
+    pub default_disk_rate: Option<capsa_api::RateLimitSpec>,
+    pub default_network_rate: Option<capsa_api::RateLimitSpec>,
+}
+
+impl Settings {
+    /// The limits `spec`'s disks and network interface are held to.
+    pub fn rates(
+        &self,
+        spec: &GroupSpec,
+    ) -> (
+        Option<capsa_api::RateLimitSpec>,
+        Option<capsa_api::RateLimitSpec>,
+    ) {
+        (
+            spec.disk_rate_limit.or(self.default_disk_rate),
+            spec.network_rate_limit.or(self.default_network_rate),
+        )
+    }
+}
+
+/// A spec's rate limit as the VMM takes it.
+pub fn vmm_rate(limit: &capsa_api::RateLimitSpec) -> capsa_vmm_config::RateLimit {
+    capsa_vmm_config::RateLimit {
+        bytes_per_sec: limit.bytes_per_sec,
+        ops_per_sec: limit.ops_per_sec,
+        burst_ms: limit.burst_ms.unwrap_or(capsa_vmm_config::DEFAULT_BURST_MS),
+    }
 }
 
 impl Daemon {

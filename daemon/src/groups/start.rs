@@ -89,11 +89,18 @@ impl Daemon {
                 disks.len()
             )));
         }
-        let net = self
-            .network
-            .as_ref()
-            .zip(record.ip)
-            .map(|(network, ip)| network.nic(ip));
+        let (disk_rate, network_rate) = self.settings.rates(&record.spec);
+        for disk in &mut disks {
+            disk.rate = disk_rate.as_ref().map(super::vmm_rate);
+        }
+        let net =
+            self.network
+                .as_ref()
+                .zip(record.ip)
+                .map(|(network, ip)| capsa_vmm_config::NetConfig {
+                    rate: network_rate.as_ref().map(super::vmm_rate),
+                    ..network.nic(ip)
+                });
         let cgroup = self
             .settings
             .cgroups

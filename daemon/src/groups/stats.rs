@@ -158,6 +158,7 @@ impl Daemon {
         let vmm_overhead_kib = guest_rss_kib(&smaps, record.spec.memory_mib() << 10)
             .map(|guest| figures.rss_kib.saturating_sub(guest))
             .unwrap_or(0);
+        let (disk_rate_limit, network_rate_limit) = self.settings.rates(&record.spec);
         Ok(GroupStats {
             group: name.to_string(),
             vmm_rss_kib: figures.rss_kib,
@@ -167,6 +168,8 @@ impl Daemon {
             net_to_guest_bytes: tap("tx_bytes"),
             block_read_bytes: figures.read_bytes,
             block_write_bytes: figures.write_bytes,
+            disk_rate_limit,
+            network_rate_limit,
             containers,
         })
     }

@@ -11,9 +11,13 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Le32, Le64};
+use vmm_sys_util::epoll::EventSet;
 
-use super::worker::{DeviceBroken, QueueHandler, Registrar, Worker};
-use super::{read_config_bytes, serve_queue, ActivateContext, ActivateError, Interrupt, Memory};
+use super::rate_limiter::RateLimiter;
+use super::worker::{DeviceBroken, QueueHandler, Registrar, Worker, FIRST_BACKEND_TOKEN};
+use super::{
+    read_config_bytes, serve_queue_limited, ActivateContext, ActivateError, Interrupt, Memory,
+};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZES: &[u16] = &[256];
@@ -46,6 +50,7 @@ pub enum DiskError {
 /// A virtio-blk device before and between activations.
 pub struct Block {
     file: File,
+    rate: Option<capsa_vmm_config::RateLimit>,
     read_only: bool,
     sectors: u64,
     id: [u8; MAX_ID_LEN],
@@ -94,6 +99,7 @@ impl Block {
         let sectors = size / SECTOR_SIZE;
         Ok(Self {
             file,
+            rate: config.rate,
             read_only: config.read_only,
             sectors,
             id,
@@ -174,6 +180,7 @@ impl Block {
             memory,
             queue,
             interrupt,
+            limiter: RateLimiter::new(self.rate.as_ref())?,
         })
     }
 }
@@ -232,15 +239,25 @@ pub struct BlockQueue {
     pub memory: Memory,
     pub queue: Queue,
     pub interrupt: Interrupt,
+    /// The disk's rate limit (requests and bytes, reads and writes
+    /// together), if it has one.
+    pub limiter: Option<RateLimiter>,
 }
+
+/// The worker's token for the rate limiter's timer.
+const LIMITER_TOKEN: u64 = FIRST_BACKEND_TOKEN;
 
 impl BlockQueue {
     pub fn process(&mut self) -> Result<(), DeviceBroken> {
         let mut buf = vec![0u8; COPY_CHUNK];
         let (disk, memory) = (&self.disk, &self.memory);
-        serve_queue(&mut self.queue, memory, &self.interrupt, |chain| {
-            Ok(disk.serve(memory, chain, &mut buf))
-        })
+        serve_queue_limited(
+            &mut self.queue,
+            memory,
+            &self.interrupt,
+            self.limiter.as_mut(),
+            |chain| Ok(disk.serve(memory, chain, &mut buf)),
+        )
     }
 }
 
@@ -249,7 +266,26 @@ impl QueueHandler for BlockQueue {
         "virtio-blk"
     }
 
+    fn register(&mut self, registrar: &Registrar) -> std::io::Result<()> {
+        match &self.limiter {
+            Some(limiter) => registrar.add(limiter.as_raw_fd(), LIMITER_TOKEN, EventSet::IN),
+            None => Ok(()),
+        }
+    }
+
     fn queue_event(&mut self, _index: usize, _epoll: &Registrar) -> Result<(), DeviceBroken> {
+        self.process()
+    }
+
+    fn backend_event(
+        &mut self,
+        _token: u64,
+        _events: EventSet,
+        _epoll: &Registrar,
+    ) -> Result<(), DeviceBroken> {
+        if let Some(limiter) = &mut self.limiter {
+            limiter.timer_fired();
+        }
         self.process()
     }
 }

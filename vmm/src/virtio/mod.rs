@@ -13,6 +13,7 @@ pub mod block;
 pub(crate) mod fuzz;
 pub mod mmio;
 pub mod net;
+pub mod rate_limiter;
 pub mod rng;
 #[cfg(test)]
 pub mod testing;
@@ -217,12 +218,37 @@ pub fn serve_queue<'m>(
     queue: &mut Queue,
     memory: &'m Memory,
     interrupt: &Interrupt,
+    serve: impl FnMut(virtio_queue::DescriptorChain<&'m Memory>) -> Result<u32, worker::DeviceBroken>,
+) -> Result<(), worker::DeviceBroken> {
+    serve_queue_limited(queue, memory, interrupt, None, serve)
+}
+
+/// The bytes a chain's descriptors span (what a rate limit charges).
+pub fn chain_bytes(chain: &virtio_queue::DescriptorChain<&Memory>) -> u64 {
+    chain.clone().map(|d| u64::from(d.len())).sum()
+}
+
+/// As [`serve_queue`], each chain first admitted by `limiter`: one it does
+/// not admit goes back to the queue, and serving stops until the
+/// limiter's timer fires.
+pub fn serve_queue_limited<'m>(
+    queue: &mut Queue,
+    memory: &'m Memory,
+    interrupt: &Interrupt,
+    mut limiter: Option<&mut rate_limiter::RateLimiter>,
     mut serve: impl FnMut(
         virtio_queue::DescriptorChain<&'m Memory>,
     ) -> Result<u32, worker::DeviceBroken>,
 ) -> Result<(), worker::DeviceBroken> {
+    use virtio_queue::QueueOwnedT;
     let mut served = false;
     while let Some(chain) = next_chain(queue, memory)? {
+        if let Some(limiter) = limiter.as_deref_mut() {
+            if !limiter.admit(chain_bytes(&chain)) {
+                queue.go_to_previous_position();
+                break;
+            }
+        }
         let head = chain.head_index();
         let used = serve(chain)?;
         complete(queue, memory, head, used)?;

@@ -58,7 +58,7 @@ impl RngQueue {
                 return Ok(0);
             };
             let n = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
-            getrandom::fill(&mut buf[..n])
+            fill_random(&mut buf[..n])
                 .map_err(|e| DeviceBroken(format!("host getrandom failed: {e}")))?;
             Ok(writer.write_all(&buf[..n]).map_or(0, |()| n as u32))
         })
@@ -73,4 +73,25 @@ impl QueueHandler for RngQueue {
     fn queue_event(&mut self, _index: usize, _epoll: &Registrar) -> Result<(), DeviceBroken> {
         self.process()
     }
+}
+
+/// Fills `buf` from getrandom(2), called directly: the getrandom crate, in
+/// a static binary, falls back to opening /dev/urandom, which a jailed VMM
+/// has not got.
+pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }

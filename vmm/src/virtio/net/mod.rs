@@ -10,6 +10,7 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueOwnedT};
 use vmm_sys_util::epoll::EventSet;
 
+use super::rate_limiter::RateLimiter;
 use super::worker::{DeviceBroken, QueueHandler, Registrar, Worker, FIRST_BACKEND_TOKEN};
 use super::{
     complete, next_chain, notify, read_config_bytes, ActivateContext, ActivateError, Interrupt,
@@ -21,6 +22,8 @@ const QUEUE_SIZES: &[u16] = &[256, 256];
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const TAP_TOKEN: u64 = FIRST_BACKEND_TOKEN;
+const RX_LIMITER_TOKEN: u64 = FIRST_BACKEND_TOKEN + 1;
+const TX_LIMITER_TOKEN: u64 = FIRST_BACKEND_TOKEN + 2;
 /// The largest frame either side may pass: a 64 KiB TSO segment with its
 /// Ethernet (and VLAN) header, after the virtio-net header.
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 65536 + 18;
@@ -31,6 +34,7 @@ pub use capsa_vmm_config::NetConfig;
 
 pub struct Net {
     tap: Tap,
+    rate: Option<capsa_vmm_config::RateLimit>,
     config_space: Vec<u8>,
 }
 
@@ -51,6 +55,7 @@ impl Net {
         }
         Ok(Self {
             tap,
+            rate: config.rate,
             config_space: config.mac.0.to_vec(),
         })
     }
@@ -104,7 +109,7 @@ impl super::VirtioDevice for Net {
         let tap = self.tap.try_clone().map_err(ActivateError::Dup)?;
         let tx = context.queues.remove(TX_QUEUE);
         let rx = context.queues.remove(RX_QUEUE);
-        let handler = NetQueues::new(
+        let mut handler = NetQueues::new(
             tap,
             context.memory,
             rx,
@@ -112,6 +117,9 @@ impl super::VirtioDevice for Net {
             context.interrupt.clone(),
             has(VIRTIO_NET_F_MRG_RXBUF),
         );
+        let limiter = || RateLimiter::new(self.rate.as_ref()).map_err(ActivateError::Worker);
+        handler.rx_limiter = limiter()?;
+        handler.tx_limiter = limiter()?;
         Worker::spawn(handler, context.queue_events, context.interrupt)
     }
 }
@@ -124,11 +132,17 @@ pub struct NetQueues {
     pub interrupt: Interrupt,
     pub mergeable: bool,
     frame: Vec<u8>,
-    /// A frame read from the tap that waits for receive buffers.
+    /// A frame read from the tap that waits for receive buffers or for
+    /// the receive rate limit.
     held: Option<usize>,
+    /// Whether the held frame has passed the rate limit already.
+    held_admitted: bool,
     /// The tap may have more frames (edge-triggered: until WouldBlock).
     tap_readable: bool,
     pub dropped: u64,
+    /// Each way's rate limit (frames and bytes), if the NIC has one.
+    pub rx_limiter: Option<RateLimiter>,
+    pub tx_limiter: Option<RateLimiter>,
 }
 
 impl NetQueues {
@@ -149,8 +163,11 @@ impl NetQueues {
             mergeable,
             frame: vec![0u8; MAX_FRAME],
             held: None,
+            held_admitted: false,
             tap_readable: true,
             dropped: 0,
+            rx_limiter: None,
+            tx_limiter: None,
         }
     }
 
@@ -159,6 +176,12 @@ impl NetQueues {
         let memory = self.memory.clone();
         let mut served = false;
         while let Some(chain) = next_chain(&mut self.tx, &memory)? {
+            if let Some(limiter) = &mut self.tx_limiter {
+                if !limiter.admit(super::chain_bytes(&chain)) {
+                    self.tx.go_to_previous_position();
+                    break;
+                }
+            }
             let head = chain.head_index();
             let sent = chain.reader(&memory).ok().and_then(|mut reader| {
                 let len = reader.available_bytes();
@@ -198,10 +221,20 @@ impl NetQueues {
                 },
                 None => break,
             };
+            if let Some(limiter) = &mut self.rx_limiter {
+                if !self.held_admitted && !limiter.admit(len as u64) {
+                    // Waits, read, for the limiter's timer.
+                    self.held = Some(len);
+                    break;
+                }
+            }
             if !self.deliver(len)? {
+                // Admitted already: it waits for buffers only.
+                self.held_admitted = true;
                 self.held = Some(len);
                 break;
             }
+            self.held_admitted = false;
             delivered = true;
         }
         if delivered {
@@ -264,6 +297,14 @@ impl QueueHandler for NetQueues {
     }
 
     fn register(&mut self, registrar: &Registrar) -> std::io::Result<()> {
+        for (limiter, token) in [
+            (&self.rx_limiter, RX_LIMITER_TOKEN),
+            (&self.tx_limiter, TX_LIMITER_TOKEN),
+        ] {
+            if let Some(limiter) = limiter {
+                registrar.add(limiter.as_raw_fd(), token, EventSet::IN)?;
+            }
+        }
         registrar.add(
             self.tap.as_raw_fd(),
             TAP_TOKEN,
@@ -280,11 +321,24 @@ impl QueueHandler for NetQueues {
 
     fn backend_event(
         &mut self,
-        _token: u64,
+        token: u64,
         _events: EventSet,
         _epoll: &Registrar,
     ) -> Result<(), DeviceBroken> {
-        self.tap_readable = true;
+        match token {
+            TX_LIMITER_TOKEN => {
+                if let Some(limiter) = &mut self.tx_limiter {
+                    limiter.timer_fired();
+                }
+                return self.process_tx();
+            }
+            RX_LIMITER_TOKEN => {
+                if let Some(limiter) = &mut self.rx_limiter {
+                    limiter.timer_fired();
+                }
+            }
+            _ => self.tap_readable = true,
+        }
         self.process_rx()
     }
 
