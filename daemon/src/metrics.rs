@@ -1,7 +1,13 @@
 //! The Prometheus (OpenMetrics text) endpoint: per group and container
-//! figures read when scraped (the VMM's CPU, memory, network and disk
-//! bytes; the containers' cgroup figures from the agents; restarts), and
-//! daemon-wide counts and create/start latency histograms.
+//! figures (the VMM's CPU, memory, network and disk bytes; the
+//! containers' cgroup figures from the agents; restarts), and daemon-wide
+//! counts and create/start latency histograms. A scrape never waits on a
+//! guest: the groups' figures come from a cache that a background thread
+//! refreshes, one guest call at a time per group with a short deadline.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,10 +20,89 @@ use crate::groups::Daemon;
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// What the daemon measures as it goes; the rest is read at scrape time.
+/// How often the groups' figures are refreshed.
+pub const REFRESH: Duration = Duration::from_secs(5);
+
+/// What the daemon measures as it goes, and the groups' figures as last
+/// read.
 pub struct Metrics {
     pub create_seconds: Histogram,
     pub start_seconds: Histogram,
+    stats: Mutex<HashMap<String, capsa_api::GroupStats>>,
+    /// Groups whose figures are being read: a guest that does not answer
+    /// holds up one reader, not one more per refresh.
+    reading: Mutex<HashSet<String>>,
+}
+
+impl Metrics {
+    /// The figures of group `name` as last read.
+    fn cached(&self, name: &str) -> Option<capsa_api::GroupStats> {
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
+/// Reads every running group's figures now, each on a thread of its own;
+/// drops those of groups that no longer run.
+pub fn refresh(daemon: &Arc<Daemon>) {
+    let running: Vec<String> = daemon
+        .list()
+        .into_iter()
+        .filter(|v| v.status == capsa_api::GroupStatus::Running)
+        .map(|v| v.name)
+        .collect();
+    daemon
+        .metrics
+        .stats
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|name, _| running.contains(name));
+    for name in running {
+        read_in_background(daemon, name);
+    }
+}
+
+/// Reads group `name`'s figures into the cache on a thread of its own,
+/// unless a read of them is under way already.
+pub fn read_in_background(daemon: &Arc<Daemon>, name: String) {
+    if !daemon
+        .metrics
+        .reading
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.clone())
+    {
+        return;
+    }
+    let daemon = daemon.clone();
+    std::thread::spawn(move || {
+        let read = daemon.stats(&name);
+        let metrics = &daemon.metrics;
+        if let Ok(stats) = read {
+            metrics
+                .stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.clone(), stats);
+        }
+        metrics
+            .reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&name);
+    });
+}
+
+/// Refreshes the groups' figures every [`REFRESH`], for as long as the
+/// daemon runs.
+pub fn keep_fresh(daemon: Arc<Daemon>) {
+    std::thread::spawn(move || loop {
+        refresh(&daemon);
+        std::thread::sleep(REFRESH);
+    });
 }
 
 impl Default for Metrics {
@@ -27,6 +112,8 @@ impl Default for Metrics {
         Metrics {
             create_seconds: Histogram::new(buckets()),
             start_seconds: Histogram::new(buckets()),
+            stats: Mutex::default(),
+            reading: Mutex::default(),
         }
     }
 }
@@ -49,7 +136,8 @@ struct StatusLabels {
 
 type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
 
-/// The text a scrape gets. Calls each running group's agent.
+/// The text a scrape gets, from the daemon's records and the figures
+/// cache: no guest is called.
 pub fn render(daemon: &Daemon) -> String {
     let mut registry = Registry::with_prefix("capsa");
     let groups = Family::<StatusLabels, Gauge>::default();
@@ -90,9 +178,9 @@ pub fn render(daemon: &Daemon) -> String {
                 .get_or_create(&labels)
                 .inc_by(u64::from(container.restart_count));
         }
-        // A group that stopped meanwhile, or an agent that does not answer,
-        // just has fewer series this time.
-        let Some(stats) = running.then(|| daemon.stats(&view.name).ok()).flatten() else {
+        // A group not read yet, or whose agent does not answer, just has
+        // fewer series this time.
+        let Some(stats) = running.then(|| daemon.metrics.cached(&view.name)).flatten() else {
             continue;
         };
         vmm_cpu.get_or_create(&group).inc_by(stats.vmm_cpu_seconds);

@@ -20,6 +20,7 @@ pub use image::{ImageError, ImageLayer, OciImage};
 
 /// Calls that return at once get this long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+const STATS_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -470,9 +471,11 @@ impl Guest {
             .pids)
     }
 
+    /// A container's figures; a guest gets a few seconds to give them
+    /// (metrics and stats must not wait on one that does not answer).
     pub fn stats(&self, id: &str) -> Result<StatsResponse, GuestError> {
         self.agent
-            .stats(timeout(CALL_TIMEOUT), &container(id))
+            .stats(timeout(STATS_TIMEOUT), &container(id))
             .map_err(call("Stats"))
     }
 

@@ -29,7 +29,7 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{ForkResult, Gid, Uid};
 
 pub use ids::{Claims, IdRange, DEFAULT_IDS};
-pub use observe::Confinement;
+pub use observe::{Confinement, TaskStatus};
 
 /// Where and as whom a process is confined.
 #[derive(Debug, Clone)]

@@ -1,5 +1,6 @@
-//! What a process can see of its own confinement, from the inside: the
-//! record `capsa-jail-check` prints, and tests read.
+//! What can be seen of a jailed process: from the inside, the record
+//! `capsa-jail-check` prints ([`Confinement`]); from the host, each of its
+//! threads' status file ([`TaskStatus`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -100,5 +101,57 @@ impl Confinement {
                 limit(Resource::RLIMIT_FSIZE),
             ],
         }
+    }
+}
+
+/// One thread's credentials and confinement, as its /proc status file
+/// gives them (fields joined by single spaces).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TaskStatus {
+    pub name: String,
+    pub uids: String,
+    pub gids: String,
+    pub cap_eff: String,
+    pub cap_prm: String,
+    pub cap_bnd: String,
+    pub no_new_privs: String,
+    pub seccomp: String,
+}
+
+impl TaskStatus {
+    pub fn parse(status: &str) -> TaskStatus {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        TaskStatus {
+            name: field("Name:"),
+            uids: field("Uid:"),
+            gids: field("Gid:"),
+            cap_eff: field("CapEff:"),
+            cap_prm: field("CapPrm:"),
+            cap_bnd: field("CapBnd:"),
+            no_new_privs: field("NoNewPrivs:"),
+            seccomp: field("Seccomp:"),
+        }
+    }
+
+    /// Whether it runs as `id` (every uid and gid), with no capability
+    /// at all, no new privileges and a seccomp filter.
+    pub fn is_jailed_as(&self, id: u32) -> bool {
+        let id_text = id.to_string();
+        let ids = [id_text.as_str(); 4].join(" ");
+        let none = "0000000000000000";
+        id != 0
+            && self.uids == ids
+            && self.gids == ids
+            && [&self.cap_eff, &self.cap_prm, &self.cap_bnd]
+                .iter()
+                .all(|c| c.as_str() == none)
+            && self.no_new_privs == "1"
+            && self.seccomp == "2"
     }
 }

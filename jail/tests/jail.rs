@@ -6,7 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use capsa_jail::Confinement;
+use capsa_jail::{Confinement, TaskStatus};
 
 const UID: u32 = 900_123;
 const GID: u32 = 900_124;
@@ -102,19 +102,14 @@ fn the_supervisor_is_jailed_and_a_sigterm_ends_both() {
     )
     .unwrap();
     let pid = child.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
-            .unwrap_or_default()
-    };
-    assert_eq!(field("Uid:"), format!("{UID} {UID} {UID} {UID}"));
-    assert_eq!(field("CapEff:"), "0000000000000000");
-    assert_eq!(field("CapBnd:"), "0000000000000000");
-    assert_eq!(field("NoNewPrivs:"), "1");
-    assert_eq!(field("Seccomp:"), "2");
+    let status =
+        TaskStatus::parse(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap());
+    assert_eq!(status.uids, format!("{UID} {UID} {UID} {UID}"));
+    assert_eq!(status.gids, format!("{GID} {GID} {GID} {GID}"));
+    assert_eq!(status.cap_eff, "0000000000000000");
+    assert_eq!(status.cap_bnd, "0000000000000000");
+    assert_eq!(status.no_new_privs, "1");
+    assert_eq!(status.seccomp, "2");
     let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -176,6 +176,7 @@ impl Daemon {
                 self.metrics
                     .start_seconds
                     .observe(began.elapsed().as_secs_f64());
+                crate::metrics::read_in_background(self, name.to_string());
                 Ok(group.snapshot().view())
             }
             Err(e) => {

@@ -6,41 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-
-/// One thread's credentials and confinement, from its status file.
-#[derive(Debug, PartialEq, Eq)]
-struct Thread {
-    name: String,
-    uids: String,
-    gids: String,
-    cap_eff: String,
-    cap_prm: String,
-    cap_bnd: String,
-    no_new_privs: String,
-    seccomp: String,
-}
-
-impl Thread {
-    fn read(status: &str) -> Thread {
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
-                .unwrap_or_default()
-        };
-        Thread {
-            name: field("Name:"),
-            uids: field("Uid:"),
-            gids: field("Gid:"),
-            cap_eff: field("CapEff:"),
-            cap_prm: field("CapPrm:"),
-            cap_bnd: field("CapBnd:"),
-            no_new_privs: field("NoNewPrivs:"),
-            seccomp: field("Seccomp:"),
-        }
-    }
-}
+use capsa_jail::TaskStatus;
 
 /// Checks every thread of the VMM started as `pid`, whose jail is `jail`,
 /// and every descriptor either process holds: each must be KVM's, an
@@ -69,20 +35,14 @@ pub fn inspect(pid: u32, jail: &Path, group_dir: &Path, root: &Path) -> Result<S
             jail.display()
         );
         for task in std::fs::read_dir(format!("/proc/{process}/task"))?.flatten() {
-            let thread = Thread::read(&std::fs::read_to_string(task.path().join("status"))?);
-            let zero = "0000000000000000";
-            let id = thread.uids.split(' ').next().unwrap_or("0").to_string();
-            ensure!(
-                id != "0"
-                    && thread.uids == [id.as_str(); 4].join(" ")
-                    && thread.gids == thread.uids
-                    && [&thread.cap_eff, &thread.cap_prm, &thread.cap_bnd]
-                        .iter()
-                        .all(|c| c.as_str() == zero)
-                    && thread.no_new_privs == "1"
-                    && thread.seccomp == "2",
-                "process {process}: {thread:?}"
-            );
+            let thread = TaskStatus::parse(&std::fs::read_to_string(task.path().join("status"))?);
+            let id: u32 = thread
+                .uids
+                .split(' ')
+                .next()
+                .and_then(|id| id.parse().ok())
+                .unwrap_or(0);
+            ensure!(thread.is_jailed_as(id), "process {process}: {thread:?}");
             uids.push(id);
             threads += 1;
         }
