@@ -21,7 +21,7 @@ use crate::groups::Daemon;
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// How often the groups' figures are refreshed.
-pub const REFRESH: Duration = Duration::from_secs(5);
+pub const REFRESH: Duration = Duration::from_secs(15);
 
 /// What the daemon measures as it goes, and the groups' figures as last
 /// read.
