@@ -242,7 +242,6 @@ fn main() -> Result<()> {
         },
     );
     daemon.restore();
-    metrics::keep_fresh(daemon.clone());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -2,12 +2,13 @@
 //! figures (the VMM's CPU, memory, network and disk bytes; the
 //! containers' cgroup figures from the agents; restarts), and daemon-wide
 //! counts and create/start latency histograms. A scrape never waits on a
-//! guest: the groups' figures come from a cache that a background thread
-//! refreshes, one guest call at a time per group with a short deadline.
+//! guest: the groups' figures come from a cache, filled when a group
+//! starts and refreshed in the background by each scrape (for the next
+//! one), with one read at a time per group and a short deadline on the
+//! guest. Nothing is read while nobody scrapes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,9 +20,6 @@ use prometheus_client::registry::Registry;
 use crate::groups::Daemon;
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// How often the groups' figures are refreshed.
-pub const REFRESH: Duration = Duration::from_secs(15);
 
 /// What the daemon measures as it goes, and the groups' figures as last
 /// read.
@@ -96,15 +94,6 @@ pub fn read_in_background(daemon: &Arc<Daemon>, name: String) {
     });
 }
 
-/// Refreshes the groups' figures every [`REFRESH`], for as long as the
-/// daemon runs.
-pub fn keep_fresh(daemon: Arc<Daemon>) {
-    std::thread::spawn(move || loop {
-        refresh(&daemon);
-        std::thread::sleep(REFRESH);
-    });
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         // 10 ms to about 80 s.
@@ -137,8 +126,9 @@ struct StatusLabels {
 type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
 
 /// The text a scrape gets, from the daemon's records and the figures
-/// cache: no guest is called.
-pub fn render(daemon: &Daemon) -> String {
+/// cache: no guest is called here; the cache is refreshed behind it.
+pub fn render(daemon: &Arc<Daemon>) -> String {
+    refresh(daemon);
     let mut registry = Registry::with_prefix("capsa");
     let groups = Family::<StatusLabels, Gauge>::default();
     let group_up = Family::<GroupLabels, Gauge>::default();
