@@ -28,12 +28,41 @@ pub fn unanswered_is_fault(error: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// How many soft lockups this machine's kernel log holds (0 where it
+/// cannot be read).
+fn soft_lockups() -> usize {
+    const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+    const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+    // SAFETY: SIZE_BUFFER takes no buffer and returns the log's size.
+    let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+    if size <= 0 {
+        return 0;
+    }
+    let mut log = vec![0u8; size as usize];
+    // SAFETY: READ_ALL writes at most `log.len()` bytes into `log`.
+    let read = unsafe {
+        libc::klogctl(
+            SYSLOG_ACTION_READ_ALL,
+            log.as_mut_ptr().cast(),
+            log.len() as libc::c_int,
+        )
+    };
+    if read <= 0 {
+        return 0;
+    }
+    String::from_utf8_lossy(&log[..read as usize])
+        .matches("soft lockup")
+        .count()
+}
+
 /// Where a suite's checks go.
 pub struct Suite<'a> {
     name: &'static str,
     only: Option<&'a str>,
     out: &'a mut dyn Write,
     started: Instant,
+    /// Soft lockups the kernel had logged when the suite began.
+    lockups_at_start: usize,
     pub failed: usize,
     pub faulted: bool,
 }
@@ -47,6 +76,7 @@ impl<'a> Suite<'a> {
             only,
             out,
             started: Instant::now(),
+            lockups_at_start: soft_lockups(),
             failed: 0,
             faulted: false,
         };
@@ -106,6 +136,12 @@ impl<'a> Suite<'a> {
             Err(e) => {
                 if let Some(fault) = e.downcast_ref::<EmulationFault>() {
                     self.fault(fault.0.clone());
+                } else if soft_lockups() > self.lockups_at_start {
+                    // The emulated machine's own kernel had a CPU stuck
+                    // (in the nested runs, a vCPU thread inside KVM): what
+                    // failed with it says nothing of ours. The suite runs
+                    // again; a failure in every run still counts.
+                    self.fault("the outer machine's kernel reported a soft lockup".into());
                 }
                 (false, format!("{e:#}"))
             }
