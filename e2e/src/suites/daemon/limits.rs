@@ -77,9 +77,10 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         "every thread of the jailed VMM (both processes): Seccomp 2, the group's own non-zero uid and gid, no capabilities, no new privileges, the empty jail as root, only its own descriptors",
         || {
             let pid = d.group("sized")?.vmm_pid.context("no VMM pid")?;
-            let jail = d.root().join("groups/sized/jail");
-            let seen = jail::inspect(pid, &jail, &d.root().join("groups/sized"), d.root())?;
-            Ok(seen)
+            // capsad's state is ROOT (the suite's work directory's root/).
+            let root = d.root().join("root");
+            let group = root.join("groups/sized");
+            jail::inspect(pid, &group.join("jail"), &group, &root)
         },
     );
     s.check(
