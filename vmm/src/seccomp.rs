@@ -52,6 +52,9 @@ pub const ALLOWED: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_eventfd2,
+    // Rate limiters' timers, made when the guest's driver starts a device.
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_futex,
