@@ -647,7 +647,17 @@ fn restarts(s: &mut Suite, d: &Capsad) -> Result<()> {
     s.check(
         "a failing liveness probe kills the container and it is restarted",
         || {
-            let view = d.group("probed")?;
+            // The probe's failures take their periods: on a slow machine
+            // the checks before may not have taken as long.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+            let view = loop {
+                let view = d.group("probed")?;
+                let restarted = container(&view, "app")?.restart_count >= 1;
+                if restarted || std::time::Instant::now() > deadline {
+                    break view;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            };
             let app = container(&view, "app")?;
             ensure!(app.restart_count >= 1, "{app:?}");
             d.has_event("probed", Some("app"), "unhealthy")
