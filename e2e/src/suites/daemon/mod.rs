@@ -1,5 +1,6 @@
 //! capsad and the capsa CLI end to end: the `daemon` suite (every feature
-//! a user of the daemon meets), the `images` suite (a real-size image from
+//! a user of the daemon meets), the `hostile` suite (guests that
+//! misbehave, and the host's limits on each VM), the `images` suite (a real-size image from
 //! cached layer disks), the `logs` suite (a daemon killed again
 //! and again loses and doubles no line) and the `cycles` suite (50 groups
 //! in a row leave nothing behind).
@@ -20,6 +21,15 @@ use crate::vm::Artifacts;
 
 pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
     with_capsad(suite, artifacts, "daemon", main_checks::run);
+}
+
+pub fn run_hostile(suite: &mut Suite, artifacts: &Artifacts) {
+    with_capsad(suite, artifacts, "hostile", |s, d| {
+        let import = d.import_busybox()?;
+        anyhow::ensure!(import.code == Some(0), "import: {}", import.describe());
+        hostile::run(s, d)?;
+        limits::run(s, d)
+    });
 }
 
 pub fn run_logs(suite: &mut Suite, artifacts: &Artifacts) {
