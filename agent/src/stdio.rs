@@ -27,7 +27,9 @@ use nix::sys::socket::{
     SockFlag, SockType, VsockAddr,
 };
 
-use capsa_protocol::stdio::{read_line, Resume, StreamHeader, StreamKind, ACK_BYTES};
+use capsa_protocol::stdio::{
+    read_line, Resume, StreamHeader, StreamKind, ACK_BYTES, ACK_WINDOW, OUTPUT_CHUNK,
+};
 
 use crate::kmsg;
 
@@ -265,7 +267,7 @@ fn set_receive_timeout(connection: &File, timeout: Option<Duration>) -> io::Resu
 pub fn copy_output(source: File, slot: Option<Arc<Slot>>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut output = slot.map(Output::new);
-        let mut buffer = vec![0u8; 64 * 1024];
+        let mut buffer = vec![0u8; OUTPUT_CHUNK];
         loop {
             if let Some(output) = output.as_mut() {
                 // A silent process must not keep a re-attached host waiting
@@ -294,9 +296,9 @@ pub fn copy_output(source: File, slot: Option<Arc<Slot>>) -> JoinHandle<()> {
 
 /// How often a silent process's output looks for a newer host connection.
 const REATTACH_POLL: Duration = Duration::from_secs(1);
-/// How much acknowledged-mode output may wait unacknowledged before the
-/// copy stops reading the process's output (which then blocks).
-const ACK_WINDOW: usize = 1 << 20;
+// ACK_WINDOW: how much acknowledged-mode output may wait unacknowledged
+// before the copy stops reading the process's output (which then blocks);
+// the host drops a stream that runs further ahead.
 
 fn readable(source: &File, timeout: Duration) -> bool {
     let mut fds = [PollFd::new(source.as_fd(), PollFlags::POLLIN)];

@@ -11,6 +11,9 @@ pub const DEFAULT_CPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 const MAX_CPUS: u8 = 64;
 const MIN_MEMORY_MIB: u64 = 64;
+/// The least cpuLimit: cgroup v2 takes no cpu.max quota under 1 ms of
+/// its 100 ms period.
+const MIN_CPU_LIMIT: f64 = 0.01;
 /// The writable layers' disk when the spec does not size it.
 pub const DEFAULT_SCRATCH_MIB: u64 = 10 << 10;
 const MIN_SCRATCH_MIB: u64 = 64;
@@ -27,6 +30,10 @@ pub struct GroupSpec {
     pub cpus: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// The host CPU time the whole VM may use, in CPUs (0.5: half of one),
+    /// held by its VMM's cgroup (`cpu.max`); its vCPUs unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// What happens when a container exits or the VM fails (ACI's
@@ -364,6 +371,11 @@ impl GroupSpec {
         self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)
     }
 
+    /// The host CPU time the VM may use, in CPUs.
+    pub fn cpu_limit(&self) -> f64 {
+        self.cpu_limit.unwrap_or(f64::from(self.cpus()))
+    }
+
     pub fn scratch_mib(&self) -> u64 {
         self.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB)
     }
@@ -382,6 +394,14 @@ impl GroupSpec {
         if let Some(cpus) = self.cpus {
             if cpus == 0 || cpus > MAX_CPUS {
                 problems.push(format!("cpus: {cpus} is not between 1 and {MAX_CPUS}"));
+            }
+        }
+        if let Some(cpu) = self.cpu_limit {
+            if !(MIN_CPU_LIMIT..=f64::from(self.cpus())).contains(&cpu) {
+                problems.push(format!(
+                    "cpuLimit: {cpu} is not between {MIN_CPU_LIMIT} and the group's {} CPUs",
+                    self.cpus()
+                ));
             }
         }
         if let Some(memory) = self.memory_mib {
@@ -598,6 +618,28 @@ mod tests {
             spec.problems[0].starts_with("containers[1].ports[0]: host port 127.0.0.1:8080"),
             "{spec:?}"
         );
+    }
+
+    #[test]
+    fn a_cpu_limit_is_within_the_vcpus() {
+        let spec = |limit: &str| {
+            GroupSpec::parse(&format!(
+                r#"{{"name":"w","cpus":2,"cpuLimit":{limit},"containers":[{{"name":"a","image":"busybox"}}]}}"#
+            ))
+        };
+        assert_eq!(spec("0.5").unwrap().cpu_limit(), 0.5);
+        assert_eq!(spec("2").unwrap().cpu_limit(), 2.0);
+        for bad in ["0", "0.001", "2.5", "-1"] {
+            let error = spec(bad).unwrap_err();
+            assert!(
+                error.problems[0].starts_with("cpuLimit: "),
+                "{bad}: {error:?}"
+            );
+        }
+        let plain = GroupSpec::parse(
+            r#"{"name":"w","cpus":3,"containers":[{"name":"a","image":"busybox"}]}"#,
+        );
+        assert_eq!(plain.unwrap().cpu_limit(), 3.0);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! instruction of it runs outside). The child holds the VM to its size:
 //! `memory.max` is the guest's memory plus the VMM's overhead budget, with
 //! no swap and the whole VMM killed together when it is exceeded;
-//! `cpu.max` is its vCPUs; `pids.max` bounds its threads.
+//! `cpu.max` is its CPU limit (its vCPUs unless the spec says less);
+//! `pids.max` bounds its threads.
 
 use std::fs;
 use std::io;
@@ -66,11 +67,15 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// A VM of `cpus` vCPUs and `memory_mib` of guest memory.
-    pub fn for_vm(cpus: u8, memory_mib: u64) -> Limits {
+    /// A VM of `cpus` vCPUs and `memory_mib` of guest memory, that may
+    /// use `cpu_limit` CPUs of host time (at most its vCPUs, at least the
+    /// 1 ms quota cgroup v2 takes).
+    pub fn for_vm(cpus: u8, memory_mib: u64, cpu_limit: f64) -> Limits {
+        let most = u64::from(cpus.max(1)) * CPU_PERIOD_USEC;
+        let quota = (cpu_limit * CPU_PERIOD_USEC as f64) as u64;
         Limits {
             memory_max_bytes: (memory_mib + VMM_OVERHEAD_MIB) << 20,
-            cpu_max: (u64::from(cpus.max(1)) * CPU_PERIOD_USEC, CPU_PERIOD_USEC),
+            cpu_max: (quota.clamp(1000, most), CPU_PERIOD_USEC),
             pids_max: PIDS_MAX,
         }
     }
@@ -240,9 +245,12 @@ mod tests {
 
     #[test]
     fn a_vm_is_held_to_its_size() {
-        let limits = Limits::for_vm(2, 256);
+        let limits = Limits::for_vm(2, 256, 2.0);
         assert_eq!(limits.memory_max_bytes, (256 + VMM_OVERHEAD_MIB) << 20);
         assert_eq!(limits.cpu_max, (200_000, 100_000));
+        assert_eq!(Limits::for_vm(2, 256, 0.5).cpu_max, (50_000, 100_000));
+        assert_eq!(Limits::for_vm(1, 256, 4.0).cpu_max, (100_000, 100_000));
+        assert_eq!(Limits::for_vm(1, 256, 0.0).cpu_max, (1000, 100_000));
         let files = limits.files();
         assert!(files.contains(&("memory.swap.max", "0".into())));
         assert!(files.contains(&("memory.oom.group", "1".into())));

@@ -36,6 +36,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per invocation: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run IMAGE in a one-container group; attached, it prints the output
@@ -51,6 +53,10 @@ enum Command {
         name: Option<String>,
         #[arg(long)]
         cpus: Option<u8>,
+        /// Host CPU time the whole VM may use, in CPUs (0.5: half of one);
+        /// its vCPUs unless given.
+        #[arg(long)]
+        cpu_limit: Option<f64>,
         /// MiB.
         #[arg(long)]
         memory: Option<u64>,
@@ -268,6 +274,7 @@ fn run(cli: Cli) -> Result<u8> {
             rm,
             name,
             cpus,
+            cpu_limit,
             memory,
             scratch,
             env,
@@ -313,6 +320,7 @@ fn run(cli: Cli) -> Result<u8> {
                     liveness_probe: None,
                 }],
                 cpus,
+                cpu_limit,
                 memory_mib: memory,
                 labels: BTreeMap::new(),
                 restart_policy: restart,

@@ -12,16 +12,21 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use capsa_api::LogLine;
-use capsa_protocol::stdio::{ack, Resume};
+use capsa_protocol::stdio::{ack, Resume, MAX_UNACKED};
 use serde::{Deserialize, Serialize};
 
 use crate::state::now_ms;
 
+/// How long the guest gets to take an acknowledgement: one that stops
+/// reading them would otherwise hold its copier in a write for good.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// A log is rotated when it grows past this.
 pub const ROTATE_BYTES: u64 = 16 << 20;
 /// A longer line is kept as several records of at most this many bytes
@@ -126,31 +131,65 @@ impl LogWriter {
 
     /// Copies an acked stdio stream (attached from `resume_point`) into the
     /// log line by line until it ends, a last line without a newline too.
-    /// Bytes are acknowledged once their lines are written.
-    pub fn copy(&self, stream: &str, source: impl Read + Write) -> io::Result<()> {
+    /// Bytes are acknowledged once their lines are written. The guest is
+    /// held to its side: an acknowledgement it does not take within
+    /// ACK_TIMEOUT, or output further than MAX_UNACKED past the last one,
+    /// ends the copy with an error (the stream is dropped).
+    pub fn copy(&self, stream: &str, source: UnixStream) -> io::Result<()> {
+        self.copy_within(stream, source, ACK_TIMEOUT)
+    }
+
+    fn copy_within(&self, stream: &str, source: UnixStream, patience: Duration) -> io::Result<()> {
+        source.set_write_timeout(Some(patience))?;
         let mut reader = BufReader::new(source);
         let start = Resume::read_from(&mut reader)?;
         let mut at = start;
+        let mut acked = start.offset;
         let mut buffer = Vec::new();
         loop {
             buffer.clear();
             if read_bounded_line(&mut reader, &mut buffer, MAX_LINE_BYTES)? == 0 {
                 // A stream that had ended before this attach is closed
                 // already: the last acknowledgement has no one to hear it.
-                return match ack(reader.get_mut(), at.offset) {
+                return match acknowledge(reader.get_mut(), at.offset, patience) {
                     Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
                     other => other,
                 };
             }
             // The preamble is the guest's word: an offset near the top saturates.
             at.offset = at.offset.saturating_add(buffer.len() as u64);
+            let ahead = at.offset.saturating_sub(acked);
+            if ahead > MAX_UNACKED {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the agent sent {ahead} bytes past the last acknowledgement, \
+                         more than its window of {MAX_UNACKED} allows: stream dropped"
+                    ),
+                ));
+            }
             self.append(stream, &buffer, at)?;
             // One acknowledgement per batch the guest sent, not per line.
             if reader.buffer().is_empty() {
-                ack(reader.get_mut(), at.offset)?;
+                acknowledge(reader.get_mut(), at.offset, patience)?;
+                acked = at.offset;
             }
         }
     }
+}
+
+/// Sends an acknowledgement, saying so when the guest would not take it.
+fn acknowledge(connection: &mut UnixStream, kept: u64, patience: Duration) -> io::Result<()> {
+    ack(connection, kept).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the agent took no acknowledgement within {:?}: stream dropped",
+                patience
+            ),
+        ),
+        _ => e,
+    })
 }
 
 /// Reads up to and including a newline, or `max` bytes, whichever first;
@@ -269,6 +308,7 @@ pub fn read_lines(path: &Path, offset: u64, out: &mut Vec<LogLine>) -> io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     const STREAM: u64 = 0xabc;
 
@@ -385,5 +425,30 @@ mod tests {
         let (records, _) = read(&path, None, None).unwrap();
         let partial: Vec<bool> = records.iter().map(|l| l.partial).collect();
         assert_eq!(partial, [true, true, false, false], "pieces say so");
+    }
+
+    #[test]
+    fn an_agent_that_takes_no_acknowledgements_has_its_stream_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = LogWriter::open(&dir.path().join("c.log")).unwrap();
+        let (mut guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Plays an agent that prints line after line and never reads the
+        // acknowledgements; it stops once the host drops the stream.
+        let agent = std::thread::spawn(move || {
+            guest.write_all(&Resume::default().to_bytes()).unwrap();
+            for _ in 0..1_000_000 {
+                if guest.write_all(b"line\n").is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            false
+        });
+        let error = writer
+            .copy_within("stdout", host, Duration::from_millis(300))
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+        assert!(error.to_string().contains("no acknowledgement"), "{error}");
+        assert!(agent.join().unwrap(), "the agent saw its stream dropped");
     }
 }

@@ -4,12 +4,26 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::vmm_socket::{self, ConnectError};
 use crate::STDIO_VSOCK_PORT;
 
 /// Header and reply lines are never longer than this.
 pub const MAX_LINE: usize = 512;
+/// How long the agent gets to answer a stream header, and to send an
+/// acknowledged stream's preamble: it does both at once, so only a guest
+/// in trouble (or a hostile one) takes this long.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most acknowledged-mode output the agent keeps unacknowledged: past
+/// it, it stops reading the process's output until the host catches up.
+pub const ACK_WINDOW: usize = 1 << 20;
+/// What the agent reads from a process at once; it may queue one such
+/// read past the window before it waits.
+pub const OUTPUT_CHUNK: usize = 64 << 10;
+/// The most a well-behaved agent ever sends past the host's last
+/// acknowledgement: a host sees more only from an agent that ignores them.
+pub const MAX_UNACKED: u64 = (ACK_WINDOW + OUTPUT_CHUNK) as u64;
 /// The exec id that names a container's own process.
 const INIT_PROCESS: &str = "-";
 /// The header's word, before the resume point, when the host acknowledges
@@ -94,6 +108,8 @@ pub enum AttachError {
     },
     #[error("the agent refused {stream}: {reason}")]
     Refused { stream: String, reason: String },
+    #[error("attaching {stream}: the agent did not answer within {} s", waited.as_secs())]
+    NoReply { stream: String, waited: Duration },
 }
 
 impl StreamHeader {
@@ -195,22 +211,42 @@ pub fn read_line<R: Read>(reader: &mut R) -> io::Result<Option<String>> {
 
 /// Opens one stdio stream through the VMM's vsock socket at `vmm_socket`;
 /// with `acked` the caller reads the preamble (`Resume::read_from`) and
-/// sends acknowledgements (see `ack`).
+/// sends acknowledgements (see `ack`). The agent's answer to the header
+/// must come within REPLY_TIMEOUT; the stream's bytes after it have no
+/// deadline (the agent sends an acked stream's preamble with its first
+/// output, which a quiet process may never print).
 pub fn attach(
     vmm_socket: &Path,
     header: &StreamHeader,
     acked: Option<Resume>,
 ) -> Result<UnixStream, AttachError> {
     let mut stream = vmm_socket::connect(vmm_socket, STDIO_VSOCK_PORT)?;
-    let io_error = |source| AttachError::Io {
-        stream: header.to_string(),
-        source,
+    let io_error = |source: io::Error| {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            return AttachError::NoReply {
+                stream: header.to_string(),
+                waited: REPLY_TIMEOUT,
+            };
+        }
+        AttachError::Io {
+            stream: header.to_string(),
+            source,
+        }
     };
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(io_error)?;
     stream
         .write_all(header.line(acked).as_bytes())
         .map_err(io_error)?;
     match read_line(&mut stream).map_err(io_error)? {
-        Some(reply) if reply == "OK" => Ok(stream),
+        Some(reply) if reply == "OK" => {
+            stream.set_read_timeout(None).map_err(io_error)?;
+            Ok(stream)
+        }
         Some(reply) => Err(AttachError::Refused {
             stream: header.to_string(),
             reason: reply.strip_prefix("ERR ").unwrap_or(&reply).to_string(),

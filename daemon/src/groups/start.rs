@@ -108,7 +108,11 @@ impl Daemon {
             .map(|cgroups| {
                 cgroups.create(
                     name,
-                    &capsa_cgroup::Limits::for_vm(record.spec.cpus(), record.spec.memory_mib()),
+                    &capsa_cgroup::Limits::for_vm(
+                        record.spec.cpus(),
+                        record.spec.memory_mib(),
+                        record.spec.cpu_limit(),
+                    ),
                 )
             })
             .transpose()

@@ -184,8 +184,14 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 let image = (meta.dev(), meta.ino());
                 for name in ["one", "two"] {
                     let pid = d.group(name)?.vmm_pid.context("no VMM")?;
+                    // A jailed VMM's descriptors are its child's (the
+                    // process capsad started is the jail's supervisor).
+                    let mut open = Vec::new();
+                    for process in capsa_vm_process::vmm_processes(pid) {
+                        open.extend(open_files(process)?);
+                    }
                     ensure!(
-                        open_files(pid)?.contains(&image),
+                        open.contains(&image),
                         "{name}'s VMM does not have {} open",
                         images[0].display()
                     );

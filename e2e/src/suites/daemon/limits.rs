@@ -1,5 +1,5 @@
 //! Host limits on each VM (issue 16): its VMM runs in a cgroup v2 of its
-//! own that holds it to its memory, vCPUs and thread count, and that goes
+//! own that holds it to its memory, CPU limit and thread count, and that goes
 //! with the VM; it is jailed, every thread of it is under its seccomp
 //! filter, and a VMM that filter kills fails its group with the reason. Sizes beyond the
 //! daemon's maxima or the host's budget are refused.
@@ -108,6 +108,39 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             );
             ensure!(removed.code == Some(0), "rm: {}", removed.describe());
             Ok(error.lines().next().unwrap_or_default().to_string())
+        },
+    );
+    s.check(
+        "a CPU-bound guest is held to its cpu.max: a VM limited to 0.5 CPU uses at most 0.55 of a host CPU, and at least 0.3",
+        || {
+            let spin = "i=0; while [ $i -lt 200000000 ]; do i=$((i+1)); done";
+            let run = d.capsa(&[
+                "run", "-d", "--name", "spinner", "--cpu-limit", "0.5", "--memory", "128",
+                "busybox", "sh", "-c", spin,
+            ])?;
+            ensure!(run.code == Some(0), "run -d spinner: {}", run.describe());
+            let measured = (|| {
+                let dir = cgroup_parent().join("spinner");
+                let max = read(&dir, "cpu.max")?;
+                ensure!(max == "50000 100000", "cpu.max is {max}");
+                let usage = || -> Result<u64> {
+                    read(&dir, "cpu.stat")?
+                        .lines()
+                        .find_map(|l| l.strip_prefix("usage_usec "))
+                        .and_then(|v| v.parse().ok())
+                        .context("no usage_usec in cpu.stat")
+                };
+                // The loop under way first.
+                std::thread::sleep(std::time::Duration::from_secs(3));
+                let (used, began) = (usage()?, std::time::Instant::now());
+                std::thread::sleep(std::time::Duration::from_secs(10));
+                let share = (usage()? - used) as f64 / 1e6 / began.elapsed().as_secs_f64();
+                ensure!((0.3..=0.55).contains(&share), "the VMM used {share:.2} of a CPU");
+                Ok(format!("cpu.max {max}: the VMM used {share:.2} of a CPU over 10 s"))
+            })();
+            let removed = d.capsa(&["rm", "spinner"])?;
+            ensure!(removed.code == Some(0), "rm spinner: {}", removed.describe());
+            measured
         },
     );
     s.check(

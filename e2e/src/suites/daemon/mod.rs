@@ -6,6 +6,7 @@
 //! in a row leave nothing behind).
 
 mod cycles;
+mod fake_agents;
 mod harness;
 mod hostile;
 mod images;
@@ -25,10 +26,12 @@ pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
 
 pub fn run_hostile(suite: &mut Suite, artifacts: &Artifacts) {
     with_capsad(suite, artifacts, "hostile", |s, d| {
+        d.start()?;
         let import = d.import_busybox()?;
         anyhow::ensure!(import.code == Some(0), "import: {}", import.describe());
         hostile::run(s, d)?;
-        limits::run(s, d)
+        limits::run(s, d)?;
+        fake_agents::run(s, d)
     });
 }
 

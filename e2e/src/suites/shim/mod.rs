@@ -39,11 +39,27 @@ fn ours() -> Vec<String> {
         .collect()
 }
 
+/// The running VMMs, one PID each: a jailed VMM is two processes (the
+/// supervisor the shim started and the jailed VMM under it), counted by
+/// its supervisor.
 fn vmm_pids() -> Vec<i32> {
-    ours()
+    let all: Vec<i32> = ours()
         .iter()
         .filter(|p| p.ends_with("capsa-vmm"))
         .filter_map(|p| p.split(' ').next()?.parse().ok())
+        .collect();
+    let parent = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    all.iter()
+        .copied()
+        .filter(|&pid| parent(pid).is_none_or(|p| !all.contains(&p)))
         .collect()
 }
 
@@ -307,17 +323,25 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
         },
     );
     s.check(
-        "no VMM, shim, sandbox directory or mount is left behind",
+        "no VMM, shim, sandbox directory, jail id claim or mount is left behind",
         || {
             std::thread::sleep(Duration::from_secs(1));
             let processes = ours();
-            let dirs: Vec<String> = std::fs::read_dir("/run/capsa-shim")
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let names = |dir: &str| -> Vec<String> {
+                std::fs::read_dir(dir)
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            // The jail ids' claims stay as a directory, with no claim left.
+            let claims = names("/run/capsa-shim/jail-ids");
+            let dirs: Vec<String> = names("/run/capsa-shim")
+                .into_iter()
+                .filter(|d| d != "jail-ids")
+                .collect();
             let state = format!(" {}", c.dir.join("state").display());
             let mounts: Vec<String> = std::fs::read_to_string("/proc/mounts")?
                 .lines()
@@ -325,8 +349,8 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
                 .map(str::to_string)
                 .collect();
             ensure!(
-                processes.is_empty() && dirs.is_empty() && mounts.is_empty(),
-                "processes {processes:?}, sandbox dirs {dirs:?}, mounts {mounts:?}"
+                processes.is_empty() && dirs.is_empty() && mounts.is_empty() && claims.is_empty(),
+                "processes {processes:?}, sandbox dirs {dirs:?}, mounts {mounts:?}, jail id claims {claims:?}"
             );
             Ok("nothing".into())
         },
