@@ -296,9 +296,9 @@ pub fn copy_output(source: File, slot: Option<Arc<Slot>>) -> JoinHandle<()> {
 
 /// How often a silent process's output looks for a newer host connection.
 const REATTACH_POLL: Duration = Duration::from_secs(1);
-// ACK_WINDOW: how much acknowledged-mode output may wait unacknowledged
-// before the copy stops reading the process's output (which then blocks);
-// the host drops a stream that runs further ahead.
+// ACK_WINDOW (capsa-protocol): how much acknowledged-mode output may wait
+// unacknowledged before the copy stops reading the process's output (which
+// then blocks); the host acknowledges at least every half window.
 
 fn readable(source: &File, timeout: Duration) -> bool {
     let mut fds = [PollFd::new(source.as_fd(), PollFlags::POLLIN)];

@@ -10,6 +10,7 @@
 //! is before it), whether or not it had acknowledged those bytes before it
 //! died; a record cut short by the death is removed.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capsa_api::LogLine;
-use capsa_protocol::stdio::{ack, Resume, MAX_UNACKED};
+use capsa_protocol::stdio::{ack, Resume, ACK_WINDOW};
 use serde::{Deserialize, Serialize};
 
 use crate::state::now_ms;
@@ -36,10 +37,10 @@ pub const MAX_LINE_BYTES: usize = 16 << 10;
 
 /// A log file's record.
 #[derive(Debug, Serialize, Deserialize)]
-struct Record {
+struct Record<'a> {
     time: u64,
-    stream: String,
-    line: String,
+    stream: Cow<'a, str>,
+    line: Cow<'a, str>,
     /// The guest's stream the line came from, and the stream offset after
     /// its bytes.
     #[serde(default)]
@@ -55,7 +56,9 @@ struct Record {
 /// copiers.
 pub struct LogWriter {
     path: PathBuf,
-    file: Mutex<File>,
+    /// The open log and its length (kept here, not asked of the file at
+    /// each record).
+    file: Mutex<(File, u64)>,
     /// Where each stream (by its tag) is kept up to.
     kept: Mutex<HashMap<String, Resume>>,
 }
@@ -81,6 +84,7 @@ impl LogWriter {
         if whole < file.metadata()?.len() {
             file.set_len(whole)?;
         }
+        let file = (file, whole);
         Ok(Arc::new(LogWriter {
             path: path.to_path_buf(),
             file: Mutex::new(file),
@@ -103,21 +107,28 @@ impl LogWriter {
         let text = String::from_utf8_lossy(line);
         let record = Record {
             time: now_ms(),
-            stream: stream.to_string(),
-            line: text.strip_suffix('\n').unwrap_or(&text).to_string(),
+            stream: Cow::Borrowed(stream),
+            line: Cow::Borrowed(text.strip_suffix('\n').unwrap_or(&text)),
             stream_id: at.stream_id,
             end: at.offset,
             partial: line.len() >= MAX_LINE_BYTES && !line.ends_with(b"\n"),
         };
         let mut text = serde_json::to_vec(&record).map_err(io::Error::other)?;
         text.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, length) = &mut *open;
         file.write_all(&text)?;
-        self.kept
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(stream.to_string(), at);
-        if file.metadata()?.len() > ROTATE_BYTES {
+        *length += text.len() as u64;
+        {
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            match kept.get_mut(stream) {
+                Some(point) => *point = at,
+                None => {
+                    kept.insert(stream.to_string(), at);
+                }
+            }
+        }
+        if *length > ROTATE_BYTES {
             let rotated = self.path.with_extension("log.1");
             fs::rename(&self.path, &rotated)?;
             *file = OpenOptions::new()
@@ -125,23 +136,26 @@ impl LogWriter {
                 .read(true)
                 .append(true)
                 .open(&self.path)?;
+            *length = 0;
         }
         Ok(())
     }
 
     /// Copies an acked stdio stream (attached from `resume_point`) into the
     /// log line by line until it ends, a last line without a newline too.
-    /// Bytes are acknowledged once their lines are written. The guest is
-    /// held to its side: an acknowledgement it does not take within
-    /// ACK_TIMEOUT, or output further than MAX_UNACKED past the last one,
-    /// ends the copy with an error (the stream is dropped).
+    /// Bytes are acknowledged once their lines are written; the host holds
+    /// none unacknowledged beyond one read and one record. An
+    /// acknowledgement the guest does not take within ACK_TIMEOUT ends the
+    /// copy with an error (the stream is dropped).
     pub fn copy(&self, stream: &str, source: UnixStream) -> io::Result<()> {
         self.copy_within(stream, source, ACK_TIMEOUT)
     }
 
     fn copy_within(&self, stream: &str, source: UnixStream, patience: Duration) -> io::Result<()> {
         source.set_write_timeout(Some(patience))?;
-        let mut reader = BufReader::new(source);
+        // Room for a few whole records per read: a flood then costs a
+        // read and an acknowledgement per 64 KiB, not per record.
+        let mut reader = BufReader::with_capacity(4 * MAX_LINE_BYTES, source);
         let start = Resume::read_from(&mut reader)?;
         let mut at = start;
         let mut acked = start.offset;
@@ -158,19 +172,12 @@ impl LogWriter {
             }
             // The preamble is the guest's word: an offset near the top saturates.
             at.offset = at.offset.saturating_add(buffer.len() as u64);
-            let ahead = at.offset.saturating_sub(acked);
-            if ahead > MAX_UNACKED {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "the agent sent {ahead} bytes past the last acknowledgement, \
-                         more than its window of {MAX_UNACKED} allows: stream dropped"
-                    ),
-                ));
-            }
             self.append(stream, &buffer, at)?;
-            // One acknowledgement per batch the guest sent, not per line.
-            if reader.buffer().is_empty() {
+            // One acknowledgement per batch the guest sent, not per line,
+            // and one at least every half window, so that an agent held to
+            // its window never waits on how the host's reads fall.
+            let ahead = at.offset.saturating_sub(acked);
+            if reader.buffer().is_empty() || ahead >= (ACK_WINDOW / 2) as u64 {
                 acknowledge(reader.get_mut(), at.offset, patience)?;
                 acked = at.offset;
             }
@@ -184,8 +191,8 @@ fn acknowledge(connection: &mut UnixStream, kept: u64, patience: Duration) -> io
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
-                "the agent took no acknowledgement within {:?}: stream dropped",
-                patience
+                "the agent took no acknowledgement within {:.1} s: stream dropped",
+                patience.as_secs_f64()
             ),
         ),
         _ => e,
@@ -237,7 +244,7 @@ fn scan(path: &Path, kept: &mut HashMap<String, Resume>) -> io::Result<u64> {
         whole += n as u64;
         if let Ok(record) = serde_json::from_slice::<Record>(&buffer) {
             kept.insert(
-                record.stream,
+                record.stream.into_owned(),
                 Resume {
                     stream_id: record.stream_id,
                     offset: record.end,
@@ -297,8 +304,8 @@ pub fn read_lines(path: &Path, offset: u64, out: &mut Vec<LogLine>) -> io::Resul
         if let Ok(record) = serde_json::from_str::<Record>(&buffer) {
             out.push(LogLine {
                 time: record.time,
-                stream: record.stream,
-                line: record.line,
+                stream: record.stream.into_owned(),
+                line: record.line.into_owned(),
                 partial: record.partial,
             });
         }

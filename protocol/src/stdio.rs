@@ -21,9 +21,6 @@ pub const ACK_WINDOW: usize = 1 << 20;
 /// What the agent reads from a process at once; it may queue one such
 /// read past the window before it waits.
 pub const OUTPUT_CHUNK: usize = 64 << 10;
-/// The most a well-behaved agent ever sends past the host's last
-/// acknowledgement: a host sees more only from an agent that ignores them.
-pub const MAX_UNACKED: u64 = (ACK_WINDOW + OUTPUT_CHUNK) as u64;
 /// The exec id that names a container's own process.
 const INIT_PROCESS: &str = "-";
 /// The header's word, before the resume point, when the host acknowledges

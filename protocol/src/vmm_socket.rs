@@ -20,7 +20,8 @@ pub enum ConnectError {
     #[error("nothing listens on guest vsock port {0} (the VMM closed the connection)")]
     NotListening(u32),
     #[error(
-        "guest vsock port {port} took no connection within {waited:?}: the guest is not responding"
+        "guest vsock port {port} took no connection within {:.1} s: the guest is not responding",
+        waited.as_secs_f64()
     )]
     NoAnswer { port: u32, waited: Duration },
     #[error("unexpected reply to CONNECT: {0:?}")]

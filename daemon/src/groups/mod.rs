@@ -62,6 +62,10 @@ pub struct Daemon {
     starting: Mutex<()>,
     pub metrics: crate::metrics::Metrics,
     groups: Mutex<BTreeMap<String, Arc<Group>>>,
+    /// Exec ids name processes in guests that outlive this daemon: they
+    /// count up from its start time (milliseconds times 1000), so that a
+    /// restarted daemon never reuses one an earlier daemon gave (seen: a
+    /// daemon's first exec after a restart refused, "exec-1 already exists").
     next_exec: std::sync::atomic::AtomicU64,
     events: tokio::sync::broadcast::Sender<Event>,
     pub settings: Settings,
@@ -129,7 +133,9 @@ impl Daemon {
             starting: Mutex::new(()),
             metrics: Default::default(),
             groups: Mutex::new(BTreeMap::new()),
-            next_exec: std::sync::atomic::AtomicU64::new(1),
+            next_exec: std::sync::atomic::AtomicU64::new(
+                crate::state::now_ms().saturating_mul(1000),
+            ),
             events: tokio::sync::broadcast::channel(1024).0,
             settings,
         })
