@@ -40,7 +40,7 @@ pub fn budget_secs(name: &str) -> u64 {
     match name {
         "boot" => 300,
         "agent" | "shim" | "logs" | "conformance" => 600,
-        "cycles" => 1500,
+        "cycles" | "hostile" => 1500,
         _ => 900,
     }
 }
