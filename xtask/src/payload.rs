@@ -287,9 +287,6 @@ impl Payload {
             .arg(&log)
             // The retries are this runner's, suite by suite.
             .env("CAPSA_NESTED_ATTEMPTS", "1")
-            // The suites' heartbeat comes every 30 s: four missed are a
-            // freeze (each one held the machine 240 s by the default).
-            .env("CAPSA_NESTED_STALL_SECS", "120")
             // containerd's overlayfs snapshotter.
             .env("CAPSA_NESTED_MODULES", "fs/overlayfs/overlay")
             .env("CAPSA_NESTED_TIMEOUT_SECS", timeout.to_string())
