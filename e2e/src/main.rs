@@ -65,16 +65,7 @@ fn main() -> ExitCode {
         bulk_bytes: args.bulk_bytes,
         allowed_hangs: args.allowed_hangs,
     };
-    // A heartbeat on the console: the nested runner stops an outer machine
-    // whose console stays quiet (a freeze), so a check that merely takes
-    // long, or hangs in our code until its own timeout, must not look so.
-    std::thread::spawn(|| {
-        let began = std::time::Instant::now();
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(30));
-            eprintln!("capsa-e2e: still running, {} s", began.elapsed().as_secs());
-        }
-    });
+    capsa_e2e::suite::spawn_heartbeat();
     let mut out = std::io::stdout();
     let mut failed = 0;
     for name in &names {

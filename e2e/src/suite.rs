@@ -3,7 +3,7 @@
 //! so, for the runner to run the suite again.
 
 use std::io::Write;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::report::{CheckLine, Line};
 
@@ -53,6 +53,45 @@ fn soft_lockups() -> usize {
     String::from_utf8_lossy(&log[..read as usize])
         .matches("soft lockup")
         .count()
+}
+
+/// How often the heartbeat speaks.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How long the heartbeat keeps quiet after the kernel logs a soft
+/// lockup: a CPU stuck that long is a freeze in the making, and a frozen
+/// machine's kernel goes on logging lockups while user space may still
+/// run on its other CPU.
+const QUIET_AFTER_LOCKUP: Duration = Duration::from_secs(60);
+
+/// A heartbeat on stderr (the console, nested): the runner stops an outer
+/// machine whose payload stays quiet (scripts/nested-kvm.sh, 90 s), so a
+/// check that merely takes long, or hangs in our code until its own
+/// deadline, must not look like a freeze, and a machine whose kernel
+/// keeps reporting stuck CPUs must.
+pub fn spawn_heartbeat() {
+    std::thread::spawn(|| {
+        let began = Instant::now();
+        let mut lockups = soft_lockups();
+        let mut quiet_until = began;
+        loop {
+            std::thread::sleep(HEARTBEAT);
+            let now = soft_lockups();
+            if now > lockups {
+                lockups = now;
+                quiet_until = Instant::now() + QUIET_AFTER_LOCKUP;
+            }
+            if Instant::now() >= quiet_until {
+                eprintln!("capsa-e2e: still running, {} s", began.elapsed().as_secs());
+            }
+        }
+    });
+}
+
+/// Whether a failure's text says a microVM triple-faulted: capsa-vmm's
+/// words for it reach a check through capsad's error (the console's
+/// tail), the CLI's stderr or a log.
+fn mentions_triple_fault(text: &str) -> bool {
+    text.contains(crate::vm::TRIPLE_FAULT_TEXT)
 }
 
 /// Where a suite's checks go.
@@ -136,6 +175,10 @@ impl<'a> Suite<'a> {
             Err(e) => {
                 if let Some(fault) = e.downcast_ref::<EmulationFault>() {
                     self.fault(fault.0.clone());
+                } else if mentions_triple_fault(&format!("{e:#}")) {
+                    // Nested KVM's, never seen on real KVM: the suite runs
+                    // again, and a failure in every run still counts.
+                    self.fault("a microVM triple-faulted".into());
                 } else if soft_lockups() > self.lockups_at_start {
                     // The emulated machine's own kernel had a CPU stuck
                     // (in the nested runs, a vCPU thread inside KVM): what

@@ -16,6 +16,9 @@ use crate::suite::EmulationFault;
 
 /// capsa-vmm's status when the guest triple-faulted.
 pub const TRIPLE_FAULT_STATUS: i32 = 3;
+/// What capsa-vmm prints when the guest triple-faulted (its
+/// `GuestExit::describe`).
+pub const TRIPLE_FAULT_TEXT: &str = "guest triple-faulted";
 /// capsa-vmm's status when the guest kernel panicked.
 pub const PANIC_STATUS: i32 = 2;
 

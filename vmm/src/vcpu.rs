@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use seccompiler::BpfProgram;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::bus::DeviceBus;
@@ -38,10 +39,16 @@ pub fn spawn(
     devices: Arc<DeviceBus>,
     events: EventSender,
     stop: Arc<AtomicBool>,
+    filter: Option<BpfProgram>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
+            // A vCPU's own filter goes in before it runs guest code.
+            if let Err(e) = crate::seccomp::install_on_this_thread(filter.as_ref()) {
+                events.send(GuestEvent::VcpuFailure(e.to_string()));
+                return;
+            }
             if let Stop::Guest(event) = run_loop(&mut vcpu, &devices, &stop) {
                 events.send(event);
             }

@@ -23,6 +23,7 @@ use crate::layout::{
     KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MIB, SERIAL_IRQ, VIRTIO_IRQS, VIRTIO_MMIO_BASE,
 };
 use crate::memory::{self, MemoryError};
+use crate::seccomp::{self, Role};
 use crate::vcpu;
 use crate::virtio::block::{Block, DiskConfig, DiskError};
 use crate::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW_SIZE};
@@ -293,8 +294,20 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     }
 
     vcpu::install_kick_handler().map_err(VmError::Thread)?;
-    // Everything is open and mapped: from here on the VMM only runs.
+    // Everything is open and mapped: from here on the VMM only runs. Then
+    // each thread adds its role's filter, the devices' before any vCPU
+    // runs, each vCPU's before its first KVM_RUN, the main thread's once
+    // it has started them.
     crate::seccomp::install(config.seccomp)?;
+    devices.for_each_device_thread(|device_type, thread| {
+        let program = seccomp::role_program(Role::Device(device_type), config.seccomp)?;
+        thread
+            .call(move || seccomp::install_on_this_thread(program.as_ref()))
+            .map_err(VmError::Thread)??;
+        Ok::<(), VmError>(())
+    })?;
+    let vcpu_filter = seccomp::role_program(Role::Vcpu, config.seccomp)?;
+    let main_filter = seccomp::role_program(Role::Main, config.seccomp)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
@@ -304,6 +317,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
             devices.clone(),
             events.clone(),
             stop.clone(),
+            vcpu_filter.clone(),
         );
         match handle {
             Ok(handle) => handles.push(handle),
@@ -312,6 +326,10 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
                 return Err(VmError::Thread(e));
             }
         }
+    }
+    if let Err(e) = seccomp::install_on_this_thread(main_filter.as_ref()) {
+        vcpu::stop_all(handles, &stop, Duration::from_secs(1));
+        return Err(e.into());
     }
 
     let exit = wait_for_exit(&events_rx, &tail);

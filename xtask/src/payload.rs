@@ -287,6 +287,11 @@ impl Payload {
             .arg(&log)
             // The retries are this runner's, suite by suite.
             .env("CAPSA_NESTED_ATTEMPTS", "1")
+            // capsa-e2e's heartbeat speaks every 10 s while the machine
+            // runs and no soft lockup is being logged: 90 s of quiet is a
+            // freeze (it was 240 s without the heartbeat's rule, about a
+            // third of CI's time in one run that froze often).
+            .env("CAPSA_NESTED_STALL_SECS", "90")
             // containerd's overlayfs snapshotter.
             .env("CAPSA_NESTED_MODULES", "fs/overlayfs/overlay")
             .env("CAPSA_NESTED_TIMEOUT_SECS", timeout.to_string())

@@ -52,6 +52,20 @@ impl DeviceBus {
         }
     }
 
+    /// Runs `arm(device type, its thread)` for each virtio device, in turn
+    /// (each device thread's own seccomp filter goes in this way).
+    pub fn for_each_device_thread<E>(
+        &self,
+        mut arm: impl FnMut(u32, &crate::virtio::worker::DeviceThread) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for slot in &self.virtio {
+            let transport = lock(&slot.transport);
+            let (device_type, thread) = transport.device_thread();
+            arm(device_type, thread)?;
+        }
+        Ok(())
+    }
+
     /// Stops every device worker (before the guest memory goes away).
     pub fn shut_down(&self) {
         for slot in &self.virtio {

@@ -158,7 +158,12 @@ impl super::VirtioDevice for Block {
                 context.interrupt.clone(),
             )
             .map_err(ActivateError::Dup)?;
-        Worker::spawn(handler, context.queue_events, context.interrupt)
+        Worker::spawn(
+            handler,
+            context.queue_events,
+            context.interrupt,
+            &context.thread,
+        )
     }
 }
 

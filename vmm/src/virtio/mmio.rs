@@ -10,7 +10,9 @@ use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::Worker;
+use std::sync::Arc;
+
+use super::worker::{DeviceThread, Worker};
 use super::{
     ActivateContext, Interrupt, Memory, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
@@ -28,6 +30,19 @@ pub enum TransportError {
     Queue(u16, virtio_queue::Error),
     #[error("cannot create a queue notification eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("cannot start the device's thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The name of a device's thread, by its virtio device type.
+pub fn thread_name(device_type: u32) -> &'static str {
+    match device_type {
+        1 => "virtio-net",
+        2 => "virtio-blk",
+        4 => "virtio-rng",
+        19 => "virtio-vsock",
+        _ => "virtio",
+    }
 }
 
 /// One virtio device as the guest sees it at one MMIO window.
@@ -43,7 +58,16 @@ pub struct MmioTransport {
     driver_features_select: u32,
     driver_features: u64,
     queue_select: u32,
+    /// Dropped before `thread` (see Drop), whose job it is.
     worker: Option<Worker>,
+    thread: Arc<DeviceThread>,
+}
+
+impl Drop for MmioTransport {
+    fn drop(&mut self) {
+        // The worker's loop ends before its thread is joined.
+        self.worker = None;
+    }
 }
 
 impl MmioTransport {
@@ -58,6 +82,8 @@ impl MmioTransport {
             queues.push(Queue::new(max).map_err(|e| TransportError::Queue(max, e))?);
             queue_events.push(EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?);
         }
+        let thread = DeviceThread::spawn(thread_name(device.device_type()))
+            .map_err(TransportError::Thread)?;
         Ok(Self {
             device,
             memory,
@@ -70,7 +96,13 @@ impl MmioTransport {
             driver_features: 0,
             queue_select: 0,
             worker: None,
+            thread: Arc::new(thread),
         })
+    }
+
+    /// The device's type and its thread, to give the thread its filter.
+    pub fn device_thread(&self) -> (u32, &DeviceThread) {
+        (self.device.device_type(), &self.thread)
     }
 
     pub fn device_type(&self) -> u32 {
@@ -317,6 +349,7 @@ impl MmioTransport {
             queue_events,
             interrupt: self.interrupt.clone(),
             acked_features: self.driver_features,
+            thread: self.thread.clone(),
         };
         match self.device.activate(context) {
             Ok(worker) => self.worker = Some(worker),

@@ -4,7 +4,7 @@
 //! from vCPU threads. Once the driver sets DRIVER_OK the device is activated:
 //! it gets the guest memory, its queues, one ioeventfd per queue (KVM signals
 //! them on a queue notify without leaving the kernel) and an `Interrupt`, and
-//! runs on a worker thread of its own (`worker`). A device that meets a
+//! runs on the device's own thread (`worker`). A device that meets a
 //! guest error it cannot skip sets `DEVICE_NEEDS_RESET`; nothing the guest
 //! writes makes the VMM panic.
 
@@ -69,6 +69,8 @@ pub struct ActivateContext {
     pub queue_events: Vec<EventFd>,
     pub interrupt: Interrupt,
     pub acked_features: u64,
+    /// The device's thread, where its worker loop runs.
+    pub thread: Arc<worker::DeviceThread>,
 }
 
 #[derive(Debug, thiserror::Error)]

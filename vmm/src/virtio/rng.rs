@@ -36,7 +36,12 @@ impl super::VirtioDevice for Rng {
             queue,
             interrupt: context.interrupt.clone(),
         };
-        Worker::spawn(handler, context.queue_events, context.interrupt)
+        Worker::spawn(
+            handler,
+            context.queue_events,
+            context.interrupt,
+            &context.thread,
+        )
     }
 }
 

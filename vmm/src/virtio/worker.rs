@@ -1,7 +1,14 @@
 //! The thread a live device runs on: an epoll loop over its queues'
 //! ioeventfds, its backend's file descriptors and a stop event.
+//!
+//! Each device has one thread for its whole life (`DeviceThread`), started
+//! while the VM is built; an activation runs its worker loop there and a
+//! reset ends it. No thread is started once the guest runs, so no thread
+//! that meets guest data (a vCPU, a device) may create threads, and each
+//! keeps the seccomp filter of its own role (`crate::seccomp`).
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -75,17 +82,81 @@ impl Registrar {
     }
 }
 
-/// A running device worker; dropping it stops the thread.
-pub struct Worker {
-    stop: EventFd,
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A device's own thread: it runs the jobs given to it in turn (the
+/// device's worker loop, one activation after another; installing its
+/// seccomp filter) until it is dropped.
+pub struct DeviceThread {
+    jobs: Option<Sender<Job>>,
     handle: Option<JoinHandle<()>>,
 }
 
+impl DeviceThread {
+    pub fn spawn(name: &str) -> std::io::Result<Self> {
+        let (jobs, queue) = channel::<Job>();
+        let handle = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                for job in queue {
+                    job();
+                }
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            handle: Some(handle),
+        })
+    }
+
+    /// Runs `job` on the thread once what it runs now has ended.
+    fn submit(&self, job: Job) -> std::io::Result<()> {
+        let gone = || std::io::Error::other("the device's thread has ended");
+        self.jobs
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(job)
+            .map_err(|_| gone())
+    }
+
+    /// Runs `f` on the thread and waits for its result.
+    pub fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<T> {
+        let (result_tx, result_rx) = channel();
+        self.submit(Box::new(move || {
+            let _ = result_tx.send(f());
+        }))?;
+        result_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the device's thread ended the call"))
+    }
+}
+
+impl Drop for DeviceThread {
+    fn drop(&mut self) {
+        // The queue closes: the thread ends after its current job.
+        self.jobs = None;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A running device worker; dropping it stops the loop and waits for it.
+pub struct Worker {
+    stop: EventFd,
+    /// Closed when the loop has ended (its sender goes with the job).
+    done: Option<Receiver<()>>,
+}
+
 impl Worker {
+    /// Runs `handler`'s loop on `thread`.
     pub fn spawn<H: QueueHandler>(
         mut handler: H,
         queue_events: Vec<EventFd>,
         interrupt: Interrupt,
+        thread: &DeviceThread,
     ) -> Result<Self, ActivateError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let stop_for_thread = stop.try_clone().map_err(ActivateError::Worker)?;
@@ -105,21 +176,22 @@ impl Worker {
         handler
             .register(&registrar)
             .map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name(handler.name().to_string())
-            .spawn(move || {
+        let (done_tx, done) = channel::<()>();
+        thread
+            .submit(Box::new(move || {
                 run(
                     &mut handler,
                     &registrar,
                     &queue_events,
                     &stop_for_thread,
                     &interrupt,
-                )
-            })
+                );
+                drop(done_tx);
+            }))
             .map_err(ActivateError::Worker)?;
         Ok(Self {
             stop,
-            handle: Some(handle),
+            done: Some(done),
         })
     }
 }
@@ -127,8 +199,9 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
+        if let Some(done) = self.done.take() {
+            // Ends with the job, whether it ran or was dropped unrun.
+            let _ = done.recv();
         }
     }
 }

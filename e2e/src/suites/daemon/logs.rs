@@ -11,14 +11,13 @@ use hyper::Method;
 
 use super::harness::Capsad;
 use crate::suite::{EmulationFault, Suite};
+use crate::vm::TRIPLE_FAULT_TEXT;
 
 /// Kills that must land while the containers are still printing.
 pub const KILLS: u32 = 24;
 const STEADY_LINES: u32 = 3000;
 const BURSTS: u32 = 80;
 const BURST_LINES: u32 = 300;
-/// What capsa-vmm says of a guest that triple-faulted.
-const TRIPLE_FAULT: &str = "guest triple-faulted";
 /// How long the containers may take to finish printing after the kills.
 const FINISH_PATIENCE: Duration = Duration::from_secs(300);
 
@@ -87,8 +86,8 @@ fn difference(got: &[String], want: &[String]) -> String {
 fn failed(d: &Capsad, view: &GroupView) -> anyhow::Error {
     let console = std::fs::read_to_string(d.root().join("root/groups/chatty/console.log"))
         .unwrap_or_default();
-    if console.contains(TRIPLE_FAULT) {
-        return EmulationFault(format!("the group's microVM {TRIPLE_FAULT}")).into();
+    if console.contains(TRIPLE_FAULT_TEXT) {
+        return EmulationFault(format!("the group's microVM {TRIPLE_FAULT_TEXT}")).into();
     }
     anyhow::anyhow!(
         "the group failed: {}",

@@ -120,7 +120,12 @@ impl super::VirtioDevice for Net {
         let limiter = || RateLimiter::new(self.rate.as_ref()).map_err(ActivateError::Worker);
         handler.rx_limiter = limiter()?;
         handler.tx_limiter = limiter()?;
-        Worker::spawn(handler, context.queue_events, context.interrupt)
+        Worker::spawn(
+            handler,
+            context.queue_events,
+            context.interrupt,
+            &context.thread,
+        )
     }
 }
 

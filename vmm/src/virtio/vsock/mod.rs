@@ -120,7 +120,12 @@ impl super::VirtioDevice for Vsock {
 
     fn activate(&mut self, context: ActivateContext) -> Result<Worker, ActivateError> {
         let muxer = self.muxer(context.memory, context.queues, context.interrupt.clone());
-        Worker::spawn(muxer, context.queue_events, context.interrupt)
+        Worker::spawn(
+            muxer,
+            context.queue_events,
+            context.interrupt,
+            &context.thread,
+        )
     }
 }
 
