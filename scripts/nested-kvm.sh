@@ -6,6 +6,9 @@
 # executed there with /dev/kvm ready. The outer console goes to LOG.
 # CAPSA_NESTED_MODULES lists more modules to load, as paths under the
 # kernel's module tree without .ko (drivers/net/tun, say).
+# CAPSA_NESTED_SCRIPT names another script of PAYLOAD_DIR to run as run.sh,
+# so that several machines can run side by side from one payload (each has
+# its own stage, disk and initramfs; the kernel package is fetched once).
 #
 #   scripts/nested-kvm.sh PAYLOAD_DIR LOG
 set -euo pipefail
@@ -24,15 +27,19 @@ fi
 
 host_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
 host_dir="$cache/$host_pkg"
-if [ ! -f "$host_dir/.done" ]; then
-    rm -rf "$host_dir" && mkdir -p "$host_dir"
-    (cd "$host_dir" && apt-get download "$host_pkg" >&2 && dpkg-deb -x ./*.deb x && rm ./*.deb)
-    touch "$host_dir/.done"
-fi
+(
+    flock 9
+    if [ ! -f "$host_dir/.done" ]; then
+        rm -rf "$host_dir" && mkdir -p "$host_dir"
+        (cd "$host_dir" && apt-get download "$host_pkg" >&2 && dpkg-deb -x ./*.deb x && rm ./*.deb)
+        touch "$host_dir/.done"
+    fi
+) 9> "$cache/.download.lock"
 modules=$(echo "$host_dir"/x/lib/modules/*/kernel)
 
 stage=$(mktemp -d)
-trap 'rm -rf "$stage"' EXIT
+outer_cpio="$stage.cpio"
+trap 'rm -rf "$stage" "$outer_cpio"' EXIT
 mkdir -p "$stage"/{bin,dev,proc,sys,tmp,modules}
 cp /bin/busybox "$stage/bin/"
 for applet in sh mount insmod echo cat poweroff timeout sleep mkdir dd rm ls grep; do
@@ -51,6 +58,9 @@ for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm
     load+=("$(basename "$m")")
 done
 cp -a "$payload" "$stage/payload"
+if [ -n "${CAPSA_NESTED_SCRIPT:-}" ]; then
+    cp "$payload/$CAPSA_NESTED_SCRIPT" "$stage/payload/run.sh"
+fi
 cat > "$stage/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -68,7 +78,7 @@ poweroff -f
 INIT
 chmod +x "$stage/init"
 printf '%s\n' "${load[@]}" > "$stage/modules/order"
-(cd "$stage" && find . | cpio --quiet -o -H newc -R 0:0) > "$cache/outer.cpio"
+(cd "$stage" && find . | cpio --quiet -o -H newc -R 0:0) > "$outer_cpio"
 
 # Stops QEMU once the payload has printed nothing for
 # CAPSA_NESTED_STALL_SECS: a hung outer machine costs that, not the whole
@@ -115,7 +125,7 @@ boot_outer() {
     timeout "${CAPSA_NESTED_TIMEOUT_SECS:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3072 -nodefaults \
         -no-user-config -nographic -serial stdio -no-reboot -pidfile "$stage/qemu.pid" \
         -drive "file=$stage/tmp.img,if=virtio,format=raw,cache=unsafe" \
-        -kernel "$(echo "$host_dir"/x/boot/vmlinuz-*)" -initrd "$cache/outer.cpio" \
+        -kernel "$(echo "$host_dir"/x/boot/vmlinuz-*)" -initrd "$outer_cpio" \
         -append "console=ttyS0 quiet panic=-1 transparent_hugepage=never" | stdbuf -oL tr -d '\r' >> "$log" || true
     kill "$watcher" 2>/dev/null || true
     wait "$watcher" 2>/dev/null || true

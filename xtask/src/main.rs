@@ -1,9 +1,11 @@
 //! `cargo xtask e2e`: builds the static binaries and the artifacts, lays
 //! them out as one payload, runs capsa-e2e's suites on this host's KVM or,
-//! where that is PVM, in one nested outer machine (as few boots as the
+//! where that is PVM, in nested outer machines (two side by side by
+//! default, each taking its share of the suites, as few boots as the
 //! retries need), runs a suite that an emulation fault hit again on its
 //! own, and prints a table of the suites (and writes it as JSON).
 
+mod lanes;
 mod outcome;
 mod payload;
 
@@ -54,6 +56,10 @@ pub struct E2eArgs {
     /// that only that suite is run again.
     #[arg(long, value_name = "SUITE")]
     pub force_fault: Option<String>,
+    /// Outer machines that run side by side where the suites run nested
+    /// (on this host's own KVM they run one after another).
+    #[arg(long, env = "CAPSA_E2E_LANES", default_value_t = 2)]
+    pub lanes: usize,
     /// Where the report goes.
     #[arg(long, default_value = "target/e2e/report.json")]
     pub report: PathBuf,
@@ -98,25 +104,18 @@ fn e2e(args: &E2eArgs) -> Result<bool> {
         );
     }
     let payload = payload::Payload::build(args)?;
-    let mut outcomes = Outcomes::new(&suites, |name| {
+    let outcomes = Outcomes::new(&suites, |name| {
         args.attempts
             .unwrap_or_else(|| capsa_e2e::suites::runs_allowed(name))
     });
-    let mut attempt = 1;
-    loop {
-        let pending = outcomes.pending();
-        if pending.is_empty() {
-            break;
-        }
-        let force = (attempt == 1)
-            .then_some(args.force_fault.as_deref())
-            .flatten();
-        let log = payload.run(&pending, args, force, attempt)?;
-        for retry in outcomes.record(&pending, &log) {
-            eprintln!("xtask e2e: {retry}");
-        }
-        attempt += 1;
-    }
+    let lanes = if payload.nested() { args.lanes } else { 1 };
+    let first = lanes::first_batches(&suites, lanes, capsa_e2e::suites::usual_secs);
+    // A forced fault hits its suite's first run only.
+    let run_once = |number: u32, suites: &[String], first: bool| {
+        let force = first.then_some(args.force_fault.as_deref()).flatten();
+        payload.run(suites, args, force, number)
+    };
+    let outcomes = lanes::run(outcomes, first, &run_once)?;
     let report = outcomes.report(began.elapsed());
     println!("{}", report.table());
     if let Some(dir) = args.report.parent() {

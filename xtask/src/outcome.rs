@@ -15,6 +15,8 @@ use serde::Serialize;
 enum State {
     /// Not run yet, or to be run again.
     Pending,
+    /// In an outer machine's run now.
+    Running,
     Done,
 }
 
@@ -81,7 +83,7 @@ impl Outcomes {
         }
     }
 
-    /// The suites the next run is to take.
+    /// The suites still to run that no run has taken.
     pub fn pending(&self) -> Vec<String> {
         self.suites
             .iter()
@@ -90,11 +92,41 @@ impl Outcomes {
             .collect()
     }
 
+    /// Takes those of `wanted` that are pending for a run (each suite is
+    /// in one run at a time), in the suites' order.
+    pub fn claim(&mut self, wanted: &[String]) -> Vec<String> {
+        let pending = self.pending();
+        let mut taken = Vec::new();
+        for suite in self.suites.iter_mut() {
+            if wanted.contains(&suite.name) && pending.contains(&suite.name) {
+                suite.state = State::Running;
+                taken.push(suite.name.clone());
+            }
+        }
+        taken
+    }
+
+    /// Whether a run holds any suite now.
+    pub fn running(&self) -> bool {
+        self.suites.iter().any(|s| s.state == State::Running)
+    }
+
+    /// Gives back suites a run took but could not report on.
+    pub fn release(&mut self, ran: &[String]) {
+        for suite in self.suites.iter_mut().filter(|s| ran.contains(&s.name)) {
+            if suite.state == State::Running {
+                suite.state = State::Pending;
+            }
+        }
+    }
+
     /// Takes what a run of `ran` printed; returns the retries it calls
     /// for, each with its reason.
     pub fn record(&mut self, ran: &[String], log: &str) -> Vec<String> {
         let mut retries = Vec::new();
         for suite in self.suites.iter_mut().filter(|s| ran.contains(&s.name)) {
+            // To run again unless decided below.
+            suite.state = State::Pending;
             let seen = seen(log, &suite.name);
             if !seen.started {
                 retries.push(format!(
@@ -264,6 +296,8 @@ mod tests {
     fn a_fault_reruns_only_its_suite() {
         let all = names(&["boot", "agent", "devices"]);
         let mut outcomes = Outcomes::new(&all, |_| 3);
+        assert_eq!(outcomes.claim(&all), all);
+        assert!(outcomes.pending().is_empty() && outcomes.running());
         let log = [
             start("boot"),
             check("boot", "a", true),

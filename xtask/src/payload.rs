@@ -212,6 +212,11 @@ impl Payload {
         Ok(Payload { root, dir, nested })
     }
 
+    /// Whether the suites run in nested outer machines.
+    pub fn nested(&self) -> bool {
+        self.nested
+    }
+
     /// capsa-e2e's arguments for a run of `suites`.
     fn e2e_args(&self, suites: &[String], args: &E2eArgs, force: Option<&str>) -> Vec<String> {
         let mut argv = Vec::new();
@@ -233,18 +238,19 @@ impl Payload {
         argv
     }
 
-    /// Runs `suites` once; returns what capsa-e2e printed (in the nested
-    /// case, the whole outer console, which has its lines among others).
+    /// Runs `suites` once, as run `number` (several may run at once
+    /// nested); returns what capsa-e2e printed (in the nested case, the
+    /// whole outer console, which has its lines among others).
     pub fn run(
         &self,
         suites: &[String],
         args: &E2eArgs,
         force: Option<&str>,
-        attempt: u32,
+        number: u32,
     ) -> Result<String> {
         let e2e_args = self.e2e_args(suites, args, force);
         eprintln!(
-            "xtask e2e: run {attempt}: {} ({})",
+            "xtask e2e: run {number}: {} ({})",
             suites.join(", "),
             if self.nested {
                 "nested outer machine"
@@ -263,14 +269,15 @@ impl Payload {
             return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
         }
         let words: Vec<String> = e2e_args.iter().map(|a| quoted(a)).collect();
+        let script = format!("run-{number}.sh");
         std::fs::write(
-            self.dir.join("run.sh"),
+            self.dir.join(&script),
             format!(
                 "{NESTED_SETUP}./capsa-e2e --artifacts /payload --ip /payload/bin/ip {}\n{NESTED_AFTER}",
                 words.join(" ")
             ),
         )?;
-        let log = self.root.join(format!("target/e2e/outer-{attempt}.log"));
+        let log = self.root.join(format!("target/e2e/outer-{number}.log"));
         // Capped: a full run takes about 2100 s nested, and a suite that
         // hangs past the cap (a guest capsad waits on without bound, issue
         // 16) is then run again on its own with its own budget, within
@@ -287,6 +294,7 @@ impl Payload {
             .arg(&log)
             // The retries are this runner's, suite by suite.
             .env("CAPSA_NESTED_ATTEMPTS", "1")
+            .env("CAPSA_NESTED_SCRIPT", &script)
             // capsa-e2e's heartbeat speaks every 10 s while the machine
             // runs and no soft lockup is being logged: 90 s of quiet is a
             // freeze (it was 240 s without the heartbeat's rule, about a
