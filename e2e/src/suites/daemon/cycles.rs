@@ -121,6 +121,19 @@ fn cycle(d: &Capsad, name: &str) -> Result<()> {
     anyhow::bail!("{name}: {}", out.describe())
 }
 
+/// The fastest, median and slowest of the cycles' times, in words.
+fn spread(took: &mut [f64]) -> String {
+    took.sort_by(f64::total_cmp);
+    match (took.first(), took.get(took.len() / 2), took.last()) {
+        (Some(min), Some(median), Some(max)) => {
+            format!(
+                "a cycle took {min:.1} s at least, {median:.1} s as a median, {max:.1} s at most"
+            )
+        }
+        _ => "no cycle ran".into(),
+    }
+}
+
 pub fn run(s: &mut Suite, d: &mut Capsad, allowed_hangs: u32) -> Result<()> {
     d.start()?;
     let import = d.import_busybox()?;
@@ -133,9 +146,13 @@ pub fn run(s: &mut Suite, d: &mut Capsad, allowed_hangs: u32) -> Result<()> {
     cycle(d, "warm")?;
     let before = settled(d, None)?;
     let (mut failed, mut hung) = (Vec::new(), Vec::new());
+    let mut took = Vec::new();
     for i in 1..=CYCLES {
         let name = format!("cycle-{i}");
-        match cycle(d, &name) {
+        let began = std::time::Instant::now();
+        let result = cycle(d, &name);
+        took.push(began.elapsed().as_secs_f64());
+        match result {
             Ok(()) => {}
             Err(e) if e.downcast_ref::<EmulationFault>().is_some() => {
                 hung.push(format!("{e:#}"));
@@ -151,7 +168,11 @@ pub fn run(s: &mut Suite, d: &mut Capsad, allowed_hangs: u32) -> Result<()> {
     s.verdict(
         &format!("{CYCLES} create/start/delete cycles, a port published each time, all ran"),
         failed.is_empty(),
-        failed.join("\n"),
+        if failed.is_empty() {
+            spread(&mut took)
+        } else {
+            failed.join("\n")
+        },
     );
     s.verdict(
         &format!("with at most {allowed_hangs} microVMs that stopped answering"),
