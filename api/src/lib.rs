@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 pub use rate::RateLimitSpec;
 pub use spec::{
     ContainerSpec, EmptyDirSpec, ExecProbe, GroupSpec, PersistentSpec, PortProtocol, PortSpec,
-    Probe, RestartPolicy, SpecError, TcpProbe, VolumeMount, VolumeSpec, MIN_VOLUME_MIB,
+    Probe, RestartPolicy, SpecError, TcpProbe, VolumeMount, VolumeSpec, DEFAULT_NETWORK,
+    MIN_VOLUME_MIB,
 };
 
 /// The API's path prefix; bumped with any change an older client would
@@ -129,6 +130,34 @@ pub struct VolumeView {
     /// The running groups it is attached to.
     #[serde(default)]
     pub attached_to: Vec<String>,
+}
+
+/// A group network.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkView {
+    pub name: String,
+    pub subnet: String,
+    pub gateway: std::net::Ipv4Addr,
+    pub bridge: String,
+    /// Whether its groups reach beyond the host.
+    pub egress: bool,
+    pub created_at: u64,
+    /// The groups on it.
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// Creates a network; its subnet is the first free /24 of 10.89.0.0/16
+/// unless given, and it has egress unless told not to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<bool>,
 }
 
 /// Creates a volume, or grows one to `size_mib`.

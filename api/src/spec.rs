@@ -55,7 +55,36 @@ pub struct GroupSpec {
     /// The VM's network interface is held to this, each way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_rate_limit: Option<crate::RateLimitSpec>,
+    /// The network the group joins (`capsa network create`); the default
+    /// network unless given. Groups of one network reach each other by
+    /// name; groups of different networks cannot exchange a packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
+
+/// The network of a group whose spec names none.
+pub const DEFAULT_NETWORK: &str = "default";
+
+/// Capabilities a container may be given beyond Docker's default set
+/// (`capAdd`), by their names without `CAP_`. Inside a microVM they reach
+/// the guest's kernel, which is the boundary, not the host's.
+pub const ADDABLE_CAPABILITIES: &[&str] = &[
+    "NET_ADMIN",
+    "NET_RAW",
+    "SYS_ADMIN",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_PTRACE",
+    "SYS_BOOT",
+    "SYS_TIME",
+    "SYS_RESOURCE",
+    "SYS_NICE",
+    "IPC_LOCK",
+    "MKNOD",
+    "DAC_READ_SEARCH",
+    "LINUX_IMMUTABLE",
+    "SYSLOG",
+];
 
 /// A volume of the group: exactly one of its sources is given.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -169,6 +198,10 @@ pub struct ContainerSpec {
     pub ports: Vec<PortSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<VolumeMount>,
+    /// Capabilities beyond Docker's default set, such as `NET_ADMIN` (see
+    /// `ADDABLE_CAPABILITIES`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
     /// Killed (and restarted as the restart policy says) when this keeps
     /// failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -376,6 +409,11 @@ impl GroupSpec {
         self.cpu_limit.unwrap_or(f64::from(self.cpus()))
     }
 
+    /// The network the group joins.
+    pub fn network(&self) -> &str {
+        self.network.as_deref().unwrap_or(DEFAULT_NETWORK)
+    }
+
     pub fn scratch_mib(&self) -> u64 {
         self.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB)
     }
@@ -426,6 +464,11 @@ impl GroupSpec {
                 problems.extend(limit.problems(field));
             }
         }
+        if let Some(network) = &self.network {
+            if !valid_name(network) {
+                problems.push(format!("network: {network:?} is not a valid network name"));
+            }
+        }
         let volumes = self.validate_volumes(&mut problems);
         let mut seen = std::collections::BTreeSet::new();
         let mut published = std::collections::BTreeSet::new();
@@ -438,6 +481,14 @@ impl GroupSpec {
                 ));
             } else if !seen.insert(container.name.clone()) {
                 problems.push(format!("{at}.name: {:?} is used twice", container.name));
+            }
+            for capability in &container.cap_add {
+                if !ADDABLE_CAPABILITIES.contains(&capability.as_str()) {
+                    problems.push(format!(
+                        "{at}.capAdd: {capability:?} is not one of {}",
+                        ADDABLE_CAPABILITIES.join(", ")
+                    ));
+                }
             }
             if container.image.trim().is_empty() {
                 problems.push(format!("{at}.image: empty"));

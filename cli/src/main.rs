@@ -18,6 +18,8 @@ use hyper::Method;
 
 use capsa_cli::client::{self, Client};
 
+mod networks;
+
 #[derive(Parser)]
 #[command(name = "capsa", about = "Container groups in microVMs, through capsad")]
 struct Cli {
@@ -98,6 +100,14 @@ enum Command {
         /// (missing), every time (always), or never.
         #[arg(long, value_enum, default_value_t = PullPolicy::Missing)]
         pull: PullPolicy,
+        /// The network the group joins (the default network unless given).
+        #[arg(long)]
+        network: Option<String>,
+        /// Give the container a capability beyond Docker's default set
+        /// (NET_ADMIN, SYS_ADMIN...); repeatable. It reaches the guest's
+        /// kernel, not the host's.
+        #[arg(long = "cap-add")]
+        cap_add: Vec<String>,
         image: String,
         /// The command, instead of the image's.
         #[arg(trailing_var_arg = true)]
@@ -176,6 +186,9 @@ enum Command {
     /// Named persistent volumes (ext4 disks kept until removed).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Group networks (a bridge, a subnet and a DNS of their own each).
+    #[command(subcommand)]
+    Network(networks::NetworkCommand),
 }
 
 #[derive(Subcommand)]
@@ -286,6 +299,8 @@ fn run(cli: Cli) -> Result<u8> {
             workdir,
             stop_signal,
             pull,
+            network,
+            cap_add,
             image,
             args,
         } => {
@@ -317,6 +332,7 @@ fn run(cli: Cli) -> Result<u8> {
                     tty: false,
                     ports: publish,
                     volume_mounts,
+                    cap_add,
                     liveness_probe: None,
                 }],
                 cpus,
@@ -328,6 +344,7 @@ fn run(cli: Cli) -> Result<u8> {
                 scratch_mib: scratch,
                 disk_rate_limit: None,
                 network_rate_limit: None,
+                network,
             };
             create_pulling(&client, &spec, &image, pull)?;
             // Attached, the container's stderr is ours: steps only go to a
@@ -676,6 +693,7 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
+        Command::Network(command) => networks::run(&client, command, cli.json),
         Command::Image(ImageCommand::Rm { name }) => {
             let _: serde_json::Value =
                 client.call(Method::DELETE, &format!("/v1/images?name={name}"), None)?;

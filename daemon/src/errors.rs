@@ -69,6 +69,24 @@ pub fn volume_error(e: capsa_volumes::VolumeError) -> ApiError {
     error(code, e.to_string())
 }
 
+/// A network error: what is missing is not found, what clashes a
+/// conflict, a bad name or subnet the request's fault, the host's own
+/// failures (netlink, nftables, files) internal.
+pub fn network_error(e: capsa_network::NetworkError) -> ApiError {
+    use capsa_network::NetworkError as N;
+    let code = match &e {
+        N::NotFound(_) => ErrorCode::NotFound,
+        N::Exists(_) => ErrorCode::AlreadyExists,
+        N::InvalidName(_) | N::SubnetTooSmall(_) | N::DefaultIsFixed => ErrorCode::InvalidRequest,
+        N::SubnetOverlaps { .. }
+        | N::NoSubnetLeft
+        | N::Exhausted(_)
+        | N::PortUnavailable { .. } => ErrorCode::Conflict,
+        _ => ErrorCode::Internal,
+    };
+    error(code, e.to_string())
+}
+
 /// An image store error of a pull or a removal: what is missing is not
 /// found, what is in use a conflict, the rest the request's fault.
 pub fn store_error(e: capsa_image_store::StoreError) -> ApiError {

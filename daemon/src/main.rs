@@ -46,6 +46,10 @@ struct Args {
     /// nameservers). Repeatable.
     #[arg(long = "dns", value_name = "ADDRESS")]
     dns: Vec<std::net::IpAddr>,
+    /// Whether the default network's groups reach beyond the host
+    /// (masqueraded to the host's own addresses, as docker's bridge).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    egress: Switch,
     /// Groups get no network interface (vsock only).
     #[arg(long)]
     no_network: bool,
@@ -188,14 +192,22 @@ fn main() -> Result<()> {
         let config = capsa_network::NetworkConfig {
             bridge: args.bridge.clone(),
             subnet: args.subnet,
+            egress: args.egress == Switch::On,
+            store: args.root.join("networks"),
             upstream_dns: dns
                 .into_iter()
                 .map(|ip| std::net::SocketAddr::new(ip, 53))
                 .collect(),
         };
-        Some(capsa_network::Network::start(config).context(
-            "setting up the group network (capsad needs CAP_NET_ADMIN; --no-network runs without)",
-        )?)
+        let networks = capsa_network::Networks::start(config).context(
+            "setting up the group networks (capsad needs CAP_NET_ADMIN and nftables; --no-network runs without)",
+        )?;
+        if networks.firewall_by_tap_name() {
+            eprintln!(
+                "capsad: this kernel's nftables cannot tell a frame's bridge (no nft_meta_bridge): taps are held by their names, so a second capsad's groups on this host would be cut off"
+            );
+        }
+        Some(networks)
     };
     let layer_images =
         capsa_image_store::layer_images::LayerImages::open(&args.root.join("layer-images"))

@@ -1,6 +1,7 @@
-//! A DNS responder on the gateway: a group's name answers with its
-//! address, as ACI's DNS name labels do; other names go to the upstream
-//! servers, when there are any.
+//! A DNS responder on each network's gateway: the name of a group of that
+//! network answers with its address, as ACI's DNS name labels do; other
+//! names go to the upstream servers, when the network has egress and
+//! there are any.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,11 +27,11 @@ pub fn serve(
     socket: std::net::UdpSocket,
     names: Names,
     upstream: Vec<SocketAddr>,
-) -> std::io::Result<()> {
+) -> std::io::Result<tokio::task::AbortHandle> {
     socket.set_nonblocking(true)?;
     let socket = Arc::new(UdpSocket::from_std(socket)?);
     let forwards = Arc::new(Semaphore::new(FORWARDS));
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut buffer = vec![0u8; 4096];
         loop {
             let Ok((n, client)) = socket.recv_from(&mut buffer).await else {
@@ -57,7 +58,7 @@ pub fn serve(
             }
         }
     });
-    Ok(())
+    Ok(task.abort_handle())
 }
 
 enum Reply {

@@ -9,6 +9,7 @@
 //! - `start`: booting a group and launching its containers, stopping it;
 //! - `restart`: the restart policy and its back-off;
 //! - `adopt`: groups found again after a daemon restart;
+//! - `networks`: the group networks the API makes and removes;
 //! - `exec`, `stats`, `oci`: processes started in a container, figures,
 //!   and the OCI runtime spec made of a container spec.
 
@@ -18,6 +19,7 @@ mod exec;
 mod group;
 pub mod layers;
 pub mod lifecycle;
+mod networks;
 mod oci;
 mod restart;
 mod start;
@@ -35,10 +37,12 @@ use capsa_api::{
 };
 use capsa_image_store::layer_images::LayerImages;
 use capsa_image_store::ImageStore;
-use capsa_network::Network;
+use capsa_network::Networks;
 use capsa_volumes::VolumeStore;
 
-use crate::errors::{conflict, error, internal, no_container, no_group, store_error};
+use crate::errors::{
+    conflict, error, internal, network_error, no_container, no_group, store_error,
+};
 use crate::state::{self, GroupPaths, GroupRecord};
 use capsa_vm_process::VmConfig;
 pub use exec::Exec;
@@ -55,7 +59,7 @@ pub struct Daemon {
     pub layer_images: LayerImages,
     vm: VmConfig,
     /// None when the daemon runs without networking (--no-network).
-    network: Option<Network>,
+    pub(crate) network: Option<Networks>,
     pub volumes: VolumeStore,
     /// Held from a start's checks until its group counts as running, so
     /// two starts cannot both claim one volume.
@@ -119,7 +123,7 @@ impl Daemon {
         images: ImageStore,
         layer_images: LayerImages,
         vm: VmConfig,
-        network: Option<Network>,
+        network: Option<Networks>,
         volumes: VolumeStore,
         settings: Settings,
     ) -> Arc<Self> {
@@ -167,16 +171,32 @@ impl Daemon {
                 );
             }
         }
+        network
+            .attach(record.spec.network(), &record.spec.name, ip)
+            .map_err(network_error)?;
         group.lock().published = published;
-        network.register_name(&record.spec.name, ip);
         Ok(())
     }
 
+    /// The opposite of `connect`: ports closed, name gone, tap closed.
     fn disconnect(&self, group: &Group) {
         group.lock().published.clear();
-        if let Some(network) = &self.network {
-            network.forget_name(&group.name());
+        let record = group.snapshot();
+        if let (Some(network), Some(ip)) = (&self.network, record.ip) {
+            if let Err(e) = network.detach(record.spec.network(), &record.spec.name, ip) {
+                eprintln!("capsad: group {}: {e}", record.spec.name);
+            }
         }
+    }
+
+    /// The groups on network `name`, whatever their state.
+    pub fn network_users(&self, name: &str) -> Vec<String> {
+        self.all_groups()
+            .iter()
+            .map(|g| g.snapshot().spec)
+            .filter(|spec| spec.network() == name)
+            .map(|spec| spec.name)
+            .collect()
     }
 
     fn group(&self, name: &str) -> Result<Arc<Group>, ApiError> {
@@ -292,7 +312,11 @@ impl Daemon {
         let mut record = GroupRecord::new(spec);
         if let Some(network) = &self.network {
             let used = groups.values().filter_map(|g| g.ip());
-            record.ip = Some(network.allocate(used).map_err(conflict)?);
+            record.ip = Some(
+                network
+                    .allocate(record.spec.network(), used)
+                    .map_err(network_error)?,
+            );
         }
         if let Some(ids) = self.settings.jail_ids {
             let used = groups.values().filter_map(|g| g.snapshot().jail_id);

@@ -9,7 +9,8 @@ use capsa_api::ContainerSpec;
 use capsa_guest_client::OciImage;
 use oci_spec::image::Config as ImageConfig;
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, Spec,
+    Capabilities, Capability, LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
+    LinuxResourcesBuilder, Spec,
 };
 
 /// CFS period the CPU limit is a quota of.
@@ -134,6 +135,23 @@ pub fn spec_for(
     user.set_username(Some(decided.user));
     process.set_user(user);
     process.set_terminal(Some(container.tty));
+    if !container.cap_add.is_empty() {
+        let mut capabilities = process.capabilities().clone().unwrap_or_default();
+        let add = |set: Option<Capabilities>| -> anyhow::Result<Capabilities> {
+            let mut set = set.unwrap_or_default();
+            for name in &container.cap_add {
+                set.insert(
+                    name.parse::<Capability>()
+                        .map_err(|e| anyhow::anyhow!("capability {name}: {e}"))?,
+                );
+            }
+            Ok(set)
+        };
+        capabilities.set_bounding(Some(add(capabilities.bounding().clone())?));
+        capabilities.set_effective(Some(add(capabilities.effective().clone())?));
+        capabilities.set_permitted(Some(add(capabilities.permitted().clone())?));
+        process.set_capabilities(Some(capabilities));
+    }
     let mut annotations = spec.annotations().clone().unwrap_or_default();
     annotations.insert(
         capsa_protocol::STOP_SIGNAL_ANNOTATION.to_string(),
@@ -228,6 +246,48 @@ mod tests {
 
     fn args(spec: &Spec) -> Vec<String> {
         spec.process().clone().unwrap().args().clone().unwrap()
+    }
+
+    #[test]
+    fn added_capabilities_join_the_default_set_and_unknown_ones_are_refused() {
+        let spec = spec_for(&image(), &container(r#","capAdd":["NET_ADMIN"]"#), "g").unwrap();
+        let capabilities = spec
+            .process()
+            .clone()
+            .unwrap()
+            .capabilities()
+            .clone()
+            .unwrap();
+        for set in [
+            capabilities.bounding(),
+            capabilities.effective(),
+            capabilities.permitted(),
+        ] {
+            let set = set.clone().unwrap();
+            assert!(set.contains(&Capability::NetAdmin) && set.contains(&Capability::Chown));
+        }
+        let plain = spec_for(&image(), &container(""), "g").unwrap();
+        let plain = plain
+            .process()
+            .clone()
+            .unwrap()
+            .capabilities()
+            .clone()
+            .unwrap();
+        assert!(!plain
+            .effective()
+            .clone()
+            .unwrap()
+            .contains(&Capability::NetAdmin));
+        let refused = GroupSpec::parse(
+            r#"{"name":"g","containers":[{"name":"c","image":"busybox","capAdd":["ALL"]}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            refused.contains("capAdd") && refused.contains("NET_ADMIN"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -93,14 +93,15 @@ impl Daemon {
         for disk in &mut disks {
             disk.rate = disk_rate.as_ref().map(super::vmm_rate);
         }
-        let net =
-            self.network
-                .as_ref()
-                .zip(record.ip)
-                .map(|(network, ip)| capsa_vmm_config::NetConfig {
-                    rate: network_rate.as_ref().map(super::vmm_rate),
-                    ..network.nic(ip)
-                });
+        let net = match (&self.network, record.ip) {
+            (Some(network), Some(ip)) => Some(capsa_vmm_config::NetConfig {
+                rate: network_rate.as_ref().map(super::vmm_rate),
+                ..network
+                    .nic(record.spec.network(), ip)
+                    .map_err(crate::errors::network_error)?
+            }),
+            _ => None,
+        };
         let cgroup = self
             .settings
             .cgroups
@@ -247,12 +248,17 @@ impl Daemon {
             volumes,
             ..Default::default()
         };
-        if let (Some(network), Some(ip)) = (&self.network, record.ip) {
-            let gateway = network.gateway().to_string();
+        let addressing = self
+            .network
+            .as_ref()
+            .zip(record.ip)
+            .and_then(|(network, ip)| Some((network.addressing(record.spec.network()).ok()?, ip)));
+        if let Some((addressing, ip)) = addressing {
+            let gateway = addressing.gateway.to_string();
             sandbox.interfaces.push(capsa_protocol::agent::Interface {
                 mac: capsa_network::mac_for(ip).to_string(),
                 name: "eth0".into(),
-                addresses: vec![format!("{ip}/{}", network.prefix_len())],
+                addresses: vec![format!("{ip}/{}", addressing.prefix_len)],
                 ..Default::default()
             });
             sandbox.routes.push(capsa_protocol::agent::Route {

@@ -5,6 +5,7 @@
 mod containers;
 mod groups;
 mod images;
+mod networks;
 mod volumes;
 
 use std::sync::Arc;
@@ -79,6 +80,14 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             axum::routing::delete(volumes::remove_volume),
         )
         .route("/v1/volumes/{name}/grow", post(volumes::grow_volume))
+        .route(
+            "/v1/networks",
+            get(networks::list_networks).post(networks::create_network),
+        )
+        .route(
+            "/v1/networks/{name}",
+            get(networks::inspect_network).delete(networks::remove_network),
+        )
         .route("/v1/groups/{name}/stop", post(groups::stop_group))
         .route(
             "/v1/groups/{name}/containers/{container}/wait",
