@@ -45,6 +45,8 @@ if [ "$nested" = 1 ]; then
     "$root/scripts/nested-add-program.sh" "$payload" crun
     # capsad makes each group's scratch disk with it.
     "$root/scripts/nested-add-program.sh" "$payload" mkfs.ext4
+    # capsad builds its packet filter with it.
+    "$root/scripts/nested-add-program.sh" "$payload" nft
     runc=/payload/programs/runc crun=/payload/programs/crun
 fi
 {

@@ -28,6 +28,8 @@ if "$root/scripts/kvm-is-pvm.sh"; then
     "$root/scripts/nested-add-program.sh" "$payload" ip
     # capsad makes each group's scratch disk with it.
     "$root/scripts/nested-add-program.sh" "$payload" mkfs.ext4
+    # capsad builds its packet filter with it.
+    "$root/scripts/nested-add-program.sh" "$payload" nft
 fi
 {
     printf 'cd %q\n' "$dir"

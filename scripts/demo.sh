@@ -32,6 +32,8 @@ if [ "$nested" = 1 ]; then
     # The outer machine has busybox only: capsad makes each group's scratch
     # disk with mkfs.ext4.
     "$root/scripts/nested-add-program.sh" "$payload" mkfs.ext4
+    # capsad builds its packet filter with it.
+    "$root/scripts/nested-add-program.sh" "$payload" nft
 fi
 {
     printf 'cd %q\n' "$dir"

@@ -46,13 +46,18 @@ for applet in sh mount insmod echo cat poweroff timeout sleep mkdir dd rm ls gre
     ln -s busybox "$stage/bin/$applet"
 done
 load=()
-# KVM, taps on a bridge for groups' networks, and a virtio disk with ext4
-# for /tmp (below).
+# KVM, taps on a bridge for groups' networks with capsad's nftables filter
+# (conntrack, masquerade, bridge metadata) and veth pairs for the tests'
+# namespaces, and a virtio disk with ext4 for /tmp (below).
 for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd \
-         drivers/net/tun net/llc/llc net/802/stp net/bridge/bridge \
+         drivers/net/tun net/llc/llc net/802/stp net/bridge/bridge drivers/net/veth \
+         crypto/crc32c_generic lib/libcrc32c net/netfilter/nfnetlink net/netfilter/nf_tables \
+         net/ipv4/netfilter/nf_defrag_ipv4 net/ipv6/netfilter/nf_defrag_ipv6 \
+         net/netfilter/nf_conntrack net/netfilter/nft_ct net/netfilter/nf_nat \
+         net/netfilter/nft_chain_nat net/netfilter/nft_masq net/bridge/netfilter/nft_meta_bridge \
          drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
          drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk \
-         crypto/crc32c_generic lib/crc16 fs/mbcache fs/jbd2/jbd2 fs/ext4/ext4 \
+         lib/crc16 fs/mbcache fs/jbd2/jbd2 fs/ext4/ext4 \
          ${CAPSA_NESTED_MODULES:-}; do
     cp "$modules/$m.ko" "$stage/modules/"
     load+=("$(basename "$m")")

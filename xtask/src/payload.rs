@@ -185,8 +185,9 @@ impl Payload {
         if nested {
             // The outer machine has busybox only: iproute2, curl for the
             // published ports, mkfs.ext4 for capsad's fresh disks (and no
-            // other e2fsprogs tool: capsad must need none).
-            for program in ["ip", "curl", "mkfs.ext4"] {
+            // other e2fsprogs tool: capsad must need none), nft for its
+            // packet filter.
+            for program in ["ip", "curl", "mkfs.ext4", "nft"] {
                 script(
                     &root,
                     "scripts/nested-add-program.sh",

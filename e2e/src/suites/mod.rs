@@ -31,6 +31,7 @@ pub const ALL: &[&str] = &[
     "images",
     "logs",
     "conformance",
+    "networks",
     "shim",
     "cycles",
 ];
@@ -39,7 +40,7 @@ pub const ALL: &[&str] = &[
 pub fn budget_secs(name: &str) -> u64 {
     match name {
         "boot" => 300,
-        "agent" | "shim" | "logs" | "conformance" => 600,
+        "agent" | "shim" | "logs" | "conformance" | "networks" => 600,
         "cycles" | "hostile" => 1500,
         _ => 900,
     }
@@ -57,6 +58,7 @@ pub fn usual_secs(name: &str) -> u64 {
         "images" => 225,
         "logs" => 120,
         "conformance" => 70,
+        "networks" => 200,
         "shim" => 185,
         "cycles" => 350,
         _ => 100,
@@ -84,6 +86,7 @@ pub fn run(name: &str, suite: &mut Suite, artifacts: &Artifacts, options: &Optio
         "images" => daemon::run_images(suite, artifacts),
         "logs" => daemon::run_logs(suite, artifacts),
         "conformance" => conformance::run(suite, artifacts),
+        "networks" => daemon::run_networks(suite, artifacts),
         "cycles" => daemon::run_cycles(suite, artifacts, options.allowed_hangs),
         "shim" => shim::run(suite, artifacts),
         _ => return false,

@@ -2,7 +2,8 @@
 //! a user of the daemon meets), the `hostile` suite (guests that
 //! misbehave, and the host's limits on each VM), the `images` suite (a real-size image from
 //! cached layer disks), the `logs` suite (a daemon killed again
-//! and again loses and doubles no line) and the `cycles` suite (50 groups
+//! and again loses and doubles no line), the `networks` suite (tenant
+//! networks: isolation, anti-spoofing, a closed host, egress) and the `cycles` suite (50 groups
 //! in a row leave nothing behind).
 
 mod cycles;
@@ -16,6 +17,8 @@ mod logs;
 pub use harness::{Capsad, Output, COMMAND_TIMEOUT};
 mod main_checks;
 mod metrics;
+mod netns;
+mod networks;
 
 use crate::suite::Suite;
 use crate::vm::Artifacts;
@@ -37,6 +40,10 @@ pub fn run_hostile(suite: &mut Suite, artifacts: &Artifacts) {
 
 pub fn run_logs(suite: &mut Suite, artifacts: &Artifacts) {
     with_capsad(suite, artifacts, "logs", logs::run);
+}
+
+pub fn run_networks(suite: &mut Suite, artifacts: &Artifacts) {
+    with_capsad(suite, artifacts, "networks", networks::run);
 }
 
 pub fn run_images(suite: &mut Suite, artifacts: &Artifacts) {
