@@ -47,7 +47,8 @@ for applet in sh mount insmod echo cat poweroff timeout sleep mkdir dd rm ls gre
 done
 load=()
 # KVM, taps on a bridge for groups' networks with capsad's nftables filter
-# (conntrack, masquerade, bridge metadata) and veth pairs for the tests'
+# (conntrack, masquerade and DNAT, bridge metadata, local-address lookups,
+# connection counts) and veth pairs for the tests'
 # namespaces, and a virtio disk with ext4 for /tmp (below).
 for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd \
          drivers/net/tun net/llc/llc net/802/stp net/bridge/bridge drivers/net/veth \
@@ -55,6 +56,9 @@ for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm
          net/ipv4/netfilter/nf_defrag_ipv4 net/ipv6/netfilter/nf_defrag_ipv6 \
          net/netfilter/nf_conntrack net/netfilter/nft_ct net/netfilter/nf_nat \
          net/netfilter/nft_chain_nat net/netfilter/nft_masq net/bridge/netfilter/nft_meta_bridge \
+         net/netfilter/nft_nat net/netfilter/nft_fib net/ipv4/netfilter/nft_fib_ipv4 \
+         net/ipv6/netfilter/nft_fib_ipv6 net/netfilter/nft_fib_inet net/netfilter/nf_conncount \
+         net/netfilter/nft_connlimit \
          drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
          drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk \
          lib/crc16 fs/mbcache fs/jbd2/jbd2 fs/ext4/ext4 \

@@ -11,7 +11,9 @@
 //!   and the replies of connections the host made; nothing is routed into
 //!   a network but replies (and published ports' translated connections);
 //!   a network with egress sends out, masqueraded, and one without sends
-//!   nothing beyond its bridge.
+//!   nothing beyond its bridge. A port published on a host address other
+//!   than loopback is translated (DNAT) to its group, so the service sees
+//!   the client's real address; loopback stays with the userspace proxy.
 //!
 //! The tables are built afresh when the daemon starts; after that only the
 //! elements of their sets change, one network or one tap at a time.
@@ -24,7 +26,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::{Command, Stdio};
 
 use capsa_vmm_config::MacAddr;
@@ -54,6 +56,10 @@ pub struct Firewall {
     /// Set when the kernel cannot tell a frame's bridge (see above).
     by_tap_name: std::sync::atomic::AtomicBool,
 }
+
+/// Connections at once to one published port on the DNAT path, as the
+/// proxy caps its own (more are dropped).
+pub const DNAT_CONNECTIONS: usize = 1024;
 
 /// Interface names go into the rules quoted: only what an interface may be
 /// called by us.
@@ -139,6 +145,18 @@ table inet {t} {{
     set within {{ type ifname . ifname; }}
     set dns {{ type ifname . ipv4_addr; }}
     set egress {{ type ipv4_addr; flags interval; }}
+    set dnat_conns {{ type ipv4_addr . inet_service; size 65535; flags dynamic; }}
+    map tcp_any {{ type inet_service : ipv4_addr . inet_service; }}
+    map tcp_at {{ type ipv4_addr . inet_service : ipv4_addr . inet_service; }}
+    map udp_any {{ type inet_service : ipv4_addr . inet_service; }}
+    map udp_at {{ type ipv4_addr . inet_service : ipv4_addr . inet_service; }}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        fib daddr type local dnat ip to tcp dport map @tcp_any
+        dnat ip to ip daddr . tcp dport map @tcp_at
+        fib daddr type local dnat ip to udp dport map @udp_any
+        dnat ip to ip daddr . udp dport map @udp_at
+    }}
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname != @bridges accept
@@ -150,8 +168,10 @@ table inet {t} {{
         type filter hook forward priority filter; policy accept;
         iifname . oifname @within accept
         oifname @bridges ct state established,related accept
+        oifname @bridges ct state new ct status dnat add @dnat_conns {{ ip daddr . th dport ct count over {DNAT_CONNECTIONS} }} drop
         oifname @bridges ct status dnat accept
         oifname @bridges drop
+        iifname @bridges ct status dnat accept
         iifname @bridges ip saddr @egress accept
         iifname @bridges drop
     }}
@@ -192,6 +212,20 @@ table inet {t} {{
         port_elements(&mut script, "add", &self.table, port)?;
         port_elements(&mut script, "delete", &self.table, port)?;
         self.apply(&script, &format!("closing tap {}", port.tap))
+    }
+
+    /// Translates what reaches `forward.listen` to `forward.target`.
+    pub fn add_forward(&self, forward: &Forward) -> Result<(), NetworkError> {
+        let mut script = String::new();
+        forward_element(&mut script, "add", &self.table, forward);
+        self.apply(&script, &format!("publishing {}", forward.listen))
+    }
+
+    pub fn remove_forward(&self, forward: &Forward) -> Result<(), NetworkError> {
+        let mut script = String::new();
+        forward_element(&mut script, "add", &self.table, forward);
+        forward_element(&mut script, "delete", &self.table, forward);
+        self.apply(&script, &format!("closing {}", forward.listen))
     }
 
     /// Deletes the daemon's tables (what a test cleans up with).
@@ -267,6 +301,45 @@ fn segment_elements(
         );
     }
     Ok(())
+}
+
+/// A published port on the DNAT path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub protocol: crate::Protocol,
+    /// Its address; unspecified for every local address.
+    pub listen: SocketAddrV4,
+    pub target: SocketAddrV4,
+}
+
+impl Forward {
+    /// The DNAT path serves a host address, not loopback (which only the
+    /// host's own processes reach, through the proxy).
+    pub fn serves(listen: &SocketAddr) -> Option<SocketAddrV4> {
+        match listen {
+            SocketAddr::V4(v4) if !v4.ip().is_loopback() => Some(*v4),
+            _ => None,
+        }
+    }
+}
+
+fn forward_element(script: &mut String, verb: &str, table: &str, forward: &Forward) {
+    let (target, port) = (forward.target.ip(), forward.target.port());
+    let protocol = forward.protocol;
+    let _ = if forward.listen.ip().is_unspecified() {
+        writeln!(
+            script,
+            "{verb} element inet {table} {protocol}_any {{ {} : {target} . {port} }}",
+            forward.listen.port()
+        )
+    } else {
+        writeln!(
+            script,
+            "{verb} element inet {table} {protocol}_at {{ {} . {} : {target} . {port} }}",
+            forward.listen.ip(),
+            forward.listen.port()
+        )
+    };
 }
 
 fn port_elements(

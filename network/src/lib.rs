@@ -28,7 +28,7 @@ pub use ipnet::Ipv4Net;
 pub use ports::{Protocol, Published};
 pub use store::NetworkDef;
 
-use firewall::{Firewall, Port, Segment};
+use firewall::{Firewall, Forward, Port, Segment};
 
 pub use capsa_api::DEFAULT_NETWORK;
 
@@ -178,7 +178,7 @@ impl Drop for Live {
 pub struct Networks {
     config: NetworkConfig,
     runtime: tokio::runtime::Runtime,
-    firewall: Firewall,
+    firewall: Arc<Firewall>,
     store: store::Store,
     live: Mutex<BTreeMap<String, Live>>,
 }
@@ -216,7 +216,7 @@ impl Networks {
             .enable_all()
             .build()
             .map_err(NetworkError::Runtime)?;
-        let firewall = Firewall::new(&config.bridge)?;
+        let firewall = Arc::new(Firewall::new(&config.bridge)?);
         let store = store::Store::open(&config.store)?;
         let mut defs = vec![(
             NetworkDef {
@@ -472,15 +472,28 @@ impl Networks {
     }
 
     /// Binds `listen` now (so a taken port is an error here) and forwards
-    /// what arrives to `target` until the returned handle is dropped.
+    /// what arrives to `target` until the returned handle is dropped; a
+    /// host address other than loopback is also translated to `target`.
     pub fn publish(
         &self,
         protocol: Protocol,
         listen: SocketAddr,
         target: SocketAddr,
     ) -> Result<Published, NetworkError> {
-        let _entered = self.runtime.enter();
-        ports::publish(protocol, listen, target)
+        let mut published = {
+            let _entered = self.runtime.enter();
+            ports::publish(protocol, listen, target)?
+        };
+        if let (Some(listen), SocketAddr::V4(target)) = (Forward::serves(&listen), target) {
+            let forward = Forward {
+                protocol,
+                listen,
+                target,
+            };
+            self.firewall.add_forward(&forward)?;
+            published.dnat = Some((self.firewall.clone(), forward));
+        }
+        Ok(published)
     }
 
     /// The packet filter's table name (both families).

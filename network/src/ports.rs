@@ -1,6 +1,9 @@
-//! Published ports: a userspace proxy from a host address to a group's.
-//! The listening socket is bound when the port is published, so a port
-//! already taken is refused then, not when the group starts.
+//! Published ports: a userspace proxy from a host address to a group's,
+//! which serves the host's own clients (loopback above all), and beside it,
+//! for host addresses other than loopback, a DNAT translation in the packet
+//! filter (`firewall`) that serves other hosts' clients and keeps their
+//! address. The listening socket is bound when the port is published, so a
+//! port already taken is refused then, not when the group starts.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,6 +13,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinSet;
 
+use crate::firewall::{Firewall, Forward};
 use crate::NetworkError;
 
 /// How long a connection to the group may take to open.
@@ -38,16 +42,39 @@ impl std::fmt::Display for Protocol {
     }
 }
 
-/// A published port; dropping it closes the port and its connections.
-#[derive(Debug)]
+/// A published port; dropping it closes the port and its connections,
+/// and its DNAT translation when it has one.
 pub struct Published {
     task: tokio::task::AbortHandle,
     pub listen: SocketAddr,
+    pub(crate) dnat: Option<(Arc<Firewall>, Forward)>,
+}
+
+impl std::fmt::Debug for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Published")
+            .field("listen", &self.listen)
+            .field("dnat", &self.dnat.as_ref().map(|(_, forward)| forward))
+            .finish()
+    }
+}
+
+impl Published {
+    /// Whether clients from other hosts reach it through DNAT (keeping
+    /// their address) rather than through the proxy.
+    pub fn translated(&self) -> bool {
+        self.dnat.is_some()
+    }
 }
 
 impl Drop for Published {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some((firewall, forward)) = self.dnat.take() {
+            if let Err(e) = firewall.remove_forward(&forward) {
+                eprintln!("capsad: {e}");
+            }
+        }
     }
 }
 
@@ -79,6 +106,7 @@ pub fn publish(
     Ok(Published {
         task: task.abort_handle(),
         listen,
+        dnat: None,
     })
 }
 

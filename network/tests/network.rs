@@ -6,7 +6,7 @@
 //! be made.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
@@ -337,6 +337,7 @@ fn a_guest_reaches_its_gateway_dns_and_nothing_else_and_cannot_spoof() {
         };
         inside(&["link", "set", "eth0", "address", &mac, "up"]);
         inside(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+        inside(&["route", "add", "default", "via", "10.99.0.1"]);
         // A host service on every address.
         let service = TcpListener::bind("0.0.0.0:18090").unwrap();
         service.set_nonblocking(true).unwrap();
@@ -365,6 +366,7 @@ fn a_guest_reaches_its_gateway_dns_and_nothing_else_and_cannot_spoof() {
         );
         inside(&["addr", "flush", "dev", "eth0"]);
         inside(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+        inside(&["route", "add", "default", "via", "10.99.0.1"]);
         inside(&["link", "set", "eth0", "address", "02:ca:95:00:00:99"]);
         assert_eq!(reach(&guest), (None, false), "a spoofed MAC reaches no one");
         inside(&["link", "set", "eth0", "address", &mac]);
@@ -373,6 +375,61 @@ fn a_guest_reaches_its_gateway_dns_and_nothing_else_and_cannot_spoof() {
             Some(address.octets()),
             "honest again, answered again"
         );
+        // A published port: another host's client keeps its address (DNAT),
+        // the host's own reaches it through the proxy.
+        let served = in_netns(&guest, move || {
+            TcpListener::bind(SocketAddr::new(address.into(), 8080)).unwrap()
+        });
+        let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = peers.clone();
+        std::thread::spawn(move || {
+            for stream in served.incoming().take(2) {
+                let mut stream = stream.unwrap();
+                seen.lock().unwrap().push(stream.peer_addr().unwrap().ip());
+                stream.write_all(b"hi").unwrap();
+            }
+        });
+        let outside = format!("capsa-outside-{}", std::process::id());
+        ip(&["netns", "add", &outside]);
+        ip(&[
+            "link", "add", "uplink0", "type", "veth", "peer", "name", "eth0", "netns", &outside,
+        ]);
+        ip(&["addr", "add", "192.0.2.1/24", "dev", "uplink0"]);
+        ip(&["link", "set", "uplink0", "up"]);
+        ip(&["-n", &outside, "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
+        ip(&["-n", &outside, "link", "set", "eth0", "up"]);
+        let target = SocketAddr::new(address.into(), 8080);
+        let published = networks
+            .publish(Protocol::Tcp, "0.0.0.0:18111".parse().unwrap(), target)
+            .unwrap();
+        assert!(published.translated());
+        let fetch = |to: &'static str| {
+            move || {
+                let mut stream =
+                    TcpStream::connect_timeout(&to.parse().unwrap(), Duration::from_secs(3))?;
+                stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut reply = [0u8; 2];
+                stream.read_exact(&mut reply)?;
+                Ok::<_, std::io::Error>(reply)
+            }
+        };
+        assert_eq!(
+            in_netns(&outside, fetch("192.0.2.1:18111")).unwrap(),
+            *b"hi"
+        );
+        assert_eq!(fetch("127.0.0.1:18111")().unwrap(), *b"hi");
+        let seen: Vec<IpAddr> = peers.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            [IpAddr::from([192, 0, 2, 2]), IpAddr::from([10, 99, 0, 1])],
+            "the outside client's own address, then the proxy's"
+        );
+        drop(published);
+        assert!(
+            in_netns(&outside, fetch("192.0.2.1:18111")).is_err(),
+            "closed with its handle, translation included"
+        );
+        ip(&["netns", "del", &outside]);
         // A tap of no attached group sends nothing.
         networks.detach(DEFAULT_NETWORK, "web", address).unwrap();
         assert_eq!(reach(&guest), (None, false), "a detached tap is closed");

@@ -144,10 +144,13 @@ pub const UPSTREAM_URL: &str = "http://198.51.100.10:8080/";
 pub const UPSTREAM_PAGE: &str = "upstream-page";
 /// capsad's namespace's own address towards the router.
 pub const UPLINK_ADDRESS: &str = "192.0.2.1";
+/// The router: a client from another host, to capsad's published ports.
+pub const ROUTER_NETNS: &str = "capsa-e2e-router";
+pub const ROUTER_ADDRESS: &str = "192.0.2.2";
 
 impl<'a> Upstream<'a> {
     pub fn new(artifacts: &'a Artifacts, daemon_netns: &str) -> Result<Self> {
-        let router = Namespace::new(artifacts, "capsa-e2e-router")?;
+        let router = Namespace::new(artifacts, ROUTER_NETNS)?;
         let far = Namespace::new(artifacts, "capsa-e2e-far")?;
         let ip = |args: &[&str]| {
             let mut all = vec!["-n", daemon_netns];

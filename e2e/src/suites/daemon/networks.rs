@@ -15,7 +15,9 @@ use capsa_api::NetworkView;
 use hyper::Method;
 
 use super::harness::{Capsad, NETNS};
-use super::netns::{Server, Upstream, UPLINK_ADDRESS, UPSTREAM_PAGE, UPSTREAM_URL};
+use super::netns::{
+    Server, Upstream, ROUTER_ADDRESS, ROUTER_NETNS, UPLINK_ADDRESS, UPSTREAM_PAGE, UPSTREAM_URL,
+};
 use crate::suite::Suite;
 
 /// Shell helpers for the probes: each prints `KEY=RESULT`.
@@ -25,6 +27,15 @@ p() { ping -c 1 -W 2 "$2" >/dev/null 2>&1 && echo "$1=reachable" || echo "$1=unr
 n() { nslookup "$2" $3 >/dev/null 2>&1 && echo "$1=resolved" || echo "$1=unresolved"; }
 a() { arping -c 2 -w 3 -I eth0 "$2" >/dev/null 2>&1 && echo "$1=reachable" || echo "$1=unreachable"; }
 "#;
+
+/// a1's port, published on every host address.
+const PUBLISHED_PORT: u16 = 18081;
+
+/// a1: a page, and a CGI that prints the client's address as the service
+/// sees it.
+const A1_SERVER: &str = r#"mkdir -p /www/cgi-bin && echo served-by-a1 > /www/index.html
+printf '#!/bin/sh\necho Content-Type: text/plain\necho\necho $REMOTE_ADDR\n' > /www/cgi-bin/peer
+chmod +x /www/cgi-bin/peer && exec httpd -f -p 80 -h /www"#;
 
 /// A port nothing but the suite's own server listens on.
 const HOST_SERVICE_PORT: u16 = 18099;
@@ -192,10 +203,12 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             "a1",
             "--network",
             "blue",
+            "-p",
+            &format!("0.0.0.0:{PUBLISHED_PORT}:80"),
             "busybox",
             "sh",
             "-c",
-            "mkdir -p /www && echo served-by-a1 > /www/index.html && exec httpd -f -p 80 -h /www",
+            A1_SERVER,
         ],
     )?;
     run_detached(
@@ -344,6 +357,30 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             )?;
             let after = a1_page(d)?;
             Ok(format!("{evil:?}; then a2: {after}"))
+        },
+    );
+    s.check(
+        "a published port shows the service the client's own address (DNAT), and the host's own clients get through the proxy",
+        || {
+            let fetch = |netns: &str, host: &str| -> Result<String> {
+                let url = format!("http://{host}:{PUBLISHED_PORT}/cgi-bin/peer");
+                let args: Vec<std::ffi::OsString> =
+                    ["-sf", "--max-time", "5", url.as_str()].iter().map(Into::into).collect();
+                let command = d
+                    .artifacts
+                    .command_in(Some(netns), &d.artifacts.tool("curl"), &args);
+                let run = crate::vm::run(command, std::time::Duration::from_secs(10))?;
+                ensure!(run.status == Some(0), "curl {url} in {netns}: {}", run.tail(3));
+                Ok(run.stdout.trim().to_string())
+            };
+            let remote = fetch(ROUTER_NETNS, UPLINK_ADDRESS)?;
+            ensure!(remote == ROUTER_ADDRESS, "the service saw {remote:?}, not {ROUTER_ADDRESS}");
+            let local = fetch(NETNS, "127.0.0.1")?;
+            ensure!(
+                local == blue.gateway.to_string(),
+                "through the proxy the service saw {local:?}, not the gateway"
+            );
+            Ok(format!("from the router: {remote}; from the host: {local} (proxy)"))
         },
     );
     let refused = d.capsa(&["network", "rm", "blue"])?;
