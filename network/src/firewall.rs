@@ -133,11 +133,11 @@ impl Firewall {
     chain prerouting {{
         type filter hook prerouting priority -300; policy accept;
         {ours}
-        iifname . ether saddr != @port_macs drop
-        ether type arp iifname . arp saddr ether != @port_macs drop
-        ether type arp iifname . arp saddr ip != @port_ips drop
-        ether type ip iifname . ip saddr != @port_ips drop
-        ether type != {{ ip, arp }} drop
+        iifname . ether saddr != @port_macs counter drop
+        ether type arp iifname . arp saddr ether != @port_macs counter drop
+        ether type arp iifname . arp saddr ip != @port_ips counter drop
+        ether type ip iifname . ip saddr != @port_ips counter drop
+        ether type != {{ ip, arp }} counter drop
     }}
 }}
 table inet {t} {{
@@ -162,18 +162,18 @@ table inet {t} {{
         iifname != @bridges accept
         ct state established,related accept
         iifname . ip daddr @dns udp dport 53 accept
-        drop
+        counter drop
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
         iifname . oifname @within accept
         oifname @bridges ct state established,related accept
-        oifname @bridges ct state new ct status dnat add @dnat_conns {{ ip daddr . th dport ct count over {DNAT_CONNECTIONS} }} drop
+        oifname @bridges ct state new ct status dnat add @dnat_conns {{ ip daddr . th dport ct count over {DNAT_CONNECTIONS} }} counter drop
         oifname @bridges ct status dnat accept
-        oifname @bridges drop
+        oifname @bridges counter drop
         iifname @bridges ct status dnat accept
         iifname @bridges ip saddr @egress accept
-        iifname @bridges drop
+        iifname @bridges counter drop
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;

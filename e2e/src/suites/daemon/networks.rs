@@ -145,12 +145,35 @@ fn leftovers(d: &Capsad) -> Result<Leftovers> {
 fn a1_page(d: &Capsad) -> Result<String> {
     let mut last = Results::new();
     for _ in 0..10 {
-        last = probe(d, "a2", "n name a1; t page http://a1/")?;
+        last = probe(
+            d,
+            "a2",
+            "n name a1; t page http://a1/; echo \"why=$(wget -T 3 -O /dev/null http://a1/ 2>&1 | tail -1)\"; echo \"neigh=$(ip neigh | tr '\\n' ' ')\"",
+        )?;
         if last.get("page").map(String::as_str) == Some("served-by-a1") {
             break;
         }
     }
-    expect(&last, &[("name", "resolved"), ("page", "served-by-a1")])
+    expect(&last, &[("name", "resolved"), ("page", "served-by-a1")]).map_err(|e| with_drops(d, e))
+}
+
+/// What the filter dropped so far, for a failed check's detail.
+fn with_drops(d: &Capsad, e: anyhow::Error) -> anyhow::Error {
+    let args: Vec<std::ffi::OsString> = ["list", "ruleset"].iter().map(Into::into).collect();
+    let command = d
+        .artifacts
+        .command_in(Some(NETNS), &d.artifacts.tool("nft"), &args);
+    let dropped = crate::vm::run(command, std::time::Duration::from_secs(20))
+        .map(|run| {
+            run.stdout
+                .lines()
+                .filter(|l| l.contains("counter packets") && !l.contains("packets 0 "))
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
+        .unwrap_or_default();
+    e.context(format!("filter drops: {dropped}"))
 }
 
 fn run_detached(d: &Capsad, args: &[&str]) -> Result<()> {
@@ -305,9 +328,13 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     s.check(
         "with egress a group fetches a page from the upstream server; without, it cannot",
         || {
-            let out = probe(d, "r1", &format!("t up {UPSTREAM_URL}"))?;
+            let out = probe(
+                d,
+                "r1",
+                &format!("t up {UPSTREAM_URL}; echo \"why=$(wget -T 3 -O /dev/null {UPSTREAM_URL} 2>&1 | tail -1)\"; echo \"route=$(ip route | tr '\\n' ' ')\""),
+            )?;
             let closed = probe(d, "a2", &format!("t up {UPSTREAM_URL}"))?;
-            expect(&out, &[("up", UPSTREAM_PAGE)])?;
+            expect(&out, &[("up", UPSTREAM_PAGE)]).map_err(|e| with_drops(d, e))?;
             expect(&closed, &[("up", "unreachable")])?;
             let peers = upstream.server.peers();
             ensure!(
@@ -327,10 +354,12 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 mac=$(cat /sys/class/net/eth0/address)
                 ip addr flush dev eth0; ip addr add {a1}/24 dev eth0; ip route add default via {gateway}
                 arping -U -c 2 -I eth0 -s {a1} {a1} >/dev/null 2>&1
+                echo ip-now=$(ip -4 -o addr show dev eth0 | awk '{{print $4}}')
                 n as-neighbour-dns a1; p as-neighbour-icmp {a2}
                 ip addr flush dev eth0; ip addr add $own dev eth0; ip route add default via {gateway}
                 ip link set eth0 down; ip link set eth0 address 02:ca:95:ff:ff:66; ip link set eth0 up
                 ip route add default via {gateway} 2>/dev/null
+                echo mac-now=$(cat /sys/class/net/eth0/address)
                 n other-mac-dns a1; p other-mac-icmp {a2}
                 ip link set eth0 down; ip link set eth0 address $mac; ip link set eth0 up
                 ip route add default via {gateway} 2>/dev/null
@@ -354,7 +383,8 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                     ("other-mac-icmp", "unreachable"),
                     ("honest-dns", "resolved"),
                 ],
-            )?;
+            )
+            .map_err(|e| with_drops(d, e))?;
             let after = a1_page(d)?;
             Ok(format!("{evil:?}; then a2: {after}"))
         },
