@@ -24,7 +24,7 @@ use crate::suite::Suite;
 const PROBES: &str = r#"
 t() { r=$(wget -q -T 3 -O - "$2" 2>/dev/null) && echo "$1=$r" || echo "$1=unreachable"; }
 p() { ping -c 1 -W 2 "$2" >/dev/null 2>&1 && echo "$1=reachable" || echo "$1=unreachable"; }
-n() { nslookup "$2" $3 >/dev/null 2>&1 && echo "$1=resolved" || echo "$1=unresolved"; }
+n() { nslookup "$2" $3 2>/dev/null | grep -q '^Name:' && echo "$1=resolved" || echo "$1=unresolved"; }
 a() { arping -c 2 -w 3 -I eth0 "$2" >/dev/null 2>&1 && echo "$1=reachable" || echo "$1=unreachable"; }
 "#;
 
@@ -50,17 +50,24 @@ fn parse(stdout: &str) -> Results {
         .collect()
 }
 
-/// Runs `script` (after the probe helpers) in `group`'s container.
-fn probe(d: &Capsad, group: &str, script: &str) -> Result<Results> {
+/// Runs `script` (after the probe helpers) in a group of its own on
+/// `network` (its main process, with Docker's default capabilities).
+fn probe(d: &Capsad, network: &str, script: &str) -> Result<Results> {
     let out = d.capsa(&[
-        "exec",
-        group,
-        "--",
+        "run",
+        "--rm",
+        "--network",
+        network,
+        "busybox",
         "sh",
         "-c",
         &format!("{PROBES}{script}"),
     ])?;
-    ensure!(out.code == Some(0), "exec in {group}: {}", out.describe());
+    ensure!(
+        out.code == Some(0),
+        "a probe on {network}: {}",
+        out.describe()
+    );
     Ok(parse(&out.stdout))
 }
 
@@ -144,10 +151,10 @@ fn leftovers(d: &Capsad) -> Result<Leftovers> {
 /// a2 fetches a1's page by name (retried while the httpd starts).
 fn a1_page(d: &Capsad) -> Result<String> {
     let mut last = Results::new();
-    for _ in 0..10 {
+    for _ in 0..3 {
         last = probe(
             d,
-            "a2",
+            "blue",
             "n name a1; t page http://a1/; echo \"why=$(wget -T 3 -O /dev/null http://a1/ 2>&1 | tail -1)\"; echo \"neigh=$(ip neigh | tr '\\n' ' ')\"",
         )?;
         if last.get("page").map(String::as_str) == Some("served-by-a1") {
@@ -267,13 +274,13 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         || {
             let got = probe(
                 d,
-                "r1",
+                "red",
                 &format!(
                     "n name a1; n their-dns a1 {}; t tcp http://{a1}/; p icmp {a1}; a arp {a1}",
                     blue.gateway
                 ),
             )?;
-            let back = probe(d, "a2", &format!("p icmp {r1}; t tcp http://{r1}/"))?;
+            let back = probe(d, "blue", &format!("p icmp {r1}; t tcp http://{r1}/"))?;
             expect(&back, &[("icmp", "unreachable"), ("tcp", "unreachable")])?;
             expect(
                 &got,
@@ -293,7 +300,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             let port = HOST_SERVICE_PORT;
             let blue_try = probe(
                 d,
-                "a2",
+                "blue",
                 &format!(
                     "n dns a1; t gateway http://{}:{port}/; t uplink http://{UPLINK_ADDRESS}:{port}/; t other-gateway http://{}:{port}/",
                     blue.gateway, red.gateway
@@ -301,7 +308,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             )?;
             let red_try = probe(
                 d,
-                "r1",
+                "red",
                 &format!(
                     "t gateway http://{}:{port}/; t uplink http://{UPLINK_ADDRESS}:{port}/",
                     red.gateway
@@ -330,10 +337,10 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         || {
             let out = probe(
                 d,
-                "r1",
+                "red",
                 &format!("t up {UPSTREAM_URL}; echo \"why=$(wget -T 3 -O /dev/null {UPSTREAM_URL} 2>&1 | tail -1)\"; echo \"route=$(ip route | tr '\\n' ' ')\""),
             )?;
-            let closed = probe(d, "a2", &format!("t up {UPSTREAM_URL}"))?;
+            let closed = probe(d, "blue", &format!("t up {UPSTREAM_URL}"))?;
             expect(&out, &[("up", UPSTREAM_PAGE)]).map_err(|e| with_drops(d, e))?;
             expect(&closed, &[("up", "unreachable")])?;
             let peers = upstream.server.peers();
@@ -357,7 +364,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 echo ip-now=$(ip -4 -o addr show dev eth0 | awk '{{print $4}}')
                 n as-neighbour-dns a1; p as-neighbour-icmp {a2}
                 ip addr flush dev eth0; ip addr add $own dev eth0; ip route add default via {gateway}
-                ip link set eth0 down; ip link set eth0 address 02:ca:95:ff:ff:66; ip link set eth0 up
+                ip link set eth0 down; ip link set eth0 address 02:ca:95:ff:ff:66 2>/dev/null || ifconfig eth0 hw ether 02:ca:95:ff:ff:66; ip link set eth0 up
                 ip route add default via {gateway} 2>/dev/null
                 echo mac-now=$(cat /sys/class/net/eth0/address)
                 n other-mac-dns a1; p other-mac-icmp {a2}
@@ -382,6 +389,8 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                     ("other-mac-dns", "unresolved"),
                     ("other-mac-icmp", "unreachable"),
                     ("honest-dns", "resolved"),
+                    ("ip-now", &format!("{a1}/24")),
+                    ("mac-now", "02:ca:95:ff:ff:66"),
                 ],
             )
             .map_err(|e| with_drops(d, e))?;
