@@ -188,44 +188,64 @@ table inet {t} {{
     }
 
     pub fn add_segment(&self, segment: &Segment) -> Result<(), NetworkError> {
-        let mut script = String::new();
-        segment_elements(&mut script, "add", &self.table, segment)?;
-        self.apply(&script, &format!("opening network {}", segment.bridge))
+        let what = format!("opening network {}", segment.bridge);
+        self.change(&what, false, |script, verb| {
+            segment_elements(script, verb, &self.table, segment)
+        })
     }
 
     pub fn remove_segment(&self, segment: &Segment) -> Result<(), NetworkError> {
-        // Added first, so that deleting cannot fail for a missing element.
-        let mut script = String::new();
-        segment_elements(&mut script, "add", &self.table, segment)?;
-        segment_elements(&mut script, "delete", &self.table, segment)?;
-        self.apply(&script, &format!("closing network {}", segment.bridge))
+        let what = format!("closing network {}", segment.bridge);
+        self.change(&what, true, |script, verb| {
+            segment_elements(script, verb, &self.table, segment)
+        })
     }
 
     pub fn add_port(&self, port: &Port) -> Result<(), NetworkError> {
-        let mut script = String::new();
-        port_elements(&mut script, "add", &self.table, port)?;
-        self.apply(&script, &format!("opening tap {}", port.tap))
+        let what = format!("opening tap {}", port.tap);
+        self.change(&what, false, |script, verb| {
+            port_elements(script, verb, &self.table, port)
+        })
     }
 
     pub fn remove_port(&self, port: &Port) -> Result<(), NetworkError> {
-        let mut script = String::new();
-        port_elements(&mut script, "add", &self.table, port)?;
-        port_elements(&mut script, "delete", &self.table, port)?;
-        self.apply(&script, &format!("closing tap {}", port.tap))
+        let what = format!("closing tap {}", port.tap);
+        self.change(&what, true, |script, verb| {
+            port_elements(script, verb, &self.table, port)
+        })
     }
 
     /// Translates what reaches `forward.listen` to `forward.target`.
     pub fn add_forward(&self, forward: &Forward) -> Result<(), NetworkError> {
-        let mut script = String::new();
-        forward_element(&mut script, "add", &self.table, forward);
-        self.apply(&script, &format!("publishing {}", forward.listen))
+        let what = format!("publishing {}", forward.listen);
+        self.change(&what, false, |script, verb| {
+            forward_element(script, verb, &self.table, forward);
+            Ok(())
+        })
     }
 
     pub fn remove_forward(&self, forward: &Forward) -> Result<(), NetworkError> {
+        let what = format!("closing {}", forward.listen);
+        self.change(&what, true, |script, verb| {
+            forward_element(script, verb, &self.table, forward);
+            Ok(())
+        })
+    }
+
+    /// One transaction over some set elements: added, or removed (added
+    /// first, so that deleting cannot fail for a missing element).
+    fn change(
+        &self,
+        what: &str,
+        remove: bool,
+        elements: impl Fn(&mut String, &str) -> Result<(), NetworkError>,
+    ) -> Result<(), NetworkError> {
         let mut script = String::new();
-        forward_element(&mut script, "add", &self.table, forward);
-        forward_element(&mut script, "delete", &self.table, forward);
-        self.apply(&script, &format!("closing {}", forward.listen))
+        elements(&mut script, "add")?;
+        if remove {
+            elements(&mut script, "delete")?;
+        }
+        self.apply(&script, what)
     }
 
     /// Deletes the daemon's tables (what a test cleans up with).

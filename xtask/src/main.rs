@@ -87,10 +87,7 @@ impl E2eArgs {
 fn e2e(args: &E2eArgs) -> Result<bool> {
     let began = Instant::now();
     let suites: Vec<String> = if args.suites.is_empty() {
-        capsa_e2e::suites::ALL
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        capsa_e2e::suites::default_suites()
     } else {
         args.suites.clone()
     };
