@@ -46,7 +46,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let names: Vec<String> = if args.suites.is_empty() {
-        suites::default_suites()
+        suites::ALL.iter().map(|s| s.to_string()).collect()
     } else {
         args.suites.clone()
     };

@@ -87,7 +87,10 @@ impl E2eArgs {
 fn e2e(args: &E2eArgs) -> Result<bool> {
     let began = Instant::now();
     let suites: Vec<String> = if args.suites.is_empty() {
-        capsa_e2e::suites::default_suites()
+        capsa_e2e::suites::ALL
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     } else {
         args.suites.clone()
     };

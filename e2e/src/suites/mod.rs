@@ -36,20 +36,6 @@ pub const ALL: &[&str] = &[
     "cycles",
 ];
 
-/// Suites that run only when named: the networks suite still fails its
-/// checks of traffic between groups on a created network and of egress
-/// (see README, "Test suites"), and a red suite in the default run would
-/// hide every other result.
-pub const ONLY_WHEN_NAMED: &[&str] = &["networks"];
-
-/// The suites a run with none named runs, in `ALL`'s order.
-pub fn default_suites() -> Vec<String> {
-    ALL.iter()
-        .filter(|s| !ONLY_WHEN_NAMED.contains(s))
-        .map(|s| s.to_string())
-        .collect()
-}
-
 /// Seconds the outer machine gets for suite `name`.
 pub fn budget_secs(name: &str) -> u64 {
     match name {

@@ -20,12 +20,15 @@ use super::netns::{
 };
 use crate::suite::Suite;
 
-/// Shell helpers for the probes: each prints `KEY=RESULT`.
+/// Shell helpers for the probes: each prints `KEY=RESULT`. A probe that
+/// fails for any reason but the one tested (a tool that crashes or is
+/// missing, a bad option) prints `broken-…`, which no check accepts.
+/// Busybox 1.35's `wget -T` crashes (SIGSEGV), so `timeout` bounds wget.
 const PROBES: &str = r#"
-t() { r=$(wget -q -T 3 -O - "$2" 2>/dev/null) && echo "$1=$r" || echo "$1=unreachable"; }
-p() { ping -c 1 -W 2 "$2" >/dev/null 2>&1 && echo "$1=reachable" || echo "$1=unreachable"; }
-n() { nslookup "$2" $3 2>/dev/null | grep -q '^Name:' && echo "$1=resolved" || echo "$1=unresolved"; }
-a() { arping -c 2 -w 3 -I eth0 "$2" >/dev/null 2>&1 && echo "$1=reachable" || echo "$1=unreachable"; }
+t() { r=$(timeout 5 wget -q -O - "$2" 2>/dev/null); c=$?; case $c in 0) echo "$1=$r";; 1|143) echo "$1=unreachable";; *) echo "$1=broken-$c";; esac; }
+p() { ping -c 1 -W 2 "$2" >/dev/null 2>&1; c=$?; case $c in 0) echo "$1=reachable";; 1) echo "$1=unreachable";; *) echo "$1=broken-$c";; esac; }
+n() { o=$(nslookup "$2" $3 2>&1); case "$o" in *"Name:"*) echo "$1=resolved";; *"can't find"*|*"timed out"*) echo "$1=unresolved";; *) echo "$1=broken";; esac; }
+a() { arping -c 2 -w 3 -I eth0 "$2" >/dev/null 2>&1; c=$?; case $c in 0) echo "$1=reachable";; 1) echo "$1=unreachable";; *) echo "$1=broken-$c";; esac; }
 "#;
 
 /// a1's port, published on every host address.
@@ -155,7 +158,7 @@ fn a1_page(d: &Capsad) -> Result<String> {
         last = probe(
             d,
             "blue",
-            "n name a1; t page http://a1/; echo \"why=$(wget -T 3 -O /dev/null http://a1/ 2>&1 | tail -1)\"; echo \"neigh=$(ip neigh | tr '\\n' ' ')\"",
+            "n name a1; t page http://a1/; echo \"why=$(timeout 5 wget -O /dev/null http://a1/ 2>&1 | tail -1)\"; echo \"neigh=$(ip neigh | tr '\\n' ' ')\"",
         )?;
         if last.get("page").map(String::as_str) == Some("served-by-a1") {
             break;
@@ -180,7 +183,14 @@ fn with_drops(d: &Capsad, e: anyhow::Error) -> anyhow::Error {
                 .join(" | ")
         })
         .unwrap_or_default();
-    e.context(format!("filter drops: {dropped}"))
+    let mut neigh = std::process::Command::new(&d.artifacts.ip);
+    neigh.args(["-n", NETNS, "neigh"]);
+    let neighbours = crate::vm::run(neigh, std::time::Duration::from_secs(10))
+        .map(|run| run.stdout.replace('\n', " | "))
+        .unwrap_or_default();
+    e.context(format!(
+        "filter drops: {dropped}; the host's neighbours: {neighbours}"
+    ))
 }
 
 fn run_detached(d: &Capsad, args: &[&str]) -> Result<()> {
@@ -338,7 +348,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             let out = probe(
                 d,
                 "red",
-                &format!("t up {UPSTREAM_URL}; echo \"why=$(wget -T 3 -O /dev/null {UPSTREAM_URL} 2>&1 | tail -1)\"; echo \"route=$(ip route | tr '\\n' ' ')\""),
+                &format!("t up {UPSTREAM_URL}; echo \"route=$(ip route | tr '\\n' ' ')\""),
             )?;
             let closed = probe(d, "blue", &format!("t up {UPSTREAM_URL}"))?;
             expect(&out, &[("up", UPSTREAM_PAGE)]).map_err(|e| with_drops(d, e))?;
@@ -357,6 +367,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             let gateway = blue.gateway;
             let script = format!(
                 "{PROBES}
+                n before-dns a1
                 own=$(ip -4 -o addr show dev eth0 | awk '{{print $4}}')
                 mac=$(cat /sys/class/net/eth0/address)
                 ip addr flush dev eth0; ip addr add {a1}/24 dev eth0; ip route add default via {gateway}
@@ -364,16 +375,20 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 echo ip-now=$(ip -4 -o addr show dev eth0 | awk '{{print $4}}')
                 n as-neighbour-dns a1; p as-neighbour-icmp {a2}
                 ip addr flush dev eth0; ip addr add $own dev eth0; ip route add default via {gateway}
-                ip link set eth0 down; ip link set eth0 address 02:ca:95:ff:ff:66 2>/dev/null || ifconfig eth0 hw ether 02:ca:95:ff:ff:66; ip link set eth0 up
-                ip route add default via {gateway} 2>/dev/null
+                n dns-ip-back a1
+                setmac() {{ ip link set eth0 down; ip link set eth0 address $1 2>/dev/null || ifconfig eth0 hw ether $1; ip link set eth0 up; ip route add default via {gateway} 2>/dev/null; }}
+                setmac 02:ca:95:ff:ff:66
                 echo mac-now=$(cat /sys/class/net/eth0/address)
                 n other-mac-dns a1; p other-mac-icmp {a2}
-                ip link set eth0 down; ip link set eth0 address $mac; ip link set eth0 up
-                ip route add default via {gateway} 2>/dev/null
+                setmac $mac
+                echo mac-back=$(cat /sys/class/net/eth0/address)
+                n dns-mac-back a1
+                echo \"neigh-mac-back=$(ip neigh | tr '\\n' ' ')\"
                 ip addr add {gateway}/32 dev eth0
                 arping -U -c 3 -I eth0 -s {gateway} {gateway} >/dev/null 2>&1
                 ip addr del {gateway}/32 dev eth0
-                n honest-dns a1"
+                n honest-dns a1
+                echo \"end-neigh=$(ip neigh | tr '\\n' ' ')\"; echo \"end-route=$(ip route | tr '\\n' ' ')\"; echo \"end-addr=$(ip -4 -o addr | tr '\\n' ' ')\""
             );
             let out = d.capsa(&[
                 "run", "--rm", "--name", "evil", "--network", "blue", "--cap-add", "NET_ADMIN",
@@ -384,10 +399,13 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             expect(
                 &evil,
                 &[
+                    ("before-dns", "resolved"),
                     ("as-neighbour-dns", "unresolved"),
                     ("as-neighbour-icmp", "unreachable"),
                     ("other-mac-dns", "unresolved"),
                     ("other-mac-icmp", "unreachable"),
+                    ("dns-ip-back", "resolved"),
+                    ("dns-mac-back", "resolved"),
                     ("honest-dns", "resolved"),
                     ("ip-now", &format!("{a1}/24")),
                     ("mac-now", "02:ca:95:ff:ff:66"),
@@ -435,7 +453,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         },
     );
     s.check(
-        "no filter element, tap, bridge or address is left after the groups, the networks and 20 network cycles",
+        "no filter element, tap, bridge or address is left after the groups, the networks and 50 network cycles",
         || {
             for group in ["a1", "a2", "r1"] {
                 for verb in ["stop", "rm"] {
@@ -443,7 +461,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                     ensure!(out.code == Some(0), "{verb} {group}: {}", out.describe());
                 }
             }
-            for _ in 0..20 {
+            for _ in 0..50 {
                 for args in [&["network", "create", "cycle"][..], &["network", "rm", "cycle"]] {
                     let out = d.capsa(args)?;
                     ensure!(out.code == Some(0), "{}", out.describe());
