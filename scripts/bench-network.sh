@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Benchmark: TCP throughput from the host into a running group, through
-# its published port (capsad's userspace proxy) and straight to its
-# address on the bridge, with host loopback as the reference. The group
+# Benchmark: TCP throughput into a running group through its published
+# port, from another host (a namespace of its own behind a veth, which the
+# packet filter's DNAT serves) and from the host itself (capsad's
+# userspace proxy, on loopback), and straight to its address on the
+# bridge, with host loopback as the reference. The group
 # runs `capsa-bench sink` (the busybox image with capsa-bench added).
 # capsad runs in a network namespace of the benchmark's own. Prints a
 # table and writes target/capsa/bench-network.json; on a PVM host it all
@@ -38,6 +40,14 @@ fi
 mkdir -p /run /var/run
 $ip netns add capsa-bench
 $ip netns exec capsa-bench $ip link set lo up
+# The other host: a namespace behind a veth, as a client on the LAN.
+$ip netns add capsa-bench-peer
+$ip -n capsa-bench link add uplink0 type veth peer name peer0 netns capsa-bench-peer
+$ip -n capsa-bench addr add 192.0.2.1/24 dev uplink0
+$ip -n capsa-bench link set uplink0 up
+$ip -n capsa-bench-peer addr add 192.0.2.2/24 dev peer0
+$ip -n capsa-bench-peer link set peer0 up
+$ip -n capsa-bench-peer link set lo up
 state=$(mktemp -d)
 export CAPSA_SOCKET=$state/capsad.sock
 $ip netns exec capsa-bench ./capsad --root "$state/root" --socket "$CAPSA_SOCKET" \
@@ -45,12 +55,13 @@ $ip netns exec capsa-bench ./capsad --root "$state/root" --socket "$CAPSA_SOCKET
 daemon=$!
 for i in $(seq 100); do [ -S "$CAPSA_SOCKET" ] && break; sleep 0.1; done
 ./capsa image import bench-oci --name bench > /dev/null
-./capsa run -d --name sink --memory 256 -p 127.0.0.1:15001:5001 bench \
+./capsa run -d --name sink --memory 256 -p 0.0.0.0:15001:5001 bench \
     /bin/capsa-bench sink --listen 0.0.0.0:5001
 address=$(./capsa inspect sink | sed -n 's/.*"ip": "\([0-9.]*\)".*/\1/p')
 for i in $(seq 100); do ./capsa logs sink 2>/dev/null | grep -q listening && break; sleep 0.2; done
 $ip netns exec capsa-bench ./capsa-bench network --mib "$mib" --runs "$runs" \
-    --target "published port=127.0.0.1:15001" --target "group address=$address:5001" \
+    --target "published port, DNAT=192.0.2.1:15001@capsa-bench-peer" \
+    --target "published port, proxy=127.0.0.1:15001" --target "group address=$address:5001" \
     --json "$state/bench.json" 2>&1
 echo "=== JSON"
 cat "$state/bench.json"
@@ -59,6 +70,7 @@ echo "=== END JSON"
 ./capsa stop sink > /dev/null; ./capsa rm sink > /dev/null
 kill "$daemon"
 $ip netns delete capsa-bench
+$ip netns delete capsa-bench-peer
 RUN
 } > "$payload/run.sh"
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/bench-network.log"

@@ -1,6 +1,8 @@
-//! TCP throughput into a group: through its published port (the daemon's
-//! userspace proxy), straight to its address on the bridge, and host
-//! loopback as the reference. The sink (`capsa-bench sink`, run in the
+//! TCP throughput into a group: through its published port (from another
+//! host, translated by the packet filter's DNAT, and from the host itself,
+//! through the daemon's userspace proxy), straight to its address on the
+//! bridge, and host loopback as the reference. A target may be measured
+//! from a named network namespace (`@NETNS`), which plays the other host. The sink (`capsa-bench sink`, run in the
 //! group) reads to the end and answers how much it got, so a run is timed
 //! until every byte has arrived.
 
@@ -17,9 +19,10 @@ use crate::stats::{cell, Summary};
 
 #[derive(Args)]
 pub struct NetworkArgs {
-    /// NAME=ADDRESS:PORT of a sink to measure (repeatable).
+    /// NAME=ADDRESS:PORT[@NETNS] of a sink to measure (repeatable),
+    /// connected to from network namespace NETNS (`ip netns`) if given.
     #[arg(long = "target", value_parser = parse_target)]
-    targets: Vec<(String, SocketAddr)>,
+    targets: Vec<Target>,
     /// MiB sent per run.
     #[arg(long, default_value_t = 64)]
     mib: u64,
@@ -35,12 +38,55 @@ pub struct SinkArgs {
     listen: SocketAddr,
 }
 
-fn parse_target(text: &str) -> Result<(String, SocketAddr), String> {
-    let (name, address) = text
+#[derive(Debug, Clone)]
+struct Target {
+    name: String,
+    address: SocketAddr,
+    netns: Option<String>,
+}
+
+fn parse_target(text: &str) -> Result<Target, String> {
+    let (name, rest) = text
         .split_once('=')
-        .ok_or_else(|| format!("{text:?}: expected NAME=ADDRESS:PORT"))?;
+        .ok_or_else(|| format!("{text:?}: expected NAME=ADDRESS:PORT[@NETNS]"))?;
+    let (address, netns) = match rest.split_once('@') {
+        Some((address, netns)) if !netns.is_empty() && !netns.contains('/') => {
+            (address, Some(netns.to_string()))
+        }
+        Some(_) => return Err(format!("{rest:?}: a namespace is a name under /run/netns")),
+        None => (rest, None),
+    };
     let address = address.parse().map_err(|e| format!("{address:?}: {e}"))?;
-    Ok((name.to_string(), address))
+    Ok(Target {
+        name: name.to_string(),
+        address,
+        netns,
+    })
+}
+
+/// `transfer`, from network namespace `netns` if given (on a thread of its
+/// own, which alone enters it).
+fn transfer_from(netns: Option<&str>, address: SocketAddr, bytes: u64) -> Result<f64> {
+    let Some(netns) = netns else {
+        return transfer(address, bytes);
+    };
+    let path = format!("/run/netns/{netns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns only reads the descriptor, which `file`
+                // keeps open; it moves this thread alone.
+                let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if entered != 0 {
+                    bail!("entering {path}: {}", std::io::Error::last_os_error());
+                }
+                transfer(address, bytes)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the transfer from {netns} panicked"))?
+    })
 }
 
 /// Accepts connections one after another, each read to its end, and
@@ -109,14 +155,18 @@ pub fn run(args: &NetworkArgs) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let loopback = listener.local_addr()?;
     std::thread::spawn(move || serve(listener));
-    let mut targets = vec![("host loopback".to_string(), loopback)];
+    let mut targets = vec![Target {
+        name: "host loopback".to_string(),
+        address: loopback,
+        netns: None,
+    }];
     targets.extend(args.targets.iter().cloned());
     let mut rows = Vec::new();
-    for (path, address) in targets {
+    for target in targets {
         let mut samples = Vec::new();
         let mut error = None;
         for _ in 0..args.runs {
-            match transfer(address, bytes) {
+            match transfer_from(target.netns.as_deref(), target.address, bytes) {
                 Ok(rate) => samples.push(rate),
                 Err(e) => {
                     error = Some(format!("{e:#}"));
@@ -125,8 +175,11 @@ pub fn run(args: &NetworkArgs) -> Result<()> {
             }
         }
         rows.push(Row {
-            path,
-            address: address.to_string(),
+            path: target.name,
+            address: match &target.netns {
+                Some(netns) => format!("{} from {netns}", target.address),
+                None => target.address.to_string(),
+            },
             mb_per_s: Summary::of(&samples),
             error,
         });
@@ -135,13 +188,13 @@ pub fn run(args: &NetworkArgs) -> Result<()> {
         "TCP throughput into a group, {} MiB per run, {} runs, MB/s median (min-max)",
         args.mib, args.runs
     );
-    println!("{:<28} {:<22} {:>26}", "path", "address", "MB/s");
+    println!("{:<34} {:<34} {:>26}", "path", "address", "MB/s");
     for row in &rows {
         let figure = match &row.error {
             Some(e) => format!("failed: {e}"),
             None => cell(&row.mb_per_s),
         };
-        println!("{:<28} {:<22} {:>26}", row.path, row.address, figure);
+        println!("{:<34} {:<34} {:>26}", row.path, row.address, figure);
     }
     let json = args
         .json
@@ -167,5 +220,9 @@ mod tests {
         assert!(rate > 0.0);
         assert!(parse_target("direct=10.88.0.2:5001").is_ok());
         assert!(parse_target("10.88.0.2:5001").is_err());
+        let far = parse_target("dnat=192.0.2.1:15001@peer").unwrap();
+        assert_eq!(far.netns.as_deref(), Some("peer"));
+        assert!(parse_target("dnat=192.0.2.1:15001@../x").is_err());
+        assert!(parse_target("dnat=192.0.2.1:15001@").is_err());
     }
 }
