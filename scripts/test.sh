@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's checks: formatting, clippy, every unit and property test,
 # and every end-to-end suite of capsa-e2e (`cargo xtask e2e`: on this
-# host's KVM, or in one nested outer machine where that is PVM). Ends with
-# the time each step took, after the suites' own table.
+# host's KVM, or in one nested outer machine where that is PVM), and the
+# containment benchmark (scripts/bench-containment.sh). Ends with the time
+# each step took, after the suites' own table.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -37,3 +38,5 @@ step clippy cargo clippy --locked --workspace --all-targets -- -D warnings
 step "cargo test" cargo test --locked --workspace -- --test-threads=2
 # The suites print their own table (and target/e2e/report.json).
 step "e2e suites" cargo xtask e2e
+# Fails unless every Capsa row of its table is contained.
+step "containment bench" scripts/bench-containment.sh

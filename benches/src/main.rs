@@ -16,11 +16,17 @@
 //! `containers`: wall time of `capsa run --rm IMAGE true` next to runc and
 //! crun on the same rootfs, and a running group's memory on the host.
 //!
+//! `containment`: escape probes (host kernel, files, processes, devices,
+//! modules, port I/O, sysrq, core_pattern, release_agent, vsock, host
+//! services) inside a Capsa group and, as peers, runc and crun containers,
+//! each as root with the capabilities the attacks need.
+//!
 //! `ctr`: wall time of `ctr run --rm IMAGE ID true` through containerd with
 //! the Capsa shim next to io.containerd.runc.v2, same image, same run.
 
 mod boot;
 mod containers;
+mod containment;
 mod ctr;
 mod devices;
 mod network;
@@ -60,6 +66,11 @@ enum Bench {
     Network(network::NetworkArgs),
     /// The network benchmark's receiving end (runs in a group).
     Sink(network::SinkArgs),
+    /// Escape probes in a Capsa group next to runc and crun containers:
+    /// a table probe x runtime (contained / escaped / not applicable).
+    Containment(containment::ContainmentArgs),
+    /// The containment probes themselves (run in the container under test).
+    Probe(containment::ProbeArgs),
 }
 
 fn main() -> Result<()> {
@@ -71,6 +82,8 @@ fn main() -> Result<()> {
         Bench::Ctr(args) => ctr::run(&args),
         Bench::Network(args) => network::run(&args),
         Bench::Sink(args) => network::sink(&args),
+        Bench::Containment(args) => containment::run(&args),
+        Bench::Probe(args) => containment::probe(&args),
     }
 }
 
