@@ -18,48 +18,45 @@ need_packages runc crun umoci
 bin=$("$root/scripts/build-static.sh" capsa-vmm capsa-daemon capsa-cli capsa-benches)
 payload=$(mktemp -d)
 trap 'rm -rf "$payload"' EXIT
-cp "$bin/capsa-vmm" "$bin/capsad" "$bin/capsa" "$bin/capsa-bench" "$payload/"
+mkdir -p "$payload/bin"
+cp "$bin/capsa-vmm" "$bin/capsad" "$bin/capsa" "$bin/capsa-bench" "$payload/bin/"
 cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
 "$root/scripts/busybox-image.sh" "$payload/probe-oci" "$bin/capsa-bench:bin/capsa-bench" > /dev/null
 umoci unpack --image "$payload/probe-oci:latest" "$payload/probe-bundle" > /dev/null
-nested=0 dir=$payload runc=$(command -v runc) crun=$(command -v crun)
-"$root/scripts/kvm-is-pvm.sh" && nested=1
-if [ "$nested" = 1 ]; then
-    dir=/payload
-    "$root/scripts/nested-add-program.sh" "$payload" runc
-    "$root/scripts/nested-add-program.sh" "$payload" crun
-    # capsad makes each group's scratch disk with it.
+nested=0
+if "$root/scripts/kvm-is-pvm.sh"; then
+    nested=1
+    native_programs "$payload" runc crun
+    # capsad makes each group's scratch disk with mkfs.ext4 and its packet
+    # filter with nft.
     "$root/scripts/nested-add-program.sh" "$payload" mkfs.ext4
-    # capsad builds its packet filter with it.
     "$root/scripts/nested-add-program.sh" "$payload" nft
-    runc=/payload/programs/runc crun=/payload/programs/crun
 fi
 {
-    printf 'cd %q\n' "$dir"
-    printf 'runc=%q crun=%q nested=%q\n' "$runc" "$crun" "$nested"
+    printf 'nested=%q\n' "$nested"
+    printf 'install_native() {\n%s\n}\n' "$install_native"
     cat <<'RUN'
 peer_args=
 if [ "$nested" = 1 ]; then
-    # runc re-executes itself (/proc/self/exe), so the libraries go where
-    # the loader looks rather than behind a wrapper.
-    mkdir -p /lib/x86_64-linux-gnu /lib64 /run /sys/fs/cgroup
-    cp lib/* /lib/x86_64-linux-gnu/
-    ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
+    install_native
+    mkdir -p /run /sys/fs/cgroup
     mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
-    # The outer machine's root is its initramfs.
+    # runc and crun cannot pivot_root out of the outer machine's initramfs.
     peer_args=--peer-run-arg=--no-pivot
 fi
+export PATH=$PWD/bin:$PATH
 state=$(mktemp -d)
 export CAPSA_SOCKET=$state/capsad.sock
-./capsad --root "$state/root" --socket "$CAPSA_SOCKET" --kernel vmlinux --initrd initramfs.cpio \
-    --vmm ./capsa-vmm > "$state/capsad.log" 2>&1 &
+capsad --root "$state/root" --socket "$CAPSA_SOCKET" --kernel vmlinux --initrd initramfs.cpio \
+    --vmm "$PWD/bin/capsa-vmm" > "$state/capsad.log" 2>&1 &
 daemon=$!
 for i in $(seq 100); do [ -S "$CAPSA_SOCKET" ] && break; sleep 0.1; done
-./capsa image import probe-oci --name probe > /dev/null
+capsa image import probe-oci --name probe > /dev/null
 status=0
-./capsa-bench containment --capsa ./capsa --image probe --bundle probe-bundle \
-    --peer "runc=$runc" --peer "crun=$crun" $peer_args --json "$state/bench.json" 2>&1 || status=$?
+capsa-bench containment --capsa "$PWD/bin/capsa" --image probe --bundle probe-bundle \
+    --peer "runc=$(command -v runc)" --peer "crun=$(command -v crun)" $peer_args \
+    --json "$state/bench.json" 2>&1 || status=$?
 echo "=== JSON"
 cat "$state/bench.json" 2>/dev/null
 echo
@@ -70,11 +67,7 @@ kill "$daemon"
 RUN
 } > "$payload/run.sh"
 log="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/bench-containment.log"
-if [ "$nested" = 1 ]; then
-    CAPSA_NESTED_TIMEOUT_SECS=900 "$root/scripts/nested-kvm.sh" "$payload" "$log" || true
-else
-    sh "$payload/run.sh" > "$log" 2>&1 || true
-fi
+run_payload "$payload" "$log" 900 || true
 sed -n '/^Containment:/,/^results written/p' "$log"
 mkdir -p "$root/target/capsa"
 payload_json "$log" "$root/target/capsa/bench-containment.json"

@@ -155,18 +155,32 @@ fn dns_responds(server: Ipv4Addr) -> bool {
     false
 }
 
-pub(super) fn other_network_group(c: &Context) -> Finding {
-    let name = "other-network-group";
-    let Some(target) = c.args.other_group else {
-        return finding(name, Outcome::NotApplicable, "no other network was made");
+/// What a probe of another network aims at, or why it does not apply
+/// (no other network made, no route out of this one).
+fn other_network<T>(name: &str, target: Option<T>) -> Result<T, Finding> {
+    let Some(target) = target else {
+        return Err(finding(
+            name,
+            Outcome::NotApplicable,
+            "no other network was made",
+        ));
     };
     if default_route().is_none() {
-        return finding(
+        return Err(finding(
             name,
             Outcome::NotApplicable,
             "no route out of the container's network",
-        );
+        ));
     }
+    Ok(target)
+}
+
+pub(super) fn other_network_group(c: &Context) -> Finding {
+    let name = "other-network-group";
+    let target = match other_network(name, c.args.other_group) {
+        Ok(target) => target,
+        Err(not_applicable) => return not_applicable,
+    };
     match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
         Ok(_) => finding(
             name,
@@ -183,16 +197,10 @@ pub(super) fn other_network_group(c: &Context) -> Finding {
 
 pub(super) fn other_network_dns(c: &Context) -> Finding {
     let name = "other-network-dns";
-    let Some(server) = c.args.other_dns else {
-        return finding(name, Outcome::NotApplicable, "no other network was made");
+    let server = match other_network(name, c.args.other_dns) {
+        Ok(server) => server,
+        Err(not_applicable) => return not_applicable,
     };
-    if default_route().is_none() {
-        return finding(
-            name,
-            Outcome::NotApplicable,
-            "no route out of the container's network",
-        );
-    }
     if dns_responds(server) {
         finding(
             name,

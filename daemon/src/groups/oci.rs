@@ -250,14 +250,16 @@ mod tests {
 
     #[test]
     fn added_capabilities_join_the_default_set_and_unknown_ones_are_refused() {
+        let capabilities_of = |spec: &oci_spec::runtime::Spec| {
+            spec.process()
+                .clone()
+                .unwrap()
+                .capabilities()
+                .clone()
+                .unwrap()
+        };
         let spec = spec_for(&image(), &container(r#","capAdd":["NET_ADMIN"]"#), "g").unwrap();
-        let capabilities = spec
-            .process()
-            .clone()
-            .unwrap()
-            .capabilities()
-            .clone()
-            .unwrap();
+        let capabilities = capabilities_of(&spec);
         for set in [
             capabilities.bounding(),
             capabilities.effective(),
@@ -266,14 +268,7 @@ mod tests {
             let set = set.clone().unwrap();
             assert!(set.contains(&Capability::NetAdmin) && set.contains(&Capability::Chown));
         }
-        let plain = spec_for(&image(), &container(""), "g").unwrap();
-        let plain = plain
-            .process()
-            .clone()
-            .unwrap()
-            .capabilities()
-            .clone()
-            .unwrap();
+        let plain = capabilities_of(&spec_for(&image(), &container(""), "g").unwrap());
         assert!(!plain
             .effective()
             .clone()
