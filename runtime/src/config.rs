@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxSeccomp, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -11,6 +11,8 @@ pub struct InitConfig {
     /// The cgroup v2 directory the process joins before anything else.
     pub cgroup: Option<PathBuf>,
     pub process: Process,
+    /// The container's seccomp profile, for its every process.
+    pub seccomp: Option<LinuxSeccomp>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

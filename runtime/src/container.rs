@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp, Process, Spec};
 
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::channel::{Channel, Message, HELPER_FD};
@@ -77,6 +77,8 @@ pub struct Container {
     bundle: PathBuf,
     cgroup: Cgroup,
     init_pid: i32,
+    /// Its seccomp profile, which its execs get too.
+    seccomp: Option<LinuxSeccomp>,
     waiting_start: Option<Channel>,
 }
 
@@ -114,6 +116,7 @@ impl Runtime {
         for dir in [&layout.upper, &layout.work, &layout.target] {
             fs::create_dir_all(dir).map_err(io_error(id, "creating its directories"))?;
         }
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
         let cgroup = match Cgroup::create(&self.config.cgroup_parent, id, resources) {
             Ok(cgroup) => cgroup,
@@ -135,6 +138,7 @@ impl Runtime {
                 },
                 cgroup: Some(cgroup.path().to_path_buf()),
                 process,
+                seccomp: seccomp.clone(),
             };
             let (channel, init_pid) = self.spawn(id, config, child_io)?;
             Ok((channel, init_pid, io))
@@ -146,6 +150,7 @@ impl Runtime {
                     bundle,
                     cgroup,
                     init_pid,
+                    seccomp,
                     waiting_start: Some(channel),
                 },
                 io,
@@ -176,6 +181,7 @@ impl Runtime {
             },
             cgroup: Some(container.cgroup.path().to_path_buf()),
             process,
+            seccomp: container.seccomp.clone(),
         };
         let (channel, pid) = self.spawn(id, config, child_io)?;
         start(id, channel)?;
@@ -376,10 +382,10 @@ fn validate_spec(spec: &Spec) -> Result<Process, RuntimeError> {
     if spec.hooks().is_some() {
         return Err(invalid("hooks are not supported"));
     }
-    // Refused rather than ignored: running without the filter the spec
-    // asks for would be a silent loss of confinement.
-    if spec.linux().as_ref().is_some_and(|l| l.seccomp().is_some()) {
-        return Err(invalid("seccomp profiles are not supported yet"));
+    // Compiled here too, so a profile that cannot be honoured is refused
+    // at create, naming what it asks for.
+    if let Some(profile) = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        crate::seccomp::compile(profile).map_err(|e| invalid(&e.to_string()))?;
     }
     let namespaces = spec
         .linux()

@@ -13,6 +13,7 @@ mod config;
 mod container;
 pub mod init;
 pub mod reaper;
+pub mod seccomp;
 pub mod stdio;
 pub mod user;
 

@@ -18,6 +18,7 @@ use oci_spec::runtime::{
 
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "ls", "sleep", "id", "stty", "touch", "grep", "hostname", "ps", "kill",
+    "mkdir",
 ];
 
 struct Fixture {
@@ -345,21 +346,18 @@ fn bad_specs_and_ids_are_clear_errors() {
         "{error}"
     );
 
-    let mut with_seccomp = spec(&["true"]);
-    let mut linux = LinuxBuilder::default().build().unwrap();
-    linux.set_seccomp(Some(
-        oci_spec::runtime::LinuxSeccompBuilder::default()
-            .default_action(oci_spec::runtime::LinuxSeccompAction::ScmpActErrno)
-            .build()
-            .unwrap(),
-    ));
-    with_seccomp.set_linux(Some(linux));
+    // A notifier would need a listener on the host: refused by name.
+    let notifying = with_seccomp(
+        spec(&["true"]),
+        serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}),
+    );
     let error = f
         .runtime
-        .create("seccomp", with_seccomp, layers(), output_request())
+        .create("seccomp", notifying, layers(), output_request())
         .err()
         .unwrap();
-    assert!(error.to_string().contains("seccomp"), "{error}");
+    assert!(error.to_string().contains("SCMP_ACT_NOTIFY"), "{error}");
 
     for id in ["", "../escape", "a/b", ".hidden"] {
         let error = f
@@ -440,4 +438,106 @@ fn a_bind_mount_through_a_symlink_stays_inside_the_root() {
         "{stderr}"
     );
     assert!(!Path::new("/etc/volume").exists());
+}
+
+/// `spec` with the seccomp profile `profile` (JSON, as containerd writes it).
+fn with_seccomp(mut spec: Spec, profile: serde_json::Value) -> Spec {
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_seccomp(Some(serde_json::from_value(profile).unwrap()));
+    spec.set_linux(Some(linux));
+    spec
+}
+
+#[test]
+fn a_seccomp_profile_denies_its_syscalls_with_its_errno_in_execs_too() {
+    let f = fixture();
+    let profile = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+            {"names": ["no_such_syscall"], "action": "SCMP_ACT_ERRNO"}
+        ]
+    });
+    let script =
+        "mkdir /tmp/made; echo mkdir=$?; touch /tmp/touched && echo touched; exec sleep 60";
+    let (mut container, io) = create(
+        &f,
+        "seccomp-errno",
+        with_seccomp(spec(&["sh", "-c", script]), profile),
+    );
+    container.start().unwrap();
+    let mut stdout = io.stdout;
+    let mut first = [0u8; 16];
+    stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"mkdir=1\ntouched\n");
+    let mut process = spec(&["mkdir", "/tmp/by-exec"]).process().clone().unwrap();
+    process.set_env(Some(vec!["PATH=/bin".into()]));
+    let (pid, mut exec_io) = f
+        .runtime
+        .exec(&container, process, output_request())
+        .unwrap();
+    let stderr = read_all(exec_io.stderr.take());
+    assert_eq!(Reaper::global().wait(pid), ExitStatus::Exited(1));
+    // EACCES, the profile's errnoRet, not the default EPERM.
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    let init = container.init_pid();
+    container.destroy().unwrap();
+    Reaper::global().wait(init);
+}
+
+#[test]
+fn seccomp_argument_conditions_and_a_default_deny_hold() {
+    let f = fixture();
+    // kill(2) is denied only for SIGUSR1 (its second argument).
+    let conditional = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["kill"], "action": "SCMP_ACT_ERRNO",
+                      "args": [{"index": 1, "value": 10, "op": "SCMP_CMP_EQ"}]}]
+    });
+    let script = "kill -0 $$ && echo zero; kill -USR1 $$; echo usr1=$?";
+    let (stdout, stderr, status) = run(
+        &f,
+        "seccomp-args",
+        with_seccomp(spec(&["sh", "-c", script]), conditional),
+    );
+    assert_eq!(
+        (stdout.as_str(), status),
+        ("zero\nusr1=1\n", ExitStatus::Exited(0)),
+        "{stderr}"
+    );
+
+    // Everything but what is listed fails with EPERM, and the process
+    // cannot lift its filter (seccomp and prctl are not on the list).
+    let deny_by_default = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "syscalls": [{"names": ["execve", "brk", "arch_prctl", "set_tid_address", "exit_group",
+                                "write", "getuid", "mmap", "rt_sigprocmask", "rt_sigaction",
+                                "getpid", "getppid", "uname", "readlink", "prlimit64",
+                                "ioctl", "close", "capget", "capset", "setgroups", "setgid",
+                                "setuid", "setresuid", "setresgid", "prctl", "getcwd", "stat",
+                                "newfstatat", "fstat", "geteuid", "getgid", "getegid", "umask",
+                                "set_robust_list", "rseq", "mprotect", "munmap"],
+                      "action": "SCMP_ACT_ALLOW"}]
+    });
+    let (stdout, stderr, status) = run(
+        &f,
+        "seccomp-deny",
+        with_seccomp(spec(&["echo", "listed"]), deny_by_default.clone()),
+    );
+    assert_eq!(
+        (stdout.as_str(), status),
+        ("listed\n", ExitStatus::Exited(0)),
+        "{stderr}"
+    );
+    let (_, stderr, status) = run(
+        &f,
+        "seccomp-deny-ls",
+        with_seccomp(spec(&["ls", "/"]), deny_by_default),
+    );
+    assert_ne!(
+        status,
+        ExitStatus::Exited(0),
+        "ls needs open, which is denied: {stderr}"
+    );
 }

@@ -13,6 +13,7 @@ use nix::unistd::{access, setgid, setgroups, setsid, setuid, AccessFlags, Gid, U
 use oci_spec::runtime::{Capabilities, PosixRlimitType, Process};
 
 use super::{Context, Failure};
+use crate::seccomp::Filters;
 use crate::user;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -101,10 +102,25 @@ fn resource_of(kind: PosixRlimitType) -> Resource {
     }
 }
 
-/// Becomes the spec's user with its capabilities and execs the process.
-pub fn become_process(process: &Process) -> Result<Infallible, Failure> {
+/// Becomes the spec's user with its capabilities and execs the process,
+/// under the container's seccomp filters if it has any: last of all where
+/// no_new_privs is set, else while the process still has CAP_SYS_ADMIN
+/// (which installing a filter without no_new_privs needs), as runc does.
+pub fn become_process(process: &Process, filters: Option<&Filters>) -> Result<Infallible, Failure> {
     // Found while still root: the user may not be able to search PATH.
     let (program, args, env) = command_of(process)?;
+    let no_new_privs = process.no_new_privileges().unwrap_or(false);
+    let install = |filters: Option<&Filters>| -> Result<(), Failure> {
+        match filters {
+            Some(filters) => filters
+                .install()
+                .context(|| "installing the seccomp filters".into()),
+            None => Ok(()),
+        }
+    };
+    if !no_new_privs {
+        install(filters)?;
+    }
     let capabilities = process.capabilities().as_ref();
     if let Some(capabilities) = capabilities {
         let bounding = to_caps(capabilities.bounding().as_ref())?;
@@ -149,8 +165,9 @@ pub fn become_process(process: &Process) -> Result<Infallible, Failure> {
                 .context(|| format!("raising ambient {capability}"))?;
         }
     }
-    if process.no_new_privileges().unwrap_or(false) {
+    if no_new_privs {
         nix::sys::prctl::set_no_new_privs().context(|| "setting no_new_privs".into())?;
+        install(filters)?;
     }
     let error = nix::unistd::execve(&program, &args, &env).unwrap_err();
     Err(format!("exec {}: {error}", program.to_string_lossy()))

@@ -107,6 +107,12 @@ fn run(channel: &mut Channel) -> Result<Infallible, Failure> {
         }
     }
     let process = exec::prepare(&config.process)?;
+    let filters = config
+        .seccomp
+        .as_ref()
+        .map(crate::seccomp::compile)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     channel
         .send(&Message::Ready)
         .context(|| "reporting ready".into())?;
@@ -116,7 +122,7 @@ fn run(channel: &mut Channel) -> Result<Infallible, Failure> {
         None => std::process::exit(1),
         Some(other) => return Err(format!("expected start, got {other:?}")),
     }
-    exec::become_process(&process)
+    exec::become_process(&process, filters.as_ref())
 }
 
 /// New namespaces of the kinds the spec asks for (or joins those it gives
