@@ -45,10 +45,21 @@ pub struct ShimConfig {
     pub kernel: PathBuf,
     /// The guest initramfs, with capsa-agent as /init.
     pub initrd: PathBuf,
-    /// vCPUs of each sandbox's VM.
+    /// vCPUs of a sandbox's VM when its pod sets no CPU limit.
     pub cpus: u8,
-    /// Memory of each sandbox's VM, in MiB.
+    /// Memory of a sandbox's VM, in MiB, when its pod sets no memory limit.
     pub memory_mib: u64,
+    /// What a VM gets beyond its pod's memory limit: the guest kernel and
+    /// agent (about 30 MiB measured, see README "Kubernetes").
+    pub memory_overhead_mib: u64,
+    /// The least memory a sized VM gets.
+    pub min_memory_mib: u64,
+    /// The most a pod may ask for; a larger pod is refused.
+    pub max_cpus: u8,
+    pub max_memory_mib: u64,
+    /// Annotations a pod may size its VM with (io.capsa.vm.cpus,
+    /// io.capsa.vm.memory-mib); others are refused.
+    pub allowed_annotations: Vec<String>,
     /// How long a VM may take to boot and answer.
     pub boot_timeout_secs: u64,
     /// Grace between SIGTERM and SIGKILL when a VM shuts down.
@@ -70,6 +81,11 @@ impl Default for ShimConfig {
             initrd: "/usr/share/capsa/initramfs.cpio".into(),
             cpus: 1,
             memory_mib: 256,
+            memory_overhead_mib: 64,
+            min_memory_mib: 128,
+            max_cpus: 16,
+            max_memory_mib: 65_536,
+            allowed_annotations: Vec::new(),
             boot_timeout_secs: 60,
             shutdown_grace_secs: 5,
             jail: true,
@@ -100,6 +116,16 @@ impl ShimConfig {
         }
         if config.memory_mib < 64 {
             return Err(out_of_range("memory_mib", "64 or more", config.memory_mib));
+        }
+        if config.min_memory_mib < 64 {
+            return Err(out_of_range(
+                "min_memory_mib",
+                "64 or more",
+                config.min_memory_mib,
+            ));
+        }
+        if config.max_cpus == 0 || config.max_cpus > 32 {
+            return Err(out_of_range("max_cpus", "1 to 32", config.max_cpus.into()));
         }
         if config.boot_timeout_secs == 0 {
             return Err(out_of_range("boot_timeout_secs", "1 or more", 0));

@@ -4,8 +4,10 @@
 //! agent. containerd finds it as runtime `io.containerd.capsa.v2`.
 
 mod config;
+mod pod_network;
 mod rootfs;
 mod sandbox;
+mod sizing;
 mod spec;
 mod stdio;
 mod task;

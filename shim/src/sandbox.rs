@@ -9,12 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capsa_guest_client::Guest;
-use capsa_protocol::agent::SetupSandboxRequest;
+use capsa_protocol::agent::{Interface, Route, SetupSandboxRequest};
 use capsa_vm_process::sandbox::{self, BootError};
 use capsa_vm_process::{self as vm, VmSpec};
 use sha2::{Digest, Sha256};
 
 use crate::config::ShimConfig;
+use crate::pod_network::{self, PodNetworkError};
+use crate::sizing::VmSize;
 
 /// Where sandboxes' directories are made.
 pub const STATE_ROOT: &str = "/run/capsa-shim";
@@ -35,6 +37,17 @@ pub enum SandboxError {
     Spawn(#[from] vm::VmError),
     #[error("the VM did not come up: {0}")]
     Boot(#[from] BootError),
+    #[error("the pod's network: {0}")]
+    Network(#[from] PodNetworkError),
+}
+
+/// What a sandbox's VM is made with, from its first container's spec.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub hostname: String,
+    pub size: VmSize,
+    /// The pod's network namespace (CNI's), whose interface the VM takes.
+    pub netns: Option<PathBuf>,
 }
 
 pub struct Sandbox {
@@ -51,7 +64,7 @@ pub fn dir_for(namespace: &str, id: &str) -> PathBuf {
 }
 
 impl Sandbox {
-    pub fn boot(config: &ShimConfig, dir: PathBuf, hostname: &str) -> Result<Self, SandboxError> {
+    pub fn boot(config: &ShimConfig, dir: PathBuf, setup: &Setup) -> Result<Self, SandboxError> {
         if !config.kernel.is_file() {
             return Err(SandboxError::NoKernel(config.kernel.clone()));
         }
@@ -78,12 +91,30 @@ impl Sandbox {
             }
             None => None,
         };
+        // Held open until the VMM has its copy.
+        let pod_net = match &setup.netns {
+            Some(netns) => match pod_network::attach(netns) {
+                Ok(pod_net) => Some(pod_net),
+                Err(e) => {
+                    destroy(&dir);
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
+        let net = pod_net.as_ref().map(|p| capsa_vmm_config::NetConfig {
+            tap: p.tap.name().to_string(),
+            mac: capsa_vmm_config::MacAddr(p.nic.mac),
+            bridge: None,
+            fd: Some(std::os::fd::AsRawFd::as_raw_fd(&p.tap)),
+            rate: None,
+        });
         let booted = sandbox::boot(
             &config.vm(),
             &VmSpec {
-                cpus: config.cpus,
-                memory_mib: config.memory_mib,
-                net: None,
+                cpus: setup.size.cpus,
+                memory_mib: setup.size.memory_mib,
+                net,
                 disks: &[],
                 vsock: &vsock,
                 console: &console,
@@ -104,12 +135,36 @@ impl Sandbox {
         };
         // The shim's reaper collects the VMM when it exits.
         drop(child);
+        let (interfaces, routes) = match pod_net {
+            Some(p) => (
+                vec![Interface {
+                    mac: p.nic.mac_string(),
+                    name: p.nic.name.clone(),
+                    addresses: p.nic.addresses.clone(),
+                    mtu: p.nic.mtu,
+                    ..Default::default()
+                }],
+                p.nic
+                    .routes
+                    .iter()
+                    .map(|(destination, gateway)| Route {
+                        destination: destination.clone(),
+                        gateway: gateway.to_string(),
+                        device: p.nic.name.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
         let _ = fs::write(dir.join("vmm.pid"), booting.pid().to_string());
         let booted = booting
             .connect(Duration::from_secs(config.boot_timeout_secs))
             .and_then(|vm| {
                 let request = SetupSandboxRequest {
-                    hostname: hostname.to_string(),
+                    hostname: setup.hostname.clone(),
+                    interfaces,
+                    routes,
                     time_unix_ns: SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .map(|d| d.as_nanos() as i64)
@@ -207,7 +262,15 @@ mod tests {
             ..Default::default()
         };
         let dir = tempfile::tempdir().unwrap();
-        let err = Sandbox::boot(&config, dir.path().join("s"), "")
+        let setup = Setup {
+            hostname: String::new(),
+            size: VmSize {
+                cpus: 1,
+                memory_mib: 256,
+            },
+            netns: None,
+        };
+        let err = Sandbox::boot(&config, dir.path().join("s"), &setup)
             .err()
             .unwrap()
             .to_string();

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use oci_spec::runtime::{LinuxNamespaceBuilder, Spec};
+use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType, Spec};
 
 /// A bind mount taken out of the spec: host `source` on `destination`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,12 +22,16 @@ pub struct Removed {
     /// For the log: what is gone for good.
     pub dropped: Vec<String>,
     pub binds: Vec<Bind>,
+    /// The network namespace the spec named (CNI's, for a pod): the VM
+    /// takes its interface over rather than the container joining it.
+    pub netns: Option<PathBuf>,
 }
 
 /// Adapts `spec` in place; returns what it took out.
 pub fn for_guest(spec: &mut Spec) -> Removed {
     let mut dropped = Vec::new();
     let mut binds = Vec::new();
+    let mut netns = None;
     if spec.hooks().is_some() {
         spec.set_hooks(None);
         dropped.push("hooks (they name host binaries)".to_string());
@@ -36,6 +40,9 @@ pub fn for_guest(spec: &mut Spec) -> Removed {
         if let Some(namespaces) = linux.namespaces_mut() {
             for namespace in namespaces.iter_mut() {
                 if let Some(path) = namespace.path() {
+                    if namespace.typ() == LinuxNamespaceType::Network {
+                        netns = Some(path.clone());
+                    }
                     dropped.push(format!(
                         "the {} namespace path {} (a host path; the guest makes its own)",
                         namespace.typ(),
@@ -65,7 +72,11 @@ pub fn for_guest(spec: &mut Spec) -> Removed {
             !bind
         });
     }
-    Removed { dropped, binds }
+    Removed {
+        dropped,
+        binds,
+        netns,
+    }
 }
 
 #[cfg(test)]
@@ -125,6 +136,7 @@ mod tests {
         assert!(dropped
             .iter()
             .any(|d| d.contains("/var/run/netns/cni-1234")));
+        assert_eq!(removed.netns, Some("/var/run/netns/cni-1234".into()));
     }
 
     #[test]

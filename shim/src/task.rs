@@ -22,11 +22,18 @@ use oci_spec::runtime::Spec;
 use crate::config::ShimConfig;
 use crate::rootfs;
 use crate::sandbox::{self, Sandbox};
+use crate::sizing;
 use crate::spec;
 use crate::stdio::{Copies, Fifos};
 
 /// The annotation CRI gives every container of a pod: the pod's id.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// CRI's kind of container: "sandbox" for the pod's pause container,
+/// which the VM itself stands for (nothing of it runs in the guest).
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+
+/// How often a pause container looks whether its VM still runs.
+const PAUSE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
@@ -103,6 +110,8 @@ struct Container {
     bundle: PathBuf,
     init: Arc<Process>,
     execs: HashMap<String, Arc<Process>>,
+    /// The pod's pause container: the VM is its process.
+    pause: bool,
 }
 
 pub struct TaskService {
@@ -171,20 +180,31 @@ impl TaskService {
     }
 
     /// The sandbox's VM, booted on first use.
-    fn sandbox_for(&self, config: &ShimConfig, hostname: &str) -> TtrpcResult<Arc<Sandbox>> {
+    fn sandbox_for(
+        &self,
+        config: &ShimConfig,
+        setup: &sandbox::Setup,
+    ) -> TtrpcResult<Arc<Sandbox>> {
         let mut slot = self.sandbox.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(sandbox) = slot.as_ref() {
             return Ok(sandbox.clone());
         }
         let dir = sandbox::dir_for(&self.namespace, &self.sandbox_id);
         let sandbox = Arc::new(
-            Sandbox::boot(config, dir, hostname)
+            Sandbox::boot(config, dir, setup)
                 .map_err(|e| status(Code::UNAVAILABLE, format!("booting the sandbox VM: {e}")))?,
         );
         log::info!(
-            "sandbox {}: VM up (VMM pid {})",
+            "sandbox {}: VM up (VMM pid {}, {} vCPUs, {} MiB{})",
             self.sandbox_id,
-            sandbox.vmm_pid()
+            sandbox.vmm_pid(),
+            setup.size.cpus,
+            setup.size.memory_mib,
+            if setup.netns.is_some() {
+                ", the pod's network"
+            } else {
+                ""
+            }
         );
         *slot = Some(sandbox.clone());
         Ok(sandbox)
@@ -235,8 +255,33 @@ impl TaskService {
         }
         let config = ShimConfig::for_options(req.options.as_ref())
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let hostname = spec.hostname().clone().unwrap_or_default();
-        let sandbox = self.sandbox_for(&config, &hostname)?;
+        let setup = sandbox::Setup {
+            hostname: spec.hostname().clone().unwrap_or_default(),
+            size: sizing::vm_size(&config, &spec)
+                .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?,
+            netns: removed.netns,
+        };
+        let sandbox = self.sandbox_for(&config, &setup)?;
+        let pause = spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(CONTAINER_TYPE_ANNOTATION))
+            .is_some_and(|kind| kind == "sandbox");
+        if pause {
+            let pid = sandbox.vmm_pid();
+            let init = Arc::new(Process::new(&req.id, "", Fifos::default()));
+            init.lock().pid = pid;
+            self.containers().insert(
+                req.id.clone(),
+                Container {
+                    bundle,
+                    init,
+                    execs: HashMap::new(),
+                    pause: true,
+                },
+            );
+            return Ok(pid);
+        }
         let guest = sandbox.guest();
 
         let target = bundle.join("rootfs");
@@ -285,9 +330,32 @@ impl TaskService {
                 bundle,
                 init,
                 execs: HashMap::new(),
+                pause: false,
             },
         );
         Ok(pid)
+    }
+
+    fn is_pause(&self, id: &str) -> bool {
+        self.containers().get(id).is_some_and(|c| c.pause)
+    }
+
+    /// A pause container runs as long as its VM: it ends when killed, or
+    /// when the VM is gone (a crashed guest, a killed VMM).
+    fn watch_pause(&self, sandbox: Arc<Sandbox>, process: Arc<Process>) {
+        let publisher = self.publisher.clone();
+        let namespace = self.namespace.clone();
+        std::thread::spawn(move || loop {
+            if process.lock().status == Status::Stopped {
+                return;
+            }
+            if !sandbox.is_alive() {
+                log::error!("the sandbox VM is gone: its pause container ends");
+                exited(&publisher, &namespace, &process, 128 + libc::SIGKILL as u32);
+                return;
+            }
+            std::thread::sleep(PAUSE_POLL);
+        });
     }
 
     /// Waits in the background for `process` to exit, then reports it.
@@ -324,31 +392,46 @@ impl TaskService {
                     }),
                 );
             }
-            let exited_at = now();
-            let pid = {
-                let mut state = process.lock();
-                state.status = Status::Stopped;
-                state.exit_status = exit_status;
-                state.exited_at = Some(exited_at.clone());
-                state.copies = copies;
-                state.pid
-            };
-            process.exited.notify_all();
-            publish(
-                &publisher,
-                &namespace,
-                topics::TASK_EXIT_EVENT_TOPIC,
-                Box::new(TaskExit {
-                    container_id: process.container_id.clone(),
-                    id: process.event_id().to_string(),
-                    pid,
-                    exit_status,
-                    exited_at: MessageField::some(exited_at),
-                    ..Default::default()
-                }),
-            );
+            process.lock().copies = copies;
+            exited(&publisher, &namespace, &process, exit_status);
         });
     }
+}
+
+/// Records that `process` ended with `exit_status`, wakes whoever waits
+/// for it and publishes its exit; a process that had ended already is
+/// left as it was.
+fn exited(
+    publisher: &Mutex<RemotePublisher>,
+    namespace: &str,
+    process: &Process,
+    exit_status: u32,
+) {
+    let exited_at = now();
+    let pid = {
+        let mut state = process.lock();
+        if state.status == Status::Stopped {
+            return;
+        }
+        state.status = Status::Stopped;
+        state.exit_status = exit_status;
+        state.exited_at = Some(exited_at.clone());
+        state.pid
+    };
+    process.exited.notify_all();
+    publish(
+        publisher,
+        namespace,
+        topics::TASK_EXIT_EVENT_TOPIC,
+        Box::new(TaskExit {
+            container_id: process.container_id.clone(),
+            id: process.event_id().to_string(),
+            pid,
+            exit_status,
+            exited_at: MessageField::some(exited_at),
+            ..Default::default()
+        }),
+    );
 }
 
 fn publish(
@@ -459,6 +542,26 @@ impl containerd_shim::Task for TaskService {
                 format!("{} has been started already", process.event_id()),
             ));
         }
+        if req.exec_id.is_empty() && self.is_pause(&req.id) {
+            let pid = {
+                let mut state = process.lock();
+                state.status = Status::Running;
+                state.pid
+            };
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id: req.id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            );
+            self.watch_pause(sandbox, process);
+            return Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
         let pid = if req.exec_id.is_empty() {
             guest
                 .start(&req.id)
@@ -561,6 +664,13 @@ impl containerd_shim::Task for TaskService {
         }
         let signal = i32::try_from(req.signal)
             .map_err(|_| status(Code::INVALID_ARGUMENT, "no such signal"))?;
+        if req.exec_id.is_empty() && self.is_pause(&req.id) {
+            // The pause process's part: any signal but 0 ends it.
+            if signal != 0 {
+                exited(&self.publisher, &self.namespace, &process, 128 + req.signal);
+            }
+            return Ok(api::Empty::new());
+        }
         self.running_sandbox()?
             .guest()
             .signal(&req.id, &req.exec_id, signal)
@@ -586,6 +696,12 @@ impl containerd_shim::Task for TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        if self.is_pause(&req.id) {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("{} is the pod's sandbox: it runs no processes", req.id),
+            ));
+        }
         {
             let mut containers = self.containers();
             let container = containers
@@ -637,6 +753,9 @@ impl containerd_shim::Task for TaskService {
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         self.process(&req.id, "")?;
+        if self.is_pause(&req.id) {
+            return Ok(api::PidsResponse::default());
+        }
         let pids = self
             .running_sandbox()?
             .guest()
@@ -660,6 +779,15 @@ impl containerd_shim::Task for TaskService {
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         self.process(&req.id, "")?;
+        if self.is_pause(&req.id) {
+            // Nothing of it runs in the guest.
+            let any = containerd_shim::util::convert_to_any(Box::new(v2::Metrics::default()))
+                .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+            return Ok(api::StatsResponse {
+                stats: MessageField::some(any),
+                ..Default::default()
+            });
+        }
         let stats = self
             .running_sandbox()?
             .guest()
@@ -709,7 +837,10 @@ impl containerd_shim::Task for TaskService {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         let process = self.process(&req.id, &req.exec_id)?;
-        if req.exec_id.is_empty() {
+        if req.exec_id.is_empty() && self.is_pause(&req.id) {
+            self.containers().remove(&req.id);
+            process.never_started();
+        } else if req.exec_id.is_empty() {
             let sandbox = self.running_sandbox()?;
             // Kills whatever still runs in it and removes it in the guest.
             if let Err(e) = sandbox.guest().delete(&req.id) {

@@ -147,18 +147,28 @@ impl Handed {
     }
 
     /// Makes the tap, bridges it and brings it up; the VMM only uses it.
+    /// A tap the caller made already (`fd`, in a network namespace of its
+    /// own, say) is handed on as a copy.
     fn net(&mut self, net: &NetConfig) -> Result<NetConfig, VmError> {
-        let tap = capsa_tap::Tap::open(&net.tap)?;
-        if let Some(bridge) = &net.bridge {
-            tap.join_bridge(bridge)?;
-        }
-        let fd = tap
-            .as_fd_owned()
-            .and_then(|fd| self.pass(fd))
-            .map_err(|source| capsa_tap::TapError::Attach {
-                name: net.tap.clone(),
-                source,
-            })?;
+        let owned = match net.fd {
+            // SAFETY: the caller keeps its tap open while the VMM starts
+            // (NetConfig's contract); only a copy is kept here.
+            Some(fd) => unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned(),
+            None => {
+                let tap = capsa_tap::Tap::open(&net.tap)?;
+                if let Some(bridge) = &net.bridge {
+                    tap.join_bridge(bridge)?;
+                }
+                tap.as_fd_owned()
+            }
+        };
+        let fd =
+            owned
+                .and_then(|fd| self.pass(fd))
+                .map_err(|source| capsa_tap::TapError::Attach {
+                    name: net.tap.clone(),
+                    source,
+                })?;
         Ok(NetConfig {
             fd: Some(fd),
             bridge: None,
