@@ -16,14 +16,18 @@ payload=$1 log=$2
 cache="${CAPSA_CACHE_DIR:-$HOME/.cache/capsa}/nested"
 mkdir -p "$cache"
 
-need=()
-for p in qemu-system-x86 busybox-static cpio; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if [ "${#need[@]}" -gt 0 ]; then
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
-fi
+# Under a lock: machines started side by side would race for dpkg's.
+(
+    flock 9
+    need=()
+    for p in qemu-system-x86 busybox-static cpio; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+    done
+    if [ "${#need[@]}" -gt 0 ]; then
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+    fi
+) 9> "$cache/.apt.lock"
 
 host_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
 host_dir="$cache/$host_pkg"

@@ -165,7 +165,7 @@ async fn redirect(tap_name: &str) -> Result<PodNic, PodNetworkError> {
             .traffic_filter(from_index)
             .add()
             .ingress()
-            .protocol(0x0003)
+            .protocol((libc::ETH_P_ALL as u16).to_be())
             .redirect(to)
             .map_err(|e| netlink_error("building the redirect")(e.to_string()))?
             .execute()

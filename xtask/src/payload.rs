@@ -11,9 +11,12 @@ use crate::E2eArgs;
 
 /// What the outer machine's busybox init leaves to the payload: the
 /// native programs' libraries where the loader looks, cgroup v2 for
-/// containerd's tasks, and terminals for `script`.
+/// containerd's tasks, terminals for `script`, and the /etc/hosts and
+/// /etc/resolv.conf containerd's CRI plugin copies into each pod.
 const NESTED_SETUP: &str =
-    "mkdir -p /lib/x86_64-linux-gnu /lib64 /run /var/run /sys/fs/cgroup /dev/pts
+    "mkdir -p /lib/x86_64-linux-gnu /lib64 /run /var/run /sys/fs/cgroup /dev/pts /etc
+[ -e /etc/hosts ] || echo '127.0.0.1 localhost' > /etc/hosts
+[ -e /etc/resolv.conf ] || : > /etc/resolv.conf
 cp lib/* /lib/x86_64-linux-gnu/
 ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
 mount -t cgroup2 none /sys/fs/cgroup
@@ -202,8 +205,14 @@ impl Payload {
             } else {
                 ""
             };
+            // The CRI suite's pod networks: Debian's CNI plugins.
+            let cni = if args.wants_suite("cri") {
+                " /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/loopback"
+            } else {
+                ""
+            };
             let native = format!(
-                ". {}/scripts/lib.sh && native_programs {} containerd ctr containerd-shim-runc-v2 runc crun script{registry}",
+                ". {}/scripts/lib.sh && native_programs {} containerd ctr containerd-shim-runc-v2 runc crun script{registry}{cni}",
                 root.display(),
                 dir.display()
             );
@@ -301,8 +310,12 @@ impl Payload {
             // freeze (it was 240 s without the heartbeat's rule, about a
             // third of CI's time in one run that froze often).
             .env("CAPSA_NESTED_STALL_SECS", "90")
-            // containerd's overlayfs snapshotter.
-            .env("CAPSA_NESTED_MODULES", "fs/overlayfs/overlay")
+            // containerd's overlayfs snapshotter; tc's ingress qdisc, u32
+            // filter and mirred redirect (the shim's pod networks).
+            .env(
+                "CAPSA_NESTED_MODULES",
+                "fs/overlayfs/overlay net/sched/sch_ingress net/sched/cls_u32 net/sched/act_mirred",
+            )
             .env("CAPSA_NESTED_TIMEOUT_SECS", timeout.to_string())
             .status()
             .context("running scripts/nested-kvm.sh")?;

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod boot;
 pub mod conformance;
+pub mod cri;
 pub mod daemon;
 pub mod devices;
 pub mod shim;
@@ -33,6 +34,7 @@ pub const ALL: &[&str] = &[
     "conformance",
     "networks",
     "shim",
+    "cri",
     "cycles",
 ];
 
@@ -40,7 +42,7 @@ pub const ALL: &[&str] = &[
 pub fn budget_secs(name: &str) -> u64 {
     match name {
         "boot" => 300,
-        "agent" | "shim" | "logs" | "conformance" | "networks" => 600,
+        "agent" | "shim" | "cri" | "logs" | "conformance" | "networks" => 600,
         "cycles" | "hostile" => 1500,
         _ => 900,
     }
@@ -60,6 +62,7 @@ pub fn usual_secs(name: &str) -> u64 {
         "conformance" => 70,
         "networks" => 200,
         "shim" => 185,
+        "cri" => 150,
         "cycles" => 350,
         _ => 100,
     }
@@ -89,6 +92,7 @@ pub fn run(name: &str, suite: &mut Suite, artifacts: &Artifacts, options: &Optio
         "networks" => daemon::run_networks(suite, artifacts),
         "cycles" => daemon::run_cycles(suite, artifacts, options.allowed_hangs),
         "shim" => shim::run(suite, artifacts),
+        "cri" => cri::run(suite, artifacts),
         _ => return false,
     }
     true

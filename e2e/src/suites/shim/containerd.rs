@@ -1,6 +1,7 @@
-//! Debian's containerd for the shim suite: its own config, root, state
-//! and sockets in a temporary directory, the CRI plugin off; `ctr` to
-//! drive it, and the Capsa shim as the runtime.
+//! Debian's containerd for the shim and CRI suites: its own config, root,
+//! state and sockets in a temporary directory, the CRI plugin off or
+//! configured by the suite; `ctr` to drive it, and the Capsa shim as the
+//! runtime.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -22,16 +23,30 @@ pub struct Containerd<'a> {
 }
 
 impl<'a> Containerd<'a> {
+    /// containerd with the CRI plugin off.
     pub fn start(artifacts: &'a Artifacts) -> Result<Self> {
-        let dir = std::env::temp_dir().join("capsa-e2e-containerd");
+        Self::start_in(artifacts, "capsa-e2e-containerd", |_| {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string()
+        })
+    }
+
+    /// containerd in a temporary directory `name`, with what `plugins`
+    /// writes (given that directory) added to its config.
+    pub fn start_in(
+        artifacts: &'a Artifacts,
+        name: &str,
+        plugins: impl FnOnce(&std::path::Path) -> String,
+    ) -> Result<Self> {
+        let dir = std::env::temp_dir().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let d = dir.display();
+        let plugins = plugins(&dir);
         std::fs::write(
             dir.join("config.toml"),
             format!(
                 "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 {plugins}\
                  [grpc]\n  address = \"{d}/containerd.sock\"\n\
                  [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
                  [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"

@@ -3,7 +3,7 @@
 //! import`, and the tasks, execs, terminals, pods, kills, OOM, events, bad
 //! configs and leftovers a containerd user meets.
 
-mod containerd;
+pub mod containerd;
 
 use std::process::Command;
 use std::time::Duration;
@@ -42,7 +42,7 @@ fn ours() -> Vec<String> {
 /// The running VMMs, one PID each: a jailed VMM is two processes (the
 /// supervisor the shim started and the jailed VMM under it), counted by
 /// its supervisor.
-fn vmm_pids() -> Vec<i32> {
+pub fn vmm_pids() -> Vec<i32> {
     let all: Vec<i32> = ours()
         .iter()
         .filter(|p| p.ends_with("capsa-vmm"))

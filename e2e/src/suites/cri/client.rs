@@ -1,0 +1,138 @@
+//! containerd's CRI plugin as Kubernetes' kubelet drives it: Debian's
+//! containerd with the CRI plugin on, Capsa as runtime handler `capsa`,
+//! Debian's CNI plugins (bridge and host-local) for pod networking, and a
+//! CRI client generated from the CRI protos (k8s-cri, over tonic).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::suites::shim::containerd::{Containerd, RUNTIME};
+use crate::vm::Artifacts;
+
+/// The runtime handler a RuntimeClass names for Capsa.
+pub const HANDLER: &str = "capsa";
+/// The pods' CNI network, inside the outer machine only.
+pub const POD_SUBNET: &str = "10.99.0.0/24";
+/// How long one CRI call may take (a sandbox boots a VM, nested).
+const CALL_TIMEOUT: Duration = Duration::from_secs(180);
+
+pub struct Cri<'a> {
+    pub containerd: Containerd<'a>,
+    pub runtime: tokio::runtime::Runtime,
+    channel: Channel,
+}
+
+/// Where the CNI plugins are: the payload's copies (nested), else
+/// Debian's.
+fn cni_bin(artifacts: &Artifacts) -> PathBuf {
+    if artifacts.path("bin/bridge").exists() {
+        artifacts.path("bin")
+    } else {
+        PathBuf::from("/usr/lib/cni")
+    }
+}
+
+fn plugins(dir: &Path, cni_bin: &Path) -> Result<String> {
+    let cni_conf = dir.join("cni");
+    std::fs::create_dir_all(&cni_conf)?;
+    std::fs::write(
+        cni_conf.join("10-capsa-e2e.conflist"),
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "capsa-e2e",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": "cni-capsa0",
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
+                         "routes": [{"dst": "0.0.0.0/0"}],
+                         "dataDir": dir.join("cni-ipam").display().to_string()}
+            }]
+        })
+        .to_string(),
+    )?;
+    let d = dir.display();
+    let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+    Ok(format!(
+        "[{cri}]\n  sandbox_image = \"{image}\"\n  disable_apparmor = true\n\
+         [{cri}.containerd]\n  snapshotter = \"overlayfs\"\n  default_runtime_name = \"runc\"\n\
+         [{cri}.containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+         [{cri}.containerd.runtimes.{HANDLER}]\n  runtime_type = \"{RUNTIME}\"\n\
+         [{cri}.containerd.runtimes.{HANDLER}.options]\n  ConfigPath = \"{d}/shim.toml\"\n\
+         [{cri}.cni]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n",
+        image = crate::suites::shim::containerd::IMAGE,
+        bin = cni_bin.display(),
+        conf = cni_conf.display(),
+    ))
+}
+
+impl<'a> Cri<'a> {
+    pub fn start(artifacts: &'a Artifacts) -> Result<Self> {
+        let bin = cni_bin(artifacts);
+        let mut config = None;
+        let containerd =
+            Containerd::start_in(artifacts, "capsa-e2e-cri", |dir| match plugins(dir, &bin) {
+                Ok(text) => text,
+                Err(e) => {
+                    config = Some(e);
+                    String::new()
+                }
+            })?;
+        if let Some(e) = config {
+            return Err(e.context("writing the CNI config"));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let socket = containerd.dir.join("containerd.sock");
+        let channel =
+            runtime
+                .block_on(Endpoint::try_from("http://[::]")?.connect_with_connector(
+                    tower::service_fn(move |_: Uri| {
+                        let socket = socket.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(TokioIo::new(
+                                tokio::net::UnixStream::connect(socket).await?,
+                            ))
+                        }
+                    }),
+                ))
+                .context("connecting to containerd's CRI")?;
+        Ok(Cri {
+            containerd,
+            runtime,
+            channel,
+        })
+    }
+
+    pub fn runtime_service(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(self.channel.clone())
+    }
+
+    pub fn image_service(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel.clone())
+    }
+
+    /// Runs one CRI call to its end, CALL_TIMEOUT at most.
+    pub fn call<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T> {
+        let answer = self
+            .runtime
+            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, call).await });
+        match answer {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => bail!("{what}: {} ({:?})", status.message(), status.code()),
+            Err(_) => bail!("{what}: no answer in {} s", CALL_TIMEOUT.as_secs()),
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! Kubernetes pods on Capsa through containerd's own CRI plugin, driven
+//! as kubelet drives it (a CRI client, runtime handler `capsa`): pods get
+//! CNI addresses and talk over them, are sized from their limits, run
+//! containers under the RuntimeDefault seccomp profile, exec, log and
+//! report stats, and leave nothing behind when stopped and removed.
+
+mod client;
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use k8s_cri::v1 as cri;
+
+use crate::suite::Suite;
+use crate::suites::shim::containerd::IMAGE;
+use crate::vm::Artifacts;
+use client::{Cri, HANDLER};
+
+/// The CRI's image namespace in containerd.
+const CRI_NAMESPACE: &str = "k8s.io";
+
+pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
+    let result = Cri::start(artifacts).and_then(|mut c| {
+        let failed_before = suite.failed;
+        let result = checks(suite, &mut c);
+        if result.is_err() || suite.failed > failed_before {
+            // The shim logs into containerd's log.
+            eprintln!("containerd's log:\n{}", c.containerd.log());
+        }
+        result
+    });
+    if let Err(e) = result {
+        suite.check("the suite ran to its end", || Err(e));
+    }
+}
+
+fn pod_config(
+    name: &str,
+    logs: &std::path::Path,
+    resources: Option<cri::LinuxContainerResources>,
+) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.join(name).display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            resources,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config(
+    name: &str,
+    command: &[&str],
+    seccomp: cri::security_profile::ProfileType,
+) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                seccomp: Some(cri::SecurityProfile {
+                    profile_type: seccomp as i32,
+                    localhost_ref: String::new(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+struct Pod {
+    id: String,
+    config: cri::PodSandboxConfig,
+}
+
+impl Cri<'_> {
+    fn run_pod(&self, config: cri::PodSandboxConfig) -> Result<Pod> {
+        let id = self
+            .call(
+                "RunPodSandbox",
+                self.runtime_service()
+                    .run_pod_sandbox(cri::RunPodSandboxRequest {
+                        config: Some(config.clone()),
+                        runtime_handler: HANDLER.into(),
+                    }),
+            )?
+            .pod_sandbox_id;
+        Ok(Pod { id, config })
+    }
+
+    /// Creates and starts a container in `pod`; returns its id.
+    fn start_container(&self, pod: &Pod, config: cri::ContainerConfig) -> Result<String> {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let id = self
+            .call(
+                &format!("CreateContainer {name}"),
+                self.runtime_service()
+                    .create_container(cri::CreateContainerRequest {
+                        pod_sandbox_id: pod.id.clone(),
+                        config: Some(config),
+                        sandbox_config: Some(pod.config.clone()),
+                    }),
+            )?
+            .container_id;
+        self.call(
+            &format!("StartContainer {name}"),
+            self.runtime_service()
+                .start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                }),
+        )?;
+        Ok(id)
+    }
+
+    fn exec_sync(&self, id: &str, cmd: &[&str]) -> Result<cri::ExecSyncResponse> {
+        self.call(
+            &format!("ExecSync {cmd:?}"),
+            self.runtime_service().exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 60,
+            }),
+        )
+    }
+
+    fn pod_ip(&self, pod: &Pod) -> Result<String> {
+        let status = self
+            .call(
+                "PodSandboxStatus",
+                self.runtime_service()
+                    .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                        pod_sandbox_id: pod.id.clone(),
+                        verbose: false,
+                    }),
+            )?
+            .status
+            .context("no status")?;
+        ensure!(
+            status.state == cri::PodSandboxState::SandboxReady as i32,
+            "the pod is not ready: state {}",
+            status.state
+        );
+        Ok(status.network.map(|n| n.ip).unwrap_or_default())
+    }
+
+    fn end_pod(&self, pod: &Pod) -> Result<()> {
+        self.call(
+            "StopPodSandbox",
+            self.runtime_service()
+                .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: pod.id.clone(),
+                }),
+        )?;
+        self.call(
+            "RemovePodSandbox",
+            self.runtime_service()
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: pod.id.clone(),
+                }),
+        )?;
+        Ok(())
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_string()
+}
+
+fn in_pod_subnet(ip: &str) -> bool {
+    ip.starts_with(client::POD_SUBNET.trim_end_matches("0/24"))
+}
+
+fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
+    let tar = c
+        .containerd
+        .artifacts
+        .path("busybox.tar")
+        .display()
+        .to_string();
+    let import = c.containerd.ctr(&[
+        "-n",
+        CRI_NAMESPACE,
+        "image",
+        "import",
+        "--base-name",
+        "docker.io/library/busybox",
+        &tar,
+    ])?;
+    ensure!(
+        import.code == Some(0),
+        "ctr image import: {}",
+        import.describe()
+    );
+    s.check("the CRI sees the imported image (ImageStatus)", || {
+        let image = c
+            .call(
+                "ImageStatus",
+                c.image_service().image_status(cri::ImageStatusRequest {
+                    image: Some(cri::ImageSpec {
+                        image: IMAGE.into(),
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                }),
+            )?
+            .image
+            .context("the CRI does not know the image")?;
+        Ok(image.id)
+    });
+
+    let logs = c.containerd.dir.join("pod-logs");
+    let sized = cri::LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 200_000,
+        memory_limit_in_bytes: 1 << 30,
+        ..Default::default()
+    };
+    let pod_a = c.run_pod(pod_config("pod-a", &logs, Some(sized)))?;
+    let pod_b = c.run_pod(pod_config("pod-b", &logs, None))?;
+    let (ip_a, ip_b) = (c.pod_ip(&pod_a)?, c.pod_ip(&pod_b)?);
+    s.verdict(
+        "RunPodSandbox with handler capsa: each pod is ready with a CNI address",
+        in_pod_subnet(&ip_a) && in_pod_subnet(&ip_b) && ip_a != ip_b,
+        format!("pod-a {ip_a}, pod-b {ip_b}"),
+    );
+
+    use cri::security_profile::ProfileType;
+    let server = c.start_container(
+        &pod_a,
+        container_config(
+            "server",
+            &[
+                "sh",
+                "-c",
+                "echo logged-line; while true; do echo pong-from-a | nc -l -p 7000; done",
+            ],
+            ProfileType::RuntimeDefault,
+        ),
+    )?;
+    let client_confined = c.start_container(
+        &pod_b,
+        container_config("confined", &["sleep", "3600"], ProfileType::RuntimeDefault),
+    )?;
+    let client_unconfined = c.start_container(
+        &pod_b,
+        container_config("unconfined", &["sleep", "3600"], ProfileType::Unconfined),
+    )?;
+
+    s.check(
+        "a pod limited to 2 CPUs and 1 GiB gets a VM of that size",
+        || {
+            let cpus = text(&c.exec_sync(&server, &["nproc"])?.stdout);
+            let meminfo = text(
+                &c.exec_sync(&server, &["head", "-n1", "/proc/meminfo"])?
+                    .stdout,
+            );
+            let kib: u64 = meminfo
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("MemTotal in {meminfo:?}"))?;
+            ensure!(cpus == "2", "nproc says {cpus}");
+            // 1 GiB plus the shim's overhead, less what the guest kernel keeps.
+            ensure!(
+                (900 * 1024..=1200 * 1024).contains(&kib),
+                "MemTotal {kib} kB"
+            );
+            Ok(format!("{cpus} vCPUs, MemTotal {kib} kB"))
+        },
+    );
+    s.check("two pods talk over their CNI addresses", || {
+        let mut last = String::new();
+        // The server loops; give it a moment to listen.
+        for _ in 0..10 {
+            let out = c.exec_sync(&client_confined, &["nc", "-w", "5", &ip_a, "7000"])?;
+            last = format!(
+                "exit {}: {} {}",
+                out.exit_code,
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+            if text(&out.stdout) == "pong-from-a" {
+                return Ok(format!("pod-b reached pod-a at {ip_a}:7000"));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        anyhow::bail!("pod-b could not reach {ip_a}:7000: {last}")
+    });
+    s.check(
+        "RuntimeDefault seccomp: unshare(CLONE_NEWUSER) fails with EPERM, unconfined it works",
+        || {
+            let confined = c.exec_sync(&client_confined, &["unshare", "-U", "true"])?;
+            let unconfined = c.exec_sync(&client_unconfined, &["unshare", "-U", "true"])?;
+            ensure!(
+                unconfined.exit_code == 0,
+                "unconfined: exit {}: {}",
+                unconfined.exit_code,
+                text(&unconfined.stderr)
+            );
+            let stderr = text(&confined.stderr);
+            ensure!(
+                confined.exit_code == 1 && stderr.contains("Operation not permitted"),
+                "confined: exit {}: {stderr}",
+                confined.exit_code
+            );
+            Ok(stderr)
+        },
+    );
+    s.check("the container's output is in its CRI log file", || {
+        let path = logs.join("pod-a").join("server.log");
+        let log = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        // CRI's format: TIMESTAMP STREAM TAG LINE.
+        let line = log
+            .lines()
+            .find(|l| l.ends_with(" stdout F logged-line"))
+            .with_context(|| format!("no logged-line in {log:?}"))?;
+        Ok(line.to_string())
+    });
+    s.check(
+        "ContainerStats and ListContainers report the pods' containers",
+        || {
+            let stats = c
+                .call(
+                    "ContainerStats",
+                    c.runtime_service()
+                        .container_stats(cri::ContainerStatsRequest {
+                            container_id: server.clone(),
+                        }),
+                )?
+                .stats
+                .context("no stats")?;
+            let memory = stats
+                .memory
+                .and_then(|m| m.working_set_bytes)
+                .map(|v| v.value)
+                .unwrap_or(0);
+            ensure!(memory > 0, "no memory working set: {memory}");
+            let listed: Vec<String> = c
+                .call(
+                    "ListContainers",
+                    c.runtime_service()
+                        .list_containers(cri::ListContainersRequest { filter: None }),
+                )?
+                .containers
+                .into_iter()
+                .map(|c| c.id)
+                .collect();
+            for id in [&server, &client_confined, &client_unconfined] {
+                ensure!(listed.contains(id), "{id} is not in {listed:?}");
+            }
+            Ok(format!(
+                "working set {memory} bytes, {} containers",
+                listed.len()
+            ))
+        },
+    );
+    s.check(
+        "ContainerStatus says running, then exited after StopContainer",
+        || {
+            let state = |id: &str| -> Result<i32> {
+                Ok(c.call(
+                    "ContainerStatus",
+                    c.runtime_service()
+                        .container_status(cri::ContainerStatusRequest {
+                            container_id: id.into(),
+                            verbose: false,
+                        }),
+                )?
+                .status
+                .context("no status")?
+                .state)
+            };
+            ensure!(state(&client_unconfined)? == cri::ContainerState::ContainerRunning as i32);
+            c.call(
+                "StopContainer",
+                c.runtime_service()
+                    .stop_container(cri::StopContainerRequest {
+                        container_id: client_unconfined.clone(),
+                        timeout: 2,
+                    }),
+            )?;
+            ensure!(state(&client_unconfined)? == cri::ContainerState::ContainerExited as i32);
+            Ok("running, then exited".into())
+        },
+    );
+
+    let ended: Result<()> = [&pod_a, &pod_b].iter().try_for_each(|pod| c.end_pod(pod));
+    s.check(
+        "StopPodSandbox and RemovePodSandbox leave no VMM, sandbox directory or netns",
+        || {
+            ended?;
+            let vmms = crate::suites::shim::vmm_pids();
+            ensure!(vmms.is_empty(), "VMMs left: {vmms:?}");
+            let dirs: Vec<String> = std::fs::read_dir("/run/capsa-shim")
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|name| name != "jail-ids")
+                        .collect()
+                })
+                .unwrap_or_default();
+            ensure!(dirs.is_empty(), "sandbox directories left: {dirs:?}");
+            let netns: Vec<String> = std::fs::read_dir("/var/run/netns")
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            ensure!(netns.is_empty(), "network namespaces left: {netns:?}");
+            Ok("none".into())
+        },
+    );
+    Ok(())
+}
