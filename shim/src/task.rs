@@ -179,16 +179,18 @@ impl TaskService {
             .ok_or_else(|| status(Code::NOT_FOUND, format!("no exec {exec_id} in task {id}")))
     }
 
-    /// The sandbox's VM, booted on first use.
+    /// The sandbox's VM, booted on first use with what `setup` says (only
+    /// then asked: a later container's spec does not size the VM).
     fn sandbox_for(
         &self,
         config: &ShimConfig,
-        setup: &sandbox::Setup,
+        setup: impl FnOnce() -> TtrpcResult<sandbox::Setup>,
     ) -> TtrpcResult<Arc<Sandbox>> {
         let mut slot = self.sandbox.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(sandbox) = slot.as_ref() {
             return Ok(sandbox.clone());
         }
+        let setup = &setup()?;
         let dir = sandbox::dir_for(&self.namespace, &self.sandbox_id);
         let sandbox = Arc::new(
             Sandbox::boot(config, dir, setup)
@@ -255,13 +257,14 @@ impl TaskService {
         }
         let config = ShimConfig::for_options(req.options.as_ref())
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let setup = sandbox::Setup {
-            hostname: spec.hostname().clone().unwrap_or_default(),
-            size: sizing::vm_size(&config, &spec)
-                .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?,
-            netns: removed.netns,
-        };
-        let sandbox = self.sandbox_for(&config, &setup)?;
+        let sandbox = self.sandbox_for(&config, || {
+            Ok(sandbox::Setup {
+                hostname: spec.hostname().clone().unwrap_or_default(),
+                size: sizing::vm_size(&config, &spec)
+                    .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?,
+                netns: removed.netns,
+            })
+        })?;
         let pause = spec
             .annotations()
             .as_ref()
