@@ -234,6 +234,16 @@ impl agent_ttrpc::Agent for AgentService {
         })
     }
 
+    fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: UpdateContainerRequest,
+    ) -> Reply<Empty> {
+        self.containers
+            .update(&request.container_id, &request.resources_json)?;
+        Ok(Empty::default())
+    }
+
     fn list_containers(
         &self,
         _ctx: &TtrpcContext,

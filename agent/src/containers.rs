@@ -271,6 +271,18 @@ impl Containers {
         container.processes().map_err(ApiError::from_runtime)
     }
 
+    /// New limits for container `id`'s cgroup, from OCI LinuxResources JSON.
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ApiError> {
+        let resources: oci_spec::runtime::LinuxResources =
+            serde_json::from_slice(resources_json)
+                .map_err(|e| ApiError::invalid(format!("the OCI resources: {e}")))?;
+        let entry = self.entry(id)?;
+        entry
+            .cgroup
+            .update(&resources)
+            .map_err(|e| ApiError::invalid(e.to_string()))
+    }
+
     pub fn stats(&self, id: &str) -> Result<CgroupStats, ApiError> {
         let entry = self.entry(id)?;
         entry

@@ -196,6 +196,11 @@ pub struct VmCgroup {
 }
 
 impl VmCgroup {
+    /// The VM cgroup at `dir`, as recorded by whoever made it.
+    pub fn at(dir: PathBuf) -> VmCgroup {
+        VmCgroup { dir }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -479,6 +479,19 @@ impl Guest {
             .map_err(call("Stats"))
     }
 
+    /// New cgroup limits (OCI LinuxResources as JSON) for container `id`.
+    pub fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<(), GuestError> {
+        let request = UpdateContainerRequest {
+            container_id: id.to_string(),
+            resources_json,
+            ..Default::default()
+        };
+        self.agent
+            .update_container(timeout(CALL_TIMEOUT), &request)
+            .map_err(call("UpdateContainer"))?;
+        Ok(())
+    }
+
     /// Sets the sandbox up once, before its first container: hostname,
     /// DNS, interfaces, volumes, clock.
     pub fn setup_sandbox(&self, request: &SetupSandboxRequest) -> Result<(), GuestError> {

@@ -84,6 +84,11 @@ impl Cgroup {
         &self.path
     }
 
+    /// Writes the limits of `resources` (those it sets; the rest stay).
+    pub fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
+        self.apply(resources)
+    }
+
     fn apply(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
         if let Some(memory) = resources.memory() {
             if let Some(limit) = memory.limit() {

@@ -20,6 +20,10 @@ use crate::sizing::VmSize;
 
 /// Where sandboxes' directories are made.
 pub const STATE_ROOT: &str = "/run/capsa-shim";
+/// Where the pods' cgroups (`linux.cgroupsPath`) are, cgroup v2.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// How long a VMM's cgroup may take to empty once it has exited.
+const CGROUP_PATIENCE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -48,6 +52,39 @@ pub struct Setup {
     pub size: VmSize,
     /// The pod's network namespace (CNI's), whose interface the VM takes.
     pub netns: Option<PathBuf>,
+    /// The spec's `linux.cgroupsPath` (cgroupfs form, `/parent/name`):
+    /// the VMM runs in that cgroup, held to the VM's size.
+    pub cgroups_path: Option<PathBuf>,
+}
+
+/// The VMM's cgroup at `path` (under CGROUP_ROOT), made with the VM's
+/// limits; None, with a warning, where the host cannot give one (no
+/// cgroup v2 there, a systemd-style path).
+fn pod_cgroup(path: &Path, size: VmSize) -> Option<capsa_cgroup::VmCgroup> {
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    let (Some(parent), Some(name)) = (relative.parent(), relative.file_name()) else {
+        log::warn!(
+            "cgroupsPath {} is not /PARENT/NAME: the VMM runs in the shim's cgroup",
+            path.display()
+        );
+        return None;
+    };
+    let made = capsa_cgroup::Hierarchy::open(&Path::new(CGROUP_ROOT).join(parent)).and_then(|h| {
+        h.create(
+            &name.to_string_lossy(),
+            &capsa_cgroup::Limits::for_vm(size.cpus, size.memory_mib, f64::from(size.cpus)),
+        )
+    });
+    match made {
+        Ok(cgroup) => Some(cgroup),
+        Err(e) => {
+            log::warn!(
+                "the VMM runs in the shim's cgroup, not {}: {e}",
+                path.display()
+            );
+            None
+        }
+    }
 }
 
 pub struct Sandbox {
@@ -109,6 +146,17 @@ impl Sandbox {
             fd: Some(std::os::fd::AsRawFd::as_raw_fd(&p.tap)),
             rate: None,
         });
+        let cgroup = setup
+            .cgroups_path
+            .as_deref()
+            .and_then(|path| pod_cgroup(path, setup.size));
+        if let Some(cgroup) = &cgroup {
+            let _ = fs::write(
+                dir.join("cgroup"),
+                cgroup.dir().as_os_str().as_encoded_bytes(),
+            );
+        }
+        let procs = cgroup.as_ref().map(|c| c.procs());
         let booted = sandbox::boot(
             &config.vm(),
             &VmSpec {
@@ -118,7 +166,7 @@ impl Sandbox {
                 disks: &[],
                 vsock: &vsock,
                 console: &console,
-                cgroup_procs: None,
+                cgroup_procs: procs.as_deref(),
                 jail: jail_id.map(|id| vm::JailSpec {
                     root: &jail_root,
                     uid: id,
@@ -230,6 +278,12 @@ pub fn destroy(dir: &Path) {
     let jail_id = fs::read_to_string(dir.join("jail.id"))
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok());
+    if let Ok(cgroup) = fs::read_to_string(dir.join("cgroup")) {
+        let cgroup = capsa_cgroup::VmCgroup::at(PathBuf::from(cgroup));
+        if let Err(e) = cgroup.remove(CGROUP_PATIENCE) {
+            log::warn!("{e}");
+        }
+    }
     let _ = fs::remove_dir_all(dir);
     // After the directory: a claim whose holder is gone is free anyway.
     if let (Some(id), Some(claims)) = (jail_id, ShimConfig::default().jail_claims()) {
@@ -269,6 +323,7 @@ mod tests {
                 memory_mib: 256,
             },
             netns: None,
+            cgroups_path: None,
         };
         let err = Sandbox::boot(&config, dir.path().join("s"), &setup)
             .err()

@@ -263,6 +263,7 @@ impl TaskService {
                 size: sizing::vm_size(&config, &spec)
                     .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?,
                 netns: removed.netns,
+                cgroups_path: spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
             })
         })?;
         let pause = spec
@@ -894,6 +895,34 @@ impl containerd_shim::Task for TaskService {
             exited_at: MessageField::some(exited_at),
             ..Default::default()
         })
+    }
+
+    /// New limits for a container's cgroup in the guest (CRI's
+    /// UpdateContainerResources). The VM's own size stays: the pause
+    /// container's limits are the pod's, which a VM has from its boot.
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        self.process(&req.id, "")?;
+        if self.is_pause(&req.id) {
+            return Ok(api::Empty::new());
+        }
+        let resources = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "the update has no resources"))?;
+        // Checked here so that a malformed update is refused by the shim.
+        serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources.value).map_err(
+            |e| {
+                status(
+                    Code::INVALID_ARGUMENT,
+                    format!("the update's resources: {e}"),
+                )
+            },
+        )?;
+        self.running_sandbox()?
+            .guest()
+            .update(&req.id, resources.value.clone())
+            .map_err(|e| guest_status("updating the container's limits", e))?;
+        Ok(api::Empty::new())
     }
 
     fn connect(

@@ -20,6 +20,8 @@ use client::{Cri, HANDLER};
 
 /// The CRI's image namespace in containerd.
 const CRI_NAMESPACE: &str = "k8s.io";
+/// The cgroup parent the sized pod names (kubelet's would be its pod's).
+const POD_CGROUP_PARENT: &str = "/capsa-e2e-pods";
 
 pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
     let result = Cri::start(artifacts).and_then(|mut c| {
@@ -51,6 +53,11 @@ fn pod_config(
         hostname: name.into(),
         log_directory: logs.join(name).display().to_string(),
         linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: if resources.is_some() {
+                POD_CGROUP_PARENT.into()
+            } else {
+                String::new()
+            },
             resources,
             ..Default::default()
         }),
@@ -269,6 +276,22 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         &pod_b,
         container_config("unconfined", &["sleep", "3600"], ProfileType::Unconfined),
     )?;
+    let talker = c.start_container(
+        &pod_b,
+        container_config(
+            "talker",
+            &["sh", "-c", "echo running-line; exec sleep 3600"],
+            ProfileType::RuntimeDefault,
+        ),
+    )?;
+    let printer = c.start_container(
+        &pod_b,
+        container_config(
+            "printer",
+            &["echo", "exited-line"],
+            ProfileType::RuntimeDefault,
+        ),
+    )?;
 
     s.check(
         "a pod limited to 2 CPUs and 1 GiB gets a VM of that size",
@@ -290,6 +313,25 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
                 "MemTotal {kib} kB"
             );
             Ok(format!("{cpus} vCPUs, MemTotal {kib} kB"))
+        },
+    );
+    let pod_cgroup = format!("{POD_CGROUP_PARENT}/{}", pod_a.id);
+    s.check(
+        "the sized pod's VMM runs in the pod's cgroup, held to the VM's size",
+        || {
+            let vmm = crate::suites::shim::vmm_pids()
+                .into_iter()
+                .find(|&pid| {
+                    capsa_cgroup::of_process(pid as u32).as_deref() == Some(pod_cgroup.as_str())
+                })
+                .with_context(|| format!("no VMM in {pod_cgroup}"))?;
+            let max = std::fs::read_to_string(format!("/sys/fs/cgroup{pod_cgroup}/memory.max"))?;
+            let max_mib = max.trim().parse::<u64>()? >> 20;
+            // The VM's memory (1 GiB and the shim's overhead) and the VMM's own.
+            ensure!((1024..=1600).contains(&max_mib), "memory.max {max_mib} MiB");
+            Ok(format!(
+                "VMM {vmm} in {pod_cgroup}, memory.max {max_mib} MiB"
+            ))
         },
     );
     s.check("two pods talk over their CNI addresses", || {
@@ -330,6 +372,33 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
             Ok(stderr)
         },
     );
+    let log_line = |name: &str, line: &str| -> Result<String> {
+        let path = logs.join("pod-b").join(format!("{name}.log"));
+        let ending = format!(" stdout F {line}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            // CRI's format: TIMESTAMP STREAM TAG LINE.
+            if let Some(found) = log.lines().find(|l| l.ends_with(&ending)) {
+                return Ok(found.to_string());
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "no {line:?} in {} after 20 s: {log:?}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    s.check(
+        "an exited container's output is in its CRI log file",
+        || log_line("printer", "exited-line"),
+    );
+    s.check(
+        "a running container's output is in its CRI log file",
+        || log_line("talker", "running-line"),
+    );
+    let _ = (&talker, &printer);
     s.check(
         "ContainerStats and ListContainers report the pods' containers",
         || {
@@ -369,6 +438,41 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         },
     );
     s.check(
+        "UpdateContainerResources sets the container's limits in the guest",
+        || {
+            let limit: i64 = 96 << 20;
+            c.call(
+                "UpdateContainerResources",
+                c.runtime_service().update_container_resources(
+                    cri::UpdateContainerResourcesRequest {
+                        container_id: server.clone(),
+                        linux: Some(cri::LinuxContainerResources {
+                            memory_limit_in_bytes: limit,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ),
+            )?;
+            // What the shim's Stats reads from the container's cgroup.
+            let out = c.containerd.ctr(&[
+                "-n",
+                CRI_NAMESPACE,
+                "task",
+                "metrics",
+                "--format",
+                "json",
+                &server,
+            ])?;
+            ensure!(out.code == Some(0), "ctr task metrics: {}", out.describe());
+            let metrics: serde_json::Value = serde_json::from_str(&out.stdout)
+                .with_context(|| format!("ctr task metrics: {}", out.describe()))?;
+            let seen = metrics["memory"]["usage_limit"].as_i64();
+            ensure!(seen == Some(limit), "memory.max is {seen:?}, not {limit}");
+            Ok(format!("memory.max {limit}"))
+        },
+    );
+    s.check(
         "ContainerStatus says running, then exited after StopContainer",
         || {
             let state = |id: &str| -> Result<i32> {
@@ -400,9 +504,12 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
 
     let ended: Result<()> = [&pod_a, &pod_b].iter().try_for_each(|pod| c.end_pod(pod));
     s.check(
-        "StopPodSandbox and RemovePodSandbox leave no VMM, sandbox directory or netns",
+        "StopPodSandbox and RemovePodSandbox leave no VMM, sandbox directory, netns or pod cgroup",
         || {
             ended?;
+            let cgroup =
+                std::path::Path::new("/sys/fs/cgroup").join(pod_cgroup.trim_start_matches('/'));
+            ensure!(!cgroup.exists(), "{} is left", cgroup.display());
             let vmms = crate::suites::shim::vmm_pids();
             ensure!(vmms.is_empty(), "VMMs left: {vmms:?}");
             let dirs: Vec<String> = std::fs::read_dir("/run/capsa-shim")
