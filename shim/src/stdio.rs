@@ -5,7 +5,7 @@
 //! copied from its FIFO until the writer closes it (or CloseIO).
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
@@ -156,13 +156,30 @@ fn close(slot: &Mutex<Option<UnixStream>>) {
 fn copy_out(mut stream: UnixStream, fifo: &Path) -> io::Result<()> {
     // containerd holds the reading end open already, so this does not block.
     let mut out = OpenOptions::new().write(true).open(fifo)?;
-    io::copy(&mut stream, &mut out).map(|_| ())
+    pump(&mut stream, &mut out)
 }
 
 fn copy_in(fifo: &Path, mut stream: UnixStream) -> io::Result<()> {
     // Blocks until containerd's client opens its writing end.
     let mut input = File::open(fifo)?;
-    io::copy(&mut input, &mut stream).map(|_| ())
+    pump(&mut input, &mut stream)
+}
+
+/// Copies chunk by chunk as the bytes come, until end of file. Not
+/// io::copy: between the VMM's vsock socket and a FIFO std splices, and a
+/// running container's output then reached containerd (and CRI's log
+/// file) only when the stream ended.
+fn pump(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buffer[..n])?;
+    }
 }
 
 #[cfg(test)]
