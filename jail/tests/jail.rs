@@ -102,8 +102,16 @@ fn the_supervisor_is_jailed_and_a_sigterm_ends_both() {
     )
     .unwrap();
     let pid = child.id();
-    let status =
-        TaskStatus::parse(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap());
+    // The line comes from the jailed process, which the supervisor forks
+    // before it confines itself: give the supervisor a moment to finish.
+    let read_status =
+        || TaskStatus::parse(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut status = read_status();
+    while status.seccomp != "2" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        status = read_status();
+    }
     assert_eq!(status.uids, format!("{UID} {UID} {UID} {UID}"));
     assert_eq!(status.gids, format!("{GID} {GID} {GID} {GID}"));
     assert_eq!(status.cap_eff, "0000000000000000");

@@ -273,17 +273,9 @@ impl TaskService {
             .is_some_and(|kind| kind == "sandbox");
         if pause {
             let pid = sandbox.vmm_pid();
-            let init = Arc::new(Process::new(&req.id, "", Fifos::default()));
+            let init = Process::new(&req.id, "", Fifos::default());
             init.lock().pid = pid;
-            self.containers().insert(
-                req.id.clone(),
-                Container {
-                    bundle,
-                    init,
-                    execs: HashMap::new(),
-                    pause: true,
-                },
-            );
+            self.add_container(&req.id, bundle, init, true);
             return Ok(pid);
         }
         let guest = sandbox.guest();
@@ -322,22 +314,26 @@ impl TaskService {
             .and_then(|all| all.into_iter().find(|c| c.container_id == req.id))
             .map(|c| c.pid)
             .unwrap_or(0);
-        let init = Arc::new(Process::new(&req.id, "", fifos));
+        let init = Process::new(&req.id, "", fifos);
         {
             let mut state = init.lock();
             state.pid = pid;
             state.copies = copies;
         }
+        self.add_container(&req.id, bundle, init, false);
+        Ok(pid)
+    }
+
+    fn add_container(&self, id: &str, bundle: PathBuf, init: Process, pause: bool) {
         self.containers().insert(
-            req.id.clone(),
+            id.to_string(),
             Container {
                 bundle,
-                init,
+                init: Arc::new(init),
                 execs: HashMap::new(),
-                pause: false,
+                pause,
             },
         );
-        Ok(pid)
     }
 
     fn is_pause(&self, id: &str) -> bool {

@@ -201,21 +201,7 @@ fn in_pod_subnet(ip: &str) -> bool {
 }
 
 fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
-    let tar = c
-        .containerd
-        .artifacts
-        .path("busybox.tar")
-        .display()
-        .to_string();
-    let import = c.containerd.ctr(&[
-        "-n",
-        CRI_NAMESPACE,
-        "image",
-        "import",
-        "--base-name",
-        "docker.io/library/busybox",
-        &tar,
-    ])?;
+    let import = c.containerd.import_busybox(Some(CRI_NAMESPACE))?;
     ensure!(
         import.code == Some(0),
         "ctr image import: {}",

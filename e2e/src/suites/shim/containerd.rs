@@ -102,6 +102,24 @@ impl<'a> Containerd<'a> {
         Ok(Output::from(run))
     }
 
+    /// `ctr [-n NAMESPACE] image import` of the payload's busybox image,
+    /// named IMAGE.
+    pub fn import_busybox(&self, namespace: Option<&str>) -> Result<Output> {
+        let tar = self.artifacts.path("busybox.tar").display().to_string();
+        let mut args = Vec::new();
+        if let Some(namespace) = namespace {
+            args.extend(["-n", namespace]);
+        }
+        args.extend([
+            "image",
+            "import",
+            "--base-name",
+            "docker.io/library/busybox",
+            &tar,
+        ]);
+        self.ctr(&args)
+    }
+
     /// `ctr run` with the Capsa shim: ARGS are run's own and then IMAGE ID
     /// COMMAND as usual.
     pub fn run(&self, args: &[&str]) -> Result<Output> {

@@ -88,14 +88,7 @@ pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
 }
 
 fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
-    let tar = artifacts_path(c.artifacts, "busybox.tar");
-    let import = c.ctr(&[
-        "image",
-        "import",
-        "--base-name",
-        "docker.io/library/busybox",
-        &tar,
-    ])?;
+    let import = c.import_busybox(None)?;
     s.verdict(
         "ctr imports the busybox image",
         import.code == Some(0),
@@ -356,10 +349,6 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
         },
     );
     Ok(())
-}
-
-fn artifacts_path(artifacts: &Artifacts, name: &str) -> String {
-    artifacts.path(name).to_string_lossy().into_owned()
 }
 
 fn artifacts_path_of(path: &std::path::Path) -> String {
