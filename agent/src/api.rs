@@ -15,6 +15,7 @@ use crate::containers::Containers;
 use crate::errors::ApiError;
 use crate::images::Images;
 use crate::sandbox::Sandbox;
+use crate::shared::SharedDirs;
 use crate::{init, kmsg, ready};
 
 /// How long containers get between SIGTERM and SIGKILL at shutdown when
@@ -25,6 +26,7 @@ pub struct AgentService {
     pub images: Arc<Images>,
     pub containers: Arc<Containers>,
     pub sandbox: Arc<Sandbox>,
+    pub shared: SharedDirs,
 }
 
 type Reply<T> = ttrpc::Result<T>;
@@ -241,6 +243,11 @@ impl agent_ttrpc::Agent for AgentService {
     ) -> Reply<Empty> {
         self.containers
             .update(&request.container_id, &request.resources_json)?;
+        Ok(Empty::default())
+    }
+
+    fn sync_directory(&self, _ctx: &TtrpcContext, request: SyncDirectoryRequest) -> Reply<Empty> {
+        self.shared.sync(&request)?;
         Ok(Empty::default())
     }
 

@@ -19,6 +19,7 @@ mod net;
 mod params;
 mod ready;
 mod sandbox;
+mod shared;
 mod stdio;
 
 use std::io::Write;
@@ -86,6 +87,7 @@ fn run() -> Result<()> {
         images,
         containers,
         sandbox: Arc::new(sandbox::Sandbox::default()),
+        shared: shared::SharedDirs::default(),
     })?;
     loop {
         std::thread::park();

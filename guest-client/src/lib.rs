@@ -492,6 +492,35 @@ impl Guest {
         Ok(())
     }
 
+    /// Makes the guest's shared directory `name` hold what the tar `tree`
+    /// holds, the directory itself with `mode`, `uid` and `gid`.
+    pub fn sync_directory(
+        &self,
+        name: &str,
+        (mode, uid, gid): (u32, u32, u32),
+        tree: &[u8],
+    ) -> Result<(), GuestError> {
+        let chunks: Vec<&[u8]> = tree.chunks(LAYER_CHUNK_BYTES).collect();
+        let count = chunks.len();
+        for (i, data) in chunks.into_iter().enumerate() {
+            let last = i + 1 == count;
+            let request = SyncDirectoryRequest {
+                name: name.to_string(),
+                offset: (i * LAYER_CHUNK_BYTES) as u64,
+                data: data.to_vec(),
+                last,
+                mode: if last { mode } else { 0 },
+                uid,
+                gid,
+                ..Default::default()
+            };
+            self.agent
+                .sync_directory(timeout(CALL_TIMEOUT), &request)
+                .map_err(call("SyncDirectory"))?;
+        }
+        Ok(())
+    }
+
     /// Sets the sandbox up once, before its first container: hostname,
     /// DNS, interfaces, volumes, clock.
     pub fn setup_sandbox(&self, request: &SetupSandboxRequest) -> Result<(), GuestError> {

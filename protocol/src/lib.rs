@@ -17,7 +17,7 @@ pub mod vmm_socket;
 
 /// The API version this build speaks. Bump it with any change that an
 /// older peer would misread.
-pub const API_VERSION: u32 = 4;
+pub const API_VERSION: u32 = 5;
 
 /// The vsock port the agent serves its ttrpc API on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -28,6 +28,15 @@ pub const STDIO_VSOCK_PORT: u32 = 1025;
 /// Where the agent mounts the group's volumes; container specs bind-mount
 /// them from `VOLUMES_DIR/<name>`.
 pub const VOLUMES_DIR: &str = "/run/capsa/volumes";
+
+/// Where the agent keeps the host directories the host shares by copy
+/// (SyncDirectory); container specs bind-mount them from
+/// `SHARED_DIRS_DIR/<name>`.
+pub const SHARED_DIRS_DIR: &str = "/run/capsa/shared";
+
+/// The most a shared directory's tar may hold: it lives in the guest's
+/// memory.
+pub const MAX_SHARED_DIR_BYTES: u64 = 64 << 20;
 
 /// A container spec annotation: the paths (comma-separated) whose files
 /// its image brings itself, which the sandbox's own files (/etc/hosts,

@@ -7,6 +7,7 @@ mod config;
 mod pod_network;
 mod rootfs;
 mod sandbox;
+mod shared_dirs;
 mod sizing;
 mod spec;
 mod stdio;

@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capsa_guest_client::Guest;
@@ -16,7 +17,9 @@ use sha2::{Digest, Sha256};
 
 use crate::config::ShimConfig;
 use crate::pod_network::{self, PodNetworkError};
+use crate::shared_dirs::{SharedDirError, SharedDirs};
 use crate::sizing::VmSize;
+use crate::spec::Bind;
 
 /// Where sandboxes' directories are made.
 pub const STATE_ROOT: &str = "/run/capsa-shim";
@@ -91,6 +94,7 @@ pub struct Sandbox {
     dir: PathBuf,
     vm: sandbox::Sandbox,
     grace: Duration,
+    shared: Arc<SharedDirs>,
 }
 
 /// The directory of sandbox `id` in `namespace`: a digest, as ids may be
@@ -229,6 +233,7 @@ impl Sandbox {
                 dir,
                 vm,
                 grace: Duration::from_secs(config.shutdown_grace_secs),
+                shared: Arc::default(),
             }),
             Err(e) => {
                 destroy(&dir);
@@ -251,10 +256,18 @@ impl Sandbox {
         self.vm.is_alive()
     }
 
+    /// Shares the host directory of `bind` with the VM (see shared_dirs);
+    /// returns its path in the guest.
+    pub fn share(&self, bind: &Bind) -> Result<PathBuf, SharedDirError> {
+        let guest = self.guest();
+        self.shared.share(guest, bind, || guest.reconnect())
+    }
+
     /// Stops the containers (SIGTERM, then SIGKILL after the grace), powers
     /// the VM off (by force if it does not), and removes the sandbox's
     /// files.
     pub fn shutdown(&self) {
+        self.shared.stop();
         if let Err(e) = self.vm.shutdown(self.grace) {
             log::warn!("asking the guest to shut down: {e}");
         }

@@ -1,26 +1,36 @@
 //! containerd's OCI runtime spec, made to fit inside the sandbox's VM.
 //! What names host resources (namespace paths, bind mounts of host paths,
 //! hooks that would run host binaries) means nothing in the guest. Bind
-//! mounts are handed back to the caller (a small host file can travel
-//! with the root filesystem); the rest is left out, and each omission is
-//! reported so the log says why.
+//! mounts are handed back to the caller, who says where each one's source
+//! is in the guest (`place_binds`: a host directory shared by copy) or
+//! leaves it out (a small host file travels in the root filesystem); the
+//! rest is left out, and each omission is reported so the log says why.
+
+use std::collections::HashMap;
 
 use std::path::PathBuf;
 
 use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType, Spec};
 
-/// A bind mount taken out of the spec: host `source` on `destination`.
+/// A bind mount of the spec: host `source` on `destination`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
     pub source: PathBuf,
     pub destination: PathBuf,
+    pub read_only: bool,
 }
 
-/// What `for_guest` took out of a spec.
+fn is_bind(mount: &oci_spec::runtime::Mount) -> bool {
+    let options = mount.options().as_deref().unwrap_or_default();
+    mount.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind")
+}
+
+/// What `for_guest` took out of a spec, and the binds it found.
 #[derive(Debug, Default)]
 pub struct Removed {
     /// For the log: what is gone for good.
     pub dropped: Vec<String>,
+    /// Still in the spec, until `place_binds`.
     pub binds: Vec<Bind>,
     /// The network namespace the spec named (CNI's, for a pod): the VM
     /// takes its interface over rather than the container joining it.
@@ -58,24 +68,38 @@ pub fn for_guest(spec: &mut Spec) -> Removed {
             }
         }
     }
-    if let Some(mounts) = spec.mounts_mut() {
-        mounts.retain(|mount| {
-            let options = mount.options().as_deref().unwrap_or_default();
-            let bind = mount.typ().as_deref() == Some("bind")
-                || options.iter().any(|o| o == "bind" || o == "rbind");
-            if bind {
-                binds.push(Bind {
-                    source: mount.source().clone().unwrap_or_default(),
-                    destination: mount.destination().clone(),
-                });
-            }
-            !bind
+    for mount in spec.mounts().iter().flatten().filter(|m| is_bind(m)) {
+        let options = mount.options().as_deref().unwrap_or_default();
+        binds.push(Bind {
+            source: mount.source().clone().unwrap_or_default(),
+            destination: mount.destination().clone(),
+            read_only: options.iter().any(|o| o == "ro"),
         });
     }
     Removed {
         dropped,
         binds,
         netns,
+    }
+}
+
+/// Gives each bind mount of `spec` its source in the guest, from
+/// `guest_sources` by destination, in its place among the mounts; binds
+/// not named there are taken out.
+pub fn place_binds(spec: &mut Spec, guest_sources: &HashMap<PathBuf, PathBuf>) {
+    if let Some(mounts) = spec.mounts_mut() {
+        mounts.retain_mut(|mount| {
+            if !is_bind(mount) {
+                return true;
+            }
+            match guest_sources.get(mount.destination()) {
+                Some(source) => {
+                    mount.set_source(Some(source.clone()));
+                    true
+                }
+                None => false,
+            }
+        });
     }
 }
 
@@ -113,23 +137,33 @@ mod tests {
             [
                 Bind {
                     source: "/var/lib/x/hosts".into(),
-                    destination: "/etc/hosts".into()
+                    destination: "/etc/hosts".into(),
+                    read_only: true,
                 },
                 Bind {
                     source: "/srv/data".into(),
-                    destination: "/data".into()
+                    destination: "/data".into(),
+                    read_only: false,
                 }
             ]
         );
         assert!(spec.hooks().is_none());
+        let guest_sources = HashMap::from([("/data".into(), "/run/capsa/shared/x".into())]);
+        place_binds(&mut spec, &guest_sources);
         let mounts: Vec<_> = spec
             .mounts()
             .as_ref()
             .unwrap()
             .iter()
-            .map(|m| m.destination().display().to_string())
+            .map(|m| {
+                format!(
+                    "{} <- {}",
+                    m.destination().display(),
+                    m.source().as_ref().unwrap().display()
+                )
+            })
             .collect();
-        assert_eq!(mounts, ["/proc"]);
+        assert_eq!(mounts, ["/proc <- proc", "/data <- /run/capsa/shared/x"]);
         let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert_eq!(namespaces.len(), 3);
         assert!(namespaces.iter().all(|n| n.path().is_none()));

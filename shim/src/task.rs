@@ -242,7 +242,7 @@ impl TaskService {
         for dropped in &removed.dropped {
             log::warn!("task {}: left out {dropped}", req.id);
         }
-        let copies = file_copies(&req.id, removed.binds);
+        let (copies, dirs) = file_copies(&req.id, removed.binds)?;
         if !copies.is_empty() {
             let own: Vec<String> = copies
                 .iter()
@@ -279,6 +279,21 @@ impl TaskService {
             return Ok(pid);
         }
         let guest = sandbox.guest();
+        let mut guest_sources = HashMap::new();
+        for bind in &dirs {
+            let source = sandbox
+                .share(bind)
+                .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+            log::info!(
+                "task {}: host directory {} is shared with the VM as {} for {}",
+                req.id,
+                bind.source.display(),
+                source.display(),
+                bind.destination.display()
+            );
+            guest_sources.insert(bind.destination.clone(), source);
+        }
+        spec::place_binds(&mut spec, &guest_sources);
 
         let target = bundle.join("rootfs");
         let mounted = rootfs::mount(&req.rootfs, &target)
@@ -446,46 +461,48 @@ fn publish(
     }
 }
 
-/// The bind mounts that can travel with the root filesystem: host files
-/// up to rootfs::MAX_FILE_COPY (CRI's /etc/hosts, /etc/resolv.conf,
-/// /etc/hostname). Directories and larger files cannot; they are logged.
-fn file_copies(id: &str, binds: Vec<spec::Bind>) -> Vec<rootfs::FileCopy> {
-    binds
-        .into_iter()
-        .filter_map(|bind| {
-            match std::fs::metadata(&bind.source) {
-                Ok(meta) if meta.is_file() && meta.len() <= rootfs::MAX_FILE_COPY => {
-                    log::info!(
-                        "task {id}: {} is copied into the root filesystem at {} (a copy, not a live bind)",
-                        bind.source.display(),
-                        bind.destination.display()
-                    );
-                    return Some(rootfs::FileCopy {
-                        source: bind.source,
-                        destination: bind.destination,
-                    });
-                }
-                Ok(meta) if meta.is_file() => log::warn!(
-                    "task {id}: left out the bind mount of {} on {}: {} bytes is over the {} bytes a copy may have",
-                    bind.source.display(),
-                    bind.destination.display(),
-                    meta.len(),
-                    rootfs::MAX_FILE_COPY
-                ),
-                Ok(_) => log::warn!(
-                    "task {id}: left out the bind mount of host directory {} on {} (host directories cannot be shared with the VM yet)",
+/// Splits the bind mounts: host files up to rootfs::MAX_FILE_COPY (CRI's
+/// /etc/hosts, /etc/resolv.conf, /etc/hostname, a subPath) travel with the
+/// root filesystem; host directories are shared with the VM (shared_dirs).
+/// A larger file, or a source that cannot be read, is refused.
+type Binds = (Vec<rootfs::FileCopy>, Vec<spec::Bind>);
+fn file_copies(id: &str, binds: Vec<spec::Bind>) -> TtrpcResult<Binds> {
+    let mut copies = Vec::new();
+    let mut dirs = Vec::new();
+    for bind in binds {
+        let refused = |why: String| {
+            status(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "the bind mount of {} on {}: {why}",
                     bind.source.display(),
                     bind.destination.display()
                 ),
-                Err(e) => log::warn!(
-                    "task {id}: left out the bind mount of {} on {}: {e}",
-                    bind.source.display(),
-                    bind.destination.display()
-                ),
-            }
-            None
-        })
-        .collect()
+            )
+        };
+        let meta = std::fs::metadata(&bind.source).map_err(|e| refused(e.to_string()))?;
+        if meta.is_dir() {
+            dirs.push(bind);
+            continue;
+        }
+        if meta.len() > rootfs::MAX_FILE_COPY {
+            return Err(refused(format!(
+                "a host file is copied into the VM, and {} bytes is over the {} a copy may have",
+                meta.len(),
+                rootfs::MAX_FILE_COPY
+            )));
+        }
+        log::info!(
+            "task {id}: {} is copied into the root filesystem at {} (a copy, not a live bind)",
+            bind.source.display(),
+            bind.destination.display()
+        );
+        copies.push(rootfs::FileCopy {
+            source: bind.source,
+            destination: bind.destination,
+        });
+    }
+    Ok((copies, dirs))
 }
 
 fn bundle_of(path: &Path) -> String {

@@ -2,12 +2,14 @@
 //! as kubelet drives it (a CRI client, runtime handler `capsa`): pods get
 //! CNI addresses and talk over them, are sized from their limits, run
 //! containers under the RuntimeDefault seccomp profile in the VMM's pod
-//! cgroup, exec, log, report stats and take new limits, and leave nothing
-//! behind when stopped and removed.
+//! cgroup, see their volumes (a configMap's updates within 2 s, an
+//! emptyDir shared by the pod's containers), exec, log, report stats and
+//! take new limits, and leave nothing behind when stopped and removed.
 
 mod client;
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use k8s_cri::v1 as cri;
@@ -192,6 +194,35 @@ impl Cri<'_> {
     }
 }
 
+/// kubelet's atomic writer, as it lays out a configMap volume: the keys
+/// in a timestamped directory, `..data` a symlink to it (switched by a
+/// rename), each key a symlink through `..data`.
+fn write_config_map(dir: &Path, version: &str, keys: &[(&str, &str)]) -> Result<()> {
+    use std::os::unix::fs::symlink;
+    std::fs::create_dir_all(dir)?;
+    let dated = format!("..{version}");
+    std::fs::create_dir(dir.join(&dated))?;
+    for (key, value) in keys {
+        std::fs::write(dir.join(&dated).join(key), value)?;
+        let link = dir.join(key);
+        if link.symlink_metadata().is_err() {
+            symlink(format!("..data/{key}"), link)?;
+        }
+    }
+    symlink(&dated, dir.join("..data_tmp"))?;
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
+    Ok(())
+}
+
+fn mount(host: &Path, container: &str, readonly: bool) -> cri::Mount {
+    cri::Mount {
+        container_path: container.into(),
+        host_path: host.display().to_string(),
+        readonly,
+        ..Default::default()
+    }
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).trim().to_string()
 }
@@ -261,13 +292,32 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         &pod_b,
         container_config("unconfined", &["sleep", "3600"], ProfileType::Unconfined),
     )?;
-    c.start_container(
+    // pod-b's volumes, where kubelet would keep them.
+    let volumes = c.containerd.dir.join("kubelet/pods/uid-pod-b/volumes");
+    let config_map = volumes.join("kubernetes.io~configmap/settings");
+    write_config_map(&config_map, "v1", &[("color", "red")])?;
+    let scratch = volumes.join("kubernetes.io~empty-dir/scratch");
+    std::fs::create_dir_all(&scratch)?;
+    let talker = c.start_container(
         &pod_b,
-        container_config(
-            "talker",
-            &["sh", "-c", "echo running-line; exec sleep 3600"],
-            ProfileType::RuntimeDefault,
-        ),
+        cri::ContainerConfig {
+            mounts: vec![
+                mount(&config_map, "/etc/settings", true),
+                mount(&scratch, "/scratch", false),
+            ],
+            ..container_config(
+                "talker",
+                &["sh", "-c", "echo running-line; exec sleep 3600"],
+                ProfileType::RuntimeDefault,
+            )
+        },
+    )?;
+    let reader = c.start_container(
+        &pod_b,
+        cri::ContainerConfig {
+            mounts: vec![mount(&scratch, "/scratch", false)],
+            ..container_config("reader", &["sleep", "3600"], ProfileType::RuntimeDefault)
+        },
     )?;
     c.start_container(
         &pod_b,
@@ -337,6 +387,65 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         }
         anyhow::bail!("pod-b could not reach {ip_a}:7000: {last}")
     });
+    s.check(
+        "a configMap-like host directory is in the container, read-only, and an update shows within 2 s",
+        || {
+            let cat = |path: &str| -> Result<(i32, String)> {
+                let out = c.exec_sync(&talker, &["cat", path])?;
+                Ok((out.exit_code, text(&out.stdout)))
+            };
+            let first = cat("/etc/settings/color")?;
+            ensure!(first == (0, "red".into()), "before the update: {first:?}");
+            let write = c.exec_sync(&talker, &["touch", "/etc/settings/new"])?;
+            ensure!(write.exit_code != 0, "the container could write into the volume");
+            write_config_map(&config_map, "v2", &[("color", "blue"), ("shape", "round")])?;
+            std::fs::remove_dir_all(config_map.join("..v1"))?;
+            let updated = Instant::now();
+            loop {
+                let asked = updated.elapsed();
+                let now = cat("/etc/settings/color")?;
+                if now == (0, "blue".into()) {
+                    ensure!(
+                        asked <= Duration::from_secs(2),
+                        "the update showed {} ms after it was made",
+                        asked.as_millis()
+                    );
+                    let shape = cat("/etc/settings/shape")?;
+                    ensure!(shape == (0, "round".into()), "the new key: {shape:?}");
+                    return Ok(format!("the update showed within {} ms", asked.as_millis()));
+                }
+                ensure!(asked < Duration::from_secs(10), "after 10 s: {now:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        },
+    );
+    s.check(
+        "an emptyDir is shared by the pod's containers; a writable bind of another host directory is refused",
+        || {
+            let wrote = c.exec_sync(&reader, &["sh", "-c", "echo from-reader > /scratch/note"])?;
+            ensure!(wrote.exit_code == 0, "writing: {}", text(&wrote.stderr));
+            let read = c.exec_sync(&talker, &["cat", "/scratch/note"])?;
+            ensure!(text(&read.stdout) == "from-reader", "the other container reads {:?}", text(&read.stdout));
+            let host_data = c.containerd.dir.join("host-data");
+            std::fs::create_dir_all(&host_data)?;
+            let refused = c.start_container(
+                &pod_b,
+                cri::ContainerConfig {
+                    mounts: vec![mount(&host_data, "/data", false)],
+                    ..container_config("writer", &["true"], ProfileType::RuntimeDefault)
+                },
+            );
+            let message = match refused {
+                Ok(id) => anyhow::bail!("container {id} was created with a writable host directory"),
+                Err(e) => e.to_string(),
+            };
+            ensure!(
+                message.contains(&format!("the host directory {} is bound read-write", host_data.display())),
+                "{message}"
+            );
+            Ok(message)
+        },
+    );
     s.check(
         "RuntimeDefault seccomp: unshare(CLONE_NEWUSER) fails with EPERM, unconfined it works",
         || {

@@ -127,17 +127,20 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
         },
     );
     s.check(
-        "a bound host file is copied into the container, a bound directory left out, both logged",
+        "a bound host file is copied into the container, a read-only host directory shared, a writable one refused",
         || {
             let hosts = c.dir.join("hosts");
             std::fs::write(&hosts, "10.1.2.3 pod-peer\n")?;
+            let shared = c.dir.join("shared");
+            std::fs::create_dir_all(shared.join("sub"))?;
+            std::fs::write(shared.join("sub/greeting"), "hello from the host\n")?;
             let file = format!(
                 "type=bind,src={},dst=/etc/hosts,options=rbind:ro",
                 hosts.display()
             );
             let dir = format!(
-                "type=bind,src={},dst=/hostdir,options=rbind",
-                c.dir.display()
+                "type=bind,src={},dst=/hostdir,options=rbind:ro",
+                shared.display()
             );
             let out = c.run(&[
                 "--rm",
@@ -149,21 +152,29 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
                 "binds",
                 "sh",
                 "-c",
-                "cat /etc/hosts; test -e /hostdir || echo no-hostdir",
+                "cat /etc/hosts /hostdir/sub/greeting; touch /hostdir/x 2>/dev/null || echo read-only",
             ])?;
             ensure!(
-                out.code == Some(0) && out.lines() == ["10.1.2.3 pod-peer", "no-hostdir"],
+                out.code == Some(0)
+                    && out.lines() == ["10.1.2.3 pod-peer", "hello from the host", "read-only"],
                 "{}",
                 out.describe()
+            );
+            let writable = format!(
+                "type=bind,src={},dst=/hostdir,options=rbind",
+                shared.display()
+            );
+            let refused = c.run(&["--rm", "--mount", &writable, IMAGE, "rw-bind", "true"])?;
+            let wanted = format!("the host directory {} is bound read-write", shared.display());
+            ensure!(
+                refused.code != Some(0) && refused.stderr.contains(&wanted),
+                "{}",
+                refused.describe()
             );
             let log = c.log();
             ensure!(
                 log.contains("hosts is copied into the root filesystem at /etc/hosts"),
                 "no copy in the log"
-            );
-            ensure!(
-                log.contains("left out the bind mount of host directory"),
-                "no warning in the log"
             );
             Ok(out.describe())
         },
