@@ -23,10 +23,14 @@
 //!
 //! `ctr`: wall time of `ctr run --rm IMAGE ID true` through containerd with
 //! the Capsa shim next to io.containerd.runc.v2, same image, same run.
+//!
+//! `cri`: a pod and its first container through containerd's CRI plugin,
+//! as kubelet starts one, per runtime handler (Capsa next to runc).
 
 mod boot;
 mod containers;
 mod containment;
+mod cri;
 mod ctr;
 mod devices;
 mod network;
@@ -61,6 +65,9 @@ enum Bench {
     /// `ctr run --rm IMAGE true` through containerd, per runtime (the
     /// Capsa shim next to runc.v2).
     Ctr(ctr::CtrArgs),
+    /// A pod and its first container through the CRI, per runtime handler
+    /// (Capsa next to runc).
+    Cri(cri::CriArgs),
     /// TCP throughput into a group: published port, group address, and
     /// host loopback as the reference.
     Network(network::NetworkArgs),
@@ -80,6 +87,7 @@ fn main() -> Result<()> {
         Bench::Unpack(args) => unpack::run(&args),
         Bench::Containers(args) => containers::run(&args),
         Bench::Ctr(args) => ctr::run(&args),
+        Bench::Cri(args) => cri::run(&args),
         Bench::Network(args) => network::run(&args),
         Bench::Sink(args) => network::sink(&args),
         Bench::Containment(args) => containment::run(&args),

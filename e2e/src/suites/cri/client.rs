@@ -1,16 +1,13 @@
 //! containerd's CRI plugin as Kubernetes' kubelet drives it: Debian's
 //! containerd with the CRI plugin on, Capsa as runtime handler `capsa`,
 //! Debian's CNI plugins (bridge and host-local) for pod networking, and a
-//! CRI client generated from the CRI protos (k8s-cri, over tonic).
+//! CRI client generated from the CRI protos (capsa-cri-client).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use anyhow::Result;
+use capsa_cri_client::CriClient;
 
 use crate::suites::shim::containerd::{Containerd, RUNTIME};
 use crate::vm::Artifacts;
@@ -24,8 +21,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(180);
 
 pub struct Cri<'a> {
     pub containerd: Containerd<'a>,
-    pub runtime: tokio::runtime::Runtime,
-    channel: Channel,
+    client: CriClient,
 }
 
 /// Where the CNI plugins are: the payload's copies (nested), else
@@ -88,51 +84,15 @@ impl<'a> Cri<'a> {
         if let Some(e) = config {
             return Err(e.context("writing the CNI config"));
         }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let socket = containerd.dir.join("containerd.sock");
-        let channel =
-            runtime
-                .block_on(Endpoint::try_from("http://[::]")?.connect_with_connector(
-                    tower::service_fn(move |_: Uri| {
-                        let socket = socket.clone();
-                        async move {
-                            Ok::<_, std::io::Error>(TokioIo::new(
-                                tokio::net::UnixStream::connect(socket).await?,
-                            ))
-                        }
-                    }),
-                ))
-                .context("connecting to containerd's CRI")?;
-        Ok(Cri {
-            containerd,
-            runtime,
-            channel,
-        })
+        let client = CriClient::connect(&containerd.dir.join("containerd.sock"), CALL_TIMEOUT)?;
+        Ok(Cri { containerd, client })
     }
+}
 
-    pub fn runtime_service(&self) -> RuntimeServiceClient<Channel> {
-        RuntimeServiceClient::new(self.channel.clone())
-    }
+impl std::ops::Deref for Cri<'_> {
+    type Target = CriClient;
 
-    pub fn image_service(&self) -> ImageServiceClient<Channel> {
-        ImageServiceClient::new(self.channel.clone())
-    }
-
-    /// Runs one CRI call to its end, CALL_TIMEOUT at most.
-    pub fn call<T>(
-        &self,
-        what: &str,
-        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> Result<T> {
-        let answer = self
-            .runtime
-            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, call).await });
-        match answer {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => bail!("{what}: {} ({:?})", status.message(), status.code()),
-            Err(_) => bail!("{what}: no answer in {} s", CALL_TIMEOUT.as_secs()),
-        }
+    fn deref(&self) -> &CriClient {
+        &self.client
     }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use k8s_cri::v1 as cri;
+use capsa_cri_client::{cri, CriClient};
 
 use crate::suite::Suite;
 use crate::suites::shim::containerd::IMAGE;
@@ -103,56 +103,24 @@ struct Pod {
 
 impl Cri<'_> {
     fn run_pod(&self, config: cri::PodSandboxConfig) -> Result<Pod> {
-        let id = self
-            .call(
-                "RunPodSandbox",
-                self.runtime_service()
-                    .run_pod_sandbox(cri::RunPodSandboxRequest {
-                        config: Some(config.clone()),
-                        runtime_handler: HANDLER.into(),
-                    }),
-            )?
-            .pod_sandbox_id;
+        let id = CriClient::run_pod(self, &config, HANDLER)?;
         Ok(Pod { id, config })
     }
 
     /// Creates and starts a container in `pod`; returns its id.
-    fn start_container(&self, pod: &Pod, config: cri::ContainerConfig) -> Result<String> {
-        let name = config
-            .metadata
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default();
-        let id = self
-            .call(
-                &format!("CreateContainer {name}"),
-                self.runtime_service()
-                    .create_container(cri::CreateContainerRequest {
-                        pod_sandbox_id: pod.id.clone(),
-                        config: Some(config),
-                        sandbox_config: Some(pod.config.clone()),
-                    }),
-            )?
-            .container_id;
-        self.call(
-            &format!("StartContainer {name}"),
-            self.runtime_service()
-                .start_container(cri::StartContainerRequest {
-                    container_id: id.clone(),
-                }),
-        )?;
-        Ok(id)
+    fn start_in(&self, pod: &Pod, config: cri::ContainerConfig) -> Result<String> {
+        Ok(self.start_container(&pod.id, &pod.config, config)?)
     }
 
     fn exec_sync(&self, id: &str, cmd: &[&str]) -> Result<cri::ExecSyncResponse> {
-        self.call(
+        Ok(self.call(
             &format!("ExecSync {cmd:?}"),
             self.runtime_service().exec_sync(cri::ExecSyncRequest {
                 container_id: id.into(),
                 cmd: cmd.iter().map(|s| s.to_string()).collect(),
                 timeout: 60,
             }),
-        )
+        )?)
     }
 
     fn pod_ip(&self, pod: &Pod) -> Result<String> {
@@ -175,23 +143,6 @@ impl Cri<'_> {
         Ok(status.network.map(|n| n.ip).unwrap_or_default())
     }
 
-    fn end_pod(&self, pod: &Pod) -> Result<()> {
-        self.call(
-            "StopPodSandbox",
-            self.runtime_service()
-                .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                    pod_sandbox_id: pod.id.clone(),
-                }),
-        )?;
-        self.call(
-            "RemovePodSandbox",
-            self.runtime_service()
-                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                    pod_sandbox_id: pod.id.clone(),
-                }),
-        )?;
-        Ok(())
-    }
 }
 
 /// kubelet's atomic writer, as it lays out a configMap volume: the keys
@@ -272,7 +223,7 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
     );
 
     use cri::security_profile::ProfileType;
-    let server = c.start_container(
+    let server = c.start_in(
         &pod_a,
         container_config(
             "server",
@@ -284,11 +235,11 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
             ProfileType::RuntimeDefault,
         ),
     )?;
-    let client_confined = c.start_container(
+    let client_confined = c.start_in(
         &pod_b,
         container_config("confined", &["sleep", "3600"], ProfileType::RuntimeDefault),
     )?;
-    let client_unconfined = c.start_container(
+    let client_unconfined = c.start_in(
         &pod_b,
         container_config("unconfined", &["sleep", "3600"], ProfileType::Unconfined),
     )?;
@@ -298,7 +249,7 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
     write_config_map(&config_map, "v1", &[("color", "red")])?;
     let scratch = volumes.join("kubernetes.io~empty-dir/scratch");
     std::fs::create_dir_all(&scratch)?;
-    let talker = c.start_container(
+    let talker = c.start_in(
         &pod_b,
         cri::ContainerConfig {
             mounts: vec![
@@ -312,14 +263,14 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
             )
         },
     )?;
-    let reader = c.start_container(
+    let reader = c.start_in(
         &pod_b,
         cri::ContainerConfig {
             mounts: vec![mount(&scratch, "/scratch", false)],
             ..container_config("reader", &["sleep", "3600"], ProfileType::RuntimeDefault)
         },
     )?;
-    c.start_container(
+    c.start_in(
         &pod_b,
         container_config(
             "printer",
@@ -428,7 +379,7 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
             ensure!(text(&read.stdout) == "from-reader", "the other container reads {:?}", text(&read.stdout));
             let host_data = c.containerd.dir.join("host-data");
             std::fs::create_dir_all(&host_data)?;
-            let refused = c.start_container(
+            let refused = c.start_in(
                 &pod_b,
                 cri::ContainerConfig {
                     mounts: vec![mount(&host_data, "/data", false)],
@@ -595,7 +546,7 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         },
     );
 
-    let ended: Result<()> = [&pod_a, &pod_b].iter().try_for_each(|pod| c.end_pod(pod));
+    let ended: Result<()> = [&pod_a, &pod_b].iter().try_for_each(|pod| Ok(c.end_pod(&pod.id)?));
     s.check(
         "StopPodSandbox and RemovePodSandbox leave no VMM, sandbox directory, netns or pod cgroup",
         || {
