@@ -104,7 +104,11 @@ impl CriClient {
     }
 
     /// RunPodSandbox on runtime `handler`; returns the pod's id.
-    pub fn run_pod(&self, config: &cri::PodSandboxConfig, handler: &str) -> Result<String, CriError> {
+    pub fn run_pod(
+        &self,
+        config: &cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, CriError> {
         Ok(self
             .call(
                 "RunPodSandbox",

@@ -41,6 +41,12 @@ pub struct Payload {
     nested: bool,
 }
 
+/// Whether a suite to run pulls from a registry on loopback (Debian's
+/// docker-registry serving the payload's registry-data).
+fn wants_registry(args: &E2eArgs) -> bool {
+    args.wants_suite("images") || args.wants_suite("cri")
+}
+
 /// Runs a script of the repository's, returning its stdout (its stderr
 /// shows as it comes).
 fn script(root: &Path, name: &str, args: &[&str]) -> Result<String> {
@@ -153,8 +159,10 @@ impl Payload {
                 .arg(dir.join("debian-oci"))
                 .status()?;
             ensure!(copied.success(), "copying the Debian image");
+        }
+        if wants_registry(args) {
             // A Docker Hub mirror's storage holding busybox, for the
-            // suite's registry on loopback.
+            // images and cri suites' registry on loopback.
             script(
                 &root,
                 "scripts/registry-data.sh",
@@ -200,7 +208,7 @@ impl Payload {
             // Programs that re-execute themselves (containerd's shims,
             // runc) cannot run behind that wrapper: they and their
             // libraries are installed where the loader looks (NESTED_SETUP).
-            let registry = if args.wants_suite("images") {
+            let registry = if wants_registry(args) {
                 " docker-registry"
             } else {
                 ""

@@ -16,6 +16,9 @@ use crate::vm::Artifacts;
 pub const HANDLER: &str = "capsa";
 /// The pods' CNI network, inside the outer machine only.
 pub const POD_SUBNET: &str = "10.99.0.0/24";
+/// The registry the pods pull from (Debian's docker-registry on the test
+/// machine's loopback, plain HTTP).
+pub const REGISTRY: &str = "127.0.0.1:5002";
 /// How long one CRI call may take (a sandbox boots a VM, nested).
 const CALL_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -62,7 +65,8 @@ fn plugins(dir: &Path, cni_bin: &Path) -> Result<String> {
          [{cri}.containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
          [{cri}.containerd.runtimes.{HANDLER}]\n  runtime_type = \"{RUNTIME}\"\n\
          [{cri}.containerd.runtimes.{HANDLER}.options]\n  ConfigPath = \"{d}/shim.toml\"\n\
-         [{cri}.cni]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n",
+         [{cri}.cni]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n\
+         [{cri}.registry.mirrors.\"{REGISTRY}\"]\n  endpoint = [\"http://{REGISTRY}\"]\n",
         image = crate::suites::shim::containerd::IMAGE,
         bin = cni_bin.display(),
         conf = cni_conf.display(),
@@ -71,6 +75,10 @@ fn plugins(dir: &Path, cni_bin: &Path) -> Result<String> {
 
 impl<'a> Cri<'a> {
     pub fn start(artifacts: &'a Artifacts) -> Result<Self> {
+        // containerd's streaming server and the registry listen on
+        // loopback, which a bare test machine (the nested outer one) has
+        // down.
+        artifacts.ip(&["link", "set", "lo", "up"])?;
         let bin = cni_bin(artifacts);
         let mut config = None;
         let containerd =

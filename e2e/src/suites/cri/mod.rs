@@ -7,6 +7,7 @@
 //! take new limits, and leave nothing behind when stopped and removed.
 
 mod client;
+mod stream;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,10 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use capsa_cri_client::{cri, CriClient};
 
+use crate::registry::Registry;
 use crate::suite::Suite;
 use crate::suites::shim::containerd::IMAGE;
 use crate::vm::Artifacts;
-use client::{Cri, HANDLER};
+use client::{Cri, HANDLER, REGISTRY};
 
 /// The CRI's image namespace in containerd.
 const CRI_NAMESPACE: &str = "k8s.io";
@@ -112,6 +114,24 @@ impl Cri<'_> {
         Ok(self.start_container(&pod.id, &pod.config, config)?)
     }
 
+    /// A streamed exec (CRI Exec, then the streaming server's URL).
+    fn exec_stream(&self, id: &str, cmd: &[&str], tty: bool) -> Result<stream::Session> {
+        let url = self
+            .call(
+                &format!("Exec {cmd:?}"),
+                self.runtime_service().exec(cri::ExecRequest {
+                    container_id: id.into(),
+                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                    tty,
+                    stdin: true,
+                    stdout: true,
+                    stderr: !tty,
+                }),
+            )?
+            .url;
+        stream::Session::open(&url)
+    }
+
     fn exec_sync(&self, id: &str, cmd: &[&str]) -> Result<cri::ExecSyncResponse> {
         Ok(self.call(
             &format!("ExecSync {cmd:?}"),
@@ -142,7 +162,6 @@ impl Cri<'_> {
         );
         Ok(status.network.map(|n| n.ip).unwrap_or_default())
     }
-
 }
 
 /// kubelet's atomic writer, as it lays out a configMap volume: the keys
@@ -279,6 +298,45 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         ),
     )?;
 
+    s.check(
+        "PullImage fetches an image from a registry, and a container of it runs",
+        || {
+            let _registry =
+                Registry::start(c.containerd.artifacts, None, REGISTRY, &c.containerd.dir)?;
+            let image = format!("{REGISTRY}/library/busybox:latest");
+            let pulled = c
+                .call(
+                    "PullImage",
+                    c.image_service().pull_image(cri::PullImageRequest {
+                        image: Some(cri::ImageSpec {
+                            image: image.clone(),
+                            ..Default::default()
+                        }),
+                        auth: None,
+                        sandbox_config: Some(pod_b.config.clone()),
+                    }),
+                )?
+                .image_ref;
+            let id = c.start_in(
+                &pod_b,
+                cri::ContainerConfig {
+                    image: Some(cri::ImageSpec {
+                        image: image.clone(),
+                        ..Default::default()
+                    }),
+                    ..container_config("pulled", &["sleep", "3600"], ProfileType::RuntimeDefault)
+                },
+            )?;
+            let out = c.exec_sync(&id, &["echo", "from-the-pulled-image"])?;
+            ensure!(
+                text(&out.stdout) == "from-the-pulled-image",
+                "exit {}: {}",
+                out.exit_code,
+                text(&out.stderr)
+            );
+            Ok(format!("{image} is {pulled}"))
+        },
+    );
     s.check(
         "a pod limited to 2 CPUs and 1 GiB gets a VM of that size",
         || {
@@ -417,6 +475,53 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
             Ok(stderr)
         },
     );
+    s.check(
+        "a streamed exec (CRI Exec, WebSocket): stdout, stderr and the exit code",
+        || {
+            let session = c.exec_stream(
+                &client_confined,
+                &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 5"],
+                false,
+            )?;
+            let out = session.finish(Duration::from_secs(60))?;
+            ensure!(
+                out.stdout.trim() == "to-stdout"
+                    && out.stderr.trim() == "to-stderr"
+                    && out.exit_code == Some(5),
+                "{out:?}"
+            );
+            Ok(format!("{out:?}"))
+        },
+    );
+    s.check(
+        "a streamed exec with a TTY: a terminal of the client's size, stdin, and the exit code",
+        || {
+            let mut session = c.exec_stream(
+                &client_confined,
+                &[
+                    "sh",
+                    "-c",
+                    "read line; test -t 0 && echo on-a-terminal; stty size; echo got:$line; exit 3",
+                ],
+                true,
+            )?;
+            session.resize(100, 30)?;
+            // The size travels apart from stdin (ResizePty); let it land first.
+            std::thread::sleep(Duration::from_secs(1));
+            session.stdin(b"hello\r")?;
+            let out = session.finish(Duration::from_secs(60))?;
+            let lines: Vec<&str> = out
+                .stdout
+                .lines()
+                .map(|l| l.trim_end_matches('\r'))
+                .collect();
+            for wanted in ["on-a-terminal", "30 100", "got:hello"] {
+                ensure!(lines.contains(&wanted), "no {wanted:?} in {out:?}");
+            }
+            ensure!(out.exit_code == Some(3), "{out:?}");
+            Ok(format!("{lines:?}, exit {:?}", out.exit_code))
+        },
+    );
     let log_line = |name: &str, line: &str| -> Result<String> {
         let path = logs.join("pod-b").join(format!("{name}.log"));
         let ending = format!(" stdout F {line}");
@@ -546,7 +651,9 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         },
     );
 
-    let ended: Result<()> = [&pod_a, &pod_b].iter().try_for_each(|pod| Ok(c.end_pod(&pod.id)?));
+    let ended: Result<()> = [&pod_a, &pod_b]
+        .iter()
+        .try_for_each(|pod| Ok(c.end_pod(&pod.id)?));
     s.check(
         "StopPodSandbox and RemovePodSandbox leave no VMM, sandbox directory, netns or pod cgroup",
         || {

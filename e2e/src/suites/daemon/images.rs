@@ -11,67 +11,19 @@
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use capsa_api::{GroupView, ImageView, ImportRequest};
 use hyper::Method;
 
 use super::harness::{Capsad, NETNS};
+use crate::registry::Registry;
 use crate::suite::Suite;
 
 const IMAGE: &str = "debian";
 /// The Docker Hub mirror, in capsad's network namespace.
 const MIRROR: &str = "127.0.0.1:5000";
-
-/// Debian's docker-registry serving the payload's registry-data; stopped
-/// when dropped.
-struct Registry(Child);
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_registry(d: &Capsad) -> Result<Registry> {
-    let config = d.work.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {MIRROR}\n",
-            d.artifacts.path("registry-data").display()
-        ),
-    )?;
-    let registry = d.artifacts.tool("docker-registry");
-    let child = d
-        .artifacts
-        .command_in(Some(NETNS), &registry, &["serve".into(), config.into()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", registry.display()))?;
-    let registry = Registry(child);
-    // Up when its port answers, seen from the namespace.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut probe = d.artifacts.command_in(
-            Some(NETNS),
-            &d.artifacts.tool("curl"),
-            &["-sf".into(), format!("http://{MIRROR}/v2/").into()],
-        );
-        if probe.output().is_ok_and(|o| o.status.success()) {
-            return Ok(registry);
-        }
-        if Instant::now() > deadline {
-            bail!("docker-registry did not answer on {MIRROR} within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// Starts a one-container group of the Debian image running `command`;
 /// returns the start's progress lines.
@@ -123,7 +75,7 @@ fn says(progress: &[String], what: &str) -> bool {
 }
 
 pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
-    let _registry = start_registry(d)?;
+    let _registry = Registry::start(d.artifacts, Some(NETNS), MIRROR, &d.work)?;
     d.daemon_args = vec![
         "--registry-mirror".into(),
         format!("http://{MIRROR}").into(),
