@@ -44,6 +44,7 @@ fi
 {
     printf 'nested=%q runs=%q cni=%q\n' "$nested" "$runs" "$cni"
     printf 'install_native() {\n%s\n}\n' "$install_native"
+    printf '%s\n' "$start_containerd"
     cat <<'RUN'
 if [ "$nested" = 1 ]; then
     install_native
@@ -56,7 +57,6 @@ if [ "$nested" = 1 ]; then
     cni=$PWD/bin
 fi
 export PATH=$PWD/bin:$PATH
-here=$PWD
 T=$(mktemp -d)
 mkdir -p "$T/cni"
 cat > "$T/cni/10-bench.conflist" <<JSON
@@ -66,16 +66,7 @@ cat > "$T/cni/10-bench.conflist" <<JSON
           "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$T/cni-ipam"}}]}
 JSON
 cri='plugins."io.containerd.grpc.v1.cri"'
-cat > "$T/config.toml" <<TOML
-version = 2
-root = "$T/root"
-state = "$T/state"
-[grpc]
-  address = "$T/containerd.sock"
-[ttrpc]
-  address = "$T/containerd.sock.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$T/opt"
+start_containerd "$T" '' "$(cat <<TOML
 [$cri]
   sandbox_image = "docker.io/library/busybox:pause"
   disable_apparmor = true
@@ -94,15 +85,7 @@ state = "$T/state"
   bin_dir = "$cni"
   conf_dir = "$T/cni"
 TOML
-cat > "$T/shim.toml" <<TOML
-kernel = "$here/vmlinux"
-initrd = "$here/initramfs.cpio"
-cpus = 1
-memory_mib = 256
-TOML
-containerd --config "$T/config.toml" > "$T/containerd.log" 2>&1 &
-containerd_pid=$!
-for i in $(seq 100); do [ -S "$T/containerd.sock" ] && break; sleep 0.1; done
+)"
 ctr --address "$T/containerd.sock" -n k8s.io image import \
     --base-name docker.io/library/busybox busybox.tar
 

@@ -36,6 +36,7 @@ fi
 {
     printf 'nested=%q runs=%q\n' "$nested" "$runs"
     printf 'install_native() {\n%s\n}\n' "$install_native"
+    printf '%s\n' "$start_containerd"
     cat <<'RUN'
 if [ "$nested" = 1 ]; then
     install_native
@@ -48,29 +49,8 @@ if [ "$nested" = 1 ]; then
     runc_args=--no-pivot
 fi
 export PATH=$PWD/bin:$PATH
-here=$PWD
 T=$(mktemp -d)
-cat > "$T/config.toml" <<TOML
-version = 2
-root = "$T/root"
-state = "$T/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$T/containerd.sock"
-[ttrpc]
-  address = "$T/containerd.sock.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$T/opt"
-TOML
-cat > "$T/shim.toml" <<TOML
-kernel = "$here/vmlinux"
-initrd = "$here/initramfs.cpio"
-cpus = 1
-memory_mib = 256
-TOML
-containerd --config "$T/config.toml" > "$T/containerd.log" 2>&1 &
-containerd_pid=$!
-for i in $(seq 100); do [ -S "$T/containerd.sock" ] && break; sleep 0.1; done
+start_containerd "$T" 'disabled_plugins = ["io.containerd.grpc.v1.cri"]' ''
 image=docker.io/library/busybox:latest
 c() { ctr --address "$T/containerd.sock" "$@"; }
 capsa() { c run --runtime io.containerd.capsa.v2 --runtime-config-path "$T/shim.toml" "$@"; }

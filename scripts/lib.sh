@@ -12,6 +12,14 @@
 #                                   a PVM host (scripts/nested-kvm.sh), its
 #                                   output in LOG
 #   payload_json LOG OUT            copies the "=== JSON" block of LOG to OUT
+#   $start_containerd               shell text for a payload's run script:
+#                                   start_containerd DIR TOP TABLES writes
+#                                   DIR/config.toml (root, state and sockets
+#                                   in DIR; TOP's keys, TABLES' tables) and
+#                                   DIR/shim.toml (the payload's vmlinux and
+#                                   initramfs.cpio, 1 vCPU, 256 MiB), starts
+#                                   containerd (log DIR/containerd.log, PID
+#                                   $containerd_pid) and waits for its socket
 
 need_packages() {
     local need=() p
@@ -40,6 +48,32 @@ native_programs() {
 install_native='mkdir -p /lib/x86_64-linux-gnu /lib64
 cp lib/* /lib/x86_64-linux-gnu/
 ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2'
+
+start_containerd='start_containerd() {
+    local dir=$1 top=$2 tables=$3
+    cat > "$dir/config.toml" <<TOML
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+$top
+[grpc]
+  address = "$dir/containerd.sock"
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$dir/opt"
+$tables
+TOML
+    cat > "$dir/shim.toml" <<TOML
+kernel = "$PWD/vmlinux"
+initrd = "$PWD/initramfs.cpio"
+cpus = 1
+memory_mib = 256
+TOML
+    containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 &
+    containerd_pid=$!
+    for _ in $(seq 100); do [ -S "$dir/containerd.sock" ] && break; sleep 0.1; done
+}'
 
 run_payload() {
     local payload=$1 log=$2 secs=$3 scripts
