@@ -11,8 +11,9 @@ use crate::E2eArgs;
 
 /// What the outer machine's busybox init leaves to the payload: the
 /// native programs' libraries where the loader looks, cgroup v2 for
-/// containerd's tasks, terminals for `script`, and the /etc/hosts and
-/// /etc/resolv.conf containerd's CRI plugin copies into each pod.
+/// containerd's tasks, terminals for `script`, the /etc/hosts and
+/// /etc/resolv.conf containerd's CRI plugin copies into each pod, and
+/// iptables' extensions where iptables looks (for CNI's portmap).
 const NESTED_SETUP: &str =
     "mkdir -p /lib/x86_64-linux-gnu /lib64 /run /var/run /sys/fs/cgroup /dev/pts /etc
 [ -e /etc/hosts ] || echo '127.0.0.1 localhost' > /etc/hosts
@@ -21,6 +22,7 @@ cp lib/* /lib/x86_64-linux-gnu/
 ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
 mount -t cgroup2 none /sys/fs/cgroup
 mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+if [ -d xtables ]; then mkdir -p /usr/lib/x86_64-linux-gnu && cp -r xtables /usr/lib/x86_64-linux-gnu/; fi
 ";
 
 /// After the suites: the system calls the VMMs' seccomp filters refused
@@ -213,9 +215,16 @@ impl Payload {
             } else {
                 ""
             };
-            // The CRI suite's pod networks: Debian's CNI plugins.
+            // The CRI suite's pod networks: Debian's CNI plugins, and
+            // iptables for portmap's hostPort rules (its extensions are
+            // loaded at run time: copied whole, installed by NESTED_SETUP).
             let cni = if args.wants_suite("cri") {
-                " /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/loopback"
+                let copied = Command::new("cp")
+                    .args(["-r", "/usr/lib/x86_64-linux-gnu/xtables"])
+                    .arg(dir.join("xtables"))
+                    .status()?;
+                ensure!(copied.success(), "copying iptables' extensions");
+                " /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/loopback /usr/lib/cni/portmap iptables"
             } else {
                 ""
             };
@@ -319,10 +328,16 @@ impl Payload {
             // third of CI's time in one run that froze often).
             .env("CAPSA_NESTED_STALL_SECS", "90")
             // containerd's overlayfs snapshotter; tc's ingress qdisc, u32
-            // filter and mirred redirect (the shim's pod networks).
+            // filter and mirred redirect (the shim's pod networks); the
+            // iptables matches and targets of CNI's portmap (hostPort), on
+            // nftables.
             .env(
                 "CAPSA_NESTED_MODULES",
-                "fs/overlayfs/overlay net/sched/sch_ingress net/sched/cls_u32 net/sched/act_mirred",
+                "fs/overlayfs/overlay net/sched/sch_ingress net/sched/cls_u32 net/sched/act_mirred \
+                 net/netfilter/x_tables net/netfilter/nft_compat net/netfilter/xt_comment \
+                 net/netfilter/xt_multiport net/netfilter/xt_nat net/netfilter/xt_addrtype \
+                 net/netfilter/xt_mark net/netfilter/xt_MASQUERADE net/netfilter/xt_conntrack \
+                 net/netfilter/xt_tcpudp",
             )
             .env("CAPSA_NESTED_TIMEOUT_SECS", timeout.to_string())
             .status()

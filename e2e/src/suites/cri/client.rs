@@ -16,6 +16,9 @@ use crate::vm::Artifacts;
 pub const HANDLER: &str = "capsa";
 /// The pods' CNI network, inside the outer machine only.
 pub const POD_SUBNET: &str = "10.99.0.0/24";
+/// The CNI bridge's own address in it (the pods' gateway): a local
+/// address of the test machine, where hostPorts answer.
+pub const BRIDGE_IP: &str = "10.99.0.1";
 /// The registry the pods pull from (Debian's docker-registry on the test
 /// machine's loopback, plain HTTP).
 pub const REGISTRY: &str = "127.0.0.1:5002";
@@ -53,6 +56,9 @@ fn plugins(dir: &Path, cni_bin: &Path) -> Result<String> {
                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
                          "routes": [{"dst": "0.0.0.0/0"}],
                          "dataDir": dir.join("cni-ipam").display().to_string()}
+            }, {
+                "type": "portmap",
+                "capabilities": {"portMappings": true}
             }]
         })
         .to_string(),

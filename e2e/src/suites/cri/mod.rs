@@ -19,10 +19,12 @@ use crate::registry::Registry;
 use crate::suite::Suite;
 use crate::suites::shim::containerd::IMAGE;
 use crate::vm::Artifacts;
-use client::{Cri, HANDLER, REGISTRY};
+use client::{Cri, BRIDGE_IP, HANDLER, REGISTRY};
 
 /// The CRI's image namespace in containerd.
 const CRI_NAMESPACE: &str = "k8s.io";
+/// pod-a's hostPort (to its server's port 7000), on the test machine.
+const HOST_PORT: u16 = 17000;
 /// The cgroup parent the sized pod names (kubelet's would be its pod's).
 const POD_CGROUP_PARENT: &str = "/capsa-e2e-pods";
 
@@ -232,7 +234,15 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         memory_limit_in_bytes: 1 << 30,
         ..Default::default()
     };
-    let pod_a = c.run_pod(pod_config("pod-a", &logs, Some(sized)))?;
+    let pod_a = c.run_pod(cri::PodSandboxConfig {
+        port_mappings: vec![cri::PortMapping {
+            protocol: cri::Protocol::Tcp as i32,
+            container_port: 7000,
+            host_port: i32::from(HOST_PORT),
+            host_ip: String::new(),
+        }],
+        ..pod_config("pod-a", &logs, Some(sized))
+    })?;
     let pod_b = c.run_pod(pod_config("pod-b", &logs, None))?;
     let (ip_a, ip_b) = (c.pod_ip(&pod_a)?, c.pod_ip(&pod_b)?);
     s.verdict(
@@ -455,6 +465,28 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
             Ok(message)
         },
     );
+    s.check("a hostPort reaches the pod (CNI portmap)", || {
+        use std::io::Read;
+        let mut last = String::new();
+        for _ in 0..10 {
+            let reply =
+                std::net::TcpStream::connect((BRIDGE_IP, HOST_PORT)).and_then(|mut conn| {
+                    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    let mut reply = String::new();
+                    conn.read_to_string(&mut reply)?;
+                    Ok(reply)
+                });
+            match reply {
+                Ok(reply) if reply.trim() == "pong-from-a" => {
+                    return Ok(format!("{BRIDGE_IP}:{HOST_PORT} reached pod-a's port 7000"))
+                }
+                Ok(reply) => last = format!("{reply:?}"),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        anyhow::bail!("{BRIDGE_IP}:{HOST_PORT}: {last}")
+    });
     s.check(
         "RuntimeDefault seccomp: unshare(CLONE_NEWUSER) fails with EPERM, unconfined it works",
         || {
