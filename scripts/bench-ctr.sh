@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The containerd benchmark: times `ctr run --rm IMAGE ID true` with the
-# Capsa shim and with io.containerd.runc.v2 in the same containerd
-# (Debian's, its config in a temporary directory, a busybox image built
-# here and imported with `ctr image import`; capsa-bench ctr), prints a
-# table and writes target/capsa/bench-ctr.json. On a PVM host (README,
+# Capsa shim, its root filesystem on a disk (an EROFS image, the default)
+# and streamed over vsock (rootfs_disks = 0), and with
+# io.containerd.runc.v2, in the same containerd (Debian's, its config in a
+# temporary directory), for a busybox image built here and the real-size
+# Debian image (scripts/debian-image.sh), both imported with `ctr image
+# import`; capsa-bench ctr. Prints a table per image and writes
+# target/capsa/bench-ctr.json. On a PVM host (README,
 # "Hosts with PVM") it all runs on a KVM nested in QEMU, containerd and
 # runc included. The shim's checks are capsa-e2e's shim suite.
 #
@@ -25,6 +28,7 @@ cp "$initrd" "$payload/initramfs.cpio"
 "$root/scripts/busybox-image.sh" "$payload/layout" > /dev/null
 (cd "$payload/layout" && tar cf ../busybox.tar .)
 rm -rf "$payload/layout"
+(cd "$("$root/scripts/debian-image.sh")" && tar cf "$payload/debian.tar" .)
 
 nested=0
 if "$root/scripts/kvm-is-pvm.sh"; then
@@ -51,19 +55,26 @@ fi
 export PATH=$PWD/bin:$PATH
 T=$(mktemp -d)
 start_containerd "$T" 'disabled_plugins = ["io.containerd.grpc.v1.cri"]' ''
-image=docker.io/library/busybox:latest
 c() { ctr --address "$T/containerd.sock" "$@"; }
-capsa() { c run --runtime io.containerd.capsa.v2 --runtime-config-path "$T/shim.toml" "$@"; }
 step() { name=$1; shift; echo "=== BEGIN $name"; "$@" 2>&1; echo "=== END $name exit=$?"; }
 step import c image import --base-name docker.io/library/busybox busybox.tar
+step import-debian c image import --base-name docker.io/library/debian debian.tar
+# Room in the guest for the Debian image streamed into its memory; and
+# the same shim with its root filesystems streamed.
+sed -i 's/^memory_mib = .*/memory_mib = 1024/' "$T/shim.toml"
+cp "$T/shim.toml" "$T/shim-stream.toml"
+echo 'rootfs_disks = 0' >> "$T/shim-stream.toml"
 
-capsa-bench ctr --runs "$runs" --address "$T/containerd.sock" --image "$image" \
-    --runtime "capsa=io.containerd.capsa.v2 --runtime-config-path $T/shim.toml" \
-    --runtime "runc=io.containerd.runc.v2 ${runc_args:-}" \
-    --containerd-log "$T/containerd.log" --json "$T/bench.json" 2>&1
+for image in busybox debian; do
+    capsa-bench ctr --runs "$runs" --address "$T/containerd.sock" \
+        --image "docker.io/library/$image:latest" \
+        --runtime "capsa-disk=io.containerd.capsa.v2 --runtime-config-path $T/shim.toml" \
+        --runtime "capsa-stream=io.containerd.capsa.v2 --runtime-config-path $T/shim-stream.toml" \
+        --runtime "runc=io.containerd.runc.v2 ${runc_args:-}" \
+        --containerd-log "$T/containerd.log" --json "$T/bench-$image.json" 2>&1
+done
 echo "=== JSON"
-cat "$T/bench.json"
-echo
+printf '{"busybox": %s, "debian": %s}\n' "$(cat "$T/bench-busybox.json")" "$(cat "$T/bench-debian.json")"
 echo "=== END JSON"
 kill "$containerd_pid"
 
@@ -71,6 +82,6 @@ RUN
 } > "$payload/run.sh"
 
 run_payload "$payload" "$log" 1800
-sed -n '/^`ctr run --rm/,/^of which/p' "$log"
+grep -E '^(`ctr run|\||of which|or .* EROFS)' "$log"
 payload_json "$log" "$root/target/capsa/bench-ctr.json"
 echo "results written to target/capsa/bench-ctr.json"

@@ -138,8 +138,24 @@ pub fn mount_scratch_in_memory() -> Result<(), ApiError> {
     .map_err(|e| ApiError::internal(format!("mounting a tmpfs on {CONTAINERS_DIR}: {e}")))
 }
 
+// BLKFLSBUF: write back and drop a block device's cached blocks.
+nix::ioctl_none!(blkflsbuf, 0x12, 97);
+
+/// Drops what the guest's kernel cached of `device`: a disk the host
+/// attached empty and filled later (the containerd shim's root
+/// filesystem disks) was read at boot, when it held zeros.
+fn drop_cached_blocks(device: &Path) -> Result<(), String> {
+    let file = fs::File::open(device).map_err(|e| format!("opening it: {e}"))?;
+    // SAFETY: the ioctl takes no argument; the fd is the open block device.
+    unsafe { blkflsbuf(std::os::fd::AsRawFd::as_raw_fd(&file)) }
+        .map(drop)
+        .map_err(|e| format!("dropping its cached blocks: {e}"))
+}
+
 fn mount_layer(serial: &str) -> Result<PathBuf, ApiError> {
     let device = disk("layer disk", serial)?;
+    drop_cached_blocks(&device)
+        .map_err(|e| ApiError::internal(format!("layer disk {serial}: {e}")))?;
     let dir = Path::new(LAYER_DISKS_DIR).join(serial);
     fs::create_dir_all(&dir).map_err(|e| {
         ApiError::internal(format!(

@@ -71,6 +71,16 @@ pub struct ShimConfig {
     /// its own: capsad's starts at 900000).
     pub jail_first_id: u32,
     pub jail_ids: u32,
+    /// Empty disks a sandbox's VM boots with, each to hold one image's root
+    /// filesystem (see rootfs_disks); 0 streams every root filesystem over
+    /// vsock instead.
+    pub rootfs_disks: usize,
+    /// Each such disk's size (a sparse file): the largest root filesystem
+    /// image a disk takes.
+    pub rootfs_disk_mib: u64,
+    /// Where sandboxes' disks are kept (a directory per sandbox, removed
+    /// with it): a file system on disk, not /run's memory.
+    pub disk_dir: PathBuf,
 }
 
 impl Default for ShimConfig {
@@ -91,6 +101,9 @@ impl Default for ShimConfig {
             jail: true,
             jail_first_id: 1_000_000,
             jail_ids: 65_536,
+            rootfs_disks: 4,
+            rootfs_disk_mib: 8192,
+            disk_dir: "/var/lib/capsa-shim".into(),
         }
     }
 }
@@ -126,6 +139,20 @@ impl ShimConfig {
         }
         if config.max_cpus == 0 || config.max_cpus > 32 {
             return Err(out_of_range("max_cpus", "1 to 32", config.max_cpus.into()));
+        }
+        if config.rootfs_disks > 16 {
+            return Err(out_of_range(
+                "rootfs_disks",
+                "0 to 16",
+                config.rootfs_disks as u64,
+            ));
+        }
+        if config.rootfs_disk_mib == 0 || config.rootfs_disk_mib > 1 << 20 {
+            return Err(out_of_range(
+                "rootfs_disk_mib",
+                "1 to 1048576",
+                config.rootfs_disk_mib,
+            ));
         }
         if config.boot_timeout_secs == 0 {
             return Err(out_of_range("boot_timeout_secs", "1 or more", 0));

@@ -6,6 +6,7 @@
 mod config;
 mod pod_network;
 mod rootfs;
+mod rootfs_disks;
 mod sandbox;
 mod shared_dirs;
 mod sizing;

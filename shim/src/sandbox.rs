@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 
 use crate::config::ShimConfig;
 use crate::pod_network::{self, PodNetworkError};
+use crate::rootfs::FileCopy;
+use crate::rootfs_disks::{self, Placed, RootfsDiskError, RootfsDisks};
 use crate::shared_dirs::{SharedDirError, SharedDirs};
 use crate::sizing::VmSize;
 use crate::spec::Bind;
@@ -46,6 +48,8 @@ pub enum SandboxError {
     Boot(#[from] BootError),
     #[error("the pod's network: {0}")]
     Network(#[from] PodNetworkError),
+    #[error(transparent)]
+    RootfsDisks(#[from] RootfsDiskError),
 }
 
 /// What a sandbox's VM is made with, from its first container's spec.
@@ -95,6 +99,7 @@ pub struct Sandbox {
     vm: sandbox::Sandbox,
     grace: Duration,
     shared: Arc<SharedDirs>,
+    rootfs_disks: Option<RootfsDisks>,
 }
 
 /// The directory of sandbox `id` in `namespace`: a digest, as ids may be
@@ -160,6 +165,31 @@ impl Sandbox {
                 cgroup.dir().as_os_str().as_encoded_bytes(),
             );
         }
+        let (rootfs_disks, disks) = if config.rootfs_disks > 0 {
+            let disk_dir = config.disk_dir.join(dir.file_name().unwrap_or_default());
+            let made = fs::create_dir_all(&disk_dir)
+                .map_err(|source| SandboxError::Dir {
+                    path: disk_dir.clone(),
+                    source,
+                })
+                .and_then(|()| {
+                    let _ = fs::write(dir.join("disks"), disk_dir.as_os_str().as_encoded_bytes());
+                    Ok(RootfsDisks::create(
+                        &disk_dir,
+                        config.rootfs_disks,
+                        config.rootfs_disk_mib,
+                    )?)
+                });
+            match made {
+                Ok((slots, disks)) => (Some(slots), disks),
+                Err(e) => {
+                    destroy(&dir);
+                    return Err(e);
+                }
+            }
+        } else {
+            (None, Vec::new())
+        };
         let procs = cgroup.as_ref().map(|c| c.procs());
         let booted = sandbox::boot(
             &config.vm(),
@@ -167,7 +197,7 @@ impl Sandbox {
                 cpus: setup.size.cpus,
                 memory_mib: setup.size.memory_mib,
                 net,
-                disks: &[],
+                disks: &disks,
                 vsock: &vsock,
                 console: &console,
                 cgroup_procs: procs.as_deref(),
@@ -234,6 +264,7 @@ impl Sandbox {
                 vm,
                 grace: Duration::from_secs(config.shutdown_grace_secs),
                 shared: Arc::default(),
+                rootfs_disks,
             }),
             Err(e) => {
                 destroy(&dir);
@@ -261,6 +292,20 @@ impl Sandbox {
     pub fn share(&self, bind: &Bind) -> Result<PathBuf, SharedDirError> {
         let guest = self.guest();
         self.shared.share(guest, bind, || guest.reconnect())
+    }
+
+    /// Places a container's root filesystem (containerd's snapshot
+    /// `mounts`, mounted at `root`, with `copies`) on one of the VM's
+    /// root filesystem disks; None when the VM has none.
+    pub fn place_rootfs(
+        &self,
+        mounts: &[containerd_shim::protos::api::Mount],
+        root: &Path,
+        copies: &[FileCopy],
+    ) -> Option<Result<Placed, RootfsDiskError>> {
+        let disks = self.rootfs_disks.as_ref()?;
+        let identity = rootfs_disks::identity(mounts, copies);
+        Some(disks.place(identity.as_deref(), root, copies))
     }
 
     /// Stops the containers (SIGTERM, then SIGKILL after the grace), powers
@@ -296,6 +341,9 @@ pub fn destroy(dir: &Path) {
         if let Err(e) = cgroup.remove(CGROUP_PATIENCE) {
             log::warn!("{e}");
         }
+    }
+    if let Ok(disks) = fs::read_to_string(dir.join("disks")) {
+        let _ = fs::remove_dir_all(disks);
     }
     let _ = fs::remove_dir_all(dir);
     // After the directory: a claim whose holder is gone is free anyway.

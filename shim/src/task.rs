@@ -298,17 +298,47 @@ impl TaskService {
         let target = bundle.join("rootfs");
         let mounted = rootfs::mount(&req.rootfs, &target)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let sent = rootfs::send(guest, &target, &copies);
+        let root = match sandbox.place_rootfs(&req.rootfs, &target, &copies) {
+            Some(Ok(placed)) => {
+                if placed.bytes == 0 {
+                    log::info!(
+                        "task {}: root filesystem on disk {}, an earlier container's image",
+                        req.id,
+                        placed.serial
+                    );
+                } else {
+                    log::info!(
+                        "task {}: root filesystem written to disk {}, {} bytes in {} ms",
+                        req.id,
+                        placed.serial,
+                        placed.bytes,
+                        placed.elapsed.as_millis()
+                    );
+                }
+                Ok(Root::Disk(placed.serial))
+            }
+            other => {
+                if let Some(Err(e)) = other {
+                    log::warn!(
+                        "task {}: {e}; the root filesystem is streamed instead",
+                        req.id
+                    );
+                }
+                rootfs::send(guest, &target, &copies).map(|(chain_id, cost)| {
+                    log::info!(
+                        "task {}: root filesystem sent to the guest, {} bytes in {} ms",
+                        req.id,
+                        cost.bytes,
+                        cost.elapsed.as_millis()
+                    );
+                    Root::Layers(chain_id)
+                })
+            }
+        };
         if mounted {
             rootfs::unmount(&target);
         }
-        let (chain_id, cost) = sent.map_err(|e| status(Code::INTERNAL, e.to_string()))?;
-        log::info!(
-            "task {}: root filesystem sent to the guest, {} bytes in {} ms",
-            req.id,
-            cost.bytes,
-            cost.elapsed.as_millis()
-        );
+        let root = root.map_err(|e| status(Code::INTERNAL, e.to_string()))?;
 
         let fifos = Fifos {
             stdin: req.stdin.clone(),
@@ -316,9 +346,16 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        guest
-            .create(&req.id, &chain_id, &spec, fifos.streams())
-            .map_err(|e| guest_status("creating the container", e))?;
+        match &root {
+            Root::Disk(serial) => guest.create_on_disks(
+                &req.id,
+                std::slice::from_ref(serial),
+                &spec,
+                fifos.streams(),
+            ),
+            Root::Layers(chain_id) => guest.create(&req.id, chain_id, &spec, fifos.streams()),
+        }
+        .map_err(|e| guest_status("creating the container", e))?;
         let copies = Copies::start(guest, &req.id, "", &fifos).map_err(|e| {
             let _ = guest.delete(&req.id);
             guest_status("attaching its stdio", e)
@@ -459,6 +496,14 @@ fn publish(
     if let Err(e) = publisher.publish(Context::default(), topic, namespace, event) {
         log::warn!("publishing {topic}: {e}");
     }
+}
+
+/// Where a container's root filesystem is in the guest.
+enum Root {
+    /// An EROFS image on the root filesystem disk with this serial.
+    Disk(String),
+    /// Streamed and unpacked: the agent's layer chain.
+    Layers(String),
 }
 
 /// Splits the bind mounts: host files up to rootfs::MAX_FILE_COPY (CRI's

@@ -488,6 +488,43 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         anyhow::bail!("{BRIDGE_IP}:{HOST_PORT}: {last}")
     });
     s.check(
+        "containers' root filesystems are EROFS disks, one per image in a pod, none streamed",
+        || {
+            let lower = |id: &str| -> Result<String> {
+                let mounts = text(&c.exec_sync(id, &["cat", "/proc/mounts"])?.stdout);
+                mounts
+                    .lines()
+                    .find(|l| l.split_whitespace().nth(1) == Some("/"))
+                    .and_then(|root| {
+                        root.split([',', ' '])
+                            .find_map(|o| o.strip_prefix("lowerdir="))
+                    })
+                    .map(str::to_string)
+                    .with_context(|| format!("no lower layer for / in {mounts:?}"))
+            };
+            let (talker_lower, reader_lower) = (lower(&talker)?, lower(&reader)?);
+            ensure!(
+                talker_lower.starts_with("/run/capsa/layer-disks/rootfs"),
+                "the root's lower layer is {talker_lower}"
+            );
+            ensure!(
+                talker_lower == reader_lower,
+                "two containers of one image: {talker_lower} and {reader_lower}"
+            );
+            let log = c.containerd.log();
+            let written = log.matches("root filesystem written to disk").count();
+            let shared = log.matches("an earlier container's image").count();
+            let streamed = log.matches("root filesystem sent to the guest").count();
+            ensure!(
+                written >= 1 && shared >= 1 && streamed == 0,
+                "{written} written, {shared} shared, {streamed} streamed"
+            );
+            Ok(format!(
+                "lower layer {talker_lower}; {written} images written, {shared} shared, none streamed"
+            ))
+        },
+    );
+    s.check(
         "RuntimeDefault seccomp: unshare(CLONE_NEWUSER) fails with EPERM, unconfined it works",
         || {
             let confined = c.exec_sync(&client_confined, &["unshare", "-U", "true"])?;
@@ -687,7 +724,7 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         .iter()
         .try_for_each(|pod| Ok(c.end_pod(&pod.id)?));
     s.check(
-        "StopPodSandbox and RemovePodSandbox leave no VMM, sandbox directory, netns or pod cgroup",
+        "StopPodSandbox and RemovePodSandbox leave no VMM, sandbox or disk directory, netns or pod cgroup",
         || {
             ended?;
             let cgroup =
@@ -705,6 +742,15 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
                 })
                 .unwrap_or_default();
             ensure!(dirs.is_empty(), "sandbox directories left: {dirs:?}");
+            let disks: Vec<String> = std::fs::read_dir(c.containerd.dir.join("disks"))
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            ensure!(disks.is_empty(), "disk directories left: {disks:?}");
             let netns: Vec<String> = std::fs::read_dir("/var/run/netns")
                 .map(|entries| {
                     entries

@@ -55,7 +55,7 @@ impl<'a> Containerd<'a> {
         std::fs::write(
             dir.join("shim.toml"),
             format!(
-                "kernel = \"{}\"\ninitrd = \"{}\"\ncpus = 1\nmemory_mib = 256\n",
+                "kernel = \"{}\"\ninitrd = \"{}\"\ncpus = 1\nmemory_mib = 256\ndisk_dir = \"{d}/disks\"\n",
                 artifacts.path("vmlinux").display(),
                 artifacts.path("initramfs.cpio").display()
             ),

@@ -327,7 +327,7 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
         },
     );
     s.check(
-        "no VMM, shim, sandbox directory, jail id claim or mount is left behind",
+        "no VMM, shim, sandbox or disk directory, jail id claim or mount is left behind",
         || {
             std::thread::sleep(Duration::from_secs(1));
             let processes = ours();
@@ -342,10 +342,11 @@ fn checks(s: &mut Suite, c: &mut Containerd) -> Result<()> {
             };
             // The jail ids' claims stay as a directory, with no claim left.
             let claims = names("/run/capsa-shim/jail-ids");
-            let dirs: Vec<String> = names("/run/capsa-shim")
+            let mut dirs: Vec<String> = names("/run/capsa-shim")
                 .into_iter()
                 .filter(|d| d != "jail-ids")
                 .collect();
+            dirs.extend(names(&c.dir.join("disks").display().to_string()));
             let state = format!(" {}", c.dir.join("state").display());
             let mounts: Vec<String> = std::fs::read_to_string("/proc/mounts")?
                 .lines()
