@@ -165,11 +165,17 @@ pub fn pack(root: &Path, copies: &[FileCopy], out: impl Write) -> io::Result<()>
         for name in names {
             let path = relative.join(&name);
             let full = root.join(&path);
-            let kind = fs::symlink_metadata(&full)?.file_type();
+            let meta = fs::symlink_metadata(&full)?;
+            let kind = meta.file_type();
             if kind.is_socket() {
                 continue;
             }
-            builder.append_path_with_name(&full, &path)?;
+            let appended = if kind.is_char_device() || kind.is_block_device() || kind.is_fifo() {
+                append_special(&mut builder, &path, &meta)
+            } else {
+                builder.append_path_with_name(&full, &path)
+            };
+            appended.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             if kind.is_dir() {
                 subdirs.push(path);
             }
@@ -203,6 +209,31 @@ pub fn pack(root: &Path, copies: &[FileCopy], out: impl Write) -> io::Result<()>
         builder.append_file(relative, &mut file)?;
     }
     builder.into_inner()?.flush()
+}
+
+/// A device node or FIFO as a tar entry (tar's own append_path_with_name
+/// names these by their host path, which an archive refuses).
+fn append_special<W: Write>(
+    builder: &mut tar::Builder<W>,
+    name: &Path,
+    meta: &fs::Metadata,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    let kind = meta.file_type();
+    header.set_entry_type(if kind.is_char_device() {
+        tar::EntryType::Char
+    } else if kind.is_block_device() {
+        tar::EntryType::Block
+    } else {
+        tar::EntryType::Fifo
+    });
+    let rdev = meta.rdev();
+    header.set_device_major(nix::sys::stat::major(rdev) as u32)?;
+    header.set_device_minor(nix::sys::stat::minor(rdev) as u32)?;
+    header.set_size(0);
+    builder.append_data(&mut header, name, io::empty())
 }
 
 #[cfg(test)]
@@ -262,6 +293,49 @@ mod tests {
                 "etc/ssl Directory 755",
             ]
         );
+    }
+
+    #[test]
+    fn device_nodes_and_fifos_are_entries_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("dev")).unwrap();
+        nix::unistd::mkfifo(
+            &root.join("dev/pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        // A real image's /dev/console; making one needs root, as the shim has.
+        let console = nix::sys::stat::mknod(
+            &root.join("dev/console"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(5, 1),
+        );
+        let mut tar = Vec::new();
+        pack(root, &[], &mut tar).unwrap();
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let found: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                format!(
+                    "{} {:?} {}:{}",
+                    e.path().unwrap().display(),
+                    h.entry_type(),
+                    h.device_major().unwrap().unwrap_or(0),
+                    h.device_minor().unwrap().unwrap_or(0)
+                )
+            })
+            .collect();
+        let mut wanted = vec!["dev Directory 0:0".to_string()];
+        if console.is_ok() {
+            wanted.push("dev/console Char 5:1".into());
+        }
+        wanted.push("dev/pipe Fifo 0:0".into());
+        assert_eq!(found, wanted);
     }
 
     #[test]
