@@ -70,6 +70,13 @@ fn pod_config(
     }
 }
 
+fn image_spec(image: &str) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    }
+}
+
 fn container_config(
     name: &str,
     command: &[&str],
@@ -80,10 +87,7 @@ fn container_config(
             name: name.into(),
             attempt: 0,
         }),
-        image: Some(cri::ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
+        image: Some(image_spec(IMAGE)),
         command: command.iter().map(|s| s.to_string()).collect(),
         log_path: format!("{name}.log"),
         linux: Some(cri::LinuxContainerConfig {
@@ -215,10 +219,7 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
             .call(
                 "ImageStatus",
                 c.image_service().image_status(cri::ImageStatusRequest {
-                    image: Some(cri::ImageSpec {
-                        image: IMAGE.into(),
-                        ..Default::default()
-                    }),
+                    image: Some(image_spec(IMAGE)),
                     verbose: false,
                 }),
             )?
@@ -318,10 +319,7 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
                 .call(
                     "PullImage",
                     c.image_service().pull_image(cri::PullImageRequest {
-                        image: Some(cri::ImageSpec {
-                            image: image.clone(),
-                            ..Default::default()
-                        }),
+                        image: Some(image_spec(&image)),
                         auth: None,
                         sandbox_config: Some(pod_b.config.clone()),
                     }),
@@ -330,10 +328,7 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
             let id = c.start_in(
                 &pod_b,
                 cri::ContainerConfig {
-                    image: Some(cri::ImageSpec {
-                        image: image.clone(),
-                        ..Default::default()
-                    }),
+                    image: Some(image_spec(&image)),
                     ..container_config("pulled", &["sleep", "3600"], ProfileType::RuntimeDefault)
                 },
             )?;
