@@ -19,9 +19,14 @@ use hyper::Method;
 use capsa_cli::client::{self, Client};
 
 mod networks;
+mod units;
 
 #[derive(Parser)]
-#[command(name = "capsa", about = "Container groups in microVMs, through capsad")]
+#[command(
+    name = "capsa",
+    version,
+    about = "Container groups in microVMs, through capsad"
+)]
 struct Cli {
     /// capsad's API socket.
     #[arg(
@@ -53,18 +58,21 @@ enum Command {
         rm: bool,
         #[arg(long)]
         name: Option<String>,
-        #[arg(long)]
-        cpus: Option<u8>,
+        /// CPUs, as docker takes them (2, 0.5): the VM gets that many
+        /// vCPUs, rounded up, and a fraction also limits its CPU time.
+        #[arg(long, value_parser = units::parse_cpus)]
+        cpus: Option<units::Cpus>,
         /// Host CPU time the whole VM may use, in CPUs (0.5: half of one);
         /// its vCPUs unless given.
         #[arg(long)]
         cpu_limit: Option<f64>,
-        /// MiB.
-        #[arg(long)]
+        /// The VM's memory: 512m, 1.5g, or a number of MiB.
+        #[arg(short = 'm', long, value_parser = units::parse_mib)]
         memory: Option<u64>,
-        /// MiB of disk for the container's writable layer (10240 unless
-        /// given); 0 keeps it in the VM's memory (a tmpfs) instead.
-        #[arg(long)]
+        /// Disk for the container's writable layer (10g unless given: 512m,
+        /// 20g, or a number of MiB); 0 keeps it in the VM's memory (a
+        /// tmpfs) instead.
+        #[arg(long, value_parser = units::parse_mib)]
         scratch: Option<u64>,
         /// KEY=VALUE
         #[arg(short = 'e', long = "env")]
@@ -195,16 +203,16 @@ enum Command {
 enum VolumeCommand {
     Create {
         name: String,
-        /// MiB.
-        #[arg(long, default_value_t = DEFAULT_VOLUME_MIB)]
+        /// 512m, 20g, or a number of MiB.
+        #[arg(long, default_value_t = DEFAULT_VOLUME_MIB, value_parser = units::parse_mib)]
         size: u64,
     },
     Ls,
     /// Grow a volume (not attached to a running group) and its file system.
     Grow {
         name: String,
-        /// The new size in MiB.
-        #[arg(long)]
+        /// The new size: 2g, or a number of MiB.
+        #[arg(long, value_parser = units::parse_mib)]
         size: u64,
     },
     /// Delete volumes and their data.
@@ -335,8 +343,8 @@ fn run(cli: Cli) -> Result<u8> {
                     cap_add,
                     liveness_probe: None,
                 }],
-                cpus,
-                cpu_limit,
+                cpus: cpus.map(units::Cpus::vcpus),
+                cpu_limit: cpu_limit.or_else(|| cpus.and_then(units::Cpus::limit)),
                 memory_mib: memory,
                 labels: BTreeMap::new(),
                 restart_policy: restart,

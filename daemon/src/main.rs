@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "capsad", about = "The Capsa daemon")]
+#[command(name = "capsad", version, about = "The Capsa daemon")]
 struct Args {
     /// State: images, groups, logs.
     #[arg(long, default_value = "/var/lib/capsa")]

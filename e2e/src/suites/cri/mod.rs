@@ -719,9 +719,18 @@ fn checks(s: &mut Suite, c: &mut Cri) -> Result<()> {
         .iter()
         .try_for_each(|pod| Ok(c.end_pod(&pod.id)?));
     s.check(
-        "StopPodSandbox and RemovePodSandbox leave no VMM, sandbox or disk directory, netns or pod cgroup",
+        "StopPodSandbox and RemovePodSandbox leave no VMM, sandbox or disk directory, mount, netns (nor its tap) or pod cgroup",
         || {
             ended?;
+            // containerd's own (the sandboxes' shm, snapshots) and the
+            // shim's (the bundles' rootfs) live under containerd's directory.
+            let under = format!(" {}", c.containerd.dir.display());
+            let mounts: Vec<String> = std::fs::read_to_string("/proc/mounts")?
+                .lines()
+                .filter(|l| l.contains(&under) || l.contains(" /run/capsa-shim"))
+                .map(str::to_string)
+                .collect();
+            ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
             let cgroup =
                 std::path::Path::new("/sys/fs/cgroup").join(pod_cgroup.trim_start_matches('/'));
             ensure!(!cgroup.exists(), "{} is left", cgroup.display());

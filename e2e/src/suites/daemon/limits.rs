@@ -22,7 +22,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     // A small VM: a nested guest filling much memory is what sets the
     // emulated outer machine off most (README, "Hosts with PVM").
     let run = d.capsa(&[
-        "run", "-d", "--name", "sized", "--cpus", "1", "--memory", "128", "busybox", "sleep", "300",
+        "run", "-d", "--name", "sized", "--cpus", "1", "--memory", "128m", "busybox", "sleep", "300",
     ])?;
     ensure!(run.code == Some(0), "run -d sized: {}", run.describe());
     let dir = cgroup_parent().join("sized");
@@ -111,11 +111,11 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         },
     );
     s.check(
-        "a CPU-bound guest is held to its cpu.max: a VM limited to 0.5 CPU uses at most 0.55 of a host CPU, and at least 0.3",
+        "a CPU-bound guest is held to its cpu.max: a VM run with --cpus 0.5 uses at most 0.55 of a host CPU, and at least 0.3",
         || {
             let spin = "i=0; while [ $i -lt 200000000 ]; do i=$((i+1)); done";
             let run = d.capsa(&[
-                "run", "-d", "--name", "spinner", "--cpu-limit", "0.5", "--memory", "128",
+                "run", "-d", "--name", "spinner", "--cpus", "0.5", "--memory", "0.125g",
                 "busybox", "sh", "-c", spin,
             ])?;
             ensure!(run.code == Some(0), "run -d spinner: {}", run.describe());

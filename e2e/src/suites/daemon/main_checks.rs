@@ -776,7 +776,7 @@ fn volumes(s: &mut Suite, d: &Capsad) -> Result<()> {
     s.check(
         "a volume grows: its file on the host, its file system in the guest at the next mount, keeping its data (no e2fsck or resize2fs on the host)",
         || {
-            exits(d, &["volume", "grow", "data", "--size", "32"], 0)?;
+            exits(d, &["volume", "grow", "data", "--size", "32m"], 0)?;
             let out = d.capsa(&[
                 "run",
                 "--rm",
