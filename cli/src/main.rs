@@ -18,6 +18,7 @@ use hyper::Method;
 
 use capsa_cli::client::{self, Client};
 
+mod env;
 mod networks;
 mod units;
 
@@ -74,9 +75,15 @@ enum Command {
         /// tmpfs) instead.
         #[arg(long, value_parser = units::parse_mib)]
         scratch: Option<u64>,
-        /// KEY=VALUE
+        /// KEY=VALUE, or KEY for the value this shell has.
         #[arg(short = 'e', long = "env")]
         env: Vec<String>,
+        /// A file of KEY=VALUE (or KEY) lines, read before -e.
+        #[arg(long = "env-file")]
+        env_file: Vec<PathBuf>,
+        /// KEY=VALUE, a label of the group.
+        #[arg(short = 'l', long = "label")]
+        label: Vec<String>,
         /// Start the container again when it exits: never, on-failure or
         /// always.
         #[arg(long, default_value = "never", value_parser = parse_restart_policy)]
@@ -299,6 +306,8 @@ fn run(cli: Cli) -> Result<u8> {
             memory,
             scratch,
             env,
+            env_file,
+            label,
             publish,
             restart,
             volume,
@@ -315,12 +324,13 @@ fn run(cli: Cli) -> Result<u8> {
             let (volumes, volume_mounts) = volume_options(&volume)?;
             let name = name
                 .unwrap_or_else(|| format!("run-{:08x}", std::process::id() ^ (now_ms() as u32)));
-            let mut variables = indexmap::IndexMap::new();
-            for pair in env {
+            let variables = env::variables(&env, &env_file, |name| std::env::var(name).ok())?;
+            let mut labels = BTreeMap::new();
+            for pair in label {
                 let (key, value) = pair
                     .split_once('=')
-                    .with_context(|| format!("-e {pair}: expected KEY=VALUE"))?;
-                variables.insert(key.to_string(), value.to_string());
+                    .with_context(|| format!("--label {pair}: expected KEY=VALUE"))?;
+                labels.insert(key.to_string(), value.to_string());
             }
             let spec = GroupSpec {
                 name: name.clone(),
@@ -346,7 +356,7 @@ fn run(cli: Cli) -> Result<u8> {
                 cpus: cpus.map(units::Cpus::vcpus),
                 cpu_limit: cpu_limit.or_else(|| cpus.and_then(units::Cpus::limit)),
                 memory_mib: memory,
-                labels: BTreeMap::new(),
+                labels,
                 restart_policy: restart,
                 volumes,
                 scratch_mib: scratch,

@@ -281,6 +281,15 @@ impl Sandbox {
         self.vm.pid()
     }
 
+    /// The last `lines` lines of the VM's console (the guest kernel's and
+    /// the VMM's own messages), for the log when the VM is gone.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = fs::read(self.dir.join("console.log")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Whether the VMM still runs (a guest that crashed, or a VMM that was
     /// killed, takes every container with it).
     pub fn is_alive(&self) -> bool {

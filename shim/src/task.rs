@@ -402,7 +402,10 @@ impl TaskService {
                 return;
             }
             if !sandbox.is_alive() {
-                log::error!("the sandbox VM is gone: its pause container ends");
+                log::error!(
+                    "the sandbox VM is gone: its pause container ends; its console ended with:\n{}",
+                    sandbox.console_tail(CONSOLE_TAIL_LINES)
+                );
                 exited(&publisher, &namespace, &process, 128 + libc::SIGKILL as u32);
                 return;
             }
@@ -428,6 +431,12 @@ impl TaskService {
                         "waiting for {} in the guest: {e}; reporting it killed",
                         process.event_id()
                     );
+                    if !sandbox.is_alive() {
+                        log::error!(
+                            "the sandbox VM is gone; its console ended with:\n{}",
+                            sandbox.console_tail(CONSOLE_TAIL_LINES)
+                        );
+                    }
                     (128 + libc::SIGKILL as u32, false)
                 }
             };
@@ -505,6 +514,9 @@ enum Root {
     /// Streamed and unpacked: the agent's layer chain.
     Layers(String),
 }
+
+/// Console lines logged when a sandbox's VM is gone.
+const CONSOLE_TAIL_LINES: usize = 30;
 
 /// Splits the bind mounts: host files up to rootfs::MAX_FILE_COPY (CRI's
 /// /etc/hosts, /etc/resolv.conf, /etc/hostname, a subPath) travel with the

@@ -22,7 +22,8 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     // A small VM: a nested guest filling much memory is what sets the
     // emulated outer machine off most (README, "Hosts with PVM").
     let run = d.capsa(&[
-        "run", "-d", "--name", "sized", "--cpus", "1", "--memory", "128m", "busybox", "sleep", "300",
+        "run", "-d", "--name", "sized", "--cpus", "1", "--memory", "128m", "busybox", "sleep",
+        "300",
     ])?;
     ensure!(run.code == Some(0), "run -d sized: {}", run.describe());
     let dir = cgroup_parent().join("sized");

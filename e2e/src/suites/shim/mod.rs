@@ -76,8 +76,10 @@ fn deleted_with(out: &crate::suites::daemon::Output) -> Option<i32> {
 
 pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
     let result = Containerd::start(artifacts).and_then(|mut c| {
+        let failed_before = suite.failed;
         let result = checks(suite, &mut c);
-        if result.is_err() {
+        if result.is_err() || suite.failed > failed_before {
+            // The shim logs into containerd's log.
             eprintln!("containerd's log:\n{}", c.log());
         }
         result
