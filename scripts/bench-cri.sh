@@ -86,6 +86,8 @@ start_containerd "$T" '' "$(cat <<TOML
   conf_dir = "$T/cni"
 TOML
 )"
+# Root filesystems on disks (the shim's default streams them).
+echo 'rootfs_disks = 4' >> "$T/shim.toml"
 ctr --address "$T/containerd.sock" -n k8s.io image import \
     --base-name docker.io/library/busybox busybox.tar
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The containerd benchmark: times `ctr run --rm IMAGE ID true` with the
-# Capsa shim, its root filesystem on a disk (an EROFS image, the default)
-# and streamed over vsock (rootfs_disks = 0), and with
+# Capsa shim, its root filesystem on a disk (an EROFS image,
+# rootfs_disks = 4) and streamed over vsock (rootfs_disks = 0), and with
 # io.containerd.runc.v2, in the same containerd (Debian's, its config in a
 # temporary directory), for a busybox image built here and the real-size
 # Debian image (scripts/debian-image.sh), both imported with `ctr image
@@ -64,6 +64,7 @@ step import-debian c image import --base-name docker.io/library/debian debian.ta
 sed -i 's/^memory_mib = .*/memory_mib = 1024/' "$T/shim.toml"
 cp "$T/shim.toml" "$T/shim-stream.toml"
 echo 'rootfs_disks = 0' >> "$T/shim-stream.toml"
+echo 'rootfs_disks = 4' >> "$T/shim.toml"
 
 for image in busybox debian; do
     capsa-bench ctr --runs "$runs" --address "$T/containerd.sock" \

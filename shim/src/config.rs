@@ -72,8 +72,8 @@ pub struct ShimConfig {
     pub jail_first_id: u32,
     pub jail_ids: u32,
     /// Empty disks a sandbox's VM boots with, each to hold one image's root
-    /// filesystem (see rootfs_disks); 0 streams every root filesystem over
-    /// vsock instead.
+    /// filesystem (see rootfs_disks); 0 (the default, for now) streams
+    /// every root filesystem over vsock instead.
     pub rootfs_disks: usize,
     /// Each such disk's size (a sparse file): the largest root filesystem
     /// image a disk takes.
@@ -101,7 +101,7 @@ impl Default for ShimConfig {
             jail: true,
             jail_first_id: 1_000_000,
             jail_ids: 65_536,
-            rootfs_disks: 4,
+            rootfs_disks: 0,
             rootfs_disk_mib: 8192,
             disk_dir: "/var/lib/capsa-shim".into(),
         }

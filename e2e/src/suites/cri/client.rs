@@ -70,13 +70,24 @@ fn plugins(dir: &Path, cni_bin: &Path) -> Result<String> {
          [{cri}.containerd]\n  snapshotter = \"overlayfs\"\n  default_runtime_name = \"runc\"\n\
          [{cri}.containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
          [{cri}.containerd.runtimes.{HANDLER}]\n  runtime_type = \"{RUNTIME}\"\n\
-         [{cri}.containerd.runtimes.{HANDLER}.options]\n  ConfigPath = \"{d}/shim.toml\"\n\
+         [{cri}.containerd.runtimes.{HANDLER}.options]\n  ConfigPath = \"{d}/shim-cri.toml\"\n\
          [{cri}.cni]\n  bin_dir = \"{bin}\"\n  conf_dir = \"{conf}\"\n\
          [{cri}.registry.mirrors.\"{REGISTRY}\"]\n  endpoint = [\"http://{REGISTRY}\"]\n",
         image = crate::suites::shim::containerd::IMAGE,
         bin = cni_bin.display(),
         conf = cni_conf.display(),
     ))
+}
+
+/// The CRI's shim config: the shim suite's, with root filesystems on
+/// disks (off by default).
+fn shim_config(dir: &Path) -> Result<()> {
+    let base = std::fs::read_to_string(dir.join("shim.toml"))?;
+    std::fs::write(
+        dir.join("shim-cri.toml"),
+        format!("{base}rootfs_disks = 4\n"),
+    )?;
+    Ok(())
 }
 
 impl<'a> Cri<'a> {
@@ -98,6 +109,7 @@ impl<'a> Cri<'a> {
         if let Some(e) = config {
             return Err(e.context("writing the CNI config"));
         }
+        shim_config(&containerd.dir)?;
         let client = CriClient::connect(&containerd.dir.join("containerd.sock"), CALL_TIMEOUT)?;
         Ok(Cri { containerd, client })
     }
