@@ -60,6 +60,12 @@ pub struct GroupSpec {
     /// name; groups of different networks cannot exchange a packet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Delete the group, its logs and its scratch disk once its VM has
+    /// stopped (every container exited, the group stopped, or the VM
+    /// failed) and no client waits on it: `capsa run --rm`, done by capsad
+    /// whether or not a client is still there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_remove: bool,
 }
 
 /// The network of a group whose spec names none.
@@ -429,6 +435,12 @@ impl GroupSpec {
         if self.containers.is_empty() {
             problems.push("containers: at least one container is needed".into());
         }
+        if self.auto_remove && self.restart_policy != RestartPolicy::Never {
+            problems.push(
+                "autoRemove: a group removed when it stops cannot also be restarted (restartPolicy must be Never)"
+                    .into(),
+            );
+        }
         if let Some(cpus) = self.cpus {
             if cpus == 0 || cpus > MAX_CPUS {
                 problems.push(format!("cpus: {cpus} is not between 1 and {MAX_CPUS}"));
@@ -622,6 +634,25 @@ mod tests {
             GroupSpec::parse(r#"{"name":"web","containers":[{"name":"app","image":"busybox"}]}"#)
                 .unwrap();
         assert_eq!((spec.cpus(), spec.memory_mib()), (1, 256));
+    }
+
+    #[test]
+    fn auto_remove_is_never_restarted_and_round_trips() {
+        let spec = |extra: &str| {
+            GroupSpec::parse(&format!(
+                r#"{{"name":"w","autoRemove":true{extra},"containers":[{{"name":"a","image":"busybox"}}]}}"#
+            ))
+        };
+        let removed = spec("").unwrap();
+        assert!(removed.auto_remove);
+        let text = serde_json::to_string(&removed).unwrap();
+        assert_eq!(GroupSpec::parse(&text).unwrap(), removed);
+        let error = spec(r#","restartPolicy":"OnFailure""#).unwrap_err();
+        assert!(error.problems[0].starts_with("autoRemove: "), "{error:?}");
+        let kept =
+            GroupSpec::parse(r#"{"name":"w","containers":[{"name":"a","image":"busybox"}]}"#)
+                .unwrap();
+        assert!(!serde_json::to_string(&kept).unwrap().contains("autoRemove"));
     }
 
     #[test]

@@ -82,7 +82,8 @@ impl Client {
 
     /// A streamed response, handed to `each` chunk by chunk.
     pub fn stream(&self, path: &str, each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
-        self.stream_request(Method::GET, path, None, each)
+        let pending = self.begin(Method::GET, path, None)?;
+        self.drain(pending, each)
     }
 
     /// A long operation: its progress lines go to `progress` as they come,
@@ -92,14 +93,61 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<String>,
+        progress: impl FnMut(&str),
+    ) -> Result<T> {
+        let pending = self.begin(method, path, body)?;
+        self.finish(pending, progress)
+    }
+
+    /// Sends a request whose answer streams, and returns once capsad has
+    /// answered its head: a wait or a log follower holds its group from
+    /// then on (an auto-removed group is kept until they are done).
+    pub fn begin(&self, method: Method, path: &str, body: Option<String>) -> Result<Pending> {
+        self.runtime.block_on(async {
+            let response = self.send(method, path, body, PROGRESS_MEDIA_TYPE).await?;
+            let status = response.status();
+            let body = response.into_body();
+            if !status.is_success() {
+                let bytes = body.collect().await?.to_bytes();
+                return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                    Ok(error) => anyhow::Error::new(error),
+                    Err(_) => anyhow!("capsad answered {status}"),
+                });
+            }
+            Ok(Pending {
+                path: path.to_string(),
+                body,
+            })
+        })
+    }
+
+    /// The rest of a streamed answer, handed to `each` chunk by chunk.
+    pub fn drain(&self, pending: Pending, mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let mut body = pending.body;
+        self.runtime.block_on(async {
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    each(&data)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The rest of a long operation's answer: its progress lines go to
+    /// `progress`, then its result is returned (or its error).
+    pub fn finish<T: DeserializeOwned>(
+        &self,
+        pending: Pending,
         mut progress: impl FnMut(&str),
     ) -> Result<T> {
+        let path = pending.path.clone();
         let mut outcome: Option<Result<T>> = None;
-        let mut pending = Vec::new();
-        self.stream_request(method, path, body, |chunk| {
-            pending.extend_from_slice(chunk);
-            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=end).collect();
+        let mut lines = Vec::new();
+        self.drain(pending, |chunk| {
+            lines.extend_from_slice(chunk);
+            while let Some(end) = lines.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = lines.drain(..=end).collect();
                 match serde_json::from_slice::<ProgressEvent<T>>(&line)
                     .with_context(|| format!("reading the answer to {path}"))?
                 {
@@ -112,33 +160,12 @@ impl Client {
         })?;
         outcome.with_context(|| format!("capsad ended {path} without a result"))?
     }
+}
 
-    fn stream_request(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<String>,
-        mut each: impl FnMut(&[u8]) -> Result<()>,
-    ) -> Result<()> {
-        self.runtime.block_on(async {
-            let response = self.send(method, path, body, PROGRESS_MEDIA_TYPE).await?;
-            let status = response.status();
-            let mut body = response.into_body();
-            if !status.is_success() {
-                let bytes = body.collect().await?.to_bytes();
-                return Err(match serde_json::from_slice::<ApiError>(&bytes) {
-                    Ok(error) => anyhow::Error::new(error),
-                    Err(_) => anyhow!("capsad answered {status}"),
-                });
-            }
-            while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame?.into_data() {
-                    each(&data)?;
-                }
-            }
-            Ok(())
-        })
-    }
+/// A request whose answer's head has come; its body is still to read.
+pub struct Pending {
+    path: String,
+    body: Incoming,
 }
 
 /// Puts the local terminal in raw mode until dropped, so keys reach the

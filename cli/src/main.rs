@@ -54,7 +54,8 @@ enum Command {
         /// Print the group's name and return at once.
         #[arg(short = 'd', long)]
         detach: bool,
-        /// Delete the group when it has exited.
+        /// Delete the group when it has exited: capsad does, whether or
+        /// not this command is still there.
         #[arg(long)]
         rm: bool,
         #[arg(long)]
@@ -363,39 +364,43 @@ fn run(cli: Cli) -> Result<u8> {
                 disk_rate_limit: None,
                 network_rate_limit: None,
                 network,
+                auto_remove: rm,
             };
             create_pulling(&client, &spec, &image, pull)?;
+            // Attached, the exit and the output are asked for before the
+            // start: capsad keeps an auto-removed group (--rm) until both
+            // have been sent, however soon it ends.
+            let attached = if detach {
+                None
+            } else {
+                let waiting = client.begin(
+                    Method::POST,
+                    &format!("/v1/groups/{name}/containers/main/wait"),
+                    None,
+                )?;
+                Some((
+                    waiting,
+                    begin_logs(&client, &name, "main", true, None, None)?,
+                ))
+            };
             // Attached, the container's stderr is ours: steps only go to a
             // terminal there.
             let started = start_group(&client, &name, detach || std::io::stderr().is_terminal());
             if let Err(e) = started {
+                // A group that never started is not removed by capsad.
                 if rm {
                     let _: Result<serde_json::Value> =
                         client.call(Method::DELETE, &format!("/v1/groups/{name}"), None);
                 }
                 return Err(e);
             }
-            if detach {
+            let Some((waiting, following)) = attached else {
                 println!("{name}");
                 return Ok(0);
-            }
-            let exit = follow_logs(&client, &name, "main", true, None, None).and_then(|()| {
-                client.call::<WaitResponse>(
-                    Method::POST,
-                    &format!("/v1/groups/{name}/containers/main/wait"),
-                    None,
-                )
-            });
-            // --rm holds when the run failed too (say its VM died): the
-            // group, its address and its ports go either way.
-            if rm {
-                let removed: Result<serde_json::Value> =
-                    client.call(Method::DELETE, &format!("/v1/groups/{name}"), None);
-                if exit.is_ok() {
-                    removed?;
-                }
-            }
-            Ok(exit?.exit_code.clamp(0, 255) as u8)
+            };
+            print_logs(&client, following)?;
+            let exit: WaitResponse = client.finish(waiting, |_| {})?;
+            Ok(exit.exit_code.clamp(0, 255) as u8)
         }
         Command::Create { file } => {
             let text = std::fs::read_to_string(&file)
@@ -862,6 +867,19 @@ fn follow_logs(
     tail: Option<usize>,
     since: Option<u64>,
 ) -> Result<()> {
+    let pending = begin_logs(client, group, container, follow, tail, since)?;
+    print_logs(client, pending)
+}
+
+/// Asks for a container's log (and, with `follow`, what it writes next).
+fn begin_logs(
+    client: &Client,
+    group: &str,
+    container: &str,
+    follow: bool,
+    tail: Option<usize>,
+    since: Option<u64>,
+) -> Result<client::Pending> {
     let mut query = vec![format!("follow={follow}")];
     if let Some(tail) = tail {
         query.push(format!("tail={tail}"));
@@ -873,11 +891,17 @@ fn follow_logs(
         "/v1/groups/{group}/containers/{container}/logs?{}",
         query.join("&")
     );
-    let mut pending = Vec::new();
-    client.stream(&path, |chunk| {
-        pending.extend_from_slice(chunk);
-        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
+    client.begin(Method::GET, &path, None)
+}
+
+/// Prints a log's records as they come: stdout's to stdout, stderr's to
+/// stderr.
+fn print_logs(client: &Client, pending: client::Pending) -> Result<()> {
+    let mut pending_bytes = Vec::new();
+    client.drain(pending, |chunk| {
+        pending_bytes.extend_from_slice(chunk);
+        while let Some(end) = pending_bytes.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending_bytes.drain(..=end).collect();
             let Ok(record) = serde_json::from_slice::<LogLine>(&line) else {
                 bail!(
                     "a log line that is not JSON: {}",

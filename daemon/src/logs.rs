@@ -158,14 +158,19 @@ impl LogWriter {
         let start = Resume::read_from(&mut reader)?;
         let mut at = start;
         let mut acked = start.offset;
+        // The agent closes its end once its last bytes are sent: an
+        // acknowledgement then has no one to hear it, and what is still
+        // in the socket is read to its end without more of them.
+        let mut listening = true;
         let mut buffer = Vec::new();
         loop {
             buffer.clear();
             if read_bounded_line(&mut reader, &mut buffer, MAX_LINE_BYTES)? == 0 {
-                // A stream that had ended before this attach is closed
-                // already: the last acknowledgement has no one to hear it.
+                if !listening {
+                    return Ok(());
+                }
                 return match acknowledge(reader.get_mut(), at.offset, patience) {
-                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                    Err(e) if closed_by_peer(&e) => Ok(()),
                     other => other,
                 };
             }
@@ -176,12 +181,23 @@ impl LogWriter {
             // and one at least every half window, so that an agent held to
             // its window never waits on how the host's reads fall.
             let ahead = at.offset.saturating_sub(acked);
-            if reader.buffer().is_empty() || ahead >= (ACK_WINDOW / 2) as u64 {
-                acknowledge(reader.get_mut(), at.offset, patience)?;
+            if listening && (reader.buffer().is_empty() || ahead >= (ACK_WINDOW / 2) as u64) {
+                match acknowledge(reader.get_mut(), at.offset, patience) {
+                    Err(e) if closed_by_peer(&e) => listening = false,
+                    other => other?,
+                }
                 acked = at.offset;
             }
         }
     }
+}
+
+/// An error writing to a stream whose other end has closed it.
+fn closed_by_peer(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }
 
 /// A record's line of JSON. serde_json escapes a string byte by byte; a
@@ -240,7 +256,7 @@ fn acknowledge(connection: &mut UnixStream, kept: u64, patience: Duration) -> io
 }
 
 /// Reads up to and including a newline, or `max` bytes, whichever first;
-/// returns how many bytes it read (0 at the end).
+/// returns how many bytes it read (0 at the end, a reset one included).
 fn read_bounded_line(
     reader: &mut impl BufRead,
     out: &mut Vec<u8>,
@@ -250,6 +266,9 @@ fn read_bounded_line(
         let available = match reader.fill_buf() {
             Ok(available) => available,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A peer that closed with acknowledgements unread: Linux says
+            // so once its last bytes are read, instead of the end.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
             Err(e) => return Err(e),
         };
         if available.is_empty() {
@@ -503,6 +522,33 @@ mod tests {
         let (records, _) = read(&path, None, None).unwrap();
         let partial: Vec<bool> = records.iter().map(|l| l.partial).collect();
         assert_eq!(partial, [true, true, false, false], "pieces say so");
+    }
+
+    #[test]
+    fn an_agent_that_closes_after_its_last_bytes_ends_the_stream_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let writer = LogWriter::open(&path).unwrap();
+        let (mut guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
+        // A whole batch and the close before the host reads: each
+        // acknowledgement then meets a closed socket (as a --rm run's
+        // streams do once the container exits).
+        guest.write_all(&Resume::default().to_bytes()).unwrap();
+        let mut output = Vec::new();
+        for i in 0..20_000 {
+            output.extend_from_slice(format!("line {i}\n").as_bytes());
+        }
+        let sender = std::thread::spawn(move || {
+            guest.write_all(&output).unwrap();
+            drop(guest);
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let copied = writer.copy("stdout", host);
+        sender.join().unwrap();
+        copied.unwrap();
+        let found = lines(&path);
+        assert_eq!(found.len(), 20_000);
+        assert_eq!(found[19_999].1, "line 19999");
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl Default for ShimConfig {
             jail: true,
             jail_first_id: 1_000_000,
             jail_ids: 65_536,
-            rootfs_disks: 0,
+            rootfs_disks: 4,
             rootfs_disk_mib: 8192,
             disk_dir: "/var/lib/capsa-shim".into(),
         }

@@ -91,11 +91,20 @@ fn adopt(daemon: Arc<Daemon>, group: Arc<Group>) {
     let record = group.snapshot();
     let vsock = group.paths.vsock();
     let (pid, containers) = match adoption(&record, |pid| vm::is_our_vmm(pid, &vsock)) {
-        Adoption::Idle => return,
+        Adoption::Idle => {
+            // An auto-removed group that stopped while no daemon ran.
+            if record.spec.auto_remove && group.is_over() {
+                restart::remove_when_unheld(&daemon, &group);
+            }
+            return;
+        }
         Adoption::Lost => {
             let _ = group.transition(Transition::Fail {
                 error: "the VMM exited while the daemon was down".into(),
             });
+            if record.spec.auto_remove {
+                restart::remove_when_unheld(&daemon, &group);
+            }
             return;
         }
         Adoption::Watch {

@@ -27,6 +27,24 @@ pub struct GroupState {
     pub sandbox: Option<Arc<Sandbox>>,
     /// The group's published ports, open while it exists.
     pub published: Vec<capsa_network::Published>,
+    /// Clients waiting on it (see [`Hold`]): an auto-removed group goes
+    /// once there are none.
+    holds: usize,
+}
+
+/// A client waiting on a group (for a container's exit, or following its
+/// output): while one is held, an auto-removed group that has stopped is
+/// kept, so that the client gets its answer. Dropped when the client has
+/// it or is gone.
+pub struct Hold(Arc<Group>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.holds = state.holds.saturating_sub(1);
+        drop(state);
+        self.0.changed.notify_all();
+    }
 }
 
 impl Group {
@@ -41,6 +59,7 @@ impl Group {
                 life: Lifecycle::new(record),
                 sandbox: None,
                 published: Vec::new(),
+                holds: 0,
             }),
             changed: Condvar::new(),
             events,
@@ -103,6 +122,19 @@ impl Group {
         }
     }
 
+    pub fn hold(self: &Arc<Self>) -> Hold {
+        self.lock().holds += 1;
+        Hold(self.clone())
+    }
+
+    /// Blocks until no client holds the group.
+    pub fn wait_unheld(&self) {
+        let mut state = self.lock();
+        while state.holds > 0 {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     pub fn snapshot(&self) -> GroupRecord {
         self.lock().life.record().clone()
     }
@@ -130,8 +162,14 @@ impl Group {
         self.lock().life.record().ip
     }
 
-    pub fn is_running(&self) -> bool {
-        self.lock().life.record().status == GroupStatus::Running
+    /// Stopped or failed: nothing it runs writes any more.
+    pub fn is_over(&self) -> bool {
+        let state = self.lock();
+        state.life.deleted()
+            || matches!(
+                state.life.record().status,
+                GroupStatus::Stopped | GroupStatus::Failed
+            )
     }
 
     pub fn is_stopping(&self) -> bool {

@@ -199,7 +199,7 @@ impl Daemon {
             .collect()
     }
 
-    fn group(&self, name: &str) -> Result<Arc<Group>, ApiError> {
+    pub fn group(&self, name: &str) -> Result<Arc<Group>, ApiError> {
         self.groups
             .lock()
             .unwrap_or_else(|e| e.into_inner())

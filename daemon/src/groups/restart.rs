@@ -152,6 +152,30 @@ fn relaunch(
         .map_err(|e| e.message)
 }
 
+/// The VM of an auto-removed group is gone: the group is deleted once no
+/// client holds it (they get their answers first), unless it was started
+/// again meanwhile.
+pub(super) fn remove_when_unheld(daemon: &Arc<Daemon>, group: &Arc<Group>) {
+    let (daemon, group) = (daemon.clone(), group.clone());
+    std::thread::spawn(move || {
+        group.wait_unheld();
+        let name = group.name();
+        // Started again, or deleted and its name taken by another group.
+        let same = daemon
+            .group(&name)
+            .is_ok_and(|now| Arc::ptr_eq(&now, &group));
+        if !same || !group.is_over() {
+            return;
+        }
+        match daemon.delete(&name) {
+            Ok(()) => {}
+            // Deleted by a client meanwhile.
+            Err(e) if e.code == capsa_api::ErrorCode::NotFound => {}
+            Err(e) => eprintln!("capsad: removing group {name}: {}", e.message),
+        }
+    });
+}
+
 /// The VM failed: under a restart policy other than Never, boot the group
 /// again after the back-off (again and again while it keeps failing).
 pub(super) fn restart_failed_group(daemon: &Arc<Daemon>, group: &Arc<Group>) {

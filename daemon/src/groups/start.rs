@@ -390,7 +390,10 @@ pub(super) fn vm_exited(daemon: &Arc<Daemon>, group: &Arc<Group>, how: String) {
     }
     let console = vm::console_tail(&group.paths.console());
     let after = group.transition(Transition::VmmExited { how, console });
-    if after.is_ok_and(|record| record.status == GroupStatus::Failed) {
+    let Ok(record) = after else { return };
+    if record.spec.auto_remove {
+        restart::remove_when_unheld(daemon, group);
+    } else if record.status == GroupStatus::Failed {
         restart::restart_failed_group(daemon, group);
     }
 }

@@ -5,25 +5,32 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use capsa_api::exec::{self, ExecRequest, Frame};
 use capsa_api::ErrorCode;
 use serde::Deserialize;
 
-use super::{blocking, Failure, Reply};
+use super::{blocking, long_operation, Failure};
 use crate::errors::{error, internal};
 use crate::groups::{Daemon, Exec};
 use crate::logs;
 
+/// Blocks until the container has exited. A client that accepts
+/// PROGRESS_MEDIA_TYPE gets the answer's head at once: from then on it
+/// holds the group, so that an auto-removed group that stops meanwhile is
+/// kept until the exit has been sent.
 pub(super) async fn wait_container(
     State(daemon): State<Arc<Daemon>>,
     UrlPath((name, container)): UrlPath<(String, String)>,
-) -> Reply<capsa_api::WaitResponse> {
-    Ok(Json(
-        blocking(move || daemon.wait(&name, &container)).await?,
-    ))
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let hold = daemon.group(&name)?.hold();
+    Ok(long_operation(&headers, move |_| {
+        let _hold = hold;
+        daemon.wait(&name, &container)
+    })
+    .await)
 }
 
 #[derive(Deserialize)]
@@ -36,7 +43,8 @@ pub(super) struct LogsQuery {
 }
 
 /// JSON lines; with `follow`, the response goes on until the container
-/// has exited and its last line has been sent.
+/// has exited (or its group has stopped) and its last line has been sent:
+/// a container not started yet is waited for.
 pub(super) async fn container_logs(
     State(daemon): State<Arc<Daemon>>,
     UrlPath((name, container)): UrlPath<(String, String)>,
@@ -59,9 +67,13 @@ pub(super) async fn container_logs(
     if !query.follow {
         return Ok(([("content-type", "application/x-ndjson")], first).into_response());
     }
+    // A follower holds the group (see wait_container) until its stream
+    // ends or is dropped: it gets every line an auto-removed group wrote.
+    let hold = group.hold();
     let stream = futures::stream::unfold(
         (Some(first), offset, false),
         move |(pending, offset, finished)| {
+            let _held = &hold;
             let path = path.clone();
             let daemon = daemon.clone();
             let group = group.clone();
@@ -77,7 +89,7 @@ pub(super) async fn container_logs(
                 loop {
                     // Whether it had ended before this read: then whatever
                     // the read finds is the last of it.
-                    let ended = daemon.wait_done(&name, &container) || !group.is_running();
+                    let ended = daemon.wait_done(&name, &container) || group.is_over();
                     let mut lines = Vec::new();
                     offset = logs::read_lines(&path, offset, &mut lines).unwrap_or(offset);
                     if !lines.is_empty() || ended {

@@ -147,6 +147,46 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         },
     );
     s.check(
+        "capsad deletes a --rm group once it exits, though its CLI was killed while it ran",
+        || {
+            let mut cli = Command::new(d.artifacts.path("capsa"))
+                .args(["run", "--rm", "--name", "orphan", "busybox", "sleep", "3"])
+                .env("CAPSA_SOCKET", &d.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let running = loop {
+                match d.group("orphan") {
+                    Ok(view) if view.status == GroupStatus::Running => break true,
+                    _ if Instant::now() > deadline => break false,
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            let _ = cli.kill();
+            let _ = cli.wait();
+            ensure!(running, "the group never ran");
+            let started = Instant::now();
+            loop {
+                match d.group("orphan") {
+                    Err(e) if api_error(&e).is_some_and(|a| a.code == ErrorCode::NotFound) => {
+                        break;
+                    }
+                    Ok(view) if started.elapsed() > Duration::from_secs(60) => {
+                        anyhow::bail!("still there after 60 s: {:?}", view.status)
+                    }
+                    Err(e) if started.elapsed() > Duration::from_secs(60) => return Err(e),
+                    _ => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+            Ok(format!(
+                "deleted {} ms after its CLI was killed",
+                started.elapsed().as_millis()
+            ))
+        },
+    );
+    s.check(
         "a container writes 256 MiB into its root filesystem, twice its VM's memory, and reads it back",
         || {
             let script = "dd if=/dev/zero of=/big bs=1M count=256 2>/dev/null && sync \
