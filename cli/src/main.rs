@@ -197,6 +197,14 @@ enum Command {
     Wait {
         target: String,
     },
+    /// Send a signal to a running container's main process:
+    /// GROUP[/CONTAINER].
+    Kill {
+        /// A name (TERM, SIGTERM) or a number.
+        #[arg(short = 's', long, default_value = "KILL")]
+        signal: String,
+        target: String,
+    },
     #[command(subcommand)]
     Image(ImageCommand),
     /// Named persistent volumes (ext4 disks kept until removed).
@@ -400,6 +408,11 @@ fn run(cli: Cli) -> Result<u8> {
             };
             print_logs(&client, following)?;
             let exit: WaitResponse = client.finish(waiting, |_| {})?;
+            if rm {
+                // As docker's: the group, its volumes' attachments and its
+                // ports are gone when the command returns.
+                wait_removed(&client, &name)?;
+            }
             Ok(exit.exit_code.clamp(0, 255) as u8)
         }
         Command::Create { file } => {
@@ -600,6 +613,20 @@ fn run(cli: Cli) -> Result<u8> {
                 print_json(&exit)?;
             }
             Ok(exit.exit_code.clamp(0, 255) as u8)
+        }
+        Command::Kill {
+            signal,
+            target: text,
+        } => {
+            let signal = capsa_api::signal::number(&signal)
+                .with_context(|| format!("--signal {signal}: not a signal"))?;
+            let (group, container) = target(&client, &text)?;
+            let _: serde_json::Value = client.call(
+                Method::POST,
+                &format!("/v1/groups/{group}/containers/{container}/kill?signal={signal}"),
+                None,
+            )?;
+            Ok(0)
         }
         Command::Image(ImageCommand::Import { path, name }) => {
             let path =
@@ -869,6 +896,30 @@ fn follow_logs(
 ) -> Result<()> {
     let pending = begin_logs(client, group, container, follow, tail, since)?;
     print_logs(client, pending)
+}
+
+/// Waits until capsad has deleted the auto-removed group `name`.
+fn wait_removed(client: &Client, name: &str) -> Result<()> {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+    let started = std::time::Instant::now();
+    loop {
+        match client.call::<GroupView>(Method::GET, &format!("/v1/groups/{name}"), None) {
+            Err(e)
+                if e.downcast_ref::<ApiError>()
+                    .is_some_and(|a| a.code == ErrorCode::NotFound) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+            Ok(_) if started.elapsed() > PATIENCE => {
+                bail!(
+                    "group {name} has exited but capsad has not removed it after {} s",
+                    PATIENCE.as_secs()
+                )
+            }
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
 }
 
 /// Asks for a container's log (and, with `follow`, what it writes next).

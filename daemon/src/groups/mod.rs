@@ -41,7 +41,7 @@ use capsa_network::Networks;
 use capsa_volumes::VolumeStore;
 
 use crate::errors::{
-    conflict, error, internal, network_error, no_container, no_group, store_error,
+    conflict, error, guest_failed, internal, network_error, no_container, no_group, store_error,
 };
 use crate::state::{self, GroupPaths, GroupRecord};
 use capsa_vm_process::VmConfig;
@@ -375,6 +375,28 @@ impl Daemon {
 
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Sends `signal` to the main process of `container` of `name`, which
+    /// must be running; its exit, if it exits, is recorded as any other
+    /// (the restart policy applies).
+    pub fn kill(&self, name: &str, container: &str, signal: i32) -> Result<(), ApiError> {
+        let group = self.group(name)?;
+        let record = group.snapshot();
+        let Some(c) = record.containers.iter().find(|c| c.name == container) else {
+            return Err(no_container(name, container));
+        };
+        let guest = group
+            .guest()
+            .filter(|_| c.status == ContainerStatus::Running)
+            .ok_or_else(|| {
+                conflict(format!(
+                    "container {container:?} of {name:?} is not running"
+                ))
+            })?;
+        guest
+            .signal(container, "", signal)
+            .map_err(|e| guest_failed(&group.paths.console(), "signalling it", e))
     }
 
     /// Blocks until `container` of `name` has exited.

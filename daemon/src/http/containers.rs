@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use capsa_api::exec::{self, ExecRequest, Frame};
 use capsa_api::ErrorCode;
 use serde::Deserialize;
@@ -31,6 +32,31 @@ pub(super) async fn wait_container(
         daemon.wait(&name, &container)
     })
     .await)
+}
+
+#[derive(Deserialize)]
+pub(super) struct KillQuery {
+    /// A name (`SIGTERM`, `TERM`) or a number; SIGKILL unless given.
+    signal: Option<String>,
+}
+
+/// Sends a signal to a running container's main process.
+pub(super) async fn kill_container(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath((name, container)): UrlPath<(String, String)>,
+    Query(query): Query<KillQuery>,
+) -> Result<Json<serde_json::Value>, Failure> {
+    let signal = match query.signal.as_deref() {
+        None => libc::SIGKILL,
+        Some(text) => capsa_api::signal::number(text).ok_or_else(|| {
+            error(
+                ErrorCode::InvalidRequest,
+                format!("signal: {text:?} is not a signal"),
+            )
+        })?,
+    };
+    blocking(move || daemon.kill(&name, &container, signal)).await?;
+    Ok(Json(serde_json::json!({ "signal": signal })))
 }
 
 #[derive(Deserialize)]

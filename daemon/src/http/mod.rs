@@ -94,6 +94,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             post(containers::wait_container),
         )
         .route(
+            "/v1/groups/{name}/containers/{container}/kill",
+            post(containers::kill_container),
+        )
+        .route(
             "/v1/groups/{name}/containers/{container}/logs",
             get(containers::container_logs),
         )

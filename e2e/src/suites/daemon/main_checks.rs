@@ -187,6 +187,40 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         },
     );
     s.check(
+        "capsa kill sends a signal the container traps, and SIGKILL unless told",
+        || {
+            let script = "trap 'exit 7' USR1; while :; do sleep 1; done";
+            for name in ["trapper", "killed"] {
+                let out = d.capsa(&["run", "-d", "--name", name, "busybox", "sh", "-c", script])?;
+                ensure!(out.code == Some(0), "run -d {name}: {}", out.describe());
+            }
+            let bad = d.capsa(&["kill", "-s", "NOPE", "trapper"])?;
+            ensure!(
+                bad.code != Some(0),
+                "a bad signal was taken: {}",
+                bad.describe()
+            );
+            let sent = d.capsa(&["kill", "-s", "USR1", "trapper"])?;
+            ensure!(sent.code == Some(0), "{}", sent.describe());
+            let trapped = d.wait("trapper", "main")?;
+            let sent = d.capsa(&["kill", "killed"])?;
+            ensure!(sent.code == Some(0), "{}", sent.describe());
+            let killed = d.wait("killed", "main")?;
+            for name in ["trapper", "killed"] {
+                d.delete(name)?;
+            }
+            ensure!(trapped.exit_code == 7, "USR1: {trapped:?}");
+            ensure!(
+                killed.exit_code == 137 || killed.signal == Some(libc::SIGKILL),
+                "KILL: {killed:?}"
+            );
+            Ok(format!(
+                "USR1: exit {}; KILL: exit {}",
+                trapped.exit_code, killed.exit_code
+            ))
+        },
+    );
+    s.check(
         "a container writes 256 MiB into its root filesystem, twice its VM's memory, and reads it back",
         || {
             let script = "dd if=/dev/zero of=/big bs=1M count=256 2>/dev/null && sync \
