@@ -83,23 +83,32 @@ pub enum ContainerStatus {
     Exited,
 }
 
+/// Also the daemon's record of a container on disk: records written
+/// before the API's one casing (snake_case fields) still load.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct ContainerView {
     pub name: String,
     pub image: String,
     pub status: ContainerStatus,
+    #[serde(alias = "exit_code")]
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
+    #[serde(alias = "oom_killed")]
     pub oom_killed: bool,
     /// Unix milliseconds.
+    #[serde(alias = "started_at")]
     pub started_at: Option<u64>,
+    #[serde(alias = "finished_at")]
     pub finished_at: Option<u64>,
     /// Times the restart policy has started it again.
     #[serde(default)]
+    #[serde(alias = "restart_count")]
     pub restart_count: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct GroupView {
     pub name: String,
     pub status: GroupStatus,
@@ -119,10 +128,14 @@ pub struct GroupView {
     pub started_at: Option<u64>,
     pub containers: Vec<ContainerView>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The spec it was created from, whole: `capsa create -f` takes it
+    /// (or this whole view) back.
+    pub spec: GroupSpec,
 }
 
 /// A named persistent volume.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct VolumeView {
     pub name: String,
     pub size_bytes: u64,
@@ -175,6 +188,7 @@ pub struct VolumeGrowRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct ImageView {
     pub name: String,
     pub digest: String,
@@ -183,6 +197,7 @@ pub struct ImageView {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct ImportRequest {
     /// An OCI layout directory, an oci-archive tar or a docker-save tar,
     /// on the daemon's host.
@@ -192,6 +207,7 @@ pub struct ImportRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct PullRequest {
     /// `[registry/]repository[:tag|@digest]`.
     pub reference: String,
@@ -220,6 +236,7 @@ pub enum ProgressEvent<T> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct WaitResponse {
     pub exit_code: i32,
     pub signal: Option<i32>,
@@ -229,6 +246,7 @@ pub struct WaitResponse {
 /// One line of a container's log, as stored and as `logs` streams it
 /// (JSON lines).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct LogLine {
     /// Unix milliseconds when the daemon received it.
     pub time: u64,
@@ -242,6 +260,7 @@ pub struct LogLine {
 
 /// Something that happened to a group, as `GET /v1/events` streams it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct Event {
     /// Unix milliseconds.
     pub time: u64,
@@ -257,6 +276,7 @@ pub struct Event {
 /// What a group uses now: its VMM on the host, and each running
 /// container's cgroup in the guest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct GroupStats {
     pub group: String,
     pub vmm_rss_kib: u64,
@@ -285,6 +305,7 @@ pub struct GroupStats {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct ContainerStats {
     pub name: String,
     pub cpu_usage_usec: u64,

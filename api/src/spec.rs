@@ -270,6 +270,18 @@ pub struct PortSpec {
     pub protocol: PortProtocol,
 }
 
+impl std::fmt::Display for PortSpec {
+    /// As `docker port` prints one: `80/tcp -> 127.0.0.1:8080`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let protocol = match self.protocol {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+        };
+        let host = std::net::SocketAddr::new(self.host_ip, self.host_port);
+        write!(f, "{}/{protocol} -> {host}", self.container_port)
+    }
+}
+
 fn loopback() -> std::net::IpAddr {
     std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
 }
@@ -679,6 +691,9 @@ mod tests {
         );
         let port: PortSpec = "[::1]:8443:443".parse().unwrap();
         assert_eq!(port.host_ip.to_string(), "::1");
+        assert_eq!(port.to_string(), "443/tcp -> [::1]:8443");
+        let port: PortSpec = "18080:80/udp".parse().unwrap();
+        assert_eq!(port.to_string(), "80/udp -> 127.0.0.1:18080");
         for bad in [
             "80",
             "a:80",

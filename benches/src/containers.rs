@@ -117,8 +117,8 @@ fn group_memory(cli: &PathBuf, image: &str) -> Result<Memory> {
     let measured = (|| {
         let view =
             process::run(capsa(cli, &["inspect", &name]), Duration::from_secs(60))?.success()?;
-        let view: serde_json::Value = serde_json::from_str(&view.stdout)?;
-        let pid = view["vmm_pid"].as_u64().context("no VMM pid")?;
+        let view: capsa_api::GroupView = serde_json::from_str(&view.stdout)?;
+        let pid = view.vmm_pid.context("no VMM pid")?;
         // Let the guest settle after boot.
         std::thread::sleep(Duration::from_secs(2));
         let meminfo = process::run(
@@ -130,7 +130,7 @@ fn group_memory(cli: &PathBuf, image: &str) -> Result<Memory> {
         let total = field_kib(&meminfo, "MemTotal:").context("no MemTotal")?;
         let available = field_kib(&meminfo, "MemAvailable:").context("no MemAvailable")?;
         let (mut rss, mut pss) = (0, 0);
-        for pid in capsa_vm_process::vmm_processes(pid as u32) {
+        for pid in capsa_vm_process::vmm_processes(pid) {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
             let rollup =
                 std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
@@ -142,13 +142,13 @@ fn group_memory(cli: &PathBuf, image: &str) -> Result<Memory> {
             Duration::from_secs(60),
         )?
         .success()?;
-        let stats: serde_json::Value = serde_json::from_str(&stats.stdout)?;
+        let stats: capsa_api::GroupStats = serde_json::from_str(&stats.stdout)?;
         Ok(Memory {
             guest_used_kib: total.saturating_sub(available),
             guest_total_kib: total,
             vmm_rss_kib: rss,
             vmm_pss_kib: pss,
-            vmm_overhead_kib: stats["vmm_overhead_kib"].as_u64().unwrap_or(0),
+            vmm_overhead_kib: stats.vmm_overhead_kib,
         })
     })();
     process::timed_ms(capsa(cli, &["rm", &name]))?;

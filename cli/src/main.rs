@@ -197,6 +197,10 @@ enum Command {
     Wait {
         target: String,
     },
+    /// The ports a group publishes, as CONTAINER_PORT/PROTOCOL -> HOST:PORT.
+    Port {
+        name: String,
+    },
     /// Send a signal to a running container's main process:
     /// GROUP[/CONTAINER].
     Kill {
@@ -614,6 +618,18 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(exit.exit_code.clamp(0, 255) as u8)
         }
+        Command::Port { name } => {
+            let view: GroupView = client.call(Method::GET, &format!("/v1/groups/{name}"), None)?;
+            let ports: Vec<_> = view.spec.containers.iter().flat_map(|c| &c.ports).collect();
+            if cli.json {
+                print_json(&ports)?;
+            } else {
+                for port in ports {
+                    println!("{port}");
+                }
+            }
+            Ok(0)
+        }
         Command::Kill {
             signal,
             target: text,
@@ -868,14 +884,30 @@ fn volume_options(options: &[String]) -> Result<(Vec<VolumeSpec>, Vec<VolumeMoun
 
 /// The spec as JSON: YAML files (.yaml, .yml) are converted; the daemon
 /// checks the fields either way.
+/// The spec in a file for `create -f`: JSON, or YAML when named .yaml or
+/// .yml; `capsa inspect` output (a group with its spec) gives its spec.
 fn spec_json(file: &std::path::Path, text: &str) -> Result<String> {
     let yaml = file.extension().is_some_and(|e| e == "yaml" || e == "yml");
-    if !yaml {
-        return Ok(text.to_string());
-    }
-    let value: serde_json::Value = serde_yaml_ng::from_str(text)
-        .with_context(|| format!("{} is not valid YAML", file.display()))?;
-    Ok(serde_json::to_string(&value)?)
+    let value: serde_json::Value = if yaml {
+        serde_yaml_ng::from_str(text)
+            .with_context(|| format!("{} is not valid YAML", file.display()))?
+    } else {
+        match serde_json::from_str(text) {
+            Ok(value) => value,
+            // capsad names what is wrong with it.
+            Err(_) => return Ok(text.to_string()),
+        }
+    };
+    Ok(serde_json::to_string(
+        inspected_spec(&value).unwrap_or(&value),
+    )?)
+}
+
+/// The spec of `capsa inspect` output: an object with a status and a spec.
+fn inspected_spec(value: &serde_json::Value) -> Option<&serde_json::Value> {
+    let object = value.as_object()?;
+    object.get("status")?;
+    object.get("spec").filter(|spec| spec.is_object())
 }
 
 fn now_ms() -> u64 {

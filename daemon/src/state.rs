@@ -93,6 +93,7 @@ impl GroupRecord {
             started_at: self.started_at,
             labels: self.spec.labels.clone(),
             containers: self.containers.clone(),
+            spec: self.spec.clone(),
         }
     }
 }

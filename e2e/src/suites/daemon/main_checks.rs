@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use capsa_api::{
     ApiError, ContainerStatus, ErrorCode, Event, GroupStats, GroupStatus, GroupView, LogLine,
-    WaitResponse,
+    PortSpec, WaitResponse,
 };
 use hyper::Method;
 
@@ -184,6 +184,48 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 "deleted {} ms after its CLI was killed",
                 started.elapsed().as_millis()
             ))
+        },
+    );
+    s.check(
+        "capsa inspect gives the whole spec, and its output fed back to create makes an equal group",
+        || {
+            let out = d.capsa(&[
+                "run", "-d", "--name", "shape", "-e", "GREETING=hi", "-l", "team=a", "-m", "192m",
+                "-p", "18091:80", "-w", "/tmp", "busybox", "sleep", "300",
+            ])?;
+            ensure!(out.code == Some(0), "run -d shape: {}", out.describe());
+            let inspected = d.capsa(&["inspect", "shape"])?;
+            ensure!(inspected.code == Some(0), "{}", inspected.describe());
+            let before: GroupView = serde_json::from_str(&inspected.stdout)?;
+            let port = d.capsa(&["--json", "port", "shape"])?;
+            ensure!(port.code == Some(0), "{}", port.describe());
+            let ports: Vec<PortSpec> = serde_json::from_str(&port.stdout)?;
+            ensure!(
+                ports.len() == 1 && ports[0].host_port == 18091 && ports[0].container_port == 80,
+                "capsa port: {ports:?}"
+            );
+            d.delete("shape")?;
+            let file = d.work.join("shape.json");
+            std::fs::write(&file, &inspected.stdout)?;
+            let created = d.capsa(&["create", "-f", &file.display().to_string()])?;
+            ensure!(created.code == Some(0), "{}", created.describe());
+            let after = d.group("shape")?;
+            d.delete("shape")?;
+            ensure!(
+                after.spec == before.spec,
+                "{:?} became {:?}",
+                before.spec,
+                after.spec
+            );
+            let main = &before.spec.containers[0];
+            ensure!(
+                main.env.get("GREETING").map(String::as_str) == Some("hi")
+                    && main.ports.len() == 1
+                    && before.spec.memory_mib == Some(192),
+                "the spec lacks what run was given: {:?}",
+                before.spec
+            );
+            Ok(format!("{} containers, {} labels", after.spec.containers.len(), after.spec.labels.len()))
         },
     );
     s.check(
