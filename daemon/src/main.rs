@@ -2,6 +2,7 @@
 //! its own, keeps images (an OCI store), logs and state under its root,
 //! and serves an HTTP/JSON API on a Unix socket (0600) for `capsa`.
 
+mod config;
 mod errors;
 mod groups;
 mod http;
@@ -20,6 +21,11 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "capsad", version, about = "The Capsa daemon")]
 struct Args {
+    /// Settings from a TOML file: each flag as a key of the same name
+    /// (`memory-budget-mib = 8192`, `dns = ["10.0.0.2"]`, `no-network =
+    /// true`); flags given here win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// State: images, groups, logs.
     #[arg(long, default_value = "/var/lib/capsa")]
     root: PathBuf,
@@ -167,7 +173,7 @@ fn main() -> Result<()> {
     if let Some(code) = capsa_image_store::converter::serve_if_asked() {
         std::process::exit(code);
     }
-    let args = Args::parse();
+    let args = Args::parse_from(with_config(std::env::args_os().collect())?);
     for file in [&args.kernel, &args.initrd] {
         anyhow::ensure!(file.is_file(), "{} does not exist", file.display());
     }
@@ -279,14 +285,64 @@ fn main() -> Result<()> {
                 }
             });
         }
-        axum::serve(listener, http::router(daemon))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("serving the API")
+        let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+        let signalled = stopping.clone();
+        let served =
+            axum::serve(listener, http::router(daemon)).with_graceful_shutdown(async move {
+                stop_signal().await;
+                signalled.notify_one();
+            });
+        // A client that never hangs up (an event stream) delays the stop
+        // by STOP_PATIENCE at most.
+        tokio::select! {
+            served = served => served.context("serving the API"),
+            () = async {
+                stopping.notified().await;
+                tokio::time::sleep(STOP_PATIENCE).await;
+            } => Ok(()),
+        }
     })
 }
+
+/// The command line with the settings of its `--config FILE` put first.
+fn with_config(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>> {
+    use clap::CommandFactory;
+    let command = Args::command();
+    let (mut flags, mut switches) = (Vec::new(), Vec::new());
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if arg.get_action().takes_values() {
+            flags.push(long.to_string());
+        } else if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+            switches.push(long.to_string());
+        }
+    }
+    Ok(config::expand(args, &flags, &switches)?)
+}
+
+/// Resolves at SIGINT or SIGTERM (a service manager's stop). The groups'
+/// VMs keep running and the next capsad adopts them.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    let terminated = async {
+        match terminate.as_mut() {
+            Some(terminate) => {
+                terminate.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminated => {}
+    }
+    eprintln!("capsad: stopping; the groups keep running, and the next capsad adopts them");
+}
+
+/// How long requests under way (a log follower, an event stream) may go
+/// on after a stop signal.
+const STOP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The host's nameservers a group can use through the daemon: loopback
 /// ones (a local cache) are fine, since the daemon asks on their behalf.
@@ -297,4 +353,46 @@ fn host_nameservers() -> Vec<std::net::IpAddr> {
         .filter_map(|line| line.strip_prefix("nameserver"))
         .filter_map(|rest| rest.trim().parse().ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args> {
+        let args = with_config(args.iter().map(std::ffi::OsString::from).collect())?;
+        Ok(Args::try_parse_from(args)?)
+    }
+
+    #[test]
+    fn the_example_config_sets_every_flag_it_names() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/capsad.toml");
+        let args = parse(&["capsad", "--config", file]).unwrap();
+        assert_eq!(args.root, PathBuf::from("/var/lib/capsa"));
+        assert_eq!(args.jail_ids, 65536);
+        assert_eq!(args.egress, Switch::On);
+        assert!(args.kernel.ends_with("vmlinux"));
+    }
+
+    #[test]
+    fn the_command_line_wins_over_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "kernel = \"/k\"\ninitrd = \"/i\"\nroot = \"/from-file\"\nno_network = true\ndns = [\"10.0.0.2\"]\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let args = parse(&["capsad", "--root", "/flag", "--config", file]).unwrap();
+        assert_eq!(args.root, PathBuf::from("/flag"));
+        assert!(args.no_network);
+        assert_eq!(args.dns, ["10.0.0.2".parse::<std::net::IpAddr>().unwrap()]);
+        let args = parse(&["capsad", "--config", file, "--dns=10.0.0.9"]).unwrap();
+        assert_eq!(args.dns, ["10.0.0.9".parse::<std::net::IpAddr>().unwrap()]);
+        let Err(error) = parse(&["capsad", "--config", "/nonexistent.toml"]) else {
+            panic!("a missing config file was taken");
+        };
+        assert!(error.to_string().contains("/nonexistent.toml"), "{error}");
+    }
 }
