@@ -9,7 +9,7 @@ packages=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
           xz-utils cpio binutils busybox-static umoci e2fsprogs
           docker-registry skopeo openssl python3-prometheus-client curl iproute2
           containerd runc crun bsdutils debootstrap nftables
-          containernetworking-plugins protobuf-compiler)
+          containernetworking-plugins protobuf-compiler tmux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

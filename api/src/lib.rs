@@ -2,6 +2,7 @@
 //! group spec (modelled on Azure Container Instances' container group),
 //! what the daemon reports about groups and images, and its errors.
 
+pub mod aci;
 pub mod exec;
 pub mod rate;
 pub mod signal;

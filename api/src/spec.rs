@@ -199,6 +199,10 @@ pub struct ContainerSpec {
     /// Give the container a terminal.
     #[serde(default)]
     pub tty: bool,
+    /// Keep its standard input open, for clients that attach (`capsa run
+    /// -i`, `capsa attach`); closed when one ends its input.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
     /// Ports of the container published on the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortSpec>,

@@ -217,12 +217,55 @@ pub fn stdin_is_terminal() -> bool {
     std::io::stdin().is_terminal()
 }
 
+/// How an interactive session relays this terminal.
+#[derive(Debug, Clone, Copy)]
+pub struct Session {
+    /// Send this process's input (then its end).
+    pub stdin: bool,
+    /// The remote side is a terminal: raw mode here, window sizes sent,
+    /// Ctrl-P Ctrl-Q detaches.
+    pub tty: bool,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The process exited with this code.
+    Exited(i32),
+    /// Ctrl-P Ctrl-Q: the process goes on.
+    Detached,
+}
+
+/// Ctrl-P then Ctrl-Q, as docker's default detach keys.
+const DETACH_KEYS: [u8; 2] = [0x10, 0x11];
+
 impl Client {
     /// Runs an exec over an upgraded connection, relaying stdin, output
     /// and (on a terminal) window sizes; returns the exit code.
     pub fn exec(&self, path: &str, request: &ExecRequest) -> Result<i32> {
+        let session = Session {
+            stdin: request.stdin,
+            tty: request.tty,
+        };
+        match self.interactive(path, Some(serde_json::to_string(request)?), session, || {})? {
+            Ended::Exited(code) => Ok(code),
+            Ended::Detached => Ok(0),
+        }
+    }
+
+    /// Upgrades `path` to `capsa-exec/1` (with `header` as the request,
+    /// when given), calls `attached` once the daemon has agreed, then
+    /// relays this terminal until the process exits or Ctrl-P Ctrl-Q.
+    pub fn interactive(
+        &self,
+        path: &str,
+        header: Option<String>,
+        session: Session,
+        attached: impl FnOnce(),
+    ) -> Result<Ended> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let _raw = (request.tty && stdin_is_terminal()).then(RawTerminal::enter);
+        let on_terminal = session.tty && stdin_is_terminal();
+        let _raw = on_terminal.then(RawTerminal::enter);
         self.runtime.block_on(async {
             let stream = tokio::net::UnixStream::connect(&self.socket)
                 .await
@@ -230,24 +273,28 @@ impl Client {
             let (mut sender, connection) =
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(connection.with_upgrades());
-            let http_request = Request::builder()
+            let mut http_request = Request::builder()
                 .method(Method::POST)
                 .uri(path)
                 .header("host", "capsad")
                 .header("connection", "upgrade")
-                .header("upgrade", exec::UPGRADE_PROTOCOL)
-                .header(exec::REQUEST_HEADER, serde_json::to_string(request)?)
-                .body(Full::new(Bytes::new()))?;
-            let response = sender.send_request(http_request).await?;
+                .header("upgrade", exec::UPGRADE_PROTOCOL);
+            if let Some(header) = header {
+                http_request = http_request.header(exec::REQUEST_HEADER, header);
+            }
+            let response = sender
+                .send_request(http_request.body(Full::new(Bytes::new()))?)
+                .await?;
             if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
                 let status = response.status();
                 let bytes = response.into_body().collect().await?.to_bytes();
                 return Err(match serde_json::from_slice::<ApiError>(&bytes) {
                     Ok(error) => anyhow::Error::new(error),
-                    Err(_) => anyhow!("capsad answered {status} to exec"),
+                    Err(_) => anyhow!("capsad answered {status} to {path}"),
                 });
             }
             let upgraded = hyper::upgrade::on(response).await?;
+            attached();
             let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
             let (frames, mut outgoing) = tokio::sync::mpsc::channel::<Frame>(16);
             tokio::spawn(async move {
@@ -257,29 +304,46 @@ impl Client {
                     }
                 }
             });
-            if request.stdin {
+            let detach = std::sync::Arc::new(tokio::sync::Notify::new());
+            if session.stdin {
                 let frames = frames.clone();
+                let detach = detach.clone();
                 tokio::spawn(async move {
                     let mut stdin = tokio::io::stdin();
                     let mut chunk = vec![0u8; 32 * 1024];
+                    let mut last = 0u8;
                     loop {
-                        match stdin.read(&mut chunk).await {
+                        let n = match stdin.read(&mut chunk).await {
                             Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if frames
-                                    .send(Frame::Stdin(chunk[..n].to_vec()))
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
+                            Ok(n) => n,
+                        };
+                        let mut data = &chunk[..n];
+                        if session.tty {
+                            let keys = std::iter::once(last)
+                                .chain(data.iter().copied())
+                                .collect::<Vec<u8>>();
+                            if let Some(at) = keys.windows(2).position(|w| w == DETACH_KEYS) {
+                                // What came before the keys still goes.
+                                data = &data[..at.saturating_sub(1)];
+                                if !data.is_empty() {
+                                    let _ = frames.send(Frame::Stdin(data.to_vec())).await;
                                 }
+                                detach.notify_one();
+                                return;
                             }
+                            last = data.last().copied().unwrap_or(last);
+                        }
+                        if frames.send(Frame::Stdin(data.to_vec())).await.is_err() {
+                            return;
                         }
                     }
                     let _ = frames.send(Frame::StdinEnd).await;
                 });
             }
-            if request.tty {
+            if on_terminal {
+                if let Some((rows, columns)) = terminal_size() {
+                    let _ = frames.send(Frame::Resize { rows, columns }).await;
+                }
                 if let Ok(mut resized) =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
                 {
@@ -306,15 +370,18 @@ impl Client {
                         Frame::Stderr(data) => {
                             let _ = std::io::stderr().write_all(&data);
                         }
-                        Frame::Exit(code) => return Ok(code),
-                        Frame::Error(message) => return Err(anyhow!("exec: {message}")),
+                        Frame::Exit(code) => return Ok(Ended::Exited(code)),
+                        Frame::Error(message) => return Err(anyhow!("{path}: {message}")),
                         _ => {}
                     }
                 }
-                let n = reader.read(&mut chunk).await?;
+                let n = tokio::select! {
+                    read = reader.read(&mut chunk) => read?,
+                    () = detach.notified() => return Ok(Ended::Detached),
+                };
                 if n == 0 {
                     return Err(anyhow!(
-                        "exec: capsad closed the connection before the exit code"
+                        "{path}: capsad closed the connection before the exit code"
                     ));
                 }
                 buffer.extend_from_slice(&chunk[..n]);

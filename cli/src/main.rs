@@ -58,6 +58,13 @@ enum Command {
         /// not this command is still there.
         #[arg(long)]
         rm: bool,
+        /// Keep the container's input open and send this terminal's to it.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Give the container a terminal (this one, when attached: Ctrl-P
+        /// Ctrl-Q detaches).
+        #[arg(short = 't', long)]
+        tty: bool,
         #[arg(long)]
         name: Option<String>,
         /// CPUs, as docker takes them (2, 0.5): the VM gets that many
@@ -197,6 +204,12 @@ enum Command {
     Wait {
         target: String,
     },
+    /// Attach this terminal to a running container: its output from now
+    /// on, its input when it keeps it open (`run -i`); Ctrl-P Ctrl-Q
+    /// detaches from a terminal. GROUP[/CONTAINER].
+    Attach {
+        target: String,
+    },
     /// The ports a group publishes, as CONTAINER_PORT/PROTOCOL -> HOST:PORT.
     Port {
         name: String,
@@ -313,6 +326,8 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Run {
             detach,
             rm,
+            interactive,
+            tty,
             name,
             cpus,
             cpu_limit,
@@ -360,7 +375,8 @@ fn run(cli: Cli) -> Result<u8> {
                     memory_limit_mib: None,
                     cpu_request: None,
                     memory_request_mib: None,
-                    tty: false,
+                    tty,
+                    stdin: interactive,
                     ports: publish,
                     volume_mounts,
                     cap_add,
@@ -382,6 +398,9 @@ fn run(cli: Cli) -> Result<u8> {
             // Attached, the exit and the output are asked for before the
             // start: capsad keeps an auto-removed group (--rm) until both
             // have been sent, however soon it ends.
+            if !detach && (interactive || tty) {
+                return run_interactive(&cli.socket, &client, &name, interactive, tty, rm);
+            }
             let attached = if detach {
                 None
             } else {
@@ -617,6 +636,28 @@ fn run(cli: Cli) -> Result<u8> {
                 print_json(&exit)?;
             }
             Ok(exit.exit_code.clamp(0, 255) as u8)
+        }
+        Command::Attach { target: text } => {
+            let (group, container) = target(&client, &text)?;
+            let view: GroupView = client.call(Method::GET, &format!("/v1/groups/{group}"), None)?;
+            let spec = view
+                .spec
+                .containers
+                .iter()
+                .find(|c| c.name == container)
+                .with_context(|| format!("no container {container} in {group}"))?;
+            let session = client::Session {
+                stdin: spec.stdin,
+                tty: spec.tty,
+            };
+            let path = format!("/v1/groups/{group}/containers/{container}/attach");
+            match client.interactive(&path, None, session, || {})? {
+                client::Ended::Exited(code) => Ok(code.clamp(0, 255) as u8),
+                client::Ended::Detached => {
+                    eprintln!("capsa: detached from {group}/{container}");
+                    Ok(0)
+                }
+            }
         }
         Command::Port { name } => {
             let view: GroupView = client.call(Method::GET, &format!("/v1/groups/{name}"), None)?;
@@ -885,7 +926,8 @@ fn volume_options(options: &[String]) -> Result<(Vec<VolumeSpec>, Vec<VolumeMoun
 /// The spec as JSON: YAML files (.yaml, .yml) are converted; the daemon
 /// checks the fields either way.
 /// The spec in a file for `create -f`: JSON, or YAML when named .yaml or
-/// .yml; `capsa inspect` output (a group with its spec) gives its spec.
+/// .yml; `capsa inspect` output (a group with its spec) gives its spec,
+/// and an Azure Container Instances container group is mapped to one.
 fn spec_json(file: &std::path::Path, text: &str) -> Result<String> {
     let yaml = file.extension().is_some_and(|e| e == "yaml" || e == "yml");
     let value: serde_json::Value = if yaml {
@@ -898,6 +940,11 @@ fn spec_json(file: &std::path::Path, text: &str) -> Result<String> {
             Err(_) => return Ok(text.to_string()),
         }
     };
+    if capsa_api::aci::is_aci(&value) {
+        let spec = capsa_api::aci::group_spec(value)
+            .with_context(|| format!("{}: an ACI container group", file.display()))?;
+        return Ok(serde_json::to_string(&spec)?);
+    }
     Ok(serde_json::to_string(
         inspected_spec(&value).unwrap_or(&value),
     )?)
@@ -928,6 +975,61 @@ fn follow_logs(
 ) -> Result<()> {
     let pending = begin_logs(client, group, container, follow, tail, since)?;
     print_logs(client, pending)
+}
+
+/// `capsa run -i`/`-t`, attached: the session is set up before the
+/// group starts (nothing it prints is missed), and the start runs beside
+/// it; exits with the container's code.
+fn run_interactive(
+    socket: &std::path::Path,
+    client: &Client,
+    name: &str,
+    stdin: bool,
+    tty: bool,
+    rm: bool,
+) -> Result<u8> {
+    let waiting = client.begin(
+        Method::POST,
+        &format!("/v1/groups/{name}/containers/main/wait"),
+        None,
+    )?;
+    let mut starting = None;
+    let ended = client.interactive(
+        &format!("/v1/groups/{name}/containers/main/attach"),
+        None,
+        client::Session { stdin, tty },
+        || {
+            let (socket, name) = (socket.to_path_buf(), name.to_string());
+            starting = Some(std::thread::spawn(move || {
+                Client::new(&socket).and_then(|c| start_group(&c, &name, false))
+            }));
+        },
+    );
+    let started = match starting.map(std::thread::JoinHandle::join) {
+        Some(Ok(started)) => started.map(|_| ()),
+        Some(Err(_)) => Err(anyhow::anyhow!("the thread starting {name} panicked")),
+        None => Ok(()),
+    };
+    if let Err(e) = started {
+        if rm {
+            let _: Result<serde_json::Value> =
+                client.call(Method::DELETE, &format!("/v1/groups/{name}"), None);
+        }
+        return Err(e);
+    }
+    match ended? {
+        client::Ended::Detached => {
+            eprintln!("capsa: detached from {name}; it goes on (capsa attach {name})");
+            Ok(0)
+        }
+        client::Ended::Exited(code) => {
+            let _: Result<WaitResponse> = client.finish(waiting, |_| {});
+            if rm {
+                wait_removed(client, name)?;
+            }
+            Ok(code.clamp(0, 255) as u8)
+        }
+    }
 }
 
 /// Waits until capsad has deleted the auto-removed group `name`.

@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -103,7 +103,8 @@ impl LogWriter {
     }
 
     /// Writes one record, whole, in one write.
-    fn append(&self, stream: &str, line: &[u8], at: Resume) -> io::Result<()> {
+    /// Appends a record; `partial` when the next one continues its line.
+    fn append(&self, stream: &str, line: &[u8], at: Resume, partial: bool) -> io::Result<()> {
         let text = String::from_utf8_lossy(line);
         let record = Record {
             time: now_ms(),
@@ -111,7 +112,7 @@ impl LogWriter {
             line: Cow::Borrowed(text.strip_suffix('\n').unwrap_or(&text)),
             stream_id: at.stream_id,
             end: at.offset,
-            partial: line.len() >= MAX_LINE_BYTES && !line.ends_with(b"\n"),
+            partial,
         };
         let text = encode(&record)?;
         let mut open = self.file.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,11 +147,19 @@ impl LogWriter {
     /// none unacknowledged beyond one read and one record. An
     /// acknowledgement the guest does not take within ACK_TIMEOUT ends the
     /// copy with an error (the stream is dropped).
-    pub fn copy(&self, stream: &str, source: UnixStream) -> io::Result<()> {
-        self.copy_within(stream, source, ACK_TIMEOUT)
+    /// `terminal`: a terminal's output, kept as it comes (a prompt has no
+    /// newline) rather than line by line.
+    pub fn copy(&self, stream: &str, source: UnixStream, terminal: bool) -> io::Result<()> {
+        self.copy_within(stream, source, ACK_TIMEOUT, terminal)
     }
 
-    fn copy_within(&self, stream: &str, source: UnixStream, patience: Duration) -> io::Result<()> {
+    fn copy_within(
+        &self,
+        stream: &str,
+        source: UnixStream,
+        patience: Duration,
+        terminal: bool,
+    ) -> io::Result<()> {
         source.set_write_timeout(Some(patience))?;
         // Room for a few whole records per read: a flood then costs a
         // read and an acknowledgement per 64 KiB, not per record.
@@ -165,7 +174,7 @@ impl LogWriter {
         let mut buffer = Vec::new();
         loop {
             buffer.clear();
-            if read_bounded_line(&mut reader, &mut buffer, MAX_LINE_BYTES)? == 0 {
+            if read_bounded_line(&mut reader, &mut buffer, MAX_LINE_BYTES, terminal)? == 0 {
                 if !listening {
                     return Ok(());
                 }
@@ -176,7 +185,8 @@ impl LogWriter {
             }
             // The preamble is the guest's word: an offset near the top saturates.
             at.offset = at.offset.saturating_add(buffer.len() as u64);
-            self.append(stream, &buffer, at)?;
+            let partial = !buffer.ends_with(b"\n") && (terminal || buffer.len() >= MAX_LINE_BYTES);
+            self.append(stream, &buffer, at, partial)?;
             // One acknowledgement per batch the guest sent, not per line,
             // and one at least every half window, so that an agent held to
             // its window never waits on how the host's reads fall.
@@ -255,12 +265,15 @@ fn acknowledge(connection: &mut UnixStream, kept: u64, patience: Duration) -> io
     })
 }
 
-/// Reads up to and including a newline, or `max` bytes, whichever first;
-/// returns how many bytes it read (0 at the end, a reset one included).
+/// Reads up to and including a newline, or `max` bytes, whichever first
+/// (`eager`: or what has come so far, when it ends with a whole
+/// character); returns how many bytes it read (0 at the end, a reset one
+/// included).
 fn read_bounded_line(
-    reader: &mut impl BufRead,
+    reader: &mut BufReader<impl Read>,
     out: &mut Vec<u8>,
     max: usize,
+    eager: bool,
 ) -> io::Result<usize> {
     while out.len() < max {
         let available = match reader.fill_buf() {
@@ -281,11 +294,33 @@ fn read_bounded_line(
         };
         out.extend_from_slice(&available[..take]);
         reader.consume(take);
-        if done {
+        if done || (eager && reader.buffer().is_empty() && ends_whole(out)) {
             break;
         }
     }
     Ok(out.len())
+}
+
+/// Whether `bytes` does not end in the middle of a UTF-8 character.
+fn ends_whole(bytes: &[u8]) -> bool {
+    let Some(lead) = bytes
+        .iter()
+        .rev()
+        .take(4)
+        .position(|b| b & 0xC0 != 0x80)
+        .map(|back| bytes.len() - 1 - back)
+    else {
+        // Continuation bytes only: not text to wait for.
+        return true;
+    };
+    let needed = match bytes[lead] {
+        b if b < 0x80 => 1,
+        b if b >> 5 == 0b110 => 2,
+        b if b >> 4 == 0b1110 => 3,
+        b if b >> 3 == 0b11110 => 4,
+        _ => 1,
+    };
+    bytes.len() - lead >= needed
 }
 
 /// Reads `path`'s records, noting each stream's last resume point in
@@ -420,7 +455,7 @@ mod tests {
         guest.write_all(&preamble.to_bytes()).unwrap();
         guest.write_all(output).unwrap();
         guest.shutdown(std::net::Shutdown::Write).unwrap();
-        writer.copy(stream, host).unwrap();
+        writer.copy(stream, host, false).unwrap();
         let mut acks = Vec::new();
         guest.read_to_end(&mut acks).unwrap();
         let last = acks.rchunks(8).next().unwrap();
@@ -543,12 +578,47 @@ mod tests {
             drop(guest);
         });
         std::thread::sleep(Duration::from_millis(50));
-        let copied = writer.copy("stdout", host);
+        let copied = writer.copy("stdout", host, false);
         sender.join().unwrap();
         copied.unwrap();
         let found = lines(&path);
         assert_eq!(found.len(), 20_000);
         assert_eq!(found[19_999].1, "line 19999");
+    }
+
+    #[test]
+    fn a_terminals_output_is_kept_as_it_comes_and_characters_stay_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let writer = LogWriter::open(&path).unwrap();
+        let (mut guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
+        let copier = std::thread::spawn(move || writer.copy("stdout", host, true));
+        guest.write_all(&Resume::default().to_bytes()).unwrap();
+        // A prompt, then a character cut in two by the writes.
+        guest.write_all(b"/ # ").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lines(&path).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            lines(&path),
+            pairs(&[("stdout", "/ # ")]),
+            "kept before any newline"
+        );
+        guest.write_all(&"é".as_bytes()[..1]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        guest.write_all(&"é\n".as_bytes()[1..]).unwrap();
+        drop(guest);
+        copier.join().unwrap().unwrap();
+        let (records, _) = read(&path, None, None).unwrap();
+        let text: Vec<(&str, bool)> = records
+            .iter()
+            .map(|r| (r.line.as_str(), r.partial))
+            .collect();
+        assert_eq!(text, [("/ # ", true), ("é", false)]);
+        assert!(
+            ends_whole(b"abc") && ends_whole("é".as_bytes()) && !ends_whole(&"€".as_bytes()[..2])
+        );
     }
 
     #[test]
@@ -569,7 +639,7 @@ mod tests {
             false
         });
         let error = writer
-            .copy_within("stdout", host, Duration::from_millis(300))
+            .copy_within("stdout", host, Duration::from_millis(300), false)
             .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
         assert!(error.to_string().contains("no acknowledgement"), "{error}");

@@ -229,7 +229,7 @@ impl Payload {
                 ""
             };
             let native = format!(
-                ". {}/scripts/lib.sh && native_programs {} containerd ctr containerd-shim-runc-v2 runc crun script{registry}{cni}",
+                ". {}/scripts/lib.sh && native_programs {} containerd ctr containerd-shim-runc-v2 runc crun script tmux{registry}{cni}",
                 root.display(),
                 dir.display()
             );

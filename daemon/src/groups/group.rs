@@ -30,7 +30,13 @@ pub struct GroupState {
     /// Clients waiting on it (see [`Hold`]): an auto-removed group goes
     /// once there are none.
     holds: usize,
+    /// The input of each container that keeps it open (`stdin` in its
+    /// spec), while it runs; None once a client ended it.
+    pub stdin: std::collections::HashMap<String, ContainerInput>,
 }
+
+/// A container's standard input, written by one attached client at a time.
+pub type ContainerInput = Arc<Mutex<Option<std::os::unix::net::UnixStream>>>;
 
 /// A client waiting on a group (for a container's exit, or following its
 /// output): while one is held, an auto-removed group that has stopped is
@@ -60,6 +66,7 @@ impl Group {
                 sandbox: None,
                 published: Vec::new(),
                 holds: 0,
+                stdin: std::collections::HashMap::new(),
             }),
             changed: Condvar::new(),
             events,

@@ -46,7 +46,7 @@ use crate::errors::{
 use crate::state::{self, GroupPaths, GroupRecord};
 use capsa_vm_process::VmConfig;
 pub use exec::Exec;
-pub use group::Group;
+pub use group::{ContainerInput, Group, Hold};
 use lifecycle::group_word;
 
 /// How long containers get between SIGTERM and SIGKILL when a group stops.

@@ -1,7 +1,7 @@
 //! Booting a group's VM, launching its containers with their output going
 //! to logs, and stopping the VM again.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -290,10 +290,29 @@ impl Daemon {
         let image = self.open_image(&container.image)?;
         let disks = layers::serials(&image)?;
         let spec = oci::spec_for(&image, container, &group.name()).map_err(internal)?;
+        let streams = Streams {
+            stdin: container.stdin,
+            ..Streams::OUTPUT
+        };
         guest
-            .create_on_disks(&container.name, &disks, &spec, Streams::OUTPUT)
+            .create_on_disks(&container.name, &disks, &spec, streams)
             .map_err(failed(format!("container {}", container.name)))?;
         let copiers = attach_logs(group, guest, container)?;
+        if container.stdin {
+            // Held here for the container's life: clients that attach
+            // write into it one after another (the agent takes one).
+            let stdin = guest
+                .attach(&container.name, "", StreamKind::Stdin)
+                .map_err(failed(format!("container {}'s input", container.name)))?;
+            // A guest that stops reading holds a client's write this long.
+            stdin
+                .set_write_timeout(Some(Duration::from_secs(10)))
+                .map_err(internal)?;
+            group
+                .lock()
+                .stdin
+                .insert(container.name.clone(), Arc::new(Mutex::new(Some(stdin))));
+        }
         guest
             .start(&container.name)
             .map_err(failed(format!("container {}", container.name)))?;
@@ -344,8 +363,9 @@ pub(super) fn attach_logs(
             .attach_acked(&container.name, "", kind, log.resume_point(tag))
             .map_err(internal)?;
         let log = log.clone();
+        let terminal = container.tty;
         copiers.push(std::thread::spawn(move || {
-            if let Err(e) = log.copy(tag, stream) {
+            if let Err(e) = log.copy(tag, stream, terminal) {
                 eprintln!("capsad: log of {}: {e}", log.path().display());
             }
         }));
@@ -377,7 +397,11 @@ pub(super) fn stop_vm(group: &Arc<Group>, grace: Duration) {
 /// The VMM process ended: a failure unless the daemon was stopping it,
 /// and then the restart policy may boot the group again.
 pub(super) fn vm_exited(daemon: &Arc<Daemon>, group: &Arc<Group>, how: String) {
-    group.lock().sandbox.take();
+    {
+        let mut state = group.lock();
+        state.sandbox.take();
+        state.stdin.clear();
+    }
     if let Some(cgroup) = daemon
         .settings
         .cgroups
@@ -390,10 +414,12 @@ pub(super) fn vm_exited(daemon: &Arc<Daemon>, group: &Arc<Group>, how: String) {
     }
     let console = vm::console_tail(&group.paths.console());
     let after = group.transition(Transition::VmmExited { how, console });
-    let Ok(record) = after else { return };
-    if record.spec.auto_remove {
-        restart::remove_when_unheld(daemon, group);
-    } else if record.status == GroupStatus::Failed {
+    // Refused when a stop recorded the end first; over either way.
+    if group.snapshot().spec.auto_remove {
+        if group.is_over() {
+            restart::remove_when_unheld(daemon, group);
+        }
+    } else if after.is_ok_and(|record| record.status == GroupStatus::Failed) {
         restart::restart_failed_group(daemon, group);
     }
 }

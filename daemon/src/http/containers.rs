@@ -157,17 +157,7 @@ pub(super) async fn exec(
         })?;
     let exec_request: ExecRequest = serde_json::from_str(header)
         .map_err(|e| error(ErrorCode::InvalidRequest, format!("capsa-exec header: {e}")))?;
-    let upgrade = request
-        .headers()
-        .get("upgrade")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case(exec::UPGRADE_PROTOCOL));
-    if !upgrade {
-        return Err(Failure(error(
-            ErrorCode::InvalidRequest,
-            format!("exec needs Upgrade: {}", exec::UPGRADE_PROTOCOL),
-        )));
-    }
+    require_upgrade(&request, "exec")?;
     let started = blocking(move || daemon.exec_start(&name, &container, &exec_request)).await?;
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
@@ -182,6 +172,23 @@ pub(super) async fn exec(
         .header("upgrade", exec::UPGRADE_PROTOCOL)
         .body(Body::empty())
         .map_err(internal)?)
+}
+
+/// `what` (exec, attach) is asked for with `Upgrade: capsa-exec/1`.
+pub(super) fn require_upgrade(request: &axum::extract::Request, what: &str) -> Result<(), Failure> {
+    let upgrade = request
+        .headers()
+        .get("upgrade")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(exec::UPGRADE_PROTOCOL));
+    if upgrade {
+        Ok(())
+    } else {
+        Err(Failure(error(
+            ErrorCode::InvalidRequest,
+            format!("{what} needs Upgrade: {}", exec::UPGRADE_PROTOCOL),
+        )))
+    }
 }
 
 pub(super) async fn bridge<S>(client: S, started: Exec)

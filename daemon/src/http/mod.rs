@@ -2,6 +2,7 @@
 //! it), one file per resource. Handlers run the daemon's blocking calls on
 //! the blocking pool.
 
+mod attach;
 mod containers;
 mod groups;
 mod images;
@@ -92,6 +93,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(
             "/v1/groups/{name}/containers/{container}/wait",
             post(containers::wait_container),
+        )
+        .route(
+            "/v1/groups/{name}/containers/{container}/attach",
+            post(attach::attach),
         )
         .route(
             "/v1/groups/{name}/containers/{container}/kill",

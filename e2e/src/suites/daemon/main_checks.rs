@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use capsa_api::{
     ApiError, ContainerStatus, ErrorCode, Event, GroupStats, GroupStatus, GroupView, LogLine,
-    PortSpec, WaitResponse,
+    WaitResponse,
 };
 use hyper::Method;
 
@@ -22,7 +22,7 @@ use super::metrics;
 use crate::suite::Suite;
 
 /// The API's error behind `e`, if it is one.
-fn api_error(e: &anyhow::Error) -> Option<&ApiError> {
+pub(super) fn api_error(e: &anyhow::Error) -> Option<&ApiError> {
     e.downcast_ref::<ApiError>()
 }
 
@@ -73,7 +73,7 @@ impl Capsad<'_> {
             .collect())
     }
 
-    fn log_lines(&self, group: &str, container: &str) -> Result<Vec<String>> {
+    pub(super) fn log_lines(&self, group: &str, container: &str) -> Result<Vec<String>> {
         Ok(self
             .logs(group, container)?
             .into_iter()
@@ -86,7 +86,7 @@ impl Capsad<'_> {
             .call(Method::POST, "/v1/groups", Some(spec.to_string()))
     }
 
-    fn start_group(&self, name: &str, progress: &mut Vec<String>) -> Result<GroupView> {
+    pub(super) fn start_group(&self, name: &str, progress: &mut Vec<String>) -> Result<GroupView> {
         self.client()?.call_with_progress(
             Method::POST,
             &format!("/v1/groups/{name}/start"),
@@ -95,7 +95,7 @@ impl Capsad<'_> {
         )
     }
 
-    fn delete(&self, name: &str) -> Result<serde_json::Value> {
+    pub(super) fn delete(&self, name: &str) -> Result<serde_json::Value> {
         self.client()?
             .call(Method::DELETE, &format!("/v1/groups/{name}"), None)
     }
@@ -146,122 +146,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 .exited_with(0, &["hi"])
         },
     );
-    s.check(
-        "capsad deletes a --rm group once it exits, though its CLI was killed while it ran",
-        || {
-            let mut cli = Command::new(d.artifacts.path("capsa"))
-                .args(["run", "--rm", "--name", "orphan", "busybox", "sleep", "3"])
-                .env("CAPSA_SOCKET", &d.socket)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let running = loop {
-                match d.group("orphan") {
-                    Ok(view) if view.status == GroupStatus::Running => break true,
-                    _ if Instant::now() > deadline => break false,
-                    _ => std::thread::sleep(Duration::from_millis(100)),
-                }
-            };
-            let _ = cli.kill();
-            let _ = cli.wait();
-            ensure!(running, "the group never ran");
-            let started = Instant::now();
-            loop {
-                match d.group("orphan") {
-                    Err(e) if api_error(&e).is_some_and(|a| a.code == ErrorCode::NotFound) => {
-                        break;
-                    }
-                    Ok(view) if started.elapsed() > Duration::from_secs(60) => {
-                        anyhow::bail!("still there after 60 s: {:?}", view.status)
-                    }
-                    Err(e) if started.elapsed() > Duration::from_secs(60) => return Err(e),
-                    _ => std::thread::sleep(Duration::from_millis(200)),
-                }
-            }
-            Ok(format!(
-                "deleted {} ms after its CLI was killed",
-                started.elapsed().as_millis()
-            ))
-        },
-    );
-    s.check(
-        "capsa inspect gives the whole spec, and its output fed back to create makes an equal group",
-        || {
-            let out = d.capsa(&[
-                "run", "-d", "--name", "shape", "-e", "GREETING=hi", "-l", "team=a", "-m", "192m",
-                "-p", "18091:80", "-w", "/tmp", "busybox", "sleep", "300",
-            ])?;
-            ensure!(out.code == Some(0), "run -d shape: {}", out.describe());
-            let inspected = d.capsa(&["inspect", "shape"])?;
-            ensure!(inspected.code == Some(0), "{}", inspected.describe());
-            let before: GroupView = serde_json::from_str(&inspected.stdout)?;
-            let port = d.capsa(&["--json", "port", "shape"])?;
-            ensure!(port.code == Some(0), "{}", port.describe());
-            let ports: Vec<PortSpec> = serde_json::from_str(&port.stdout)?;
-            ensure!(
-                ports.len() == 1 && ports[0].host_port == 18091 && ports[0].container_port == 80,
-                "capsa port: {ports:?}"
-            );
-            d.delete("shape")?;
-            let file = d.work.join("shape.json");
-            std::fs::write(&file, &inspected.stdout)?;
-            let created = d.capsa(&["create", "-f", &file.display().to_string()])?;
-            ensure!(created.code == Some(0), "{}", created.describe());
-            let after = d.group("shape")?;
-            d.delete("shape")?;
-            ensure!(
-                after.spec == before.spec,
-                "{:?} became {:?}",
-                before.spec,
-                after.spec
-            );
-            let main = &before.spec.containers[0];
-            ensure!(
-                main.env.get("GREETING").map(String::as_str) == Some("hi")
-                    && main.ports.len() == 1
-                    && before.spec.memory_mib == Some(192),
-                "the spec lacks what run was given: {:?}",
-                before.spec
-            );
-            Ok(format!("{} containers, {} labels", after.spec.containers.len(), after.spec.labels.len()))
-        },
-    );
-    s.check(
-        "capsa kill sends a signal the container traps, and SIGKILL unless told",
-        || {
-            let script = "trap 'exit 7' USR1; while :; do sleep 1; done";
-            for name in ["trapper", "killed"] {
-                let out = d.capsa(&["run", "-d", "--name", name, "busybox", "sh", "-c", script])?;
-                ensure!(out.code == Some(0), "run -d {name}: {}", out.describe());
-            }
-            let bad = d.capsa(&["kill", "-s", "NOPE", "trapper"])?;
-            ensure!(
-                bad.code != Some(0),
-                "a bad signal was taken: {}",
-                bad.describe()
-            );
-            let sent = d.capsa(&["kill", "-s", "USR1", "trapper"])?;
-            ensure!(sent.code == Some(0), "{}", sent.describe());
-            let trapped = d.wait("trapper", "main")?;
-            let sent = d.capsa(&["kill", "killed"])?;
-            ensure!(sent.code == Some(0), "{}", sent.describe());
-            let killed = d.wait("killed", "main")?;
-            for name in ["trapper", "killed"] {
-                d.delete(name)?;
-            }
-            ensure!(trapped.exit_code == 7, "USR1: {trapped:?}");
-            ensure!(
-                killed.exit_code == 137 || killed.signal == Some(libc::SIGKILL),
-                "KILL: {killed:?}"
-            );
-            Ok(format!(
-                "USR1: exit {}; KILL: exit {}",
-                trapped.exit_code, killed.exit_code
-            ))
-        },
-    );
+    super::verbs::run(s, d)?;
     s.check(
         "a container writes 256 MiB into its root filesystem, twice its VM's memory, and reads it back",
         || {

@@ -19,6 +19,7 @@ mod main_checks;
 mod metrics;
 mod netns;
 mod networks;
+mod verbs;
 
 use crate::suite::Suite;
 use crate::vm::Artifacts;

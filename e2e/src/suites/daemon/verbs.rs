@@ -1,0 +1,296 @@
+//! The everyday verbs of the CLI, end to end: `--rm` done by capsad,
+//! `kill`, `port`, `inspect` fed back to `create`, an ACI group, and
+//! interactive runs (`run -i`, `attach`, and `run -it` in a terminal
+//! driven through tmux).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use capsa_api::{ErrorCode, GroupStatus, GroupView, PortSpec};
+
+use super::harness::Capsad;
+use super::main_checks::api_error;
+use crate::suite::Suite;
+
+pub fn run(s: &mut Suite, d: &Capsad) -> Result<()> {
+    s.check(
+        "capsad deletes a --rm group once it exits, though its CLI was killed while it ran",
+        || {
+            let mut cli = Command::new(d.artifacts.path("capsa"))
+                .args(["run", "--rm", "--name", "orphan", "busybox", "sleep", "3"])
+                .env("CAPSA_SOCKET", &d.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let running = loop {
+                match d.group("orphan") {
+                    Ok(view) if view.status == GroupStatus::Running => break true,
+                    _ if Instant::now() > deadline => break false,
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            let _ = cli.kill();
+            let _ = cli.wait();
+            ensure!(running, "the group never ran");
+            let started = Instant::now();
+            loop {
+                match d.group("orphan") {
+                    Err(e) if api_error(&e).is_some_and(|a| a.code == ErrorCode::NotFound) => {
+                        break;
+                    }
+                    Ok(view) if started.elapsed() > Duration::from_secs(60) => {
+                        anyhow::bail!("still there after 60 s: {:?}", view.status)
+                    }
+                    Err(e) if started.elapsed() > Duration::from_secs(60) => return Err(e),
+                    _ => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+            Ok(format!(
+                "deleted {} ms after its CLI was killed",
+                started.elapsed().as_millis()
+            ))
+        },
+    );
+    s.check(
+        "an Azure Container Instances group YAML runs: env and secureValue, a secret volume, an emptyDir",
+        || {
+            let file = d.fixture("aci-group.yaml");
+            let created = d.capsa(&["create", "-f", &file.to_string_lossy()])?;
+            ensure!(created.code == Some(0), "{}", created.describe());
+            let view = d.group("aci-hello")?;
+            let mut progress = Vec::new();
+            d.start_group("aci-hello", &mut progress)?;
+            let exit = d.wait("aci-hello", "app")?;
+            let lines = d.log_lines("aci-hello", "app")?;
+            d.delete("aci-hello")?;
+            ensure!(
+                view.spec.labels.get("origin").map(String::as_str) == Some("aci")
+                    && view.memory_mib == 256,
+                "mapped to {:?}",
+                view.spec
+            );
+            ensure!(
+                exit.exit_code == 0 && lines == ["hello from-aci secret-file 0"],
+                "exit {exit:?}, output {lines:?}"
+            );
+            Ok(lines.join(""))
+        },
+    );
+    s.check(
+        "capsa inspect gives the whole spec, and its output fed back to create makes an equal group",
+        || {
+            let out = d.capsa(&[
+                "run", "-d", "--name", "shape", "-e", "GREETING=hi", "-l", "team=a", "-m", "192m",
+                "-p", "18091:80", "-w", "/tmp", "busybox", "sleep", "300",
+            ])?;
+            ensure!(out.code == Some(0), "run -d shape: {}", out.describe());
+            let inspected = d.capsa(&["inspect", "shape"])?;
+            ensure!(inspected.code == Some(0), "{}", inspected.describe());
+            let before: GroupView = serde_json::from_str(&inspected.stdout)?;
+            let port = d.capsa(&["--json", "port", "shape"])?;
+            ensure!(port.code == Some(0), "{}", port.describe());
+            let ports: Vec<PortSpec> = serde_json::from_str(&port.stdout)?;
+            ensure!(
+                ports.len() == 1 && ports[0].host_port == 18091 && ports[0].container_port == 80,
+                "capsa port: {ports:?}"
+            );
+            d.delete("shape")?;
+            let file = d.work.join("shape.json");
+            std::fs::write(&file, &inspected.stdout)?;
+            let created = d.capsa(&["create", "-f", &file.display().to_string()])?;
+            ensure!(created.code == Some(0), "{}", created.describe());
+            let after = d.group("shape")?;
+            d.delete("shape")?;
+            ensure!(
+                after.spec == before.spec,
+                "{:?} became {:?}",
+                before.spec,
+                after.spec
+            );
+            let main = &before.spec.containers[0];
+            ensure!(
+                main.env.get("GREETING").map(String::as_str) == Some("hi")
+                    && main.ports.len() == 1
+                    && before.spec.memory_mib == Some(192),
+                "the spec lacks what run was given: {:?}",
+                before.spec
+            );
+            Ok(format!("{} containers, {} labels", after.spec.containers.len(), after.spec.labels.len()))
+        },
+    );
+    s.check(
+        "capsa kill sends a signal the container traps, and SIGKILL unless told",
+        || {
+            let script = "trap 'exit 7' USR1; while :; do sleep 1; done";
+            for name in ["trapper", "killed"] {
+                let out = d.capsa(&["run", "-d", "--name", name, "busybox", "sh", "-c", script])?;
+                ensure!(out.code == Some(0), "run -d {name}: {}", out.describe());
+            }
+            let bad = d.capsa(&["kill", "-s", "NOPE", "trapper"])?;
+            ensure!(
+                bad.code != Some(0),
+                "a bad signal was taken: {}",
+                bad.describe()
+            );
+            let sent = d.capsa(&["kill", "-s", "USR1", "trapper"])?;
+            ensure!(sent.code == Some(0), "{}", sent.describe());
+            let trapped = d.wait("trapper", "main")?;
+            let sent = d.capsa(&["kill", "killed"])?;
+            ensure!(sent.code == Some(0), "{}", sent.describe());
+            let killed = d.wait("killed", "main")?;
+            for name in ["trapper", "killed"] {
+                d.delete(name)?;
+            }
+            ensure!(trapped.exit_code == 7, "USR1: {trapped:?}");
+            ensure!(
+                killed.exit_code == 137 || killed.signal == Some(libc::SIGKILL),
+                "KILL: {killed:?}"
+            );
+            Ok(format!(
+                "USR1: exit {}; KILL: exit {}",
+                trapped.exit_code, killed.exit_code
+            ))
+        },
+    );
+    interactive(s, d);
+    terminal(s, d);
+    Ok(())
+}
+
+/// Waits until group `name` is gone, for up to `patience`.
+fn gone(d: &Capsad, name: &str, patience: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        match d.group(name) {
+            Err(e) if api_error(&e).is_some_and(|a| a.code == ErrorCode::NotFound) => {
+                return Ok(started.elapsed());
+            }
+            Ok(view) if started.elapsed() > patience => {
+                anyhow::bail!(
+                    "{name} still there after {} s: {:?}",
+                    patience.as_secs(),
+                    view.status
+                )
+            }
+            Err(e) if started.elapsed() > patience => return Err(e),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn interactive(s: &mut Suite, d: &Capsad) {
+    s.check(
+        "capsa run -i sends its input to the container, which reads it, and --rm removes it",
+        || {
+            let script = "read line; echo got-$line; exit 4";
+            let out = d.capsa_with(
+                &[
+                    "run", "-i", "--rm", "--name", "reader", "busybox", "sh", "-c", script,
+                ],
+                Some(b"hello\n"),
+            )?;
+            let done = out.exited_with(4, &["got-hello"])?;
+            gone(d, "reader", Duration::from_secs(5))?;
+            Ok(done)
+        },
+    );
+    s.check(
+        "capsa attach joins a running container: its input in, its output out, its exit code",
+        || {
+            let script = "while read line; do echo echo-$line; done; echo bye; exit 6";
+            let out = d.capsa(&[
+                "run", "-d", "-i", "--name", "listener", "busybox", "sh", "-c", script,
+            ])?;
+            ensure!(out.code == Some(0), "run -d -i: {}", out.describe());
+            let attached = d.capsa_with(&["attach", "listener"], Some(b"one\ntwo\n"))?;
+            d.delete("listener")?;
+            attached.exited_with(6, &["echo-one", "echo-two", "bye"])
+        },
+    );
+}
+
+/// `capsa run -it` in a terminal of tmux's, typed into and read back.
+fn terminal(s: &mut Suite, d: &Capsad) {
+    s.check(
+        "capsa run -it busybox sh in tmux: commands run, a resize is seen, Ctrl-C stops a sleep, exit passes the shell's status",
+        || {
+            let socket = d.work.join("tmux.sock");
+            let tmux = |args: &[&str]| -> Result<String> {
+                let out = Command::new(d.artifacts.tool("tmux"))
+                    .arg("-u")
+                    .arg("-S")
+                    .arg(&socket)
+                    .args(args)
+                    .env("CAPSA_SOCKET", &d.socket)
+                    .stdin(Stdio::null())
+                    .output()
+                    .context("running tmux")?;
+                ensure!(
+                    out.status.success(),
+                    "tmux {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            };
+            let screen = || tmux(&["capture-pane", "-p"]);
+            // Until `ready` finds what it wants on the screen.
+            let until = |what: &str, secs: u64, ready: &dyn Fn(&str) -> bool| -> Result<String> {
+                let deadline = Instant::now() + Duration::from_secs(secs);
+                loop {
+                    let now = screen()?;
+                    if ready(&now) {
+                        return Ok(now);
+                    }
+                    ensure!(Instant::now() < deadline, "no {what} within {secs} s; the screen:\n{now}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            };
+            let prompts = |screen: &str| screen.lines().filter(|l| l.starts_with("/ # ")).count();
+            let command = format!(
+                "{} run -it --rm --name tty busybox sh",
+                d.artifacts.path("capsa").display()
+            );
+            tmux(&[
+                "-f", "/dev/null", "new-session", "-d", "-x", "100", "-y", "30", &command, ";",
+                "set-option", "-g", "remain-on-exit", "on",
+            ])?;
+            let ran = (|| -> Result<String> {
+                until("prompt", 120, &|s| prompts(s) >= 1)?;
+                tmux(&["send-keys", "stty size", "Enter"])?;
+                until("first size", 30, &|s| s.lines().any(|l| l.trim() == "30 100"))?;
+                tmux(&["resize-window", "-x", "120", "-y", "40"])?;
+                tmux(&["send-keys", "stty size", "Enter"])?;
+                until("new size", 30, &|s| s.lines().any(|l| l.trim() == "40 120"))?;
+                let before = prompts(&screen()?);
+                tmux(&["send-keys", "sleep 300", "Enter"])?;
+                std::thread::sleep(Duration::from_secs(2));
+                let interrupted = Instant::now();
+                tmux(&["send-keys", "C-c"])?;
+                until("prompt after Ctrl-C", 30, &|s| prompts(s) > before)?;
+                let stopped_in = interrupted.elapsed();
+                tmux(&["send-keys", "exit 7", "Enter"])?;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let status = loop {
+                    let dead = tmux(&["display", "-p", "#{pane_dead} #{pane_dead_status}"])?;
+                    if let Some(status) = dead.trim().strip_prefix("1 ") {
+                        break status.to_string();
+                    }
+                    ensure!(Instant::now() < deadline, "capsa still running after exit 7");
+                    std::thread::sleep(Duration::from_millis(200));
+                };
+                ensure!(status == "7", "capsa exited {status}, not the shell's 7");
+                gone(d, "tty", Duration::from_secs(5))?;
+                Ok(format!(
+                    "sizes 30x100 then 40x120, sleep stopped {} ms after Ctrl-C, exit 7",
+                    stopped_in.as_millis()
+                ))
+            })();
+            let _ = tmux(&["kill-server"]);
+            ran
+        },
+    );
+}
