@@ -214,8 +214,20 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         request: ContainerRequest,
     ) -> Reply<ListProcessesResponse> {
+        let processes = self
+            .containers
+            .process_table(&request.container_id)?
+            .into_iter()
+            .map(|p| ProcessInfo {
+                pid: p.pid,
+                uid: p.uid,
+                command: p.command,
+                ..Default::default()
+            })
+            .collect::<Vec<_>>();
         Ok(ListProcessesResponse {
-            pids: self.containers.processes(&request.container_id)?,
+            pids: processes.iter().map(|p| p.pid).collect(),
+            processes,
             ..Default::default()
         })
     }

@@ -262,13 +262,14 @@ impl Containers {
         Ok(())
     }
 
-    pub fn processes(&self, id: &str) -> Result<Vec<u32>, ApiError> {
+    /// Container `id`'s processes with their users and command lines.
+    pub fn process_table(&self, id: &str) -> Result<Vec<capsa_runtime::ProcessEntry>, ApiError> {
         let entry = self.entry(id)?;
         let guard = entry.container.lock().unwrap_or_else(|e| e.into_inner());
         let container = guard
             .as_ref()
             .ok_or_else(|| ApiError::precondition(format!("container {id} is being deleted")))?;
-        container.processes().map_err(ApiError::from_runtime)
+        container.process_table().map_err(ApiError::from_runtime)
     }
 
     /// New limits for container `id`'s cgroup, from OCI LinuxResources JSON.

@@ -246,6 +246,18 @@ pub struct WaitResponse {
 
 /// One line of a container's log, as stored and as `logs` streams it
 /// (JSON lines).
+/// One process of a running container (`capsa top`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessView {
+    /// As the container sees it.
+    pub pid: u32,
+    pub uid: u32,
+    /// Its arguments joined by spaces (the name in brackets when it has
+    /// none), as the guest reports them.
+    pub command: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct LogLine {

@@ -210,6 +210,10 @@ enum Command {
     Attach {
         target: String,
     },
+    /// The processes of a running container: GROUP[/CONTAINER].
+    Top {
+        target: String,
+    },
     /// The ports a group publishes, as CONTAINER_PORT/PROTOCOL -> HOST:PORT.
     Port {
         name: String,
@@ -658,6 +662,23 @@ fn run(cli: Cli) -> Result<u8> {
                     Ok(0)
                 }
             }
+        }
+        Command::Top { target: text } => {
+            let (group, container) = target(&client, &text)?;
+            let processes: Vec<capsa_api::ProcessView> = client.call(
+                Method::GET,
+                &format!("/v1/groups/{group}/containers/{container}/top"),
+                None,
+            )?;
+            if cli.json {
+                print_json(&processes)?;
+            } else {
+                println!("{:>7} {:>7}  COMMAND", "PID", "UID");
+                for p in processes {
+                    println!("{:>7} {:>7}  {}", p.pid, p.uid, p.command);
+                }
+            }
+            Ok(0)
         }
         Command::Port { name } => {
             let view: GroupView = client.call(Method::GET, &format!("/v1/groups/{name}"), None)?;

@@ -103,6 +103,11 @@ pub struct ExitInfo {
     pub oom_killed: bool,
 }
 
+/// The most processes `process_table` reports.
+pub const MAX_PROCESSES: usize = 10_000;
+/// The longest command line `process_table` reports, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+
 /// Which of a process's streams to attach.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Streams {
@@ -469,6 +474,28 @@ impl Guest {
             .list_processes(timeout(CALL_TIMEOUT), &container(id))
             .map_err(call("ListProcesses"))?
             .pids)
+    }
+
+    /// A container's processes with their users and command lines, as
+    /// `top` shows them: at most MAX_PROCESSES, each command cut at
+    /// MAX_COMMAND_BYTES (the guest says what they are).
+    pub fn process_table(&self, id: &str) -> Result<Vec<ProcessInfo>, GuestError> {
+        let mut processes = self
+            .agent
+            .list_processes(timeout(CALL_TIMEOUT), &container(id))
+            .map_err(call("ListProcesses"))?
+            .processes;
+        processes.truncate(MAX_PROCESSES);
+        for process in &mut processes {
+            if process.command.len() > MAX_COMMAND_BYTES {
+                let mut end = MAX_COMMAND_BYTES;
+                while !process.command.is_char_boundary(end) {
+                    end -= 1;
+                }
+                process.command.truncate(end);
+            }
+        }
+        Ok(processes)
     }
 
     /// A container's figures; a guest gets a few seconds to give them

@@ -302,6 +302,16 @@ impl Container {
         Ok(pids.into_iter().filter_map(pid_in_container).collect())
     }
 
+    /// Its processes with their users and command lines; one that ends
+    /// meanwhile is left out.
+    pub fn process_table(&self) -> Result<Vec<ProcessEntry>, RuntimeError> {
+        let pids = self.cgroup.pids().map_err(|source| RuntimeError::Cgroup {
+            id: self.id.clone(),
+            source,
+        })?;
+        Ok(pids.into_iter().filter_map(process_entry).collect())
+    }
+
     /// Kills every process of the container and removes its cgroup and
     /// writable layer.
     pub fn destroy(mut self) -> Result<(), RuntimeError> {
@@ -337,6 +347,49 @@ fn start(id: &str, mut channel: Channel) -> Result<(), RuntimeError> {
 
 /// The last PID of /proc/<pid>/status's NSpid line: the innermost
 /// namespace's.
+/// One process of a container, as `top` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessEntry {
+    /// As the container sees it.
+    pub pid: u32,
+    pub uid: u32,
+    /// The arguments joined by spaces, or the name in brackets.
+    pub command: String,
+}
+
+/// The longest command line kept, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+
+fn process_entry(pid: i32) -> Option<ProcessEntry> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::split_whitespace)
+    };
+    let in_container = field("NSpid:")?.last()?.parse().ok()?;
+    let uid = field("Uid:")?.next()?.parse().ok()?;
+    let name = field("Name:")?.next().unwrap_or_default().to_string();
+    let mut cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    cmdline.truncate(MAX_COMMAND_BYTES);
+    let words: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    let command = if words.is_empty() {
+        format!("[{name}]")
+    } else {
+        words.join(" ")
+    };
+    Some(ProcessEntry {
+        pid: in_container,
+        uid,
+        command,
+    })
+}
+
 fn pid_in_container(pid: i32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("NSpid:"))?;

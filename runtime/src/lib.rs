@@ -18,7 +18,9 @@ pub mod stdio;
 pub mod user;
 
 pub use cgroup::{Cgroup, CgroupError, CgroupStats};
-pub use container::{is_cgroup2, validate_id, Container, Runtime, RuntimeConfig, RuntimeError};
+pub use container::{
+    is_cgroup2, validate_id, Container, ProcessEntry, Runtime, RuntimeConfig, RuntimeError,
+};
 pub use oci_spec::runtime::{Process, Spec};
 pub use reaper::{ExitStatus, Reaper};
 pub use stdio::{resize, ProcessIo, StdioRequest};

@@ -229,6 +229,15 @@ fn exec_shares_the_filesystem_and_processes_of_the_container() {
     Reaper::global().wait(pid);
     let pids = container.processes().unwrap();
     assert_eq!(pids, vec![1], "only the container's sleep is left");
+    let table = container.process_table().unwrap();
+    assert_eq!(
+        table
+            .iter()
+            .map(|p| (p.pid, p.uid, p.command.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, 0, "sleep 60")],
+        "top sees it as the container does"
+    );
     let init = container.init_pid();
     container.destroy().unwrap();
     assert_eq!(Reaper::global().wait(init), ExitStatus::Signaled(9));

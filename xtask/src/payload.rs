@@ -23,6 +23,7 @@ ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
 mount -t cgroup2 none /sys/fs/cgroup
 mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 if [ -d xtables ]; then mkdir -p /usr/lib/x86_64-linux-gnu && cp -r xtables /usr/lib/x86_64-linux-gnu/; fi
+if [ -d locale ]; then mkdir -p /usr/lib/locale && cp -r locale/* /usr/lib/locale/; fi
 ";
 
 /// After the suites: the system calls the VMMs' seccomp filters refused
@@ -228,6 +229,14 @@ impl Payload {
             } else {
                 ""
             };
+            // tmux (the terminal of the interactive checks) wants a UTF-8
+            // locale: glibc's C.UTF-8, installed by NESTED_SETUP.
+            std::fs::create_dir_all(dir.join("locale"))?;
+            let copied = Command::new("cp")
+                .args(["-r", "/usr/lib/locale/C.utf8"])
+                .arg(dir.join("locale"))
+                .status()?;
+            ensure!(copied.success(), "copying the C.UTF-8 locale");
             let native = format!(
                 ". {}/scripts/lib.sh && native_programs {} containerd ctr containerd-shim-runc-v2 runc crun script tmux{registry}{cni}",
                 root.display(),

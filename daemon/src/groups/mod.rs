@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use capsa_api::{
     ApiError, ContainerStatus, ErrorCode, Event, GroupSpec, GroupStatus, GroupView, PortProtocol,
-    WaitResponse,
+    ProcessView, WaitResponse,
 };
 use capsa_image_store::layer_images::LayerImages;
 use capsa_image_store::ImageStore;
@@ -382,21 +382,48 @@ impl Daemon {
     /// (the restart policy applies).
     pub fn kill(&self, name: &str, container: &str, signal: i32) -> Result<(), ApiError> {
         let group = self.group(name)?;
+        let guest = self.running_guest(&group, name, container)?;
+        guest
+            .signal(container, "", signal)
+            .map_err(|e| guest_failed(&group.paths.console(), "signalling it", e))
+    }
+
+    /// The processes of `container` of `name`, which must be running.
+    pub fn top(&self, name: &str, container: &str) -> Result<Vec<ProcessView>, ApiError> {
+        let group = self.group(name)?;
+        let guest = self.running_guest(&group, name, container)?;
+        let processes = guest
+            .process_table(container)
+            .map_err(|e| guest_failed(&group.paths.console(), "listing its processes", e))?;
+        Ok(processes
+            .into_iter()
+            .map(|p| ProcessView {
+                pid: p.pid,
+                uid: p.uid,
+                command: p.command,
+            })
+            .collect())
+    }
+
+    /// The guest of `group`, whose `container` must be running.
+    fn running_guest(
+        &self,
+        group: &Group,
+        name: &str,
+        container: &str,
+    ) -> Result<Arc<capsa_guest_client::Guest>, ApiError> {
         let record = group.snapshot();
         let Some(c) = record.containers.iter().find(|c| c.name == container) else {
             return Err(no_container(name, container));
         };
-        let guest = group
+        group
             .guest()
             .filter(|_| c.status == ContainerStatus::Running)
             .ok_or_else(|| {
                 conflict(format!(
                     "container {container:?} of {name:?} is not running"
                 ))
-            })?;
-        guest
-            .signal(container, "", signal)
-            .map_err(|e| guest_failed(&group.paths.console(), "signalling it", e))
+            })
     }
 
     /// Blocks until `container` of `name` has exited.

@@ -59,6 +59,14 @@ pub(super) async fn kill_container(
     Ok(Json(serde_json::json!({ "signal": signal })))
 }
 
+/// The processes of a running container.
+pub(super) async fn top_container(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath((name, container)): UrlPath<(String, String)>,
+) -> Result<Json<Vec<capsa_api::ProcessView>>, Failure> {
+    Ok(Json(blocking(move || daemon.top(&name, &container)).await?))
+}
+
 #[derive(Deserialize)]
 pub(super) struct LogsQuery {
     #[serde(default)]

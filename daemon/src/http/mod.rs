@@ -99,6 +99,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             post(attach::attach),
         )
         .route(
+            "/v1/groups/{name}/containers/{container}/top",
+            get(containers::top_container),
+        )
+        .route(
             "/v1/groups/{name}/containers/{container}/kill",
             post(containers::kill_container),
         )

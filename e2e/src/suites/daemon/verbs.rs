@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use capsa_api::{ErrorCode, GroupStatus, GroupView, PortSpec};
+use capsa_api::{ErrorCode, GroupStatus, GroupView, PortSpec, ProcessView};
 
 use super::harness::Capsad;
 use super::main_checks::api_error;
@@ -153,6 +153,28 @@ pub fn run(s: &mut Suite, d: &Capsad) -> Result<()> {
                 "USR1: exit {}; KILL: exit {}",
                 trapped.exit_code, killed.exit_code
             ))
+        },
+    );
+    s.check(
+        "capsa top lists a running container's processes with their command lines",
+        || {
+            let script = "sleep 1001 & exec sleep 1002";
+            let out = d.capsa(&[
+                "run", "-d", "--name", "topped", "busybox", "sh", "-c", script,
+            ])?;
+            ensure!(out.code == Some(0), "run -d: {}", out.describe());
+            let top = d.capsa(&["--json", "top", "topped"]);
+            d.delete("topped")?;
+            let top = top?;
+            ensure!(top.code == Some(0), "{}", top.describe());
+            let processes: Vec<ProcessView> = serde_json::from_str(&top.stdout)?;
+            let main = processes.iter().find(|p| p.pid == 1);
+            ensure!(
+                main.is_some_and(|p| p.command == "sleep 1002" && p.uid == 0)
+                    && processes.iter().any(|p| p.command == "sleep 1001"),
+                "{processes:?}"
+            );
+            Ok(format!("{} processes", processes.len()))
         },
     );
     interactive(s, d);
