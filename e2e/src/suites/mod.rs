@@ -55,7 +55,7 @@ pub fn usual_secs(name: &str) -> u64 {
         "boot" => 10,
         "agent" => 15,
         "devices" => 70,
-        "daemon" => 210,
+        "daemon" => 300,
         "hostile" => 500,
         "images" => 225,
         "logs" => 120,

@@ -271,7 +271,8 @@ fn terminal(s: &mut Suite, d: &Capsad) {
                     std::thread::sleep(Duration::from_millis(200));
                 }
             };
-            let prompts = |screen: &str| screen.lines().filter(|l| l.starts_with("/ # ")).count();
+            // capture-pane drops a line's trailing blanks: "/ # " is "/ #".
+            let prompts = |screen: &str| screen.lines().filter(|l| l.starts_with("/ #")).count();
             let command = format!(
                 "{} run -it --rm --name tty busybox sh",
                 d.artifacts.path("capsa").display()
