@@ -82,6 +82,8 @@ pub enum Refused {
         container: String,
         status: &'static str,
     },
+    #[error("group {group:?} is being deleted")]
+    Deleted { group: String },
 }
 
 pub fn group_word(status: GroupStatus) -> &'static str {
@@ -142,6 +144,16 @@ impl Lifecycle {
             group: group.clone(),
             status: group_word(status),
         };
+        // A group being deleted stays until its files are gone, and is
+        // neither started again nor deleted twice meanwhile.
+        if self.deleted
+            && matches!(
+                transition,
+                Transition::Boot { .. } | Transition::Restarting | Transition::Delete
+            )
+        {
+            return Err(Refused::Deleted { group });
+        }
         match transition {
             Transition::Boot { vmm_pid, at } => {
                 if status == GroupStatus::Running {
@@ -532,6 +544,16 @@ pub(crate) mod tests {
         life.apply(Transition::Delete).unwrap();
         assert!(life.deleted() && life.stopping());
         assert_eq!(life.record().status, GroupStatus::Running);
+        for again in [
+            Transition::Delete,
+            Transition::Restarting,
+            Transition::Boot { vmm_pid: 3, at: 4 },
+        ] {
+            assert!(
+                matches!(life.apply(again), Err(Refused::Deleted { .. })),
+                "a group being deleted is left to its deletion"
+            );
+        }
     }
 
     #[test]

@@ -41,7 +41,8 @@ use capsa_network::Networks;
 use capsa_volumes::VolumeStore;
 
 use crate::errors::{
-    conflict, error, guest_failed, internal, network_error, no_container, no_group, store_error,
+    conflict, error, guest_failed, internal, network_error, no_container, no_group, refused,
+    store_error,
 };
 use crate::state::{self, GroupPaths, GroupRecord};
 use capsa_vm_process::VmConfig;
@@ -352,14 +353,15 @@ impl Daemon {
         Ok(group.snapshot().view())
     }
 
+    /// Stops the group's VM, releases its address and ports, removes its
+    /// files, and only then its name: a client told the group is gone
+    /// (a 404) finds nothing of it left.
     pub fn delete(&self, name: &str) -> Result<(), ApiError> {
-        let group = self
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-            .ok_or_else(|| no_group(name))?;
-        let _ = group.transition(lifecycle::Transition::Delete);
+        let group = self.group(name)?;
+        // One deleter: the first to record it.
+        group
+            .transition(lifecycle::Transition::Delete)
+            .map_err(refused)?;
         // Stopped, or on its way there: either way the VMM must be gone
         // before its files are.
         start::stop_vm(&group, Duration::from_secs(2));
@@ -367,8 +369,14 @@ impl Daemon {
         // Under the group's lock: no save is half done meanwhile (none
         // comes after Delete).
         let state = group.lock();
-        std::fs::remove_dir_all(&group.paths.dir).map_err(internal)?;
+        let removed = std::fs::remove_dir_all(&group.paths.dir).map_err(internal);
         drop(state);
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if groups.get(name).is_some_and(|g| Arc::ptr_eq(g, &group)) {
+            groups.remove(name);
+        }
+        drop(groups);
+        removed?;
         group.emit(None, "deleted", None);
         Ok(())
     }

@@ -169,8 +169,11 @@ pub(super) fn remove_when_unheld(daemon: &Arc<Daemon>, group: &Arc<Group>) {
         }
         match daemon.delete(&name) {
             Ok(()) => {}
-            // Deleted by a client meanwhile.
-            Err(e) if e.code == capsa_api::ErrorCode::NotFound => {}
+            // Deleted, or being deleted, by a client meanwhile.
+            Err(e) if matches!(
+                e.code,
+                capsa_api::ErrorCode::NotFound | capsa_api::ErrorCode::Conflict
+            ) => {}
             Err(e) => eprintln!("capsad: removing group {name}: {}", e.message),
         }
     });

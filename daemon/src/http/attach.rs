@@ -161,7 +161,11 @@ where
             };
             buffer.extend_from_slice(&chunk[..n]);
             while let Ok(Some(frame)) = Frame::decode(&mut buffer) {
-                if matches!(frame, Frame::Stdin(_) | Frame::StdinEnd) && input.is_none() {
+                // Input and sizes wait for the start: a client may attach
+                // before it (`run -it`), type ahead and give its size.
+                if matches!(frame, Frame::Stdin(_) | Frame::StdinEnd | Frame::Resize { .. })
+                    && input.is_none()
+                {
                     input = Some(input_of(&group, &container).await);
                 }
                 let input = input.clone().flatten();
@@ -214,8 +218,8 @@ where
     let _ = writer.await;
 }
 
-/// The open input of `container`, once it has started (a client may
-/// attach before the start, and type ahead); None when it keeps none.
+/// The open input of `container`, once it has started; None when it
+/// keeps none (or never starts).
 async fn input_of(group: &Group, container: &str) -> Option<ContainerInput> {
     loop {
         if let Some(input) = group.lock().stdin.get(container).cloned() {
