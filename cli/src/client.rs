@@ -265,7 +265,9 @@ impl Client {
     ) -> Result<Ended> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let on_terminal = session.tty && stdin_is_terminal();
-        let _raw = on_terminal.then(RawTerminal::enter);
+        // Raw only when the keys go to the container: Ctrl-C must stop
+        // this command otherwise.
+        let _raw = (on_terminal && session.stdin).then(RawTerminal::enter);
         self.runtime.block_on(async {
             let stream = tokio::net::UnixStream::connect(&self.socket)
                 .await

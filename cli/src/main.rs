@@ -20,6 +20,7 @@ use capsa_cli::client::{self, Client};
 
 mod env;
 mod networks;
+mod signals;
 mod units;
 
 #[derive(Parser)]
@@ -402,6 +403,11 @@ fn run(cli: Cli) -> Result<u8> {
             // Attached, the exit and the output are asked for before the
             // start: capsad keeps an auto-removed group (--rm) until both
             // have been sent, however soon it ends.
+            // Keys go to a terminal's container as they are; else this
+            // command's signals are passed on.
+            if !detach && !(interactive && tty) {
+                signals::proxy(cli.socket.clone(), name.clone(), "main".into());
+            }
             if !detach && (interactive || tty) {
                 return run_interactive(&cli.socket, &client, &name, interactive, tty, rm);
             }
@@ -654,6 +660,9 @@ fn run(cli: Cli) -> Result<u8> {
                 stdin: spec.stdin,
                 tty: spec.tty,
             };
+            if !(session.stdin && session.tty) {
+                signals::proxy(cli.socket.clone(), group.clone(), container.clone());
+            }
             let path = format!("/v1/groups/{group}/containers/{container}/attach");
             match client.interactive(&path, None, session, || {})? {
                 client::Ended::Exited(code) => Ok(code.clamp(0, 255) as u8),

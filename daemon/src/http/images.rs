@@ -180,7 +180,7 @@ pub(super) async fn remove_image(
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::http) mod tests {
     use std::path::Path;
 
     use axum::body::Body;
@@ -200,7 +200,7 @@ mod tests {
 
     /// A one-layer OCI layout (uncompressed layer) of regular files; the
     /// paths go into the headers unchecked.
-    fn layout(layout: &Path, files: &[(&str, &[u8])]) {
+    pub(in crate::http) fn layout(layout: &Path, files: &[(&str, &[u8])]) {
         std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
         std::fs::write(
             layout.join("oci-layout"),

@@ -6,6 +6,8 @@ mod attach;
 mod containers;
 mod groups;
 mod images;
+#[cfg(test)]
+mod live_document;
 mod networks;
 mod volumes;
 

@@ -205,6 +205,56 @@ fn gone(d: &Capsad, name: &str, patience: Duration) -> Result<Duration> {
 
 fn interactive(s: &mut Suite, d: &Capsad) {
     s.check(
+        "Ctrl-C to an attached capsa run reaches the container as SIGINT (its trap runs, its code passes)",
+        || {
+            let script = "trap 'echo got-INT; exit 3' INT; while :; do sleep 1; done";
+            let mut cli = Command::new(d.artifacts.path("capsa"))
+                .args(["run", "--rm", "--name", "sigs", "busybox", "sh", "-c", script])
+                .env("CAPSA_SOCKET", &d.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let stdout = cli.stdout.take().context("no stdout")?;
+            let output = std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut { stdout }, &mut text);
+                text
+            });
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let running = loop {
+                match d.group("sigs") {
+                    Ok(view) if view.status == GroupStatus::Running => break true,
+                    _ if Instant::now() > deadline => break false,
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            // The trap is set once the shell runs.
+            std::thread::sleep(Duration::from_secs(2));
+            super::harness::send_signal(cli.id(), libc::SIGINT)?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let status = loop {
+                if let Some(status) = cli.try_wait()? {
+                    break Some(status);
+                }
+                if Instant::now() > deadline {
+                    let _ = cli.kill();
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let text = output.join().unwrap_or_default();
+            ensure!(running, "the group never ran");
+            let status = status.context("capsa still running 60 s after SIGINT")?;
+            ensure!(
+                status.code() == Some(3) && text.lines().any(|l| l == "got-INT"),
+                "exit {status}, output {text:?}"
+            );
+            gone(d, "sigs", Duration::from_secs(5))?;
+            Ok(format!("exit 3, {text:?}"))
+        },
+    );
+    s.check(
         "capsa run -i sends its input to the container, which reads it, and --rm removes it",
         || {
             let script = "read line; echo got-$line; exit 4";
