@@ -405,7 +405,8 @@ fn run(cli: Cli) -> Result<u8> {
             // have been sent, however soon it ends.
             // Keys go to a terminal's container as they are; else this
             // command's signals are passed on.
-            if !detach && !(interactive && tty) {
+            let keys_to_terminal = interactive && tty;
+            if !detach && !keys_to_terminal {
                 signals::proxy(cli.socket.clone(), name.clone(), "main".into());
             }
             if !detach && (interactive || tty) {

@@ -34,9 +34,8 @@ pub fn proxy(socket: PathBuf, group: String, container: String) {
                 "/v1/groups/{group}/containers/{container}/kill?signal={}",
                 signal as i32
             );
-            let sent = Client::new(&socket).and_then(|client| {
-                client.call::<serde_json::Value>(Method::POST, &path, None)
-            });
+            let sent = Client::new(&socket)
+                .and_then(|client| client.call::<serde_json::Value>(Method::POST, &path, None));
             if let Err(e) = sent {
                 eprintln!("capsa: passing {signal} on to {group}/{container}: {e:#}");
             }

@@ -170,10 +170,11 @@ pub(super) fn remove_when_unheld(daemon: &Arc<Daemon>, group: &Arc<Group>) {
         match daemon.delete(&name) {
             Ok(()) => {}
             // Deleted, or being deleted, by a client meanwhile.
-            Err(e) if matches!(
-                e.code,
-                capsa_api::ErrorCode::NotFound | capsa_api::ErrorCode::Conflict
-            ) => {}
+            Err(e)
+                if matches!(
+                    e.code,
+                    capsa_api::ErrorCode::NotFound | capsa_api::ErrorCode::Conflict
+                ) => {}
             Err(e) => eprintln!("capsad: removing group {name}: {}", e.message),
         }
     });

@@ -163,8 +163,10 @@ where
             while let Ok(Some(frame)) = Frame::decode(&mut buffer) {
                 // Input and sizes wait for the start: a client may attach
                 // before it (`run -it`), type ahead and give its size.
-                if matches!(frame, Frame::Stdin(_) | Frame::StdinEnd | Frame::Resize { .. })
-                    && input.is_none()
+                if matches!(
+                    frame,
+                    Frame::Stdin(_) | Frame::StdinEnd | Frame::Resize { .. }
+                ) && input.is_none()
                 {
                     input = Some(input_of(&group, &container).await);
                 }

@@ -64,7 +64,10 @@ fn check(schema: &Value, value: &Value, document: &Value, at: &str, problems: &m
             problems.push(format!("{at}: {value} is not one of {allowed:?}"));
         }
     }
-    if let (Some(minimum), Some(n)) = (schema.get("minimum").and_then(Value::as_f64), value.as_f64()) {
+    if let (Some(minimum), Some(n)) = (
+        schema.get("minimum").and_then(Value::as_f64),
+        value.as_f64(),
+    ) {
         if n < minimum {
             problems.push(format!("{at}: {n} is below {minimum}"));
         }
@@ -91,7 +94,10 @@ fn check(schema: &Value, value: &Value, document: &Value, at: &str, problems: &m
     }
     for (name, field) in fields {
         let at = format!("{at}.{name}");
-        match (properties.and_then(|p| p.get(name)), schema.get("additionalProperties")) {
+        match (
+            properties.and_then(|p| p.get(name)),
+            schema.get("additionalProperties"),
+        ) {
             (Some(property), _) => check(property, field, document, &at, problems),
             (None, Some(Value::Bool(false))) => problems.push(format!("{at}: not allowed")),
             (None, Some(Value::Bool(true))) => {}
@@ -166,7 +172,12 @@ async fn live_answers_fit_the_openapi_document() {
     layout(&image, &[("etc/motd", b"hello")]);
     let import = serde_json::json!({"path": image, "name": "app"});
     let (status, answer) = live
-        .ask("POST", "/v1/images/import", "/v1/images/import", Some(import))
+        .ask(
+            "POST",
+            "/v1/images/import",
+            "/v1/images/import",
+            Some(import),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     let spec = serde_json::json!({
@@ -204,7 +215,9 @@ async fn live_answers_fit_the_openapi_document() {
         live.ask("GET", template, path, None).await;
     }
     let bad = serde_json::json!({"name": "Bad!", "containers": []});
-    let (status, _) = live.ask("POST", "/v1/groups", "/v1/groups", Some(bad)).await;
+    let (status, _) = live
+        .ask("POST", "/v1/groups", "/v1/groups", Some(bad))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = live
         .ask(
@@ -242,11 +255,17 @@ fn the_check_finds_drift() {
         problems
     };
     assert!(found(serde_json::json!({"a": 1, "b": null})).is_empty());
-    assert_eq!(found(serde_json::json!({"b": "x"})), ["t: required a is missing"]);
+    assert_eq!(
+        found(serde_json::json!({"b": "x"})),
+        ["t: required a is missing"]
+    );
     assert_eq!(found(serde_json::json!({"a": -1})), ["t.a: -1 is below 0"]);
     assert_eq!(
         found(serde_json::json!({"a": 1, "c": true})),
         ["t.c: not in the document"]
     );
-    assert_eq!(found(serde_json::json!({"a": "1"})), ["t.a: \"1\" is not integer"]);
+    assert_eq!(
+        found(serde_json::json!({"a": "1"})),
+        ["t.a: \"1\" is not integer"]
+    );
 }
