@@ -310,16 +310,29 @@ impl Client {
             if session.stdin {
                 let frames = frames.clone();
                 let detach = detach.clone();
-                tokio::spawn(async move {
-                    let mut stdin = tokio::io::stdin();
+                // Read by a thread of its own: one blocked on a terminal
+                // must not hold this command's exit (tokio's stdin would:
+                // its runtime waits for its blocking reads).
+                let (keys, mut typed) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+                std::thread::spawn(move || {
+                    use std::io::Read;
+                    let mut stdin = std::io::stdin();
                     let mut chunk = vec![0u8; 32 * 1024];
-                    let mut last = 0u8;
                     loop {
-                        let n = match stdin.read(&mut chunk).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let mut data = &chunk[..n];
+                        match stdin.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if keys.blocking_send(chunk[..n].to_vec()).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut last = 0u8;
+                    while let Some(chunk) = typed.recv().await {
+                        let mut data = chunk.as_slice();
                         if session.tty {
                             let keys = std::iter::once(last)
                                 .chain(data.iter().copied())

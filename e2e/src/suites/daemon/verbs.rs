@@ -221,10 +221,19 @@ fn interactive(s: &mut Suite, d: &Capsad) {
                 let _ = std::io::Read::read_to_string(&mut { stdout }, &mut text);
                 text
             });
+            // Its container running, not only its VM: a signal before the
+            // start has no process to reach.
             let deadline = Instant::now() + Duration::from_secs(90);
             let running = loop {
                 match d.group("sigs") {
-                    Ok(view) if view.status == GroupStatus::Running => break true,
+                    Ok(view)
+                        if view
+                            .containers
+                            .iter()
+                            .any(|c| c.status == capsa_api::ContainerStatus::Running) =>
+                    {
+                        break true
+                    }
                     _ if Instant::now() > deadline => break false,
                     _ => std::thread::sleep(Duration::from_millis(100)),
                 }
@@ -244,6 +253,10 @@ fn interactive(s: &mut Suite, d: &Capsad) {
                 std::thread::sleep(Duration::from_millis(100));
             };
             let text = output.join().unwrap_or_default();
+            if status.is_none() {
+                // Not left running for the checks after this one.
+                let _ = d.delete("sigs");
+            }
             ensure!(running, "the group never ran");
             let status = status.context("capsa still running 60 s after SIGINT")?;
             ensure!(
