@@ -55,7 +55,7 @@ pub fn usual_secs(name: &str) -> u64 {
         "boot" => 10,
         "agent" => 15,
         "devices" => 70,
-        "daemon" => 300,
+        "daemon" => 380,
         "hostile" => 500,
         "images" => 225,
         "logs" => 120,
