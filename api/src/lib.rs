@@ -21,6 +21,17 @@ pub use spec::{
 /// misread.
 pub const API_PREFIX: &str = "/v1";
 
+/// `GET /v1/version`: capsad's version, and who the caller is to it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionView {
+    pub version: String,
+    /// The API's path prefix without its slash ("v1").
+    pub api: String,
+    /// The caller's tenant; none for the host's admin (the Unix socket).
+    pub tenant: Option<String>,
+}
+
 /// Every error the API returns: a stable code for programs and a message
 /// for people.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -41,6 +52,12 @@ pub enum ErrorCode {
     AlreadyExists,
     Conflict,
     ImageNotFound,
+    /// No credentials, or credentials capsad does not know (TLS listener).
+    Unauthorized,
+    /// What this caller may not do (a tenant importing from a host path).
+    Forbidden,
+    /// Would take a tenant past its quota.
+    QuotaExceeded,
     Internal,
 }
 
@@ -50,6 +67,8 @@ impl ErrorCode {
             ErrorCode::InvalidSpec | ErrorCode::InvalidRequest => 400,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
             ErrorCode::AlreadyExists | ErrorCode::Conflict => 409,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden | ErrorCode::QuotaExceeded => 403,
             ErrorCode::Internal => 500,
         }
     }

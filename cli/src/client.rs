@@ -1,7 +1,7 @@
 //! HTTP/1.1 to capsad over its Unix socket (hyper), one connection per
 //! request; errors come back as the API's JSON errors.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use std::io::Write;
@@ -14,20 +14,42 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
+pub use crate::endpoint::Endpoint;
+
 pub struct Client {
-    socket: PathBuf,
+    endpoint: Endpoint,
     runtime: tokio::runtime::Runtime,
 }
 
 impl Client {
+    /// A client of capsad's Unix socket.
     pub fn new(socket: &Path) -> Result<Self> {
+        Client::to(Endpoint::Unix(socket.to_path_buf()))
+    }
+
+    pub fn to(endpoint: Endpoint) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()?;
-        Ok(Client {
-            socket: socket.to_path_buf(),
-            runtime,
-        })
+        Ok(Client { endpoint, runtime })
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// A request to capsad with its host and, where there is one, its
+    /// bearer token.
+    fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
+        let builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "capsad");
+        match self.endpoint.authorization() {
+            Some(value) => builder.header("authorization", value),
+            None => builder,
+        }
     }
 
     async fn send(
@@ -37,19 +59,12 @@ impl Client {
         body: Option<String>,
         accept: &str,
     ) -> Result<Response<Incoming>> {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
-            anyhow!(
-                "cannot reach capsad at {}: {e}\nIs the daemon running? Start it with: capsad --kernel VMLINUX --initrd INITRAMFS (see README)",
-                self.socket.display()
-            )
-        })?;
+        let stream = self.endpoint.connect().await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "capsad")
+        let request = self
+            .request(method, path)
             .header("content-type", "application/json")
             .header("accept", accept)
             .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
@@ -269,16 +284,12 @@ impl Client {
         // this command otherwise.
         let _raw = (on_terminal && session.stdin).then(RawTerminal::enter);
         self.runtime.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&self.socket)
-                .await
-                .with_context(|| format!("cannot reach capsad at {}", self.socket.display()))?;
+            let stream = self.endpoint.connect().await?;
             let (mut sender, connection) =
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(connection.with_upgrades());
-            let mut http_request = Request::builder()
-                .method(Method::POST)
-                .uri(path)
-                .header("host", "capsad")
+            let mut http_request = self
+                .request(Method::POST, path)
                 .header("connection", "upgrade")
                 .header("upgrade", exec::UPGRADE_PROTOCOL);
             if let Some(header) = header {

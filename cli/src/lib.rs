@@ -2,3 +2,4 @@
 //! way to the daemon's API.
 
 pub mod client;
+pub mod endpoint;

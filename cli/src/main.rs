@@ -16,7 +16,7 @@ use capsa_api::{
 use clap::{Parser, Subcommand};
 use hyper::Method;
 
-use capsa_cli::client::{self, Client};
+use capsa_cli::client::{self, Client, Endpoint};
 
 mod env;
 mod networks;
@@ -38,6 +38,17 @@ struct Cli {
         global = true
     )]
     socket: PathBuf,
+    /// capsad elsewhere: https://HOST:PORT (its TLS listener, as a tenant
+    /// with --token) or unix:///PATH; the socket above unless given.
+    #[arg(long, env = "CAPSA_HOST", global = true)]
+    host: Option<String>,
+    /// The tenant's bearer token for the TLS listener.
+    #[arg(long, env = "CAPSA_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// The CA certificate (PEM) that signed capsad's TLS certificate; the
+    /// usual web roots unless given.
+    #[arg(long, env = "CAPSA_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
     /// JSON instead of tables, for scripts.
     #[arg(long, global = true)]
     json: bool,
@@ -227,6 +238,9 @@ enum Command {
         signal: String,
         target: String,
     },
+    /// This command's version, capsad's, and who capsad takes the caller
+    /// for (a tenant, or the host's admin).
+    Version,
     #[command(subcommand)]
     Image(ImageCommand),
     /// Named persistent volumes (ext4 disks kept until removed).
@@ -326,7 +340,11 @@ fn target(client: &Client, text: &str) -> Result<(String, String)> {
 }
 
 fn run(cli: Cli) -> Result<u8> {
-    let client = Client::new(&cli.socket)?;
+    let endpoint = match &cli.host {
+        Some(host) => Endpoint::parse(host, cli.tls_ca.as_deref(), cli.token.clone())?,
+        None => Endpoint::Unix(cli.socket.clone()),
+    };
+    let client = Client::to(endpoint.clone())?;
     match cli.command {
         Command::Run {
             detach,
@@ -407,10 +425,10 @@ fn run(cli: Cli) -> Result<u8> {
             // command's signals are passed on.
             let keys_to_terminal = interactive && tty;
             if !detach && !keys_to_terminal {
-                signals::proxy(cli.socket.clone(), name.clone(), "main".into());
+                signals::proxy(endpoint.clone(), name.clone(), "main".into());
             }
             if !detach && (interactive || tty) {
-                return run_interactive(&cli.socket, &client, &name, interactive, tty, rm);
+                return run_interactive(&client, &name, interactive, tty, rm);
             }
             let attached = if detach {
                 None
@@ -662,7 +680,7 @@ fn run(cli: Cli) -> Result<u8> {
                 tty: spec.tty,
             };
             if !(session.stdin && session.tty) {
-                signals::proxy(cli.socket.clone(), group.clone(), container.clone());
+                signals::proxy(endpoint.clone(), group.clone(), container.clone());
             }
             let path = format!("/v1/groups/{group}/containers/{container}/attach");
             match client.interactive(&path, None, session, || {})? {
@@ -699,6 +717,24 @@ fn run(cli: Cli) -> Result<u8> {
                 for port in ports {
                     println!("{port}");
                 }
+            }
+            Ok(0)
+        }
+        Command::Version => {
+            let server: capsa_api::VersionView = client.call(Method::GET, "/v1/version", None)?;
+            let client_version = env!("CARGO_PKG_VERSION");
+            if cli.json {
+                print_json(&serde_json::json!({"client": client_version, "server": server}))?;
+            } else {
+                println!("capsa   {client_version}");
+                println!("capsad  {} (API {})", server.version, server.api);
+                println!(
+                    "caller  {} at {}",
+                    server
+                        .tenant
+                        .map_or("the host's admin".to_string(), |t| format!("tenant {t}")),
+                    client.endpoint().describe()
+                );
             }
             Ok(0)
         }
@@ -1011,14 +1047,7 @@ fn follow_logs(
 /// `capsa run -i`/`-t`, attached: the session is set up before the
 /// group starts (nothing it prints is missed), and the start runs beside
 /// it; exits with the container's code.
-fn run_interactive(
-    socket: &std::path::Path,
-    client: &Client,
-    name: &str,
-    stdin: bool,
-    tty: bool,
-    rm: bool,
-) -> Result<u8> {
+fn run_interactive(client: &Client, name: &str, stdin: bool, tty: bool, rm: bool) -> Result<u8> {
     let waiting = client.begin(
         Method::POST,
         &format!("/v1/groups/{name}/containers/main/wait"),
@@ -1030,9 +1059,9 @@ fn run_interactive(
         None,
         client::Session { stdin, tty },
         || {
-            let (socket, name) = (socket.to_path_buf(), name.to_string());
+            let (endpoint, name) = (client.endpoint().clone(), name.to_string());
             starting = Some(std::thread::spawn(move || {
-                Client::new(&socket).and_then(|c| start_group(&c, &name, false))
+                Client::to(endpoint).and_then(|c| start_group(&c, &name, false))
             }));
         },
     );

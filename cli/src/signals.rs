@@ -3,17 +3,15 @@
 //! instead of ending the command; a third SIGINT ends it (the container
 //! goes on, and capsad still removes an `--rm` group when it exits).
 
-use std::path::PathBuf;
-
 use hyper::Method;
 use nix::sys::signal::{SigSet, Signal};
 
-use capsa_cli::client::Client;
+use capsa_cli::client::{Client, Endpoint};
 
 /// From now on SIGINT and SIGTERM are forwarded to `container` of
 /// `group`. Call it before any thread starts: the signals are blocked in
 /// this thread and in every thread it starts, and taken by one of ours.
-pub fn proxy(socket: PathBuf, group: String, container: String) {
+pub fn proxy(endpoint: Endpoint, group: String, container: String) {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
@@ -34,7 +32,7 @@ pub fn proxy(socket: PathBuf, group: String, container: String) {
                 "/v1/groups/{group}/containers/{container}/kill?signal={}",
                 signal as i32
             );
-            let sent = Client::new(&socket)
+            let sent = Client::to(endpoint.clone())
                 .and_then(|client| client.call::<serde_json::Value>(Method::POST, &path, None));
             if let Err(e) = sent {
                 eprintln!("capsa: passing {signal} on to {group}/{container}: {e:#}");

@@ -10,6 +10,7 @@ mod logs;
 mod metrics;
 mod probes;
 mod state;
+mod tenants;
 mod volumes;
 
 use std::os::unix::fs::PermissionsExt;
@@ -59,6 +60,22 @@ struct Args {
     /// Groups get no network interface (vsock only).
     #[arg(long)]
     no_network: bool,
+    /// Serve the API to tenants over TLS here, e.g. 0.0.0.0:7443 (with
+    /// --tls-cert, --tls-key and --tenants); each request carries a
+    /// tenant's bearer token, and a tenant reaches only what it made.
+    #[arg(long, value_name = "ADDRESS:PORT", requires_all = ["tls_cert", "tls_key", "tenants"])]
+    tls_listen: Option<std::net::SocketAddr>,
+    /// The TLS listener's certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS listener's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The tenants file (TOML): each `[[tenant]]` has a name, the SHA-256
+    /// of its bearer token (token-sha256, in hex) and a [tenant.quota]
+    /// (groups, vcpus, memory-mib, volume-mib).
+    #[arg(long, value_name = "FILE")]
+    tenants: Option<PathBuf>,
     /// Also serve /metrics (Prometheus) over TCP here, e.g. 127.0.0.1:9464;
     /// it is always on the API socket.
     #[arg(long, value_name = "ADDRESS:PORT")]
@@ -258,8 +275,28 @@ fn main() -> Result<()> {
                 args.net_ops_per_sec,
             )?,
         },
-    );
+    )
+    .context("opening capsad's state")?;
     daemon.restore();
+    if let Err(e) = daemon.forget_gone_owners() {
+        eprintln!("capsad: the owners table: {e}");
+    }
+    let tenants_listener = match &args.tls_listen {
+        None => None,
+        Some(address) => {
+            let (Some(cert), Some(key), Some(tenants)) =
+                (&args.tls_cert, &args.tls_key, &args.tenants)
+            else {
+                anyhow::bail!("--tls-listen needs --tls-cert, --tls-key and --tenants");
+            };
+            let tenants = tenants::Tenants::load(tenants)?;
+            if tenants.is_empty() {
+                eprintln!("capsad: the tenants file names no tenant: the TLS listener will refuse every request");
+            }
+            let acceptor = http::tls::acceptor(cert, key)?;
+            Some((*address, acceptor, std::sync::Arc::new(tenants)))
+        }
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -284,6 +321,14 @@ fn main() -> Result<()> {
                     eprintln!("capsad: the metrics listener stopped: {e}");
                 }
             });
+        }
+        if let Some((address, acceptor, tenants)) = tenants_listener {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for tenants on {address}"))?;
+            eprintln!("capsad: serving tenants over TLS on {address}");
+            let router = http::tenant_router(daemon.clone(), tenants);
+            tokio::spawn(http::tls::serve(listener, acceptor, router));
         }
         let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();

@@ -74,6 +74,10 @@ pub struct Daemon {
     next_exec: std::sync::atomic::AtomicU64,
     events: tokio::sync::broadcast::Sender<Event>,
     pub settings: Settings,
+    /// Which tenant made each group, volume and network.
+    pub owners: crate::tenants::owners::Owners,
+    /// Held across a tenant's quota check and its create.
+    pub(crate) tenancy: Mutex<()>,
 }
 
 /// capsad's settings for what it runs and fetches.
@@ -127,8 +131,9 @@ impl Daemon {
         network: Option<Networks>,
         volumes: VolumeStore,
         settings: Settings,
-    ) -> Arc<Self> {
-        Arc::new(Daemon {
+    ) -> std::io::Result<Arc<Self>> {
+        let owners = crate::tenants::owners::Owners::open(&root)?;
+        Ok(Arc::new(Daemon {
             root,
             images,
             layer_images,
@@ -143,7 +148,9 @@ impl Daemon {
             ),
             events: tokio::sync::broadcast::channel(1024).0,
             settings,
-        })
+            owners,
+            tenancy: Mutex::new(()),
+        }))
     }
 
     fn new_group(&self, paths: GroupPaths, record: GroupRecord) -> Arc<Group> {
@@ -265,16 +272,17 @@ impl Daemon {
         })
     }
 
-    pub fn create(&self, spec: GroupSpec) -> Result<GroupView, ApiError> {
+    /// Creates a group made by `owner` (a tenant; None for the admin).
+    pub fn create(&self, spec: GroupSpec, owner: Option<&str>) -> Result<GroupView, ApiError> {
         let began = Instant::now();
-        let view = self.create_group(spec)?;
+        let view = self.create_group(spec, owner)?;
         self.metrics
             .create_seconds
             .observe(began.elapsed().as_secs_f64());
         Ok(view)
     }
 
-    fn create_group(&self, spec: GroupSpec) -> Result<GroupView, ApiError> {
+    fn create_group(&self, spec: GroupSpec, owner: Option<&str>) -> Result<GroupView, ApiError> {
         spec.validate().map_err(|e| ApiError {
             code: ErrorCode::InvalidSpec,
             message: "invalid container group spec".into(),
@@ -333,7 +341,16 @@ impl Daemon {
         // written.
         self.connect(&group)?;
         let record = group.snapshot();
-        let saved = std::fs::create_dir_all(&group.paths.dir)
+        // The owner first: the name may have an entry left by an earlier
+        // group of another tenant, which must not see this one.
+        let saved = self
+            .owners
+            .set(
+                crate::tenants::owners::Kind::Group,
+                &record.spec.name,
+                owner,
+            )
+            .and_then(|()| std::fs::create_dir_all(&group.paths.dir))
             .map_err(anyhow::Error::from)
             .and_then(|()| state::save(&group.paths, &record));
         if let Err(e) = saved {

@@ -7,21 +7,28 @@ use axum::body::Body;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use capsa_api::{ApiError, ErrorCode, GroupSpec};
 use serde::Deserialize;
 
 use super::{blocking, long_operation, Reply};
 use crate::groups::{Daemon, DEFAULT_STOP_GRACE};
+use crate::tenants::owners::Kind;
+use crate::tenants::Caller;
 
 pub(super) async fn list_groups(
     State(daemon): State<Arc<Daemon>>,
+    Extension(caller): Extension<Caller>,
 ) -> Reply<Vec<capsa_api::GroupView>> {
-    Ok(Json(blocking(move || Ok(daemon.list())).await?))
+    Ok(Json(
+        blocking(move || Ok(daemon.visible(&caller, Kind::Group, daemon.list(), |g| &g.name)))
+            .await?,
+    ))
 }
 
 pub(super) async fn create_group(
     State(daemon): State<Arc<Daemon>>,
+    Extension(caller): Extension<Caller>,
     body: String,
 ) -> Reply<capsa_api::GroupView> {
     let spec: GroupSpec = serde_json::from_str(&body).map_err(|e| ApiError {
@@ -29,7 +36,9 @@ pub(super) async fn create_group(
         message: "invalid container group spec".into(),
         details: vec![e.to_string()],
     })?;
-    Ok(Json(blocking(move || daemon.create(spec)).await?))
+    Ok(Json(
+        blocking(move || daemon.create_as(&caller, spec)).await?,
+    ))
 }
 
 pub(super) async fn inspect_group(
@@ -81,15 +90,20 @@ pub(super) async fn group_stats(
 }
 
 /// JSON lines of events as they happen, until the client goes away.
-pub(super) async fn events(State(daemon): State<Arc<Daemon>>) -> Response {
+pub(super) async fn events(
+    State(daemon): State<Arc<Daemon>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     let receiver = daemon.subscribe();
-    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+    let state = (receiver, daemon, caller);
+    let stream = futures::stream::unfold(state, |(mut receiver, daemon, caller)| async move {
         loop {
             match receiver.recv().await {
+                Ok(event) if !daemon.sees(&caller, Kind::Group, &event.group) => continue,
                 Ok(event) => {
                     let mut line = serde_json::to_string(&event).unwrap_or_default();
                     line.push('\n');
-                    return Some((Ok::<_, std::io::Error>(line), receiver));
+                    return Some((Ok::<_, std::io::Error>(line), (receiver, daemon, caller)));
                 }
                 // A slow reader missed some; carry on with the rest.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,

@@ -2,6 +2,7 @@
 //! it), one file per resource. Handlers run the daemon's blocking calls on
 //! the blocking pool.
 
+mod access;
 mod attach;
 mod containers;
 mod groups;
@@ -9,6 +10,9 @@ mod images;
 #[cfg(test)]
 mod live_document;
 mod networks;
+#[cfg(test)]
+mod tenancy_tests;
+pub mod tls;
 mod volumes;
 
 use std::sync::Arc;
@@ -19,11 +23,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use capsa_api::{ApiError, ErrorCode, ProgressEvent, PROGRESS_MEDIA_TYPE};
+use capsa_api::{ApiError, ErrorCode, ProgressEvent, VersionView, PROGRESS_MEDIA_TYPE};
 use serde::Serialize;
 
 use crate::errors::error;
 use crate::groups::Daemon;
+use crate::tenants::{Caller, Tenants};
 
 pub struct Failure(pub ApiError);
 
@@ -53,7 +58,21 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(Failure)
 }
 
+/// The API as the host's admin has it (the Unix socket).
 pub fn router(daemon: Arc<Daemon>) -> Router {
+    routes(daemon).layer(axum::Extension(Caller::Admin))
+}
+
+/// The API as tenants have it (the TLS listener): each request carries a
+/// tenant's bearer token.
+pub fn tenant_router(daemon: Arc<Daemon>, tenants: Arc<Tenants>) -> Router {
+    routes(daemon).layer(axum::middleware::from_fn_with_state(
+        tenants,
+        access::authenticate,
+    ))
+}
+
+fn routes(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/version", get(version))
         .route(
@@ -122,11 +141,19 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
                 "no such route (see docs/api.json)",
             ))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            access::gate,
+        ))
         .with_state(daemon)
 }
 
-async fn version() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "api": "v1"}))
+async fn version(axum::Extension(caller): axum::Extension<Caller>) -> Json<VersionView> {
+    Json(VersionView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        api: capsa_api::API_PREFIX.trim_start_matches('/').to_string(),
+        tenant: caller.tenant().map(str::to_string),
+    })
 }
 
 /// Runs a long operation off the async threads. A client that accepts
@@ -217,6 +244,7 @@ pub(super) mod tests {
             capsa_volumes::VolumeStore::open(&dir.join("volumes")).unwrap(),
             Default::default(),
         )
+        .unwrap()
     }
 
     async fn call(router: &Router, method: &str, path: &str) -> (StatusCode, String) {

@@ -3,12 +3,14 @@
 use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, State};
-use axum::Json;
+use axum::{Extension, Json};
 use capsa_api::{ApiError, ErrorCode, VolumeRequest, VolumeView};
 
 use super::{blocking, Reply};
 use crate::errors::{error, volume_error};
 use crate::groups::Daemon;
+use crate::tenants::owners::Kind;
+use crate::tenants::Caller;
 
 pub(super) fn volume_view(daemon: &Daemon, volume: capsa_volumes::Volume) -> VolumeView {
     VolumeView {
@@ -19,10 +21,14 @@ pub(super) fn volume_view(daemon: &Daemon, volume: capsa_volumes::Volume) -> Vol
     }
 }
 
-pub(super) async fn list_volumes(State(daemon): State<Arc<Daemon>>) -> Reply<Vec<VolumeView>> {
+pub(super) async fn list_volumes(
+    State(daemon): State<Arc<Daemon>>,
+    Extension(caller): Extension<Caller>,
+) -> Reply<Vec<VolumeView>> {
     blocking(move || {
         let volumes = daemon.volumes.list().map_err(volume_error)?;
-        Ok(volumes
+        Ok(daemon
+            .visible(&caller, Kind::Volume, volumes, |v| &v.name)
             .into_iter()
             .map(|v| volume_view(&daemon, v))
             .collect())
@@ -33,13 +39,11 @@ pub(super) async fn list_volumes(State(daemon): State<Arc<Daemon>>) -> Reply<Vec
 
 pub(super) async fn create_volume(
     State(daemon): State<Arc<Daemon>>,
+    Extension(caller): Extension<Caller>,
     Json(request): Json<VolumeRequest>,
 ) -> Reply<VolumeView> {
     blocking(move || {
-        let volume = daemon
-            .volumes
-            .create(&request.name, request.size_mib)
-            .map_err(volume_error)?;
+        let volume = daemon.create_volume_as(&caller, &request.name, request.size_mib)?;
         Ok(volume_view(&daemon, volume))
     })
     .await
@@ -64,15 +68,13 @@ pub(super) fn not_attached(daemon: &Daemon, name: &str) -> Result<(), ApiError> 
 
 pub(super) async fn grow_volume(
     State(daemon): State<Arc<Daemon>>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     Json(request): Json<capsa_api::VolumeGrowRequest>,
 ) -> Reply<VolumeView> {
     blocking(move || {
         not_attached(&daemon, &name)?;
-        let volume = daemon
-            .volumes
-            .grow(&name, request.size_mib)
-            .map_err(volume_error)?;
+        let volume = daemon.grow_volume_as(&caller, &name, request.size_mib)?;
         Ok(volume_view(&daemon, volume))
     })
     .await
