@@ -3,7 +3,8 @@
 //! misbehave, and the host's limits on each VM), the `images` suite (a real-size image from
 //! cached layer disks), the `logs` suite (a daemon killed again
 //! and again loses and doubles no line), the `networks` suite (tenant
-//! networks: isolation, anti-spoofing, a closed host, egress) and the `cycles` suite (50 groups
+//! networks: isolation, anti-spoofing, a closed host, egress; tenants over
+//! the TLS listener) and the `cycles` suite (50 groups
 //! in a row leave nothing behind).
 
 mod cycles;
@@ -19,6 +20,7 @@ mod main_checks;
 mod metrics;
 mod netns;
 mod networks;
+mod tenants;
 mod verbs;
 
 use crate::suite::Suite;

@@ -207,6 +207,7 @@ fn run_detached(d: &Capsad, args: &[&str]) -> Result<()> {
 }
 
 pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
+    super::tenants::configure(d)?;
     d.start()?;
     let import = d.import_busybox()?;
     ensure!(import.code == Some(0), "import: {}", import.describe());
@@ -452,6 +453,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             a1_page(d)
         },
     );
+    super::tenants::run(s, d)?;
     s.check(
         "no filter element, tap, bridge or address is left after the groups, the networks and 50 network cycles",
         || {
