@@ -12,6 +12,7 @@ use capsa_runtime::{ExitStatus, StdioRequest};
 use ttrpc::TtrpcContext;
 
 use crate::containers::Containers;
+use crate::copy::Copies;
 use crate::errors::ApiError;
 use crate::images::Images;
 use crate::sandbox::Sandbox;
@@ -27,6 +28,7 @@ pub struct AgentService {
     pub containers: Arc<Containers>,
     pub sandbox: Arc<Sandbox>,
     pub shared: SharedDirs,
+    pub copies: Copies,
 }
 
 type Reply<T> = ttrpc::Result<T>;
@@ -283,6 +285,34 @@ impl agent_ttrpc::Agent for AgentService {
             containers,
             ..Default::default()
         })
+    }
+
+    fn copy_in(&self, _ctx: &TtrpcContext, request: CopyInRequest) -> Reply<Empty> {
+        self.copies.copy_in(&self.containers, &request)?;
+        Ok(Empty::default())
+    }
+
+    fn copy_out(&self, _ctx: &TtrpcContext, request: CopyOutRequest) -> Reply<CopyOutResponse> {
+        let (copy_id, size) =
+            self.copies
+                .copy_out(&self.containers, &request.container_id, &request.path)?;
+        Ok(CopyOutResponse {
+            copy_id,
+            size,
+            ..Default::default()
+        })
+    }
+
+    fn read_copy(&self, _ctx: &TtrpcContext, request: ReadCopyRequest) -> Reply<ReadCopyResponse> {
+        Ok(ReadCopyResponse {
+            data: self.copies.read(request.copy_id, request.offset)?,
+            ..Default::default()
+        })
+    }
+
+    fn end_copy(&self, _ctx: &TtrpcContext, request: ReadCopyRequest) -> Reply<Empty> {
+        self.copies.end(request.copy_id);
+        Ok(Empty::default())
     }
 
     fn delete_container(&self, _ctx: &TtrpcContext, request: ContainerRequest) -> Reply<Empty> {

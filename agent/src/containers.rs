@@ -272,6 +272,23 @@ impl Containers {
         container.process_table().map_err(ApiError::from_runtime)
     }
 
+    /// The PID of container `id`'s own process, which must be running.
+    pub fn init_pid(&self, id: &str) -> Result<i32, ApiError> {
+        let entry = self.entry(id)?;
+        let created = entry
+            .container
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|c| c.is_created());
+        if created || entry.init.has_exited() || entry.init.pid <= 0 {
+            return Err(ApiError::precondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        Ok(entry.init.pid)
+    }
+
     /// New limits for container `id`'s cgroup, from OCI LinuxResources JSON.
     pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ApiError> {
         let resources: oci_spec::runtime::LinuxResources =

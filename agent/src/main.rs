@@ -10,6 +10,7 @@
 
 mod api;
 mod containers;
+mod copy;
 mod disks;
 mod errors;
 mod images;
@@ -36,8 +37,10 @@ const LAYERS_DIR: &str = "/run/capsa/layers";
 const CGROUP_PARENT: &str = "/sys/fs/cgroup/containers";
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some(CONTAINER_INIT) {
-        capsa_runtime::init::main();
+    match std::env::args().nth(1).as_deref() {
+        Some(CONTAINER_INIT) => capsa_runtime::init::main(),
+        Some(mode @ (copy::COPY_IN | copy::COPY_OUT)) => copy::helper_main(mode),
+        _ => {}
     }
     kmsg::install_panic_hook();
     if let Err(e) = run() {
@@ -88,6 +91,7 @@ fn run() -> Result<()> {
         containers,
         sandbox: Arc::new(sandbox::Sandbox::default()),
         shared: shared::SharedDirs::default(),
+        copies: copy::Copies::default(),
     })?;
     loop {
         std::thread::park();

@@ -59,16 +59,52 @@ impl Client {
         body: Option<String>,
         accept: &str,
     ) -> Result<Response<Incoming>> {
+        let body = Bytes::from(body.unwrap_or_default());
+        self.send_raw(method, path, body, "application/json", accept)
+            .await
+    }
+
+    async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        content_type: &str,
+        accept: &str,
+    ) -> Result<Response<Incoming>> {
         let stream = self.endpoint.connect().await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         let request = self
             .request(method, path)
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .header("accept", accept)
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+            .body(Full::new(body))?;
         Ok(sender.send_request(request).await?)
+    }
+
+    /// A call whose body is raw bytes of `content_type` (an archive); the
+    /// answer is JSON.
+    pub fn call_bytes<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<T> {
+        self.runtime.block_on(async {
+            let response = self
+                .send_raw(
+                    method,
+                    path,
+                    Bytes::from(body),
+                    content_type,
+                    "application/json",
+                )
+                .await?;
+            answer(path, response).await
+        })
     }
 
     /// A JSON call; an error status becomes the API's error.
@@ -80,18 +116,7 @@ impl Client {
     ) -> Result<T> {
         self.runtime.block_on(async {
             let response = self.send(method, path, body, "application/json").await?;
-            let status = response.status();
-            let bytes = response.into_body().collect().await?.to_bytes();
-            if !status.is_success() {
-                return Err(match serde_json::from_slice::<ApiError>(&bytes) {
-                    Ok(error) => anyhow::Error::new(error),
-                    Err(_) => anyhow!(
-                        "capsad answered {status}: {}",
-                        String::from_utf8_lossy(&bytes)
-                    ),
-                });
-            }
-            serde_json::from_slice(&bytes).with_context(|| format!("reading the answer to {path}"))
+            answer(path, response).await
         })
     }
 
@@ -175,6 +200,22 @@ impl Client {
         })?;
         outcome.with_context(|| format!("capsad ended {path} without a result"))?
     }
+}
+
+/// A JSON answer; an error status becomes the API's error.
+async fn answer<T: DeserializeOwned>(path: &str, response: Response<Incoming>) -> Result<T> {
+    let status = response.status();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+            Ok(error) => anyhow::Error::new(error),
+            Err(_) => anyhow!(
+                "capsad answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ),
+        });
+    }
+    serde_json::from_slice(&bytes).with_context(|| format!("reading the answer to {path}"))
 }
 
 /// A request whose answer's head has come; its body is still to read.

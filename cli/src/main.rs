@@ -18,6 +18,7 @@ use hyper::Method;
 
 use capsa_cli::client::{self, Client, Endpoint};
 
+mod copy;
 mod env;
 mod networks;
 mod signals;
@@ -237,6 +238,13 @@ enum Command {
         #[arg(short = 's', long, default_value = "KILL")]
         signal: String,
         target: String,
+    },
+    /// Copy a file or directory between this host and a running
+    /// container: `cp SRC GROUP[/CONTAINER]:DEST` or `cp GROUP[/CONTAINER]:SRC
+    /// DEST`; `-` is a tar on stdin or stdout.
+    Cp {
+        source: String,
+        destination: String,
     },
     /// This command's version, capsad's, and who capsad takes the caller
     /// for (a tenant, or the host's admin).
@@ -720,6 +728,10 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
+        Command::Cp {
+            source,
+            destination,
+        } => copy::run(&client, &source, &destination, target),
         Command::Version => {
             let server: capsa_api::VersionView = client.call(Method::GET, "/v1/version", None)?;
             let client_version = env!("CARGO_PKG_VERSION");

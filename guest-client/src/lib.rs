@@ -13,7 +13,10 @@ use std::time::Duration;
 use capsa_protocol::agent::*;
 use capsa_protocol::agent_ttrpc::AgentClient;
 use capsa_protocol::stdio::{attach, AttachError, Resume, StreamHeader, StreamKind};
-use capsa_protocol::{check_version, vmm_socket, AgentConnectError, LAYER_CHUNK_BYTES};
+use capsa_protocol::{
+    check_version, vmm_socket, AgentConnectError, COPY_CHUNK_BYTES, LAYER_CHUNK_BYTES,
+    MAX_COPY_BYTES,
+};
 use oci_spec::runtime::{Process, Spec};
 
 pub use image::{ImageError, ImageLayer, OciImage};
@@ -21,6 +24,8 @@ pub use image::{ImageError, ImageLayer, OciImage};
 /// Calls that return at once get this long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const STATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Packing or unpacking a copy (up to MAX_COPY_BYTES) in the guest.
+const COPY_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -42,6 +47,8 @@ pub enum GuestError {
     },
     #[error("encoding the spec: {0}")]
     Spec(#[from] serde_json::Error),
+    #[error("copy: {message}")]
+    Copy { message: String },
 }
 
 impl GuestError {
@@ -546,6 +553,116 @@ impl Guest {
                 .map_err(call("SyncDirectory"))?;
         }
         Ok(())
+    }
+
+    /// Sends `archive` (capsa-copy's) for container `id` to unpack at
+    /// `path`; `copy_id` tells this copy's chunks from another's. The host
+    /// reads at most MAX_COPY_BYTES of it.
+    pub fn copy_in(
+        &self,
+        id: &str,
+        copy_id: u64,
+        path: &str,
+        mut archive: impl Read,
+    ) -> Result<u64, GuestError> {
+        let mut offset = 0u64;
+        let mut chunk = vec![0u8; COPY_CHUNK_BYTES];
+        loop {
+            let filled = read_full(&mut archive, &mut chunk).map_err(|e| GuestError::Copy {
+                message: format!("reading the archive: {e}"),
+            })?;
+            let last = filled < chunk.len();
+            if offset + filled as u64 > MAX_COPY_BYTES {
+                return Err(GuestError::Copy {
+                    message: format!("the archive is over {MAX_COPY_BYTES} bytes"),
+                });
+            }
+            let request = CopyInRequest {
+                container_id: id.to_string(),
+                copy_id,
+                path: path.to_string(),
+                offset,
+                data: chunk[..filled].to_vec(),
+                last,
+                ..Default::default()
+            };
+            // The last chunk waits for the unpacking.
+            let patience = if last { COPY_TIMEOUT } else { CALL_TIMEOUT };
+            self.agent
+                .copy_in(timeout(patience), &request)
+                .map_err(call("CopyIn"))?;
+            offset += filled as u64;
+            if last {
+                return Ok(offset);
+            }
+        }
+    }
+
+    /// Packs `path` of container `id` and hands the archive to `sink` chunk
+    /// by chunk. The guest's answers are held to what it announced: a size
+    /// within `limit`, chunks of at most COPY_CHUNK_BYTES that add up to it.
+    pub fn copy_out(
+        &self,
+        id: &str,
+        path: &str,
+        limit: u64,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64, GuestError> {
+        let request = CopyOutRequest {
+            container_id: id.to_string(),
+            path: path.to_string(),
+            ..Default::default()
+        };
+        let started = self
+            .agent
+            .copy_out(timeout(COPY_TIMEOUT), &request)
+            .map_err(call("CopyOut"))?;
+        let copy_id = started.copy_id;
+        let result = (|| {
+            if started.size > limit.min(MAX_COPY_BYTES) {
+                return Err(GuestError::Copy {
+                    message: format!(
+                        "{path} packs to {} bytes, above the limit of {}",
+                        started.size,
+                        limit.min(MAX_COPY_BYTES)
+                    ),
+                });
+            }
+            let mut offset = 0u64;
+            while offset < started.size {
+                let request = ReadCopyRequest {
+                    copy_id,
+                    offset,
+                    ..Default::default()
+                };
+                let data = self
+                    .agent
+                    .read_copy(timeout(CALL_TIMEOUT), &request)
+                    .map_err(call("ReadCopy"))?
+                    .data;
+                let end = offset + data.len() as u64;
+                if data.is_empty() || data.len() > COPY_CHUNK_BYTES || end > started.size {
+                    return Err(GuestError::Copy {
+                        message: format!(
+                            "the agent sent {} bytes at offset {offset} of an archive of {}",
+                            data.len(),
+                            started.size
+                        ),
+                    });
+                }
+                sink(&data).map_err(|e| GuestError::Copy {
+                    message: format!("passing the archive on: {e}"),
+                })?;
+                offset = end;
+            }
+            Ok(offset)
+        })();
+        let release = ReadCopyRequest {
+            copy_id,
+            ..Default::default()
+        };
+        let _ = self.agent.end_copy(timeout(CALL_TIMEOUT), &release);
+        result
     }
 
     /// Sets the sandbox up once, before its first container: hostname,

@@ -52,6 +52,10 @@ pub const STOP_SIGNAL_ANNOTATION: &str = "io.capsa.stop-signal";
 /// Layer blobs travel in WriteLayer chunks of at most this size, well under
 /// ttrpc's 4 MiB message limit.
 pub const LAYER_CHUNK_BYTES: usize = 1 << 20;
+/// The most one CopyIn chunk or ReadCopy answer carries.
+pub const COPY_CHUNK_BYTES: usize = 1 << 20;
+/// The largest archive one copy moves, either way.
+pub const MAX_COPY_BYTES: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VersionError {

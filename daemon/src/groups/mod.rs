@@ -15,6 +15,7 @@
 
 pub mod admission;
 mod adopt;
+mod copy;
 mod exec;
 mod group;
 pub mod layers;

@@ -299,3 +299,105 @@ where
     let _ = writer.await;
     input.abort();
 }
+
+#[derive(Deserialize)]
+pub(super) struct ArchiveQuery {
+    /// The path in the container.
+    path: String,
+}
+
+/// A blocking reader of a request body's chunks, for the blocking pool.
+struct BodyReader {
+    chunks: tokio::sync::mpsc::Receiver<Result<axum::body::Bytes, std::io::Error>>,
+    current: axum::body::Bytes,
+}
+
+impl std::io::Read for BodyReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current = self.current.slice(n..);
+        Ok(n)
+    }
+}
+
+/// `capsa cp` into a container: the body is capsa-copy's archive, unpacked
+/// at `path` in the running container.
+pub(super) async fn put_archive(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath((name, container)): UrlPath<(String, String)>,
+    Query(query): Query<ArchiveQuery>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, Failure> {
+    use futures::StreamExt;
+    let (sender, chunks) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(std::io::Error::other);
+            if sender.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let reader = BodyReader {
+        chunks,
+        current: Default::default(),
+    };
+    let path = query.path.clone();
+    let bytes = blocking(move || daemon.copy_in(&name, &container, &query.path, reader)).await?;
+    Ok(Json(serde_json::json!({ "path": path, "bytes": bytes })))
+}
+
+/// `capsa cp` out of a container: `path`, packed by the guest as
+/// capsa-copy's archive, streamed as it comes (at most MAX_COPY_BYTES).
+pub(super) async fn get_archive(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath((name, container)): UrlPath<(String, String)>,
+    Query(query): Query<ArchiveQuery>,
+) -> Result<Response, Failure> {
+    let (sender, mut chunks) =
+        tokio::sync::mpsc::channel::<Result<axum::body::Bytes, capsa_api::ApiError>>(4);
+    tokio::task::spawn_blocking(move || {
+        let sink = sender.clone();
+        let copied = daemon.copy_out(
+            &name,
+            &container,
+            &query.path,
+            capsa_protocol::MAX_COPY_BYTES,
+            move |data| {
+                sink.blocking_send(Ok(axum::body::Bytes::copy_from_slice(data)))
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            },
+        );
+        if let Err(e) = copied {
+            let _ = sender.blocking_send(Err(e));
+        }
+    });
+    // The first answer decides the status: an error before any byte is
+    // the API's error; after, the body just ends short.
+    let first = match chunks.recv().await {
+        Some(Ok(chunk)) => chunk,
+        Some(Err(e)) => return Err(Failure(e)),
+        None => return Err(Failure(internal("the copy ended without an archive"))),
+    };
+    let rest = futures::stream::unfold(chunks, |mut chunks| async move {
+        let next = chunks.recv().await?;
+        Some((next.map_err(|e| std::io::Error::other(e.message)), chunks))
+    });
+    let stream = futures::StreamExt::chain(
+        futures::stream::once(async move { Ok::<_, std::io::Error>(first) }),
+        rest,
+    );
+    Ok((
+        [("content-type", "application/x-tar")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

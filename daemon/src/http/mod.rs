@@ -120,6 +120,10 @@ fn routes(daemon: Arc<Daemon>) -> Router {
             post(attach::attach),
         )
         .route(
+            "/v1/groups/{name}/containers/{container}/archive",
+            get(containers::get_archive).put(containers::put_archive),
+        )
+        .route(
             "/v1/groups/{name}/containers/{container}/top",
             get(containers::top_container),
         )

@@ -7,6 +7,7 @@
 //! the TLS listener) and the `cycles` suite (50 groups
 //! in a row leave nothing behind).
 
+mod copies;
 mod cycles;
 mod fake_agents;
 mod harness;

@@ -177,6 +177,22 @@ pub fn run(s: &mut Suite, d: &Capsad) -> Result<()> {
             Ok(format!("{} processes", processes.len()))
         },
     );
+    s.check("capsa version names both sides and the caller", || {
+        let out = d.capsa(&["--json", "version"])?;
+        ensure!(out.code == Some(0), "{}", out.describe());
+        let answer: serde_json::Value = serde_json::from_str(&out.stdout)?;
+        let server: capsa_api::VersionView = serde_json::from_value(answer["server"].clone())?;
+        ensure!(
+            answer["client"] == env!("CARGO_PKG_VERSION")
+                && server.version == env!("CARGO_PKG_VERSION")
+                && server.api == "v1"
+                && server.tenant.is_none(),
+            "{answer}"
+        );
+        let flag = d.capsa(&["--version"])?;
+        flag.exited_with(0, &[&format!("capsa {}", env!("CARGO_PKG_VERSION"))])
+    });
+    super::copies::run(s, d);
     interactive(s, d);
     terminal(s, d);
     Ok(())
