@@ -240,6 +240,27 @@ pub struct PullRequest {
     pub insecure: bool,
 }
 
+/// `POST /v1/registries/login`: whether a registry takes these
+/// credentials (capsad keeps none: each pull carries its own).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoginRequest {
+    /// host[:port], or `docker.io`.
+    pub registry: String,
+    pub username: String,
+    pub password: String,
+    /// Plain HTTP (always for localhost and 127.0.0.1).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LoginView {
+    pub registry: String,
+    pub username: String,
+}
+
 /// The media type that asks a long operation (image import and pull,
 /// group start) for its progress as it goes.
 pub const PROGRESS_MEDIA_TYPE: &str = "application/x-ndjson";

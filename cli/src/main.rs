@@ -19,6 +19,7 @@ use hyper::Method;
 use capsa_cli::client::{self, Client, Endpoint};
 
 mod copy;
+mod credentials;
 mod env;
 mod networks;
 mod signals;
@@ -245,6 +246,28 @@ enum Command {
     Cp {
         source: String,
         destination: String,
+    },
+    /// Check credentials with a registry (through capsad) and keep them as
+    /// docker does (config.json, or its credential helper); pulls from
+    /// that registry then use them.
+    Login {
+        /// host[:port]; Docker Hub unless given.
+        server: Option<String>,
+        #[arg(short = 'u', long)]
+        username: String,
+        /// The password (visible to other users of this host: prefer
+        /// --password-stdin).
+        #[arg(short = 'p', long, conflicts_with = "password_stdin")]
+        password: Option<String>,
+        #[arg(long)]
+        password_stdin: bool,
+        /// Plain HTTP (always for localhost and 127.0.0.1).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Forget a registry's credentials.
+    Logout {
+        server: Option<String>,
     },
     /// This command's version, capsad's, and who capsad takes the caller
     /// for (a tenant, or the host's admin).
@@ -732,6 +755,52 @@ fn run(cli: Cli) -> Result<u8> {
             source,
             destination,
         } => copy::run(&client, &source, &destination, target),
+        Command::Login {
+            server,
+            username,
+            password,
+            password_stdin,
+            insecure,
+        } => {
+            let registry = server.unwrap_or_else(|| "docker.io".to_string());
+            let password = match password {
+                Some(password) => password,
+                None if password_stdin || !client::stdin_is_terminal() => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+                None => client::read_secret("Password: ")?,
+            };
+            let request = capsa_api::LoginRequest {
+                registry: registry.clone(),
+                username: username.clone(),
+                password: password.clone(),
+                insecure,
+            };
+            let _: capsa_api::LoginView = client.call(
+                Method::POST,
+                "/v1/registries/login",
+                Some(serde_json::to_string(&request)?),
+            )?;
+            let path = credentials::Credentials::default_path()?;
+            credentials::Credentials::open(&path)?.store(&registry, &username, &password)?;
+            println!("Login Succeeded");
+            Ok(0)
+        }
+        Command::Logout { server } => {
+            let registry = server.unwrap_or_else(|| "docker.io".to_string());
+            let path = credentials::Credentials::default_path()?;
+            if credentials::Credentials::open(&path)?.erase(&registry)? {
+                println!(
+                    "Removing login credentials for {}",
+                    credentials::server_key(&registry)
+                );
+            } else {
+                println!("Not logged in to {}", credentials::server_key(&registry));
+            }
+            Ok(0)
+        }
         Command::Version => {
             let server: capsa_api::VersionView = client.call(Method::GET, "/v1/version", None)?;
             let client_version = env!("CARGO_PKG_VERSION");
@@ -780,12 +849,17 @@ fn run(cli: Cli) -> Result<u8> {
             password_stdin,
             insecure,
         }) => {
-            let password = if password_stdin {
+            let (username, password) = if password_stdin {
                 let mut line = String::new();
                 std::io::stdin().read_line(&mut line)?;
-                Some(line.trim_end().to_string())
+                (username, Some(line.trim_end().to_string()))
+            } else if username.is_none() {
+                match credentials::for_reference(&reference) {
+                    Some((user, password)) => (Some(user), Some(password)),
+                    None => (None, None),
+                }
             } else {
-                None
+                (username, None)
             };
             let request = PullRequest {
                 reference,
@@ -907,11 +981,12 @@ fn create_pulling(
     policy: PullPolicy,
 ) -> Result<()> {
     let pull = || {
+        let credentials = credentials::for_reference(image);
         let request = PullRequest {
             reference: image.to_string(),
             name: None,
-            username: None,
-            password: None,
+            username: credentials.as_ref().map(|c| c.0.clone()),
+            password: credentials.map(|c| c.1),
             insecure: false,
         };
         client

@@ -222,6 +222,55 @@ impl ImageStore {
         ))
     }
 
+    /// Whether `registry` (host[:port], `docker.io` for Docker Hub) takes
+    /// `options`' credentials: docker login's check, `GET /v2/` answered
+    /// once they are given (as basic auth, or for a bearer token).
+    pub fn check_login(registry: &str, options: &PullOptions) -> Result<(), StoreError> {
+        if options.credentials.is_none() {
+            return Err(failed(registry, "give a user name and a password"));
+        }
+        let name = ImageName::parse(&format!("{registry}/library/login-check"))?;
+        if name.registry() != registry {
+            return Err(failed(
+                registry,
+                "not a registry host (host, host:port or docker.io)",
+            ));
+        }
+        let scheme = if options.insecure || name.is_loopback() {
+            "http"
+        } else {
+            "https"
+        };
+        let mut session = Session {
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(std::time::Duration::from_secs(30))
+                .timeout(std::time::Duration::from_secs(60))
+                .build(),
+            base: format!("{scheme}://{}", name.registry_host()),
+            name: &name,
+            options,
+            // Credentials from the start: a registry open to anyone must
+            // still be told them, as docker's check does.
+            token: None,
+        };
+        let challenge = session.agent.get(&format!("{}/v2/", session.base)).call();
+        match challenge {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(401, response)) => {
+                let challenge = response
+                    .header("www-authenticate")
+                    .unwrap_or("")
+                    .to_string();
+                session.token = Some(session.authenticate(&challenge)?);
+                session.get("/v2/", None).map(|_| ()).map_err(|e| match e {
+                    StoreError::NotFound(_) => failed(registry, "has no /v2/ API"),
+                    other => other,
+                })
+            }
+            Err(e) => Err(failed(format!("registry {}", session.base), e)),
+        }
+    }
+
     /// Pulls `reference` from its registry and tags it `name` (the
     /// reference itself by default).
     pub fn pull(

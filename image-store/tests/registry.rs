@@ -107,6 +107,10 @@ fn check_auth(registry: &Registry, creds: &str, expect_without: &str) {
     push_as(&layout, "latest", &reference, Some(creds));
     let store = ImageStore::open(&dir.path().join("store")).unwrap();
     let (user, password) = creds.split_once(':').unwrap();
+    // docker login's check, before any pull.
+    let registry_name = registry.address.as_str();
+    assert!(ImageStore::check_login(registry_name, &with_credentials(user, "wrong")).is_err());
+    ImageStore::check_login(registry_name, &with_credentials(user, password)).unwrap();
 
     let anonymous = store
         .pull(&reference, None, &PullOptions::default(), &mut |_| {})

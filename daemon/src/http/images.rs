@@ -179,6 +179,33 @@ pub(super) async fn remove_image(
     .map(Json)
 }
 
+/// Checks a registry's credentials, as `docker login` does; keeps none.
+pub(super) async fn login(
+    Json(request): Json<capsa_api::LoginRequest>,
+) -> Reply<capsa_api::LoginView> {
+    blocking(move || {
+        let options = capsa_image_store::registry::PullOptions {
+            credentials: Some((request.username.clone(), request.password.clone())),
+            insecure: request.insecure,
+            mirrors: Vec::new(),
+        };
+        capsa_image_store::ImageStore::check_login(&request.registry, &options)
+            .map_err(login_refused)?;
+        Ok(capsa_api::LoginView {
+            registry: request.registry,
+            username: request.username,
+        })
+    })
+    .await
+    .map(Json)
+}
+
+/// A registry that refuses the credentials is the caller's problem (401
+/// would say capsad refused them): a 400 that says so.
+fn login_refused(e: capsa_image_store::StoreError) -> capsa_api::ApiError {
+    error(ErrorCode::InvalidRequest, format!("login: {e}"))
+}
+
 #[cfg(test)]
 pub(in crate::http) mod tests {
     use std::path::Path;

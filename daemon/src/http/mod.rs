@@ -81,6 +81,7 @@ fn routes(daemon: Arc<Daemon>) -> Router {
         )
         .route("/v1/images/import", post(images::import_image))
         .route("/v1/images/pull", post(images::pull_image))
+        .route("/v1/registries/login", post(images::login))
         .route(
             "/v1/groups",
             get(groups::list_groups).post(groups::create_group),

@@ -224,8 +224,19 @@ impl<'a> Capsad<'a> {
     /// Runs the real `capsa` with `args` (and `stdin`), as a user would;
     /// one that hangs fails after [`COMMAND_TIMEOUT`].
     pub fn capsa_with(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
+        self.capsa_in(args, stdin, &[])
+    }
+
+    /// As `capsa_with`, with more environment variables.
+    pub fn capsa_in(
+        &self,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Output> {
         let mut command = Command::new(self.artifacts.path("capsa"));
         command.args(args).env("CAPSA_SOCKET", &self.socket);
+        command.envs(env.iter().copied());
         let run = vm::Background::spawn_with(command, stdin)?.finish_or_fail(COMMAND_TIMEOUT)?;
         Ok(Output::from(run))
     }

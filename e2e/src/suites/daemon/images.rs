@@ -281,5 +281,6 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 .unwrap_or_default())
         },
     );
+    super::login::run(s, d)?;
     Ok(())
 }

@@ -15,6 +15,7 @@ mod hostile;
 mod images;
 mod jail;
 mod limits;
+mod login;
 mod logs;
 pub use harness::{Capsad, Output, COMMAND_TIMEOUT};
 mod main_checks;
