@@ -372,13 +372,16 @@ impl Client {
             attached();
             let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
             let (frames, mut outgoing) = tokio::sync::mpsc::channel::<Frame>(16);
-            tokio::spawn(async move {
+            // Ended with the session, so that the connection closes then
+            // rather than when this command exits.
+            let mut tasks = Vec::new();
+            tasks.push(tokio::spawn(async move {
                 while let Some(frame) = outgoing.recv().await {
                     if writer.write_all(&frame.encode()).await.is_err() {
                         break;
                     }
                 }
-            });
+            }));
             let detach = std::sync::Arc::new(tokio::sync::Notify::new());
             if session.stdin {
                 let frames = frames.clone();
@@ -402,7 +405,7 @@ impl Client {
                         }
                     }
                 });
-                tokio::spawn(async move {
+                tasks.push(tokio::spawn(async move {
                     let mut last = 0u8;
                     while let Some(chunk) = typed.recv().await {
                         let mut data = chunk.as_slice();
@@ -426,7 +429,7 @@ impl Client {
                         }
                     }
                     let _ = frames.send(Frame::StdinEnd).await;
-                });
+                }));
             }
             if on_terminal {
                 if let Some((rows, columns)) = terminal_size() {
@@ -436,44 +439,52 @@ impl Client {
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
                 {
                     let frames = frames.clone();
-                    tokio::spawn(async move {
+                    tasks.push(tokio::spawn(async move {
                         while resized.recv().await.is_some() {
                             if let Some((rows, columns)) = terminal_size() {
                                 let _ = frames.send(Frame::Resize { rows, columns }).await;
                             }
                         }
-                    });
+                    }));
                 }
             }
             let mut buffer = Vec::new();
             let mut chunk = vec![0u8; 32 * 1024];
-            loop {
-                while let Some(frame) = Frame::decode(&mut buffer)? {
-                    match frame {
-                        Frame::Stdout(data) => {
-                            let mut out = std::io::stdout().lock();
-                            out.write_all(&data)?;
-                            out.flush()?;
+            let ended = async {
+                loop {
+                    while let Some(frame) = Frame::decode(&mut buffer)? {
+                        match frame {
+                            Frame::Stdout(data) => {
+                                let mut out = std::io::stdout().lock();
+                                out.write_all(&data)?;
+                                out.flush()?;
+                            }
+                            Frame::Stderr(data) => {
+                                let _ = std::io::stderr().write_all(&data);
+                            }
+                            Frame::Exit(code) => return Ok(Ended::Exited(code)),
+                            Frame::Error(message) => return Err(anyhow!("{path}: {message}")),
+                            _ => {}
                         }
-                        Frame::Stderr(data) => {
-                            let _ = std::io::stderr().write_all(&data);
-                        }
-                        Frame::Exit(code) => return Ok(Ended::Exited(code)),
-                        Frame::Error(message) => return Err(anyhow!("{path}: {message}")),
-                        _ => {}
                     }
+                    let n = tokio::select! {
+                        read = reader.read(&mut chunk) => read?,
+                        () = detach.notified() => return Ok(Ended::Detached),
+                    };
+                    if n == 0 {
+                        return Err(anyhow!(
+                            "{path}: capsad closed the connection before the exit code"
+                        ));
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
                 }
-                let n = tokio::select! {
-                    read = reader.read(&mut chunk) => read?,
-                    () = detach.notified() => return Ok(Ended::Detached),
-                };
-                if n == 0 {
-                    return Err(anyhow!(
-                        "{path}: capsad closed the connection before the exit code"
-                    ));
-                }
-                buffer.extend_from_slice(&chunk[..n]);
             }
+            .await;
+            for task in tasks {
+                task.abort();
+                let _ = task.await;
+            }
+            ended
         })
     }
 }

@@ -163,17 +163,26 @@ pub fn run(s: &mut Suite, d: &Capsad) -> Result<()> {
                 "run", "-d", "--name", "topped", "busybox", "sh", "-c", script,
             ])?;
             ensure!(out.code == Some(0), "run -d: {}", out.describe());
-            let top = d.capsa(&["--json", "top", "topped"]);
+            // The shell forks and execs as the container starts: asked
+            // too early, top sees it half-way (seen: "[sh]" for PID 1).
+            let listed = (|| -> Result<Vec<ProcessView>> {
+                let deadline = Instant::now() + Duration::from_secs(15);
+                loop {
+                    let top = d.capsa(&["--json", "top", "topped"])?;
+                    ensure!(top.code == Some(0), "{}", top.describe());
+                    let processes: Vec<ProcessView> = serde_json::from_str(&top.stdout)?;
+                    let main = processes.iter().find(|p| p.pid == 1);
+                    if main.is_some_and(|p| p.command == "sleep 1002" && p.uid == 0)
+                        && processes.iter().any(|p| p.command == "sleep 1001")
+                    {
+                        return Ok(processes);
+                    }
+                    ensure!(Instant::now() < deadline, "{processes:?}");
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })();
             d.delete("topped")?;
-            let top = top?;
-            ensure!(top.code == Some(0), "{}", top.describe());
-            let processes: Vec<ProcessView> = serde_json::from_str(&top.stdout)?;
-            let main = processes.iter().find(|p| p.pid == 1);
-            ensure!(
-                main.is_some_and(|p| p.command == "sleep 1002" && p.uid == 0)
-                    && processes.iter().any(|p| p.command == "sleep 1001"),
-                "{processes:?}"
-            );
+            let processes = listed?;
             Ok(format!("{} processes", processes.len()))
         },
     );
@@ -381,7 +390,17 @@ fn terminal(s: &mut Suite, d: &Capsad) {
                     if let Some(status) = dead.trim().strip_prefix("1 ") {
                         break status.to_string();
                     }
-                    ensure!(Instant::now() < deadline, "capsa still running after exit 7");
+                    if Instant::now() >= deadline {
+                        let group = d
+                            .client()?
+                            .call::<GroupView>(hyper::Method::GET, "/v1/groups/tty", None)
+                            .map(|g| format!("{:?}, containers {:?}", g.status, g.containers))
+                            .unwrap_or_else(|e| format!("{e:#}"));
+                        anyhow::bail!(
+                            "capsa still running 60 s after exit 7; the group: {group}; the screen:\n{}",
+                            screen()?
+                        );
+                    }
                     std::thread::sleep(Duration::from_millis(200));
                 };
                 ensure!(status == "7", "capsa exited {status}, not the shell's 7");
