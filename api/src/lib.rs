@@ -272,8 +272,19 @@ pub const PROGRESS_MEDIA_TYPE: &str = "application/x-ndjson";
 #[serde(rename_all = "snake_case")]
 pub enum ProgressEvent<T> {
     Progress(String),
+    /// Bytes of one blob moved so far (pulls and imports).
+    Transfer(Transfer),
     Result(T),
     Error(ApiError),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Transfer {
+    /// The blob's digest.
+    pub id: String,
+    pub done: u64,
+    pub total: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

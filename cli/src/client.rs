@@ -181,6 +181,31 @@ impl Client {
         pending: Pending,
         mut progress: impl FnMut(&str),
     ) -> Result<T> {
+        self.finish_with(pending, |note| {
+            if let Note::Line(text) = note {
+                progress(text);
+            }
+        })
+    }
+
+    /// A long operation whose notes (lines, and the bytes of each blob
+    /// moved) go to `note` as they come; then its result.
+    pub fn call_with_notes<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        note: impl FnMut(Note),
+    ) -> Result<T> {
+        let pending = self.begin(method, path, body)?;
+        self.finish_with(pending, note)
+    }
+
+    pub fn finish_with<T: DeserializeOwned>(
+        &self,
+        pending: Pending,
+        mut note: impl FnMut(Note),
+    ) -> Result<T> {
         let path = pending.path.clone();
         let mut outcome: Option<Result<T>> = None;
         let mut lines = Vec::new();
@@ -191,7 +216,8 @@ impl Client {
                 match serde_json::from_slice::<ProgressEvent<T>>(&line)
                     .with_context(|| format!("reading the answer to {path}"))?
                 {
-                    ProgressEvent::Progress(text) => progress(&text),
+                    ProgressEvent::Progress(text) => note(Note::Line(&text)),
+                    ProgressEvent::Transfer(moved) => note(Note::Transfer(&moved)),
                     ProgressEvent::Result(result) => outcome = Some(Ok(result)),
                     ProgressEvent::Error(e) => outcome = Some(Err(anyhow::Error::new(e))),
                 }
@@ -200,6 +226,13 @@ impl Client {
         })?;
         outcome.with_context(|| format!("capsad ended {path} without a result"))?
     }
+}
+
+/// What a long operation says as it goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Note<'a> {
+    Line(&'a str),
+    Transfer(&'a capsa_api::Transfer),
 }
 
 /// A JSON answer; an error status becomes the API's error.

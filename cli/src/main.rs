@@ -22,6 +22,7 @@ mod copy;
 mod credentials;
 mod env;
 mod networks;
+mod progress;
 mod signals;
 mod units;
 
@@ -989,12 +990,13 @@ fn create_pulling(
             password: credentials.map(|c| c.1),
             insecure: false,
         };
+        let mut bars = progress::Bars::new();
         client
-            .call_with_progress::<ImageView>(
+            .call_with_notes::<ImageView>(
                 Method::POST,
                 "/v1/images/pull",
                 Some(serde_json::to_string(&request)?),
-                |text| eprintln!("{text}"),
+                |note| bars.note(note),
             )
             .with_context(|| format!("pulling {image}"))
     };
@@ -1023,12 +1025,14 @@ fn store_image(
     request: &impl serde::Serialize,
     json: bool,
 ) -> Result<u8> {
-    let view: ImageView = client.call_with_progress(
+    let mut bars = progress::Bars::new();
+    let view: ImageView = client.call_with_notes(
         Method::POST,
         path,
         Some(serde_json::to_string(request)?),
-        |text| eprintln!("{text}"),
+        |note| bars.note(note),
     )?;
+    drop(bars);
     if json {
         print_json(&view)?;
     } else {

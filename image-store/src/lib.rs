@@ -26,6 +26,12 @@ pub use name::{normalize_name, ImageName};
 pub enum Progress {
     /// The image's manifest was found (pulls).
     Manifest { digest: String },
+    /// Bytes of a blob read so far (every MiB or so, while it is stored).
+    Fetching {
+        digest: String,
+        done: u64,
+        total: u64,
+    },
     /// A blob is in the store.
     Blob {
         digest: String,
@@ -38,6 +44,11 @@ impl std::fmt::Display for Progress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Progress::Manifest { digest } => write!(f, "manifest {digest}"),
+            Progress::Fetching {
+                digest,
+                done,
+                total,
+            } => write!(f, "{digest}: {done} of {total} bytes"),
             Progress::Blob {
                 digest,
                 size,
@@ -45,6 +56,50 @@ impl std::fmt::Display for Progress {
             } => write!(f, "{digest} ({size} bytes) already present"),
             Progress::Blob { digest, size, .. } => write!(f, "{digest} ({size} bytes) stored"),
         }
+    }
+}
+
+/// Reads a blob, reporting how much has been read every MiB.
+pub(crate) struct Counting<'a, R> {
+    inner: R,
+    digest: &'a str,
+    total: u64,
+    done: u64,
+    reported: u64,
+    progress: &'a mut dyn FnMut(Progress),
+}
+
+impl<'a, R> Counting<'a, R> {
+    pub(crate) fn new(
+        inner: R,
+        digest: &'a str,
+        total: u64,
+        progress: &'a mut dyn FnMut(Progress),
+    ) -> Self {
+        Counting {
+            inner,
+            digest,
+            total,
+            done: 0,
+            reported: 0,
+            progress,
+        }
+    }
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        if self.done - self.reported >= 1 << 20 {
+            self.reported = self.done;
+            (self.progress)(Progress::Fetching {
+                digest: self.digest.to_string(),
+                done: self.done,
+                total: self.total.max(self.done),
+            });
+        }
+        Ok(n)
     }
 }
 
@@ -322,7 +377,10 @@ impl ImageStore {
                 .ok_or_else(|| invalid(format!("digest {digest}"), "not sha256"))?;
             let path = source.join("blobs/sha256").join(hex);
             let file = File::open(&path).map_err(io_error("reading", &path))?;
-            progress(self.store_blob(file, Some(digest))?.into());
+            let total = file.metadata().map_or(0, |m| m.len());
+            let counted = Counting::new(file, digest, total, &mut *progress);
+            let stored = self.store_blob(counted, Some(digest))?;
+            progress(stored.into());
             Ok(())
         };
         let manifest_digest = manifest.digest().to_string();

@@ -331,7 +331,9 @@ impl ImageStore {
             }
             let response =
                 session.get(&format!("/v2/{}/blobs/{digest}", parsed.repository()), None)?;
-            self.put_blob(response.into_reader(), Some(digest))?;
+            let counted =
+                crate::Counting::new(response.into_reader(), digest, size, &mut *progress);
+            self.put_blob(counted, Some(digest))?;
             progress(Progress::Blob {
                 digest: digest.to_string(),
                 size,

@@ -10,7 +10,7 @@ use axum::Json;
 use capsa_api::{ErrorCode, ImageView, ImportRequest, PullRequest};
 use serde::Deserialize;
 
-use super::{blocking, long_operation, Reply};
+use super::{blocking, long_operation_with_transfers, Reply};
 use crate::errors::{error, internal, store_error};
 use crate::groups::Daemon;
 
@@ -33,7 +33,7 @@ pub(super) async fn import_image(
     headers: HeaderMap,
     Json(request): Json<ImportRequest>,
 ) -> Response {
-    long_operation(&headers, move |report| {
+    long_operation_with_transfers(&headers, move |report, transfer| {
         let path = Path::new(&request.path);
         let store_error = |e: capsa_image_store::StoreError| {
             error(
@@ -42,7 +42,7 @@ pub(super) async fn import_image(
             )
         };
         let previous = current(&daemon, request.name.as_deref());
-        let mut progress = |p: capsa_image_store::Progress| report(p.to_string());
+        let mut progress = |p| progress_of(p, report, transfer);
         let summary = if path.is_dir() {
             let name = request.name.clone().ok_or_else(|| {
                 error(
@@ -111,6 +111,27 @@ fn prepared(
     ))
 }
 
+/// A store's progress as the client gets it: bytes as transfers, the
+/// rest as lines.
+fn progress_of(
+    progress: capsa_image_store::Progress,
+    report: &mut dyn FnMut(String),
+    transfer: &mut dyn FnMut(capsa_api::Transfer),
+) {
+    match progress {
+        capsa_image_store::Progress::Fetching {
+            digest,
+            done,
+            total,
+        } => transfer(capsa_api::Transfer {
+            id: digest,
+            done,
+            total,
+        }),
+        other => report(other.to_string()),
+    }
+}
+
 /// What `name` is now, if anything: what a failed import puts back.
 fn current(daemon: &Daemon, name: Option<&str>) -> Option<capsa_image_store::ImageSummary> {
     daemon.images.summary(name?).ok()
@@ -121,7 +142,7 @@ pub(super) async fn pull_image(
     headers: HeaderMap,
     Json(request): Json<PullRequest>,
 ) -> Response {
-    long_operation(&headers, move |report| {
+    long_operation_with_transfers(&headers, move |report, transfer| {
         let options = capsa_image_store::registry::PullOptions {
             credentials: request.username.clone().zip(request.password.clone()),
             insecure: request.insecure,
@@ -135,7 +156,7 @@ pub(super) async fn pull_image(
             &request.reference,
             request.name.as_deref(),
             &options,
-            &mut |p| report(p.to_string()),
+            &mut |p| progress_of(p, report, transfer),
         ) {
             Ok(summary) => prepared(&daemon, summary, previous, report),
             Err(capsa_image_store::StoreError::NotFound(what)) => Err(error(

@@ -23,7 +23,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use capsa_api::{ApiError, ErrorCode, ProgressEvent, VersionView, PROGRESS_MEDIA_TYPE};
+use capsa_api::{ApiError, ErrorCode, ProgressEvent, Transfer, VersionView, PROGRESS_MEDIA_TYPE};
 use serde::Serialize;
 
 use crate::errors::error;
@@ -169,13 +169,24 @@ pub(crate) async fn long_operation<T: Serialize + Send + 'static>(
     headers: &HeaderMap,
     work: impl FnOnce(&mut dyn FnMut(String)) -> Result<T, ApiError> + Send + 'static,
 ) -> Response {
+    long_operation_with_transfers(headers, move |report, _| work(report)).await
+}
+
+/// As `long_operation`, with the bytes of each blob moved as they go
+/// (`ProgressEvent::Transfer`), for progress bars.
+pub(crate) async fn long_operation_with_transfers<T: Serialize + Send + 'static>(
+    headers: &HeaderMap,
+    work: impl FnOnce(&mut dyn FnMut(String), &mut dyn FnMut(Transfer)) -> Result<T, ApiError>
+        + Send
+        + 'static,
+) -> Response {
     let wants_progress = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .any(|value| value.contains(PROGRESS_MEDIA_TYPE));
     if !wants_progress {
-        return match blocking(move || work(&mut |_| {})).await {
+        return match blocking(move || work(&mut |_| {}, &mut |_| {})).await {
             Ok(result) => Json(result).into_response(),
             Err(failure) => failure.into_response(),
         };
@@ -186,7 +197,10 @@ pub(crate) async fn long_operation<T: Serialize + Send + 'static>(
             // A client that went away stops nothing: the work finishes.
             let _ = events.blocking_send(ProgressEvent::Progress(text));
         };
-        let last = match work(&mut report) {
+        let mut transfer = |moved: Transfer| {
+            let _ = events.blocking_send(ProgressEvent::Transfer(moved));
+        };
+        let last = match work(&mut report, &mut transfer) {
             Ok(result) => ProgressEvent::Result(result),
             Err(e) => ProgressEvent::Error(e),
         };

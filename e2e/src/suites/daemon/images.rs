@@ -20,6 +20,7 @@ use hyper::Method;
 use super::harness::{Capsad, NETNS};
 use crate::registry::Registry;
 use crate::suite::Suite;
+use capsa_cli::client::Note;
 
 const IMAGE: &str = "debian";
 /// The Docker Hub mirror, in capsad's network namespace.
@@ -87,16 +88,29 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         name: Some(IMAGE.into()),
     };
     let mut imported = Vec::new();
-    let _: ImageView = d.client()?.call_with_progress(
+    let mut moved: Vec<capsa_api::Transfer> = Vec::new();
+    let _: ImageView = d.client()?.call_with_notes(
         Method::POST,
         "/v1/images/import",
         Some(serde_json::to_string(&request)?),
-        |line| imported.push(line.to_string()),
+        |note| match note {
+            Note::Line(line) => imported.push(line.to_string()),
+            Note::Transfer(transfer) => moved.push(transfer.clone()),
+        },
     )?;
     s.check(
-        "its layer is converted into a disk image at import, with progress",
+        "its layer is converted into a disk image at import, with progress (lines, and each big blob's bytes as they are copied)",
         || {
             ensure!(says(&imported, "converted to a disk image"), "{imported:?}");
+            ensure!(!moved.is_empty(), "no byte counts");
+            let mut last: std::collections::HashMap<&str, u64> = Default::default();
+            for transfer in &moved {
+                let before = last.insert(&transfer.id, transfer.done).unwrap_or(0);
+                ensure!(
+                    transfer.done > before && transfer.done <= transfer.total,
+                    "{transfer:?} after {before}"
+                );
+            }
             Ok(imported
                 .iter()
                 .find(|p| p.contains("converted"))
