@@ -19,6 +19,42 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Structured log lines with levels on stderr (journald keeps them under
+/// the service): the daemon's own messages and every group event.
+fn init_logs(level: LogLevel, format: LogFormat) {
+    let level = match level {
+        LogLevel::Error => tracing::Level::ERROR,
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Debug => tracing::Level::DEBUG,
+        LogLevel::Trace => tracing::Level::TRACE,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "capsad", version, about = "The Capsa daemon")]
 struct Args {
@@ -76,6 +112,13 @@ struct Args {
     /// (groups, vcpus, memory-mib, volume-mib).
     #[arg(long, value_name = "FILE")]
     tenants: Option<PathBuf>,
+    /// The least important log lines written (to stderr).
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    log_level: LogLevel,
+    /// Log lines as text, or as JSON objects (one per line) for a
+    /// collector.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Also serve /metrics (Prometheus) over TCP here, e.g. 127.0.0.1:9464;
     /// it is always on the API socket.
     #[arg(long, value_name = "ADDRESS:PORT")]
@@ -166,7 +209,7 @@ fn cgroups(parent: &std::path::Path) -> Option<capsa_cgroup::Hierarchy> {
     match capsa_cgroup::Hierarchy::open(parent) {
         Ok(hierarchy) => Some(hierarchy),
         Err(e) => {
-            eprintln!("capsad: VMs run without cgroup limits: {e}");
+            tracing::warn!("VMs run without cgroup limits: {e}");
             None
         }
     }
@@ -191,6 +234,7 @@ fn main() -> Result<()> {
         std::process::exit(code);
     }
     let args = Args::parse_from(with_config(std::env::args_os().collect())?);
+    init_logs(args.log_level, args.log_format);
     for file in [&args.kernel, &args.initrd] {
         anyhow::ensure!(file.is_file(), "{} does not exist", file.display());
     }
@@ -226,8 +270,8 @@ fn main() -> Result<()> {
             "setting up the group networks (capsad needs CAP_NET_ADMIN and nftables; --no-network runs without)",
         )?;
         if networks.firewall_by_tap_name() {
-            eprintln!(
-                "capsad: this kernel's nftables cannot tell a frame's bridge (no nft_meta_bridge): taps are held by their names, so a second capsad's groups on this host would be cut off"
+            tracing::warn!(
+                "this kernel's nftables cannot tell a frame's bridge (no nft_meta_bridge): taps are held by their names, so a second capsad's groups on this host would be cut off"
             );
         }
         Some(networks)
@@ -279,7 +323,7 @@ fn main() -> Result<()> {
     .context("opening capsad's state")?;
     daemon.restore();
     if let Err(e) = daemon.forget_gone_owners() {
-        eprintln!("capsad: the owners table: {e}");
+        tracing::warn!("the owners table: {e}");
     }
     let tenants_listener = match &args.tls_listen {
         None => None,
@@ -291,7 +335,9 @@ fn main() -> Result<()> {
             };
             let tenants = tenants::Tenants::load(tenants)?;
             if tenants.is_empty() {
-                eprintln!("capsad: the tenants file names no tenant: the TLS listener will refuse every request");
+                tracing::warn!(
+                    "the tenants file names no tenant: the TLS listener will refuse every request"
+                );
             }
             let acceptor = http::tls::acceptor(cert, key)?;
             Some((*address, acceptor, std::sync::Arc::new(tenants)))
@@ -310,7 +356,7 @@ fn main() -> Result<()> {
         let listener = tokio::net::UnixListener::bind(&args.socket)
             .with_context(|| format!("listening on {}", args.socket.display()))?;
         std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))?;
-        eprintln!("capsad: listening on {}", args.socket.display());
+        tracing::info!("listening on {}", args.socket.display());
         if let Some(address) = args.metrics_address {
             let metrics = tokio::net::TcpListener::bind(address)
                 .await
@@ -318,7 +364,7 @@ fn main() -> Result<()> {
             let router = http::metrics_router(daemon.clone());
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(metrics, router).await {
-                    eprintln!("capsad: the metrics listener stopped: {e}");
+                    tracing::warn!("the metrics listener stopped: {e}");
                 }
             });
         }
@@ -326,7 +372,7 @@ fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .with_context(|| format!("listening for tenants on {address}"))?;
-            eprintln!("capsad: serving tenants over TLS on {address}");
+            tracing::info!("serving tenants over TLS on {address}");
             let router = http::tenant_router(daemon.clone(), tenants);
             tokio::spawn(http::tls::serve(listener, acceptor, router));
         }
@@ -382,7 +428,7 @@ async fn stop_signal() {
         _ = tokio::signal::ctrl_c() => {}
         () = terminated => {}
     }
-    eprintln!("capsad: stopping; the groups keep running, and the next capsad adopts them");
+    tracing::info!("stopping; the groups keep running, and the next capsad adopts them");
 }
 
 /// How long requests under way (a log follower, an event stream) may go

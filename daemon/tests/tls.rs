@@ -2,24 +2,15 @@
 //! a request without one is refused with 401, a client that does not trust
 //! the certificate gets no answer, and the Unix socket stays the admin's.
 
-use std::io::Read;
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capsa_api::{ApiError, ErrorCode, VersionView};
 use capsa_cli::client::{Client, Endpoint};
 use hyper::Method;
 use sha2::{Digest, Sha256};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A CA, and a certificate for localhost that it signed: (CA PEM, cert
 /// PEM, key PEM).
@@ -44,7 +35,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(dir: &Path, port: u16) -> Daemon {
+fn start(dir: &Path, port: u16) -> common::Daemon {
     let (ca, cert, key) = certificates();
     std::fs::write(dir.join("ca.pem"), ca).unwrap();
     std::fs::write(dir.join("cert.pem"), cert).unwrap();
@@ -58,34 +49,26 @@ fn start(dir: &Path, port: u16) -> Daemon {
         ),
     )
     .unwrap();
-    std::fs::write(dir.join("vmlinux"), b"").unwrap();
-    std::fs::write(dir.join("initrd"), b"").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_capsad"))
-        .args([
-            "--kernel", "vmlinux", "--initrd", "initrd", "--root", "root",
-        ])
-        .args(["--socket", "capsad.sock", "--no-network"])
-        .args(["--cgroup-parent", "no-cgroup"])
-        .args(["--tls-listen", &format!("127.0.0.1:{port}")])
-        .args(["--tls-cert", "cert.pem", "--tls-key", "key.pem"])
-        .args(["--tenants", "tenants.toml"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let daemon = common::start(
+        dir,
+        &[
+            "--tls-listen",
+            &listen,
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "key.pem",
+            "--tenants",
+            "tenants.toml",
+        ],
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-            let _ = child.kill();
-            let mut stderr = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-            panic!("capsad never listened on {port}: {stderr}");
-        }
+        assert!(Instant::now() < deadline, "capsad never listened on {port}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Daemon(child)
+    daemon
 }
 
 fn api_error(e: anyhow::Error) -> ApiError {

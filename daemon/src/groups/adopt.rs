@@ -56,7 +56,7 @@ impl Daemon {
             .filter_map(|(paths, record)| match record {
                 Ok(record) => Some((paths, record)),
                 Err(e) => {
-                    eprintln!("capsad: skipping {}: {e:#}", paths.dir.display());
+                    tracing::warn!("skipping {}: {e:#}", paths.dir.display());
                     None
                 }
             })
@@ -68,13 +68,13 @@ impl Daemon {
                 record.jail_id = ids.lowest_free(used.iter().copied());
                 used.extend(record.jail_id);
                 if let Err(e) = state::save(&paths, &record) {
-                    eprintln!("capsad: saving group {}: {e:#}", record.spec.name);
+                    tracing::warn!("saving group {}: {e:#}", record.spec.name);
                 }
             }
             let name = record.spec.name.clone();
             let group = self.new_group(paths, record);
             if let Err(e) = self.connect(&group) {
-                eprintln!("capsad: group {name}: {}", e.message);
+                tracing::warn!("group {name}: {}", e.message);
                 let _ = group.transition(Transition::Note { error: e.message });
             }
             self.groups
@@ -118,7 +118,7 @@ fn adopt(daemon: Arc<Daemon>, group: Arc<Group>) {
         Err(e) => {
             let error =
                 format!("unresponsive: its agent did not answer after the daemon restarted: {e}");
-            eprintln!("capsad: group {}: {error}", record.spec.name);
+            tracing::warn!("group {}: {error}", record.spec.name);
             let _ = group.transition(Transition::Note { error });
             return;
         }
@@ -134,9 +134,10 @@ fn adopt(daemon: Arc<Daemon>, group: Arc<Group>) {
             .map(|spec| start::attach_logs(&group, &guest, spec))
             .transpose()
             .unwrap_or_else(|e| {
-                eprintln!(
-                    "capsad: group {}: reattaching {name}'s output: {}",
-                    record.spec.name, e.message
+                tracing::warn!(
+                    "group {}: reattaching {name}'s output: {}",
+                    record.spec.name,
+                    e.message
                 );
                 None
             })

@@ -86,7 +86,7 @@ impl Group {
         let record = state.life.record().clone();
         if !state.life.deleted() {
             if let Err(e) = state::save(&self.paths, &record) {
-                eprintln!("capsad: saving group {}: {e:#}", record.spec.name);
+                tracing::warn!("saving group {}: {e:#}", record.spec.name);
             }
         }
         for a in announcements {
@@ -108,6 +108,13 @@ impl Group {
     }
 
     fn send(&self, group: &str, container: Option<&str>, action: &str, detail: Option<String>) {
+        tracing::info!(
+            group,
+            container = container.unwrap_or(""),
+            action,
+            detail = detail.as_deref().unwrap_or(""),
+            "event"
+        );
         // Nobody listening is fine.
         let _ = self.events.send(Event {
             time: now_ms(),

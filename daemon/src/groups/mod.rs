@@ -193,7 +193,7 @@ impl Daemon {
         let record = group.snapshot();
         if let (Some(network), Some(ip)) = (&self.network, record.ip) {
             if let Err(e) = network.detach(record.spec.network(), &record.spec.name, ip) {
-                eprintln!("capsad: group {}: {e}", record.spec.name);
+                tracing::warn!("group {}: {e}", record.spec.name);
             }
         }
     }

@@ -111,7 +111,7 @@ pub(super) fn watch_container(
                             continue;
                         }
                         Err(message) => {
-                            eprintln!("capsad: restarting {}/{name}: {message}", record.spec.name);
+                            tracing::warn!("restarting {}/{name}: {message}", record.spec.name);
                             let _ = group.transition(Transition::Note {
                                 error: format!("restarting {name}: {message}"),
                             });
@@ -175,7 +175,7 @@ pub(super) fn remove_when_unheld(daemon: &Arc<Daemon>, group: &Arc<Group>) {
                     e.code,
                     capsa_api::ErrorCode::NotFound | capsa_api::ErrorCode::Conflict
                 ) => {}
-            Err(e) => eprintln!("capsad: removing group {name}: {}", e.message),
+            Err(e) => tracing::warn!("removing group {name}: {}", e.message),
         }
     });
 }
@@ -197,7 +197,7 @@ pub(super) fn restart_failed_group(daemon: &Arc<Daemon>, group: &Arc<Group>) {
         };
         let name = record.spec.name.clone();
         if let Err(e) = daemon.start(&name, &mut |_| {}) {
-            eprintln!("capsad: restarting group {name}: {}", e.message);
+            tracing::warn!("restarting group {name}: {}", e.message);
             if group.snapshot().status == GroupStatus::Failed {
                 restart_failed_group(&daemon, &group);
             }

@@ -323,7 +323,7 @@ impl Daemon {
             at: started_at,
         }) {
             // The group stopped meanwhile; its VM takes the container.
-            eprintln!("capsad: {e}");
+            tracing::warn!("{e}");
             return Ok(copiers);
         }
         if let Some(probe) = &container.liveness_probe {
@@ -366,7 +366,7 @@ pub(super) fn attach_logs(
         let terminal = container.tty;
         copiers.push(std::thread::spawn(move || {
             if let Err(e) = log.copy(tag, stream, terminal) {
-                eprintln!("capsad: log of {}: {e}", log.path().display());
+                tracing::warn!("log of {}: {e}", log.path().display());
             }
         }));
     }
@@ -409,7 +409,7 @@ pub(super) fn vm_exited(daemon: &Arc<Daemon>, group: &Arc<Group>, how: String) {
         .and_then(|c| c.find(&group.name()))
     {
         if let Err(e) = cgroup.remove(Duration::from_secs(5)) {
-            eprintln!("capsad: group {}: {e}", group.name());
+            tracing::warn!("group {}: {e}", group.name());
         }
     }
     let console = vm::console_tail(&group.paths.console());

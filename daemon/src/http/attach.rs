@@ -59,7 +59,7 @@ pub(super) async fn attach(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => bridge(hyper_util::rt::TokioIo::new(upgraded), attached).await,
-            Err(e) => eprintln!("capsad: attach upgrade failed: {e}"),
+            Err(e) => tracing::warn!("attach upgrade failed: {e}"),
         }
     });
     Response::builder()

@@ -171,7 +171,7 @@ pub(super) async fn exec(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => bridge(hyper_util::rt::TokioIo::new(upgraded), started).await,
-            Err(e) => eprintln!("capsad: exec upgrade failed: {e}"),
+            Err(e) => tracing::warn!("exec upgrade failed: {e}"),
         }
     });
     Ok(Response::builder()

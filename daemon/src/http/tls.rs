@@ -68,7 +68,7 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, router: Router)
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                eprintln!("capsad: TLS listener: accepting: {e}");
+                tracing::warn!("TLS listener: accepting: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -93,7 +93,7 @@ async fn connection(
         // A failed or slow handshake is the client's affair; nothing to log
         // beyond a line.
         Ok(Err(e)) => {
-            eprintln!("capsad: TLS listener: {peer}: handshake: {e}");
+            tracing::warn!("TLS listener: {peer}: handshake: {e}");
             return;
         }
         Err(_) => return,
@@ -106,7 +106,7 @@ async fn connection(
         .await;
     if let Err(e) = served {
         if !e.is_incomplete_message() {
-            eprintln!("capsad: TLS listener: {peer}: {e}");
+            tracing::warn!("TLS listener: {peer}: {e}");
         }
     }
 }
