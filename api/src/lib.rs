@@ -240,6 +240,80 @@ pub struct PullRequest {
     pub insecure: bool,
 }
 
+/// `POST /v1/images/tag`: another name for an image of the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TagRequest {
+    pub source: String,
+    pub target: String,
+}
+
+/// What a prune removed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneView {
+    /// Groups deleted (stopped or failed ones; `system prune`).
+    pub groups: Vec<String>,
+    /// Image names removed.
+    pub images: Vec<String>,
+    /// Bytes of blobs and layer disk images freed.
+    pub bytes_freed: u64,
+}
+
+/// `GET /v1/system/df`: what the host's disk holds for capsad.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskUsageView {
+    pub images: u64,
+    /// Bytes of the store's blobs.
+    pub image_bytes: u64,
+    /// Bytes of images no group uses (an image prune frees them, less
+    /// what other images share).
+    pub unused_image_bytes: u64,
+    /// Bytes of the layers' disk images (the VMs' read-only disks).
+    pub layer_disk_bytes: u64,
+    pub volumes: u64,
+    /// Bytes the volumes' files hold on the host (sparse files count what
+    /// is written).
+    pub volume_bytes: u64,
+    pub groups: u64,
+    /// Bytes of the groups' directories (logs, scratch disks, consoles).
+    pub group_bytes: u64,
+}
+
+/// `GET /v1/system/info`: capsad and what it runs; a tenant sees its own
+/// share and its quota.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemInfoView {
+    pub version: String,
+    /// The caller's tenant; none for the host's admin.
+    pub tenant: Option<String>,
+    pub groups: u64,
+    pub running: u64,
+    pub volumes: u64,
+    pub networks: u64,
+    /// vCPUs and memory of the groups counted.
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    /// The tenant's quota (the admin has none).
+    pub quota: Option<QuotaView>,
+    /// The host's side (the admin only): images, and what one VM may have.
+    pub images: Option<u64>,
+    pub max_vm_memory_mib: Option<u64>,
+    pub max_vm_cpus: Option<u8>,
+    pub memory_budget_mib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaView {
+    pub groups: Option<u64>,
+    pub vcpus: Option<u64>,
+    pub memory_mib: Option<u64>,
+    pub volume_mib: Option<u64>,
+}
+
 /// `POST /v1/registries/login`: whether a registry takes these
 /// credentials (capsad keeps none: each pull carries its own).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -24,6 +24,7 @@ mod env;
 mod networks;
 mod progress;
 mod signals;
+mod system;
 mod units;
 
 #[derive(Parser)]
@@ -270,6 +271,9 @@ enum Command {
     Logout {
         server: Option<String>,
     },
+    /// capsad itself: info, df, prune.
+    #[command(subcommand)]
+    System(system::SystemCommand),
     /// This command's version, capsad's, and who capsad takes the caller
     /// for (a tenant, or the host's admin).
     Version,
@@ -311,6 +315,13 @@ const DEFAULT_VOLUME_MIB: u64 = 1024;
 
 #[derive(Subcommand)]
 enum ImageCommand {
+    /// Give an image another name: SOURCE TARGET.
+    Tag {
+        source: String,
+        target: String,
+    },
+    /// Remove every image no group uses.
+    Prune,
     /// Import an OCI layout directory, an oci-archive or a docker-save tar
     /// (a path on the daemon's host).
     Import {
@@ -955,6 +966,11 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Network(command) => networks::run(&client, command, cli.json),
+        Command::System(command) => system::run(&client, command, cli.json),
+        Command::Image(ImageCommand::Tag { source, target }) => {
+            system::tag(&client, source, target, cli.json)
+        }
+        Command::Image(ImageCommand::Prune) => system::prune_images(&client, cli.json),
         Command::Image(ImageCommand::Rm { name }) => {
             let _: serde_json::Value =
                 client.call(Method::DELETE, &format!("/v1/images?name={name}"), None)?;

@@ -25,6 +25,7 @@ mod oci;
 mod restart;
 mod start;
 mod stats;
+mod system;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -79,6 +79,9 @@ fn check(daemon: &Daemon, caller: &Caller, method: &Method, path: &str) -> Resul
         ["v1", "images"] if method == Method::DELETE => {
             Err(forbidden("removing an image from the host's store"))
         }
+        ["v1", "images", "tag"] => Err(forbidden("naming an image of the host's store")),
+        ["v1", "images", "prune"] => Err(forbidden("pruning the host's images")),
+        ["v1", "system", "df" | "prune"] => Err(forbidden("the host's disk")),
         ["metrics"] => Err(forbidden("the metrics of every group")),
         _ => Ok(()),
     }

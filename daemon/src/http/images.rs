@@ -5,14 +5,16 @@ use std::sync::Arc;
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
+use axum::response::IntoResponse;
 use axum::response::Response;
-use axum::Json;
+use axum::{Extension, Json};
 use capsa_api::{ErrorCode, ImageView, ImportRequest, PullRequest};
 use serde::Deserialize;
 
 use super::{blocking, long_operation_with_transfers, Reply};
 use crate::errors::{error, internal, store_error};
 use crate::groups::Daemon;
+use crate::tenants::Caller;
 
 pub(super) async fn list_images(State(daemon): State<Arc<Daemon>>) -> Reply<Vec<ImageView>> {
     let images = blocking(move || daemon.images.list().map_err(internal)).await?;
@@ -139,9 +141,18 @@ fn current(daemon: &Daemon, name: Option<&str>) -> Option<capsa_image_store::Ima
 
 pub(super) async fn pull_image(
     State(daemon): State<Arc<Daemon>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Json(request): Json<PullRequest>,
 ) -> Response {
+    // The store is the host's: a name of a tenant's choosing could stand
+    // for another tenant's image (busybox) from then on.
+    if caller.tenant().is_some() && request.name.is_some() {
+        return super::Failure(crate::tenants::access::forbidden(
+            "naming a pulled image other than by its reference",
+        ))
+        .into_response();
+    }
     long_operation_with_transfers(&headers, move |report, transfer| {
         let options = capsa_image_store::registry::PullOptions {
             credentials: request.username.clone().zip(request.password.clone()),

@@ -201,6 +201,8 @@ async fn live_answers_fit_the_openapi_document() {
         ("/v1/images", "/v1/images"),
         ("/v1/volumes", "/v1/volumes"),
         ("/v1/version", "/v1/version"),
+        ("/v1/system/info", "/v1/system/info"),
+        ("/v1/system/df", "/v1/system/df"),
         // Errors: no such group or container, a container not running.
         ("/v1/groups/{name}", "/v1/groups/nope"),
         (

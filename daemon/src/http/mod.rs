@@ -10,6 +10,7 @@ mod images;
 #[cfg(test)]
 mod live_document;
 mod networks;
+mod system;
 #[cfg(test)]
 mod tenancy_tests;
 pub mod tls;
@@ -82,6 +83,11 @@ fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/v1/images/import", post(images::import_image))
         .route("/v1/images/pull", post(images::pull_image))
         .route("/v1/registries/login", post(images::login))
+        .route("/v1/images/tag", post(system::tag_image))
+        .route("/v1/images/prune", post(system::prune_images))
+        .route("/v1/system/info", get(system::info))
+        .route("/v1/system/df", get(system::disk_usage))
+        .route("/v1/system/prune", post(system::prune))
         .route(
             "/v1/groups",
             get(groups::list_groups).post(groups::create_group),

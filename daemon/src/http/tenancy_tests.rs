@@ -130,6 +130,25 @@ async fn a_tenant_sees_and_touches_only_what_it_made() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
     let (status, _) = api.ask(Some("bob-token"), "GET", "/metrics", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1/images/tag",
+            json!({"source": "app", "target": "busybox"}),
+        ),
+        ("POST", "/v1/images/prune", json!({})),
+        ("POST", "/v1/system/prune", json!({})),
+        ("GET", "/v1/system/df", json!({})),
+        // A name of the tenant's choosing for what it pulls.
+        (
+            "POST",
+            "/v1/images/pull",
+            json!({"reference": "evil/app", "name": "busybox"}),
+        ),
+    ] {
+        let (status, answer) = api.ask(Some("bob-token"), method, path, Some(body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {answer}");
+    }
 
     let (status, answer) = api
         .ask(
@@ -193,6 +212,13 @@ async fn a_tenant_sees_and_touches_only_what_it_made() {
         .ask(Some("alice-token"), "GET", "/v1/groups/web", None)
         .await;
     assert_eq!(status, StatusCode::OK);
+    let (_, info) = api
+        .ask(Some("alice-token"), "GET", "/v1/system/info", None)
+        .await;
+    let info: capsa_api::SystemInfoView = serde_json::from_value(info).unwrap();
+    assert_eq!(info.tenant.as_deref(), Some("alice"));
+    assert_eq!((info.groups, info.vcpus, info.images), (1, 1, None));
+    assert_eq!(info.quota.and_then(|q| q.groups), Some(2));
 
     // Volumes likewise.
     let (status, answer) = api

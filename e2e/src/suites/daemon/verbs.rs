@@ -201,6 +201,30 @@ pub fn run(s: &mut Suite, d: &Capsad) -> Result<()> {
         let flag = d.capsa(&["--version"])?;
         flag.exited_with(0, &[&format!("capsa {}", env!("CARGO_PKG_VERSION"))])
     });
+    s.check(
+        "capsa image tag names an image again; capsa system info and df count it",
+        || {
+            let count = |d: &Capsad| -> Result<(u64, u64)> {
+                let info = d.capsa(&["--json", "system", "info"])?;
+                ensure!(info.code == Some(0), "{}", info.describe());
+                let info: capsa_api::SystemInfoView = serde_json::from_str(&info.stdout)?;
+                let df = d.capsa(&["--json", "system", "df"])?;
+                ensure!(df.code == Some(0), "{}", df.describe());
+                let df: capsa_api::DiskUsageView = serde_json::from_str(&df.stdout)?;
+                ensure!(info.images == Some(df.images), "{info:?} {df:?}");
+                ensure!(df.image_bytes > 0 && df.layer_disk_bytes > 0, "{df:?}");
+                Ok((df.images, df.group_bytes))
+            };
+            let (before, _) = count(d)?;
+            let tagged = d.capsa(&["--json", "image", "tag", "busybox", "busybox:e2e-copy"])?;
+            ensure!(tagged.code == Some(0), "{}", tagged.describe());
+            let (after, _) = count(d)?;
+            let removed = d.capsa(&["image", "rm", "busybox:e2e-copy"])?;
+            ensure!(removed.code == Some(0), "{}", removed.describe());
+            ensure!(after == before + 1, "images: {before} then {after}");
+            Ok(format!("images: {before} then {after}"))
+        },
+    );
     super::copies::run(s, d);
     interactive(s, d);
     terminal(s, d);
