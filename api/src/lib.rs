@@ -240,6 +240,31 @@ pub struct PullRequest {
     pub insecure: bool,
 }
 
+/// `POST /v1/images/push`: an image of the store to a registry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PushRequest {
+    pub name: String,
+    /// `registry/repository[:tag]`; the name unless given.
+    #[serde(default)]
+    pub target: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Plain HTTP (always for localhost and 127.0.0.1).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PushView {
+    pub target: String,
+    /// The manifest's digest.
+    pub digest: String,
+}
+
 /// `POST /v1/images/tag`: another name for an image of the store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -315,6 +315,15 @@ const DEFAULT_VOLUME_MIB: u64 = 1024;
 
 #[derive(Subcommand)]
 enum ImageCommand {
+    /// Push an image to a registry (credentials from capsa login), as
+    /// TARGET (`registry/repository[:tag]`) or under its own name.
+    Push {
+        name: String,
+        target: Option<String>,
+        /// Plain HTTP (always for localhost and 127.0.0.1).
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Give an image another name: SOURCE TARGET.
     Tag {
         source: String,
@@ -971,6 +980,35 @@ fn run(cli: Cli) -> Result<u8> {
             system::tag(&client, source, target, cli.json)
         }
         Command::Image(ImageCommand::Prune) => system::prune_images(&client, cli.json),
+        Command::Image(ImageCommand::Push {
+            name,
+            target,
+            insecure,
+        }) => {
+            let destination = target.clone().unwrap_or_else(|| name.clone());
+            let credentials = credentials::for_reference(&destination);
+            let request = capsa_api::PushRequest {
+                name,
+                target,
+                username: credentials.as_ref().map(|c| c.0.clone()),
+                password: credentials.map(|c| c.1),
+                insecure,
+            };
+            let mut bars = progress::Bars::new();
+            let pushed: capsa_api::PushView = client.call_with_notes(
+                Method::POST,
+                "/v1/images/push",
+                Some(serde_json::to_string(&request)?),
+                |note| bars.note(note),
+            )?;
+            drop(bars);
+            if cli.json {
+                print_json(&pushed)?;
+            } else {
+                println!("{} {}", pushed.target, pushed.digest);
+            }
+            Ok(0)
+        }
         Command::Image(ImageCommand::Rm { name }) => {
             let _: serde_json::Value =
                 client.call(Method::DELETE, &format!("/v1/images?name={name}"), None)?;

@@ -226,7 +226,7 @@ impl ImageStore {
         &self.root
     }
 
-    fn blob_path(&self, digest: &str) -> Result<PathBuf, StoreError> {
+    pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf, StoreError> {
         let parsed: Digest = digest
             .parse()
             .map_err(|e| invalid(format!("digest {digest}"), format!("{e}")))?;
@@ -301,7 +301,7 @@ impl ImageStore {
         self.put_blob(bytes, None)
     }
 
-    fn read_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
+    pub(crate) fn read_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
         let path = self.blob_path(digest)?;
         fs::read(&path).map_err(io_error("reading", &path))
     }
@@ -410,7 +410,7 @@ impl ImageStore {
         archive::import(self, archive, name, progress)
     }
 
-    fn manifest(&self, digest: &str) -> Result<ImageManifest, StoreError> {
+    pub(crate) fn manifest(&self, digest: &str) -> Result<ImageManifest, StoreError> {
         let bytes = self.read_blob(digest)?;
         ImageManifest::from_reader(bytes.as_slice())
             .map_err(|e| invalid(format!("manifest {digest}"), e.to_string()))

@@ -28,6 +28,9 @@ pub struct PullOptions {
     pub mirrors: Vec<String>,
 }
 
+/// A request's body and its length, made afresh for each try.
+type Body = (Box<dyn Read>, u64);
+
 struct Session<'a> {
     agent: ureq::Agent,
     base: String,
@@ -79,6 +82,63 @@ impl Session<'_> {
             }
         }
         Err(failed(format!("registry {url}"), "refused the credentials"))
+    }
+
+    /// A request other than a GET (a push's), with auth as `get` has it:
+    /// a 401 is answered once, `body` made again for the retry.
+    fn send(
+        &mut self,
+        method: &str,
+        url: &str,
+        content_type: Option<&str>,
+        body: &dyn Fn() -> Result<Option<Body>, StoreError>,
+    ) -> Result<ureq::Response, StoreError> {
+        for attempt in 0..2 {
+            let mut request = self.agent.request(method, url);
+            if let Some(token) = &self.token {
+                request = request.set("Authorization", token);
+            }
+            if let Some(content_type) = content_type {
+                request = request.set("Content-Type", content_type);
+            }
+            let answer = match body()? {
+                Some((reader, length)) => request
+                    .set("Content-Length", &length.to_string())
+                    .send(reader),
+                None => request.call(),
+            };
+            match answer {
+                Ok(response) => return Ok(response),
+                Err(ureq::Error::Status(401, response)) if attempt == 0 => {
+                    let challenge = response
+                        .header("www-authenticate")
+                        .unwrap_or("")
+                        .to_string();
+                    self.token = Some(self.authenticate(&challenge)?);
+                }
+                Err(ureq::Error::Status(code, response)) => {
+                    let body = response.into_string().unwrap_or_default();
+                    return Err(failed(
+                        format!("registry: {method} {url}"),
+                        format!(
+                            "HTTP {code}: {}",
+                            body.chars().take(500).collect::<String>()
+                        ),
+                    ));
+                }
+                Err(e) => return Err(failed(format!("registry: {method} {url}"), e)),
+            }
+        }
+        Err(failed(format!("registry {url}"), "refused the credentials"))
+    }
+
+    /// An absolute URL for a Location header the registry gave.
+    fn absolute(&self, location: &str) -> String {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_string()
+        } else {
+            format!("{}{location}", self.base)
+        }
     }
 
     /// The Authorization header a challenge asks for.
@@ -269,6 +329,104 @@ impl ImageStore {
             }
             Err(e) => Err(failed(format!("registry {}", session.base), e)),
         }
+    }
+
+    /// Pushes the image `name` of the store to `target` (a reference with
+    /// its registry): each blob the registry lacks, then the manifest.
+    pub fn push(
+        &self,
+        name: &str,
+        target: &str,
+        options: &PullOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<String, StoreError> {
+        let summary = self.summary(name)?;
+        let destination = ImageName::parse(target)?;
+        let scheme = if options.insecure || destination.is_loopback() {
+            "http"
+        } else {
+            "https"
+        };
+        let mut session = Session {
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(std::time::Duration::from_secs(30))
+                .build(),
+            base: format!("{scheme}://{}", destination.registry_host()),
+            name: &destination,
+            options,
+            token: None,
+        };
+        let repository = destination.repository();
+        let manifest_bytes = self.read_blob(&summary.manifest_digest)?;
+        let manifest = self.manifest(&summary.manifest_digest)?;
+        let mut blobs = vec![(
+            manifest.config().digest().to_string(),
+            manifest.config().size(),
+        )];
+        blobs.extend(
+            manifest
+                .layers()
+                .iter()
+                .map(|layer| (layer.digest().to_string(), layer.size())),
+        );
+        for (digest, size) in blobs {
+            let blob_url = format!("{}/v2/{repository}/blobs/{digest}", session.base);
+            let mut head = session.agent.head(&blob_url);
+            if let Some(token) = &session.token {
+                head = head.set("Authorization", token);
+            }
+            // Not there, or not to be known without credentials: sent.
+            let present = head.call().is_ok();
+            if present {
+                progress(Progress::Blob {
+                    digest,
+                    size,
+                    already_present: true,
+                });
+                continue;
+            }
+            let uploads = format!("{}/v2/{repository}/blobs/uploads/", session.base);
+            let started = session.send("POST", &uploads, None, &|| {
+                Ok(Some((Box::new(std::io::empty()) as Box<dyn Read>, 0)))
+            })?;
+            let location = started
+                .header("location")
+                .ok_or_else(|| failed(&uploads, "no Location for the upload"))?
+                .to_string();
+            let location = session.absolute(&location);
+            let separator = if location.contains('?') { '&' } else { '?' };
+            let put_url = format!("{location}{separator}digest={digest}");
+            let path = self.blob_path(&digest)?;
+            session.send("PUT", &put_url, Some("application/octet-stream"), &|| {
+                let file = std::fs::File::open(&path).map_err(crate::io_error("reading", &path))?;
+                let length = file.metadata().map_or(size, |m| m.len());
+                Ok(Some((Box::new(file) as Box<dyn Read>, length)))
+            })?;
+            progress(Progress::Blob {
+                digest,
+                size,
+                already_present: false,
+            });
+        }
+        let media_type = serde_json::from_slice::<serde_json::Value>(&manifest_bytes)
+            .ok()
+            .and_then(|m| m["mediaType"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_string());
+        let manifest_url = format!(
+            "{}/v2/{repository}/manifests/{}",
+            session.base,
+            destination.remote_reference()
+        );
+        session.send("PUT", &manifest_url, Some(&media_type), &|| {
+            Ok(Some((
+                Box::new(std::io::Cursor::new(manifest_bytes.clone())) as Box<dyn Read>,
+                manifest_bytes.len() as u64,
+            )))
+        })?;
+        progress(Progress::Manifest {
+            digest: summary.manifest_digest.clone(),
+        });
+        Ok(summary.manifest_digest)
     }
 
     /// Pulls `reference` from its registry and tags it `name` (the

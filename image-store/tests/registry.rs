@@ -145,6 +145,41 @@ fn check_auth(registry: &Registry, creds: &str, expect_without: &str) {
     );
 }
 
+/// Pushes the store's image to `registry` and pulls it back into another
+/// store: the same manifest digest.
+fn check_push(registry: &Registry, options: &PullOptions) {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    common::oci_layout(&layout, "latest", b"pushed by capsa");
+    let store = ImageStore::open(&dir.path().join("store")).unwrap();
+    let imported = store
+        .import_layout(&layout, Some("latest"), "app:v1", &mut |_| {})
+        .unwrap();
+    let target = format!("{}/team/pushed:v1", registry.address);
+    let mut said = Vec::new();
+    let digest = store
+        .push("app:v1", &target, options, &mut |p| {
+            said.push(p.to_string())
+        })
+        .unwrap();
+    assert_eq!(digest, imported.manifest_digest);
+    assert_eq!(said.len(), 3, "{said:?}");
+    // Again: every blob is there already.
+    let mut again = Vec::new();
+    store
+        .push("app:v1", &target, options, &mut |p| again.push(p))
+        .unwrap();
+    let fresh = ImageStore::open(&dir.path().join("fresh")).unwrap();
+    let pulled = fresh.pull(&target, None, options, &mut |_| {}).unwrap();
+    assert_eq!(pulled.manifest_digest, imported.manifest_digest);
+}
+
+#[test]
+fn pushes_an_image_that_pulls_back_the_same() {
+    let registry = start_registry();
+    check_push(&registry, &PullOptions::default());
+}
+
 #[test]
 fn pulls_with_basic_auth() {
     let dir = tempfile::tempdir().unwrap();
@@ -157,6 +192,7 @@ fn pulls_with_basic_auth() {
     );
     let registry = start_registry_in(dir, &auth);
     check_auth(&registry, "tenant:s3cret", "needs credentials (basic auth)");
+    check_push(&registry, &with_credentials("tenant", "s3cret"));
 }
 
 #[test]

@@ -81,6 +81,7 @@ fn check(daemon: &Daemon, caller: &Caller, method: &Method, path: &str) -> Resul
         }
         ["v1", "images", "tag"] => Err(forbidden("naming an image of the host's store")),
         ["v1", "images", "prune"] => Err(forbidden("pruning the host's images")),
+        ["v1", "images", "push"] => Err(forbidden("pushing an image of the host's store")),
         ["v1", "system", "df" | "prune"] => Err(forbidden("the host's disk")),
         ["metrics"] => Err(forbidden("the metrics of every group")),
         _ => Ok(()),

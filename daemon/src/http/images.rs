@@ -211,6 +211,42 @@ pub(super) async fn remove_image(
     .map(Json)
 }
 
+/// Pushes an image of the store to a registry (the admin's: the store is
+/// the host's).
+pub(super) async fn push_image(
+    State(daemon): State<Arc<Daemon>>,
+    headers: HeaderMap,
+    Json(request): Json<capsa_api::PushRequest>,
+) -> Response {
+    long_operation_with_transfers(&headers, move |report, _| {
+        let options = capsa_image_store::registry::PullOptions {
+            credentials: request.username.clone().zip(request.password.clone()),
+            insecure: request.insecure,
+            mirrors: Vec::new(),
+        };
+        let target = request
+            .target
+            .clone()
+            .unwrap_or_else(|| request.name.clone());
+        let digest = daemon
+            .images
+            .push(&request.name, &target, &options, &mut |p| {
+                report(p.to_string())
+            })
+            .map_err(|e| match e {
+                capsa_image_store::StoreError::NotFound(what) => {
+                    error(ErrorCode::ImageNotFound, format!("no image {what}"))
+                }
+                other => error(
+                    ErrorCode::InvalidRequest,
+                    format!("pushing {} to {target}: {other}", request.name),
+                ),
+            })?;
+        Ok(capsa_api::PushView { target, digest })
+    })
+    .await
+}
+
 /// Checks a registry's credentials, as `docker login` does; keeps none.
 pub(super) async fn login(
     Json(request): Json<capsa_api::LoginRequest>,

@@ -84,6 +84,7 @@ fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/v1/images/pull", post(images::pull_image))
         .route("/v1/registries/login", post(images::login))
         .route("/v1/images/tag", post(system::tag_image))
+        .route("/v1/images/push", post(images::push_image))
         .route("/v1/images/prune", post(system::prune_images))
         .route("/v1/system/info", get(system::info))
         .route("/v1/system/df", get(system::disk_usage))

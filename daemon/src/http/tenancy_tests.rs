@@ -137,6 +137,11 @@ async fn a_tenant_sees_and_touches_only_what_it_made() {
             json!({"source": "app", "target": "busybox"}),
         ),
         ("POST", "/v1/images/prune", json!({})),
+        (
+            "POST",
+            "/v1/images/push",
+            json!({"name": "app", "target": "reg.example/x"}),
+        ),
         ("POST", "/v1/system/prune", json!({})),
         ("GET", "/v1/system/df", json!({})),
         // A name of the tenant's choosing for what it pulls.

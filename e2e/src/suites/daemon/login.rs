@@ -29,7 +29,7 @@ pub fn run(s: &mut Suite, d: &Capsad) -> Result<()> {
     let env = [("DOCKER_CONFIG", docker.as_os_str())];
     let reference = format!("{GUARDED}/library/busybox:latest");
     s.check(
-        "capsa login then pulls from a registry on loopback that requires it",
+        "capsa login then pulls from a registry on loopback that requires it, and pushes to it",
         || {
             let anonymous = d.capsa_in(&["image", "pull", &reference], None, &env)?;
             ensure!(
@@ -69,6 +69,28 @@ pub fn run(s: &mut Suite, d: &Capsad) -> Result<()> {
             );
             let view: ImageView = serde_json::from_str(&pulled.stdout)?;
             ensure!(view.name == reference, "{view:?}");
+            // Push, with the same login, and pull it back under that name.
+            let pushed_as = format!("{GUARDED}/team/pushed:v1");
+            let pushed = d.capsa_in(
+                &["--json", "image", "push", &reference, &pushed_as],
+                None,
+                &env,
+            )?;
+            ensure!(pushed.code == Some(0), "push: {}", pushed.describe());
+            let pushed: capsa_api::PushView = serde_json::from_str(&pushed.stdout)?;
+            ensure!(
+                pushed.digest == view.digest,
+                "pushed {pushed:?}, had {view:?}"
+            );
+            let back = d.capsa_in(&["--json", "image", "pull", &pushed_as], None, &env)?;
+            ensure!(back.code == Some(0), "pull back: {}", back.describe());
+            let back: ImageView = serde_json::from_str(&back.stdout)?;
+            ensure!(back.digest == view.digest, "{back:?}");
+            let _: serde_json::Value = d.client()?.call(
+                Method::DELETE,
+                &format!("/v1/images?name={pushed_as}"),
+                None,
+            )?;
             let logout = d.capsa_in(&["logout", GUARDED], None, &env)?;
             ensure!(logout.code == Some(0), "{}", logout.describe());
             let config: serde_json::Value =
