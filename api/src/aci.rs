@@ -118,7 +118,7 @@ struct AciContainerProperties {
     #[serde(default)]
     liveness_probe: Option<AciProbe>,
     #[serde(default)]
-    readiness_probe: Option<Value>,
+    readiness_probe: Option<AciProbe>,
     #[serde(default)]
     security_context: Option<Value>,
 }
@@ -409,15 +409,34 @@ fn map_group(group: AciGroup, problems: &mut Vec<String>) -> GroupSpec {
     }
 }
 
+/// An ACI probe as ours: exec only, one success.
+fn map_probe(probe: AciProbe, at: &str, problems: &mut Vec<String>) -> Option<Probe> {
+    unsupported(
+        problems,
+        probe.http_get.is_some(),
+        &format!("{at}.httpGet"),
+        "use exec",
+    );
+    if probe.success_threshold.is_some_and(|n| n != 1) {
+        problems.push(format!("{at}.successThreshold: only 1"));
+    }
+    let Some(exec) = probe.exec else {
+        problems.push(format!("{at}: an exec probe is needed"));
+        return None;
+    };
+    Some(Probe {
+        exec: Some(exec),
+        tcp_socket: None,
+        initial_delay_seconds: probe.initial_delay_seconds.unwrap_or(0),
+        period_seconds: probe.period_seconds.unwrap_or(10),
+        timeout_seconds: probe.timeout_seconds.unwrap_or(1),
+        failure_threshold: probe.failure_threshold.unwrap_or(3),
+    })
+}
+
 fn map_container(c: AciContainer, at: &str, problems: &mut Vec<String>) -> ContainerSpec {
     let p = c.properties;
     let at = format!("{at}.properties");
-    unsupported(
-        problems,
-        p.readiness_probe.is_some(),
-        &format!("{at}.readinessProbe"),
-        "not yet",
-    );
     unsupported(
         problems,
         p.security_context.is_some(),
@@ -463,30 +482,12 @@ fn map_container(c: AciContainer, at: &str, problems: &mut Vec<String>) -> Conta
             ),
         })
         .collect();
-    let liveness_probe = p.liveness_probe.and_then(|probe| {
-        let at = format!("{at}.livenessProbe");
-        unsupported(
-            problems,
-            probe.http_get.is_some(),
-            &format!("{at}.httpGet"),
-            "use exec",
-        );
-        if probe.success_threshold.is_some_and(|n| n != 1) {
-            problems.push(format!("{at}.successThreshold: only 1"));
-        }
-        let Some(exec) = probe.exec else {
-            problems.push(format!("{at}: an exec probe is needed"));
-            return None;
-        };
-        Some(Probe {
-            exec: Some(exec),
-            tcp_socket: None,
-            initial_delay_seconds: probe.initial_delay_seconds.unwrap_or(0),
-            period_seconds: probe.period_seconds.unwrap_or(10),
-            timeout_seconds: probe.timeout_seconds.unwrap_or(1),
-            failure_threshold: probe.failure_threshold.unwrap_or(3),
-        })
-    });
+    let liveness_probe = p
+        .liveness_probe
+        .and_then(|probe| map_probe(probe, &format!("{at}.livenessProbe"), problems));
+    let readiness_probe = p
+        .readiness_probe
+        .and_then(|probe| map_probe(probe, &format!("{at}.readinessProbe"), problems));
     ContainerSpec {
         name: c.name,
         image: p.image,
@@ -506,6 +507,7 @@ fn map_container(c: AciContainer, at: &str, problems: &mut Vec<String>) -> Conta
         volume_mounts: p.volume_mounts,
         cap_add: Vec::new(),
         liveness_probe,
+        readiness_probe,
     }
 }
 
@@ -581,6 +583,21 @@ properties:
     }
 
     #[test]
+    fn a_readiness_probe_is_ours() {
+        let with = SAMPLE.replace(
+            "        periodSeconds: 5",
+            "        periodSeconds: 5\n      readinessProbe:\n        exec: {command: [test, -f, /ready]}\n        periodSeconds: 2",
+        );
+        let spec = parse(&with).unwrap();
+        let probe = spec.containers[0].readiness_probe.as_ref().unwrap();
+        assert_eq!(probe.period_seconds, 2);
+        assert_eq!(
+            probe.exec.as_ref().unwrap().command,
+            ["test", "-f", "/ready"]
+        );
+    }
+
+    #[test]
     fn the_sample_maps_to_an_equal_group() {
         let spec = parse(SAMPLE).unwrap();
         assert_eq!(spec.name, "hello");
@@ -613,14 +630,14 @@ properties:
                 "  volumes:\n",
                 "  imageRegistryCredentials: [{server: r}]\n  volumes:\n  - name: share\n    azureFile: {shareName: s}\n",
             )
-            .replace("        periodSeconds: 5", "        periodSeconds: 5\n      readinessProbe: {}");
+            .replace("        periodSeconds: 5", "        periodSeconds: 5\n      readinessProbe: {httpGet: {path: /}}");
         let problems = parse(&bad).unwrap_err().problems;
         for field in [
             "properties.osType",
             "properties.ipAddress.dnsNameLabel",
             "properties.imageRegistryCredentials",
             "properties.volumes[0].azureFile",
-            "properties.containers[0].properties.readinessProbe",
+            "properties.containers[0].properties.readinessProbe.httpGet",
         ] {
             assert!(
                 problems.iter().any(|p| p.starts_with(field)),

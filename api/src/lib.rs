@@ -125,6 +125,9 @@ pub struct ContainerView {
     #[serde(default)]
     #[serde(alias = "restart_count")]
     pub restart_count: u32,
+    /// Running, and passing its readiness probe if it has one.
+    #[serde(default)]
+    pub ready: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

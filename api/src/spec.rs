@@ -216,6 +216,10 @@ pub struct ContainerSpec {
     /// failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub liveness_probe: Option<Probe>,
+    /// The container counts as ready (its view's `ready`, an event when
+    /// that changes) only while this passes; it is never killed for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
 }
 
 /// A health check: exactly one of exec and tcpSocket.
@@ -573,8 +577,12 @@ impl GroupSpec {
                     ));
                 }
             }
-            if let Some(probe) = &container.liveness_probe {
-                let at = format!("{at}.livenessProbe");
+            for (field, probe) in [
+                ("livenessProbe", &container.liveness_probe),
+                ("readinessProbe", &container.readiness_probe),
+            ] {
+                let Some(probe) = probe else { continue };
+                let at = format!("{at}.{field}");
                 if probe.exec.is_some() == probe.tcp_socket.is_some() {
                     problems.push(format!("{at}: give exactly one of exec and tcpSocket"));
                 }

@@ -456,6 +456,7 @@ fn run(cli: Cli) -> Result<u8> {
                     volume_mounts,
                     cap_add,
                     liveness_probe: None,
+                    readiness_probe: None,
                 }],
                 cpus: cpus.map(units::Cpus::vcpus),
                 cpu_limit: cpu_limit.or_else(|| cpus.and_then(units::Cpus::limit)),

@@ -1,6 +1,8 @@
-//! Liveness probes: a command run in the container, or a TCP connection
-//! to the group's address, every period. After `failureThreshold` failures
-//! in a row the container is killed; the restart policy decides what then.
+//! Liveness and readiness probes: a command run in the container, or a TCP
+//! connection to the group's address, every period. After
+//! `failureThreshold` failures in a row a liveness probe kills the
+//! container (the restart policy decides what then), and a readiness probe
+//! marks it unready; one success marks it ready again.
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::mpsc::channel;
@@ -10,7 +12,24 @@ use std::time::Duration;
 use capsa_api::Probe;
 use capsa_guest_client::{Guest, Streams};
 
+use crate::groups::lifecycle::Transition;
 use crate::groups::Group;
+
+impl Purpose {
+    fn word(self) -> &'static str {
+        match self {
+            Purpose::Liveness => "probe",
+            Purpose::Readiness => "ready",
+        }
+    }
+}
+
+/// What a probe's verdict does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Liveness,
+    Readiness,
+}
 
 /// Probes `container` while the run started at `started_at` lasts.
 /// `process` is the container's own, for exec probes to run as.
@@ -18,7 +37,7 @@ pub fn watch(
     group: Arc<Group>,
     guest: Arc<Guest>,
     container: String,
-    probe: Probe,
+    (probe, purpose): (Probe, Purpose),
     process: oci_spec::runtime::Process,
     started_at: u64,
 ) {
@@ -39,7 +58,7 @@ pub fn watch(
                 exec_succeeds(
                     &guest,
                     &container,
-                    format!("probe-{started_at}-{attempt}"),
+                    format!("{}-{started_at}-{attempt}", purpose.word()),
                     process,
                     timeout,
                 )
@@ -51,7 +70,24 @@ pub fn watch(
                 true
             };
             failures = if healthy { 0 } else { failures + 1 };
-            if failures >= probe.failure_threshold {
+            if purpose == Purpose::Readiness {
+                let verdict = if healthy {
+                    Some(true)
+                } else {
+                    (failures >= probe.failure_threshold).then_some(false)
+                };
+                if let Some(ready) = verdict {
+                    let noted = group.transition(Transition::Readiness {
+                        name: container.clone(),
+                        started_at,
+                        ready,
+                    });
+                    // That run is over: so is its probe.
+                    if noted.is_err() {
+                        return;
+                    }
+                }
+            } else if failures >= probe.failure_threshold {
                 group.emit(
                     Some(&container),
                     "unhealthy",

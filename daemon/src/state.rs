@@ -58,6 +58,7 @@ impl GroupRecord {
                 started_at: None,
                 finished_at: None,
                 restart_count: 0,
+                ready: false,
             })
             .collect();
         GroupRecord {

@@ -35,6 +35,13 @@ pub enum Transition {
         exit: Exit,
         at: u64,
     },
+    /// A readiness probe's verdict on the run of `name` that started at
+    /// `started_at` (a verdict on an earlier run is refused).
+    Readiness {
+        name: String,
+        started_at: u64,
+        ready: bool,
+    },
     /// The daemon itself is stopping the VM: its end is no failure.
     Stop,
     /// The VM is gone after the daemon stopped it.
@@ -177,6 +184,11 @@ impl Lifecycle {
                 if status != GroupStatus::Running {
                     return Err(not_running());
                 }
+                let probed = next
+                    .spec
+                    .containers
+                    .iter()
+                    .any(|c| c.name == name && c.readiness_probe.is_some());
                 let c = container(&mut next, &name)?;
                 let restarted = match c.status {
                     ContainerStatus::Created => false,
@@ -191,6 +203,8 @@ impl Lifecycle {
                 };
                 c.status = ContainerStatus::Running;
                 c.started_at = Some(at);
+                // Ready at once unless a readiness probe is to say so.
+                c.ready = !probed;
                 c.exit_code = None;
                 c.signal = None;
                 c.oom_killed = false;
@@ -214,10 +228,33 @@ impl Lifecycle {
                     });
                 }
                 c.status = ContainerStatus::Exited;
+                c.ready = false;
                 c.exit_code = Some(exit.code);
                 c.signal = exit.signal;
                 c.oom_killed = exit.oom_killed;
                 c.finished_at = Some(at);
+            }
+            Transition::Readiness {
+                name,
+                started_at,
+                ready,
+            } => {
+                let c = container(&mut next, &name)?;
+                if c.status != ContainerStatus::Running || c.started_at != Some(started_at) {
+                    return Err(Refused::Container {
+                        group,
+                        container: name,
+                        status: "not in that run any more",
+                    });
+                }
+                if c.ready != ready {
+                    c.ready = ready;
+                    announce.push(Announcement {
+                        container: Some(name),
+                        action: if ready { "ready" } else { "unready" },
+                        detail: None,
+                    });
+                }
             }
             Transition::Stop => self.stopping = true,
             Transition::Stopped => {
@@ -564,5 +601,47 @@ pub(crate) mod tests {
         assert!(life.apply(started("a")).is_err());
         assert!(life.apply(Transition::Boot { vmm_pid: 1, at: 1 }).is_err());
         assert_eq!(format!("{:?}", life.record()), format!("{before:?}"));
+    }
+
+    #[test]
+    fn readiness_follows_the_probe_of_the_run_it_watches() {
+        let spec = GroupSpec::parse(
+            r#"{"name":"g","containers":[
+                {"name":"a","image":"busybox","readinessProbe":{"exec":{"command":["true"]}}},
+                {"name":"b","image":"busybox"}]}"#,
+        )
+        .unwrap();
+        let mut life = Lifecycle::new(GroupRecord::new(spec));
+        life.apply(Transition::Boot { vmm_pid: 7, at: 10 }).unwrap();
+        life.apply(started("a")).unwrap();
+        life.apply(started("b")).unwrap();
+        let ready = |life: &Lifecycle, name: &str| {
+            life.record()
+                .containers
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.ready)
+        };
+        // Without a probe, running is ready; with one, not until it says.
+        assert_eq!(
+            (ready(&life, "a"), ready(&life, "b")),
+            (Some(false), Some(true))
+        );
+        let verdict = |ready: bool, started_at: u64| Transition::Readiness {
+            name: "a".into(),
+            started_at,
+            ready,
+        };
+        let events = life.apply(verdict(true, 20)).unwrap();
+        assert_eq!(actions(&events), [(Some("a"), "ready")]);
+        assert!(life.apply(verdict(true, 20)).unwrap().is_empty());
+        // A verdict on another run is refused.
+        assert!(life.apply(verdict(false, 19)).is_err());
+        let events = life.apply(verdict(false, 20)).unwrap();
+        assert_eq!(actions(&events), [(Some("a"), "unready")]);
+        life.apply(verdict(true, 20)).unwrap();
+        life.apply(exited("a", 0)).unwrap();
+        assert_eq!(ready(&life, "a"), Some(false));
+        assert!(life.apply(verdict(true, 20)).is_err());
     }
 }

@@ -326,15 +326,24 @@ impl Daemon {
             tracing::warn!("{e}");
             return Ok(copiers);
         }
-        if let Some(probe) = &container.liveness_probe {
-            crate::probes::watch(
-                group.clone(),
-                guest.clone(),
-                container.name.clone(),
-                probe.clone(),
-                spec.process().clone().unwrap_or_default(),
-                started_at,
-            );
+        let probes = [
+            (&container.liveness_probe, crate::probes::Purpose::Liveness),
+            (
+                &container.readiness_probe,
+                crate::probes::Purpose::Readiness,
+            ),
+        ];
+        for (probe, purpose) in probes {
+            if let Some(probe) = probe {
+                crate::probes::watch(
+                    group.clone(),
+                    guest.clone(),
+                    container.name.clone(),
+                    (probe.clone(), purpose),
+                    spec.process().clone().unwrap_or_default(),
+                    started_at,
+                );
+            }
         }
         Ok(copiers)
     }

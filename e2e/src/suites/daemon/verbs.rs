@@ -225,10 +225,67 @@ pub fn run(s: &mut Suite, d: &Capsad) -> Result<()> {
             Ok(format!("images: {before} then {after}"))
         },
     );
+    s.check(
+        "a readiness probe gates ready: not until it passes, ready while it does, unready again when it fails",
+        || {
+            let fixture = d.fixture("gated.yaml");
+            let created = d.capsa(&["create", "-f", &fixture.to_string_lossy()])?;
+            ensure!(created.code == Some(0), "{}", created.describe());
+            let started = d.capsa(&["start", "gated"])?;
+            ensure!(started.code == Some(0), "{}", started.describe());
+            let result = readiness(d);
+            d.delete("gated")?;
+            result
+        },
+    );
     super::copies::run(s, d);
     interactive(s, d);
     terminal(s, d);
     Ok(())
+}
+
+/// The gated group's app: unready, ready once /tmp/ready exists, unready
+/// once it is gone; each change an event.
+fn readiness(d: &Capsad) -> Result<String> {
+    let ready = || -> Result<bool> {
+        let view = d
+            .client()?
+            .call::<GroupView>(hyper::Method::GET, "/v1/groups/gated", None)?;
+        Ok(view.containers.iter().any(|c| c.name == "app" && c.ready))
+    };
+    let until = |wanted: bool| -> Result<Duration> {
+        let began = Instant::now();
+        while ready()? != wanted {
+            ensure!(
+                began.elapsed() < Duration::from_secs(20),
+                "app not {} within 20 s",
+                if wanted { "ready" } else { "unready" }
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(began.elapsed())
+    };
+    // Periods of 1 s: three of them fail before the file is there.
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(!ready()?, "ready before its probe passed");
+    let touched = d.capsa(&["exec", "gated", "touch", "/tmp/ready"])?;
+    ensure!(touched.code == Some(0), "{}", touched.describe());
+    let became_ready = until(true)?;
+    let removed = d.capsa(&["exec", "gated", "rm", "/tmp/ready"])?;
+    ensure!(removed.code == Some(0), "{}", removed.describe());
+    let became_unready = until(false)?;
+    let events: Vec<String> = d
+        .seen()
+        .into_iter()
+        .filter(|e| e.group == "gated" && matches!(e.action.as_str(), "ready" | "unready"))
+        .map(|e| e.action)
+        .collect();
+    ensure!(events == ["ready", "unready"], "events: {events:?}");
+    Ok(format!(
+        "ready {} ms after the file, unready {} ms after its removal",
+        became_ready.as_millis(),
+        became_unready.as_millis()
+    ))
 }
 
 /// Waits until group `name` is gone, for up to `patience`.
