@@ -10,7 +10,7 @@ pub const REQUEST_HEADER: &str = "capsa-exec";
 /// A frame's payload is never longer than this.
 pub const MAX_FRAME: usize = 1 << 20;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct ExecRequest {
     pub command: Vec<String>,
     /// Run it on a terminal (stdout carries it; there is no stderr).

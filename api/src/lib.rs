@@ -4,6 +4,7 @@
 
 pub mod aci;
 pub mod exec;
+pub mod openapi;
 pub mod rate;
 pub mod signal;
 pub mod spec;
@@ -22,8 +23,9 @@ pub use spec::{
 pub const API_PREFIX: &str = "/v1";
 
 /// `GET /v1/version`: capsad's version, and who the caller is to it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Version")]
 pub struct VersionView {
     pub version: String,
     /// The API's path prefix without its slash ("v1").
@@ -34,7 +36,8 @@ pub struct VersionView {
 
 /// Every error the API returns: a stable code for programs and a message
 /// for people.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename = "Error")]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
@@ -43,7 +46,7 @@ pub struct ApiError {
     pub details: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     InvalidSpec,
@@ -86,7 +89,7 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupStatus {
     Created,
@@ -95,7 +98,7 @@ pub enum GroupStatus {
     Failed,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ContainerStatus {
     Created,
@@ -105,8 +108,9 @@ pub enum ContainerStatus {
 
 /// Also the daemon's record of a container on disk: records written
 /// before the API's one casing (snake_case fields) still load.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Container")]
 pub struct ContainerView {
     pub name: String,
     pub image: String,
@@ -130,8 +134,9 @@ pub struct ContainerView {
     pub ready: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Group")]
 pub struct GroupView {
     pub name: String,
     pub status: GroupStatus,
@@ -157,8 +162,9 @@ pub struct GroupView {
 }
 
 /// A named persistent volume.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Volume")]
 pub struct VolumeView {
     pub name: String,
     pub size_bytes: u64,
@@ -169,8 +175,9 @@ pub struct VolumeView {
 }
 
 /// A group network.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Network")]
 pub struct NetworkView {
     pub name: String,
     pub subnet: String,
@@ -186,7 +193,7 @@ pub struct NetworkView {
 
 /// Creates a network; its subnet is the first free /24 of 10.89.0.0/16
 /// unless given, and it has egress unless told not to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkRequest {
     pub name: String,
@@ -197,21 +204,22 @@ pub struct NetworkRequest {
 }
 
 /// Creates a volume, or grows one to `size_mib`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VolumeRequest {
     pub name: String,
     pub size_mib: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VolumeGrowRequest {
     pub size_mib: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Image")]
 pub struct ImageView {
     pub name: String,
     pub digest: String,
@@ -219,7 +227,7 @@ pub struct ImageView {
     pub layers: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImportRequest {
     /// An OCI layout directory, an oci-archive tar or a docker-save tar,
@@ -229,7 +237,7 @@ pub struct ImportRequest {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PullRequest {
     /// `[registry/]repository[:tag|@digest]`.
@@ -244,7 +252,7 @@ pub struct PullRequest {
 }
 
 /// `POST /v1/images/push`: an image of the store to a registry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PushRequest {
     pub name: String,
@@ -260,8 +268,9 @@ pub struct PushRequest {
     pub insecure: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Push")]
 pub struct PushView {
     pub target: String,
     /// The manifest's digest.
@@ -269,7 +278,7 @@ pub struct PushView {
 }
 
 /// `POST /v1/images/tag`: another name for an image of the store.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TagRequest {
     pub source: String,
@@ -277,8 +286,9 @@ pub struct TagRequest {
 }
 
 /// What a prune removed.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Prune")]
 pub struct PruneView {
     /// Groups deleted (stopped or failed ones; `system prune`).
     pub groups: Vec<String>,
@@ -289,8 +299,9 @@ pub struct PruneView {
 }
 
 /// `GET /v1/system/df`: what the host's disk holds for capsad.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "DiskUsage")]
 pub struct DiskUsageView {
     pub images: u64,
     /// Bytes of the store's blobs.
@@ -311,8 +322,9 @@ pub struct DiskUsageView {
 
 /// `GET /v1/system/info`: capsad and what it runs; a tenant sees its own
 /// share and its quota.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "SystemInfo")]
 pub struct SystemInfoView {
     pub version: String,
     /// The caller's tenant; none for the host's admin.
@@ -333,8 +345,9 @@ pub struct SystemInfoView {
     pub memory_budget_mib: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Quota")]
 pub struct QuotaView {
     pub groups: Option<u64>,
     pub vcpus: Option<u64>,
@@ -344,7 +357,7 @@ pub struct QuotaView {
 
 /// `POST /v1/registries/login`: whether a registry takes these
 /// credentials (capsad keeps none: each pull carries its own).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LoginRequest {
     /// host[:port], or `docker.io`.
@@ -356,8 +369,9 @@ pub struct LoginRequest {
     pub insecure: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Login")]
 pub struct LoginView {
     pub registry: String,
     pub username: String,
@@ -370,8 +384,9 @@ pub const PROGRESS_MEDIA_TYPE: &str = "application/x-ndjson";
 /// One line of a long operation's response stream (JSON lines), for a
 /// client that accepts PROGRESS_MEDIA_TYPE: progress, then the result or
 /// the error.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
+#[schemars(rename = "ProgressEvent")]
 pub enum ProgressEvent<T> {
     Progress(String),
     /// Bytes of one blob moved so far (pulls and imports).
@@ -380,7 +395,7 @@ pub enum ProgressEvent<T> {
     Error(ApiError),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Transfer {
     /// The blob's digest.
@@ -389,8 +404,9 @@ pub struct Transfer {
     pub total: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Exit")]
 pub struct WaitResponse {
     pub exit_code: i32,
     pub signal: Option<i32>,
@@ -400,8 +416,9 @@ pub struct WaitResponse {
 /// One line of a container's log, as stored and as `logs` streams it
 /// (JSON lines).
 /// One process of a running container (`capsa top`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "Process")]
 pub struct ProcessView {
     /// As the container sees it.
     pub pid: u32,
@@ -411,7 +428,7 @@ pub struct ProcessView {
     pub command: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LogLine {
     /// Unix milliseconds when the daemon received it.
@@ -425,7 +442,7 @@ pub struct LogLine {
 }
 
 /// Something that happened to a group, as `GET /v1/events` streams it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Event {
     /// Unix milliseconds.
@@ -441,7 +458,7 @@ pub struct Event {
 
 /// What a group uses now: its VMM on the host, and each running
 /// container's cgroup in the guest.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupStats {
     pub group: String,
@@ -470,7 +487,7 @@ pub struct GroupStats {
     pub containers: Vec<ContainerStats>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerStats {
     pub name: String,

@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 pub const MIN_BYTES_PER_SEC: u64 = 64 << 10;
 pub const MAX_BURST_MS: u32 = 60_000;
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(rename = "RateLimit")]
 pub struct RateLimitSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_per_sec: Option<u64>,
