@@ -60,7 +60,7 @@ pub fn usual_secs(name: &str) -> u64 {
         "images" => 225,
         "logs" => 120,
         "conformance" => 70,
-        "networks" => 200,
+        "networks" => 240,
         "shim" => 185,
         "cri" => 150,
         "cycles" => 350,

@@ -288,6 +288,43 @@ fn readiness(d: &Capsad) -> Result<String> {
     ))
 }
 
+/// What each thread of process `pid` is doing: its name, state, kernel
+/// wait channel and system call, for a process that does not end.
+fn threads_of(pid: &str) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("no process {pid}");
+    };
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    tasks
+        .flatten()
+        .map(|task| {
+            let dir = task.path();
+            let state = read(dir.join("stat"))
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.split(' ').next())
+                .unwrap_or("?")
+                .to_string();
+            format!(
+                "[{} {} {state} wchan={} syscall={}]",
+                task.file_name().to_string_lossy(),
+                read(dir.join("comm")),
+                read(dir.join("wchan")),
+                read(dir.join("syscall"))
+                    .split(' ')
+                    .next()
+                    .unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Waits until group `name` is gone, for up to `patience`.
 fn gone(d: &Capsad, name: &str, patience: Duration) -> Result<Duration> {
     let started = Instant::now();
@@ -442,9 +479,15 @@ fn terminal(s: &mut Suite, d: &Capsad) {
             };
             // capture-pane drops a line's trailing blanks: "/ # " is "/ #".
             let prompts = |screen: &str| screen.lines().filter(|l| l.starts_with("/ #")).count();
+            // A shell of its own waits for capsa and writes its status down:
+            // tmux's pane_dead was seen to stay 0 after capsa had exited (a
+            // zombie tmux did not reap), so the status comes from the file.
+            let status_file = d.work.join("tty-status");
+            let _ = std::fs::remove_file(&status_file);
             let command = format!(
-                "{} run -it --rm --name tty busybox sh",
-                d.artifacts.path("capsa").display()
+                "sh -c '{} run -it --rm --name tty busybox sh; echo $? > {}'",
+                d.artifacts.path("capsa").display(),
+                status_file.display()
             );
             tmux(&[
                 "-f", "/dev/null", "new-session", "-d", "-x", "100", "-y", "30", &command, ";",
@@ -467,9 +510,10 @@ fn terminal(s: &mut Suite, d: &Capsad) {
                 tmux(&["send-keys", "exit 7", "Enter"])?;
                 let deadline = Instant::now() + Duration::from_secs(60);
                 let status = loop {
-                    let dead = tmux(&["display", "-p", "#{pane_dead} #{pane_dead_status}"])?;
-                    if let Some(status) = dead.trim().strip_prefix("1 ") {
-                        break status.to_string();
+                    if let Ok(status) = std::fs::read_to_string(&status_file) {
+                        if status.ends_with('\n') {
+                            break status.trim().to_string();
+                        }
                     }
                     if Instant::now() >= deadline {
                         let group = d
@@ -477,8 +521,17 @@ fn terminal(s: &mut Suite, d: &Capsad) {
                             .call::<GroupView>(hyper::Method::GET, "/v1/groups/tty", None)
                             .map(|g| format!("{:?}, containers {:?}", g.status, g.containers))
                             .unwrap_or_else(|e| format!("{e:#}"));
+                        let shell = tmux(&["display", "-p", "#{pane_pid}"])?;
+                        let shell = shell.trim();
+                        let children = std::fs::read_to_string(format!(
+                            "/proc/{shell}/task/{shell}/children"
+                        ))
+                        .unwrap_or_default();
+                        let threads: Vec<String> =
+                            children.split_whitespace().map(threads_of).collect();
                         anyhow::bail!(
-                            "capsa still running 60 s after exit 7; the group: {group}; the screen:\n{}",
+                            "capsa still running 60 s after exit 7; the group: {group}; its threads: {}; the screen:\n{}",
+                            threads.join(" "),
                             screen()?
                         );
                     }
