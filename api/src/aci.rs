@@ -72,7 +72,7 @@ struct AciProperties {
     #[serde(default)]
     volumes: Vec<AciVolume>,
     #[serde(default)]
-    init_containers: Vec<Value>,
+    init_containers: Vec<AciContainer>,
     #[serde(default)]
     sku: Option<String>,
     // Known, and not run by Capsa: each is an error when given.
@@ -263,12 +263,6 @@ fn map_group(group: AciGroup, problems: &mut Vec<String>) -> GroupSpec {
             "an Azure service setting",
         );
     }
-    unsupported(
-        problems,
-        !p.init_containers.is_empty(),
-        "properties.initContainers",
-        "not yet",
-    );
     if let Some(os) = p.os_type.as_deref() {
         if !os.eq_ignore_ascii_case("linux") {
             problems.push(format!("{at}.osType: {os:?}: only Linux containers run"));
@@ -318,6 +312,13 @@ fn map_group(group: AciGroup, problems: &mut Vec<String>) -> GroupSpec {
         })
         .collect();
     let (mut cpus, mut memory_mib) = (0.0f64, 0u64);
+    // Run before the containers; their resources are the group's.
+    let init_containers: Vec<ContainerSpec> = p
+        .init_containers
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| map_container(c, &format!("{at}.initContainers[{i}]"), problems))
+        .collect();
     let mut containers: Vec<ContainerSpec> = p
         .containers
         .into_iter()
@@ -395,6 +396,7 @@ fn map_group(group: AciGroup, problems: &mut Vec<String>) -> GroupSpec {
     GroupSpec {
         name: group.name,
         containers,
+        init_containers,
         cpus: Some((cpus.ceil() as u8).max(1)),
         memory_mib: (memory_mib > 0).then_some(memory_mib),
         cpu_limit: None,
@@ -580,6 +582,21 @@ properties:
         let value: Value = serde_yaml_ng::from_str(text).unwrap();
         assert!(is_aci(&value));
         group_spec(value)
+    }
+
+    #[test]
+    fn init_containers_are_ours() {
+        let with = SAMPLE.replace(
+            "  containers:\n",
+            "  initContainers:\n  - name: setup\n    properties:\n      image: busybox\n      command: [touch, /ready]\n  containers:\n",
+        );
+        let spec = parse(&with).unwrap();
+        assert_eq!(spec.init_containers.len(), 1);
+        assert_eq!(spec.init_containers[0].name, "setup");
+        assert_eq!(
+            spec.init_containers[0].command.as_deref(),
+            Some(&["touch".to_string(), "/ready".to_string()][..])
+        );
     }
 
     #[test]

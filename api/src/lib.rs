@@ -155,6 +155,9 @@ pub struct GroupView {
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub containers: Vec<ContainerView>,
+    /// The init containers' runs at the last start, in their order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<ContainerView>,
     pub labels: std::collections::BTreeMap<String, String>,
     /// The spec it was created from, whole: `capsa create -f` takes it
     /// (or this whole view) back.

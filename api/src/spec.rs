@@ -66,6 +66,11 @@ pub struct GroupSpec {
     /// whether or not a client is still there.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auto_remove: bool,
+    /// Run one after another to completion, each exiting 0, before the
+    /// containers start, at each start of the group (Kubernetes' and ACI's
+    /// initContainers); one that fails fails the start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<ContainerSpec>,
 }
 
 /// The network of a group whose spec names none.
@@ -449,6 +454,11 @@ impl GroupSpec {
     }
 
     /// The network the group joins.
+    /// The init containers, then the containers: all a start runs.
+    pub fn all_containers(&self) -> impl Iterator<Item = &ContainerSpec> {
+        self.init_containers.iter().chain(&self.containers)
+    }
+
     pub fn network(&self) -> &str {
         self.network.as_deref().unwrap_or(DEFAULT_NETWORK)
     }
@@ -517,8 +527,34 @@ impl GroupSpec {
         let volumes = self.validate_volumes(&mut problems);
         let mut seen = std::collections::BTreeSet::new();
         let mut published = std::collections::BTreeSet::new();
-        for (i, container) in self.containers.iter().enumerate() {
-            let at = format!("containers[{i}]");
+        for (i, init) in self.init_containers.iter().enumerate() {
+            let at = format!("initContainers[{i}]");
+            for (given, field) in [
+                (init.liveness_probe.is_some(), "livenessProbe"),
+                (init.readiness_probe.is_some(), "readinessProbe"),
+                (!init.ports.is_empty(), "ports"),
+                (init.stdin, "stdin"),
+                (init.tty, "tty"),
+            ] {
+                if given {
+                    problems.push(format!(
+                        "{at}.{field}: an init container runs to its end unattended, without it"
+                    ));
+                }
+            }
+        }
+        let all = self
+            .init_containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("initContainers[{i}]"), c))
+            .chain(
+                self.containers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (format!("containers[{i}]"), c)),
+            );
+        for (at, container) in all {
             if !valid_name(&container.name) {
                 problems.push(format!(
                     "{at}.name: {:?} is not a valid name",

@@ -469,6 +469,7 @@ fn run(cli: Cli) -> Result<u8> {
                 network_rate_limit: None,
                 network,
                 auto_remove: rm,
+                init_containers: Vec::new(),
             };
             create_pulling(&client, &spec, &image, pull)?;
             // Attached, the exit and the output are asked for before the

@@ -41,26 +41,27 @@ pub struct GroupRecord {
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub containers: Vec<ContainerRecord>,
+    /// The init containers' runs at the last start.
+    #[serde(default)]
+    pub init_containers: Vec<ContainerRecord>,
 }
 
 impl GroupRecord {
     pub fn new(spec: GroupSpec) -> Self {
-        let containers = spec
-            .containers
-            .iter()
-            .map(|c| ContainerRecord {
-                name: c.name.clone(),
-                image: c.image.clone(),
-                status: ContainerStatus::Created,
-                exit_code: None,
-                signal: None,
-                oom_killed: false,
-                started_at: None,
-                finished_at: None,
-                restart_count: 0,
-                ready: false,
-            })
-            .collect();
+        let record = |c: &capsa_api::ContainerSpec| ContainerRecord {
+            name: c.name.clone(),
+            image: c.image.clone(),
+            status: ContainerStatus::Created,
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            started_at: None,
+            finished_at: None,
+            restart_count: 0,
+            ready: false,
+        };
+        let containers = spec.containers.iter().map(record).collect();
+        let init_containers = spec.init_containers.iter().map(record).collect();
         GroupRecord {
             spec,
             status: GroupStatus::Created,
@@ -72,6 +73,7 @@ impl GroupRecord {
             created_at: now_ms(),
             started_at: None,
             containers,
+            init_containers,
         }
     }
 
@@ -94,6 +96,7 @@ impl GroupRecord {
             started_at: self.started_at,
             labels: self.spec.labels.clone(),
             containers: self.containers.clone(),
+            init_containers: self.init_containers.clone(),
             spec: self.spec.clone(),
         }
     }

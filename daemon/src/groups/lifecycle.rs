@@ -35,6 +35,13 @@ pub enum Transition {
         exit: Exit,
         at: u64,
     },
+    /// An init container ran to its end at this start.
+    InitExited {
+        name: String,
+        exit: Exit,
+        started_at: u64,
+        at: u64,
+    },
     /// A readiness probe's verdict on the run of `name` that started at
     /// `started_at` (a verdict on an earlier run is refused).
     Readiness {
@@ -170,7 +177,7 @@ impl Lifecycle {
                 next.error = None;
                 next.vmm_pid = Some(vmm_pid);
                 next.started_at = Some(at);
-                for c in &mut next.containers {
+                for c in next.containers.iter_mut().chain(&mut next.init_containers) {
                     c.status = ContainerStatus::Created;
                     c.exit_code = None;
                     c.signal = None;
@@ -233,6 +240,33 @@ impl Lifecycle {
                 c.signal = exit.signal;
                 c.oom_killed = exit.oom_killed;
                 c.finished_at = Some(at);
+            }
+            Transition::InitExited {
+                name,
+                exit,
+                started_at,
+                at,
+            } => {
+                if status != GroupStatus::Running {
+                    return Err(not_running());
+                }
+                let Some(c) = next.init_containers.iter_mut().find(|c| c.name == name) else {
+                    return Err(Refused::NoContainer {
+                        group,
+                        container: name,
+                    });
+                };
+                c.status = ContainerStatus::Exited;
+                c.started_at = Some(started_at);
+                c.exit_code = Some(exit.code);
+                c.signal = exit.signal;
+                c.oom_killed = exit.oom_killed;
+                c.finished_at = Some(at);
+                announce.push(Announcement {
+                    container: Some(name),
+                    action: "init-exited",
+                    detail: Some(format!("exit {}", exit.code)),
+                });
             }
             Transition::Readiness {
                 name,
@@ -643,5 +677,51 @@ pub(crate) mod tests {
         life.apply(exited("a", 0)).unwrap();
         assert_eq!(ready(&life, "a"), Some(false));
         assert!(life.apply(verdict(true, 20)).is_err());
+    }
+
+    #[test]
+    fn init_containers_are_recorded_apart_and_reset_at_each_boot() {
+        let spec = GroupSpec::parse(
+            r#"{"name":"g","initContainers":[{"name":"setup","image":"busybox"}],
+                "containers":[{"name":"a","image":"busybox"}]}"#,
+        )
+        .unwrap();
+        let mut life = Lifecycle::new(GroupRecord::new(spec));
+        let init_exit = |code| Transition::InitExited {
+            name: "setup".into(),
+            exit: Exit { code, ..EXIT_0 },
+            started_at: 11,
+            at: 12,
+        };
+        // Not while the group does not run.
+        assert!(life.apply(init_exit(0)).is_err());
+        life.apply(Transition::Boot { vmm_pid: 7, at: 10 }).unwrap();
+        let events = life.apply(init_exit(3)).unwrap();
+        assert_eq!(actions(&events), [(Some("setup"), "init-exited")]);
+        let setup = &life.record().init_containers[0];
+        assert_eq!(
+            (setup.status, setup.exit_code),
+            (ContainerStatus::Exited, Some(3))
+        );
+        // An init container is none of the group's containers.
+        assert_eq!(life.record().containers.len(), 1);
+        assert!(life
+            .apply(Transition::InitExited {
+                name: "a".into(),
+                exit: EXIT_0,
+                started_at: 1,
+                at: 2
+            })
+            .is_err());
+        life.apply(Transition::Fail {
+            error: "init failed".into(),
+        })
+        .unwrap();
+        life.apply(Transition::Boot { vmm_pid: 8, at: 20 }).unwrap();
+        let setup = &life.record().init_containers[0];
+        assert_eq!(
+            (setup.status, setup.exit_code),
+            (ContainerStatus::Created, None)
+        );
     }
 }

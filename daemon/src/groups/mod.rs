@@ -267,8 +267,7 @@ impl Daemon {
             let record = group.snapshot();
             let uses = record
                 .spec
-                .containers
-                .iter()
+                .all_containers()
                 .any(|c| capsa_image_store::normalize_name(&c.image).is_ok_and(|n| n == name));
             uses.then(|| format!("group {}", record.spec.name))
         })
@@ -302,6 +301,11 @@ impl Daemon {
         for (i, container) in spec.containers.iter().enumerate() {
             if let Err(e) = self.images.summary(&container.image) {
                 missing.push(format!("containers[{i}].image: {e}"));
+            }
+        }
+        for (i, container) in spec.init_containers.iter().enumerate() {
+            if let Err(e) = self.images.summary(&container.image) {
+                missing.push(format!("initContainers[{i}].image: {e}"));
             }
         }
         if !missing.is_empty() {
@@ -481,10 +485,11 @@ impl Daemon {
     /// Whether `container` of `name` has exited (its log is then complete).
     pub fn wait_done(&self, name: &str, container: &str) -> bool {
         self.group(name).is_ok_and(|group| {
-            group
-                .snapshot()
+            let record = group.snapshot();
+            record
                 .containers
                 .iter()
+                .chain(&record.init_containers)
                 .any(|c| c.name == container && c.status == ContainerStatus::Exited)
         })
     }
@@ -492,10 +497,11 @@ impl Daemon {
     /// The log file of a container, checking both exist.
     pub fn log_path(&self, name: &str, container: &str) -> Result<(PathBuf, Arc<Group>), ApiError> {
         let group = self.group(name)?;
-        if !group
-            .snapshot()
+        let record = group.snapshot();
+        if !record
             .containers
             .iter()
+            .chain(&record.init_containers)
             .any(|c| c.name == container)
         {
             return Err(no_container(name, container));

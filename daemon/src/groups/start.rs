@@ -41,8 +41,7 @@ impl Daemon {
         let images = group
             .snapshot()
             .spec
-            .containers
-            .iter()
+            .all_containers()
             .map(|c| Ok((c.name.clone(), self.open_image(&c.image)?)))
             .collect::<Result<Vec<_>, ApiError>>()?;
         let layer_disks = layers::disks(&self.layer_images, &images, report)?;
@@ -217,6 +216,9 @@ impl Daemon {
             .setup_sandbox(&self.sandbox_request(&record, volumes))
             .map_err(|e| guest_failed(&group.paths.console(), "setting up the sandbox", e))?;
         group.lock().sandbox = Some(Arc::new(sandbox));
+        for init in &record.spec.init_containers {
+            self.run_init(group, &guest, init, report)?;
+        }
         for container in &record.spec.containers {
             let copiers = self.launch(group, &guest, container, report)?;
             restart::watch_container(
@@ -273,6 +275,68 @@ impl Daemon {
             });
         }
         sandbox
+    }
+
+    /// Runs an init container to its end, its output going to its log; an
+    /// exit other than 0 fails the start.
+    fn run_init(
+        &self,
+        group: &Arc<Group>,
+        guest: &Arc<Guest>,
+        container: &ContainerSpec,
+        report: &mut dyn FnMut(String),
+    ) -> Result<(), ApiError> {
+        let console = group.paths.console();
+        let console = console.as_path();
+        let name = &container.name;
+        let failed = |what: String| move |e| guest_failed(console, &what, e);
+        let image = self.open_image(&container.image)?;
+        let disks = layers::serials(&image)?;
+        let spec = oci::spec_for(&image, container, &group.name()).map_err(internal)?;
+        guest
+            .create_on_disks(name, &disks, &spec, Streams::OUTPUT)
+            .map_err(failed(format!("init container {name}")))?;
+        let copiers = attach_logs(group, guest, container)?;
+        guest
+            .start(name)
+            .map_err(failed(format!("init container {name}")))?;
+        report(format!("init container {name} started"));
+        let started_at = now_ms();
+        let ended = guest
+            .wait(name, "")
+            .map_err(failed(format!("init container {name}")))?;
+        // Its whole output is in its log before its exit is told.
+        for copier in copiers {
+            let _ = copier.join();
+        }
+        let exit = super::lifecycle::Exit {
+            code: ended.code,
+            signal: (ended.signal != 0).then_some(ended.signal),
+            oom_killed: ended.oom_killed,
+        };
+        group
+            .transition(Transition::InitExited {
+                name: name.clone(),
+                exit,
+                started_at,
+                at: now_ms(),
+            })
+            .map_err(refused)?;
+        // Its memory back to the guest; a failure here changes nothing.
+        let _ = guest.delete(name);
+        if exit.code != 0 || exit.signal.is_some() {
+            return Err(crate::errors::error(
+                capsa_api::ErrorCode::Conflict,
+                format!(
+                    "init container {name} exited {}{}: the containers were not started",
+                    exit.code,
+                    exit.signal
+                        .map_or(String::new(), |s| format!(" (signal {s})"))
+                ),
+            ));
+        }
+        report(format!("init container {name} exited 0"));
+        Ok(())
     }
 
     /// Creates and starts one container in the guest, its output going to

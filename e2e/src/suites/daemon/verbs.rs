@@ -238,6 +238,63 @@ pub fn run(s: &mut Suite, d: &Capsad) -> Result<()> {
             result
         },
     );
+    s.check(
+        "init containers run one after another before the containers, and one that fails fails the start",
+        || {
+            let fixture = d.fixture("init.yaml");
+            let created = d.capsa(&["create", "-f", &fixture.to_string_lossy()])?;
+            ensure!(created.code == Some(0), "{}", created.describe());
+            let started = d.capsa(&["start", "inited"]);
+            let exit = d.wait("inited", "main");
+            let logs = d.capsa(&["logs", "inited/main"]);
+            let first = d.capsa(&["logs", "inited/first"]);
+            let view = d
+                .client()?
+                .call::<GroupView>(hyper::Method::GET, "/v1/groups/inited", None);
+            d.delete("inited")?;
+            let started = started?;
+            ensure!(started.code == Some(0), "start: {}", started.describe());
+            ensure!(exit?.exit_code == 0, "main did not exit 0");
+            logs?.exited_with(0, &["made-by-first", "and-second"])?;
+            first?.exited_with(0, &["first-ran"])?;
+            let view = view?;
+            let inits: Vec<(&str, Option<i32>)> = view
+                .init_containers
+                .iter()
+                .map(|c| (c.name.as_str(), c.exit_code))
+                .collect();
+            ensure!(
+                inits == [("first", Some(0)), ("second", Some(0))],
+                "{inits:?}"
+            );
+            // A failing one: the start fails, saying which, and main never runs.
+            let failing = std::fs::read_to_string(&fixture)?
+                .replace("name: inited", "name: inited-bad")
+                .replace("echo and-second >> /shared/note", "exit 3");
+            let bad = d.work.join("init-bad.yaml");
+            std::fs::write(&bad, failing)?;
+            let created = d.capsa(&["create", "-f", &bad.to_string_lossy()])?;
+            ensure!(created.code == Some(0), "{}", created.describe());
+            let refused = d.capsa(&["start", "inited-bad"])?;
+            let view = d
+                .client()?
+                .call::<GroupView>(hyper::Method::GET, "/v1/groups/inited-bad", None);
+            d.delete("inited-bad")?;
+            ensure!(
+                refused.code != Some(0)
+                    && refused.stderr.contains("init container second exited 3"),
+                "{}",
+                refused.describe()
+            );
+            let view = view?;
+            ensure!(
+                view.containers.iter().all(|c| c.started_at.is_none()),
+                "main ran: {:?}",
+                view.containers
+            );
+            Ok(format!("main read both notes; the failing start: {}", refused.stderr.trim()))
+        },
+    );
     super::copies::run(s, d);
     interactive(s, d);
     terminal(s, d);
