@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use capsa_e2e::report::Progress;
 use capsa_e2e::suite::Suite;
 use capsa_e2e::suites::{self, Options};
 use capsa_e2e::vm::Artifacts;
@@ -37,10 +38,20 @@ struct Args {
     /// emulation's; the runner passes 0 on real KVM).
     #[arg(long, default_value_t = 0)]
     allowed_hangs: u32,
+    /// Pick SUITE up after the steps an earlier run did and checked
+    /// (`SUITE=DONE:HUNG`, from that run's progress line; repeatable).
+    #[arg(long, value_name = "SUITE=DONE:HUNG", value_parser = parse_resume)]
+    resume: Vec<(String, Progress)>,
     /// Report an emulation fault in this suite before its checks, as the
     /// runner's retry is shown with (`xtask e2e --force-fault`).
     #[arg(long, value_name = "SUITE")]
     force_fault: Option<String>,
+}
+
+fn parse_resume(text: &str) -> Result<(String, Progress), String> {
+    text.split_once('=')
+        .and_then(|(suite, at)| Some((suite.to_string(), Progress::from_arg(at)?)))
+        .ok_or_else(|| format!("{text:?} is not SUITE=DONE:HUNG"))
 }
 
 fn main() -> ExitCode {
@@ -64,6 +75,7 @@ fn main() -> ExitCode {
     let options = Options {
         bulk_bytes: args.bulk_bytes,
         allowed_hangs: args.allowed_hangs,
+        resume: args.resume.iter().cloned().collect(),
     };
     capsa_e2e::suite::spawn_heartbeat();
     let mut out = std::io::stdout();

@@ -25,6 +25,11 @@ pub enum Line {
         suite: String,
         fault: String,
     },
+    /// How far a suite that can pick up where it stopped has come: its
+    /// first `done` steps ran and were checked, and `hung` of their
+    /// microVMs stopped answering (the nested emulation's). A run after a
+    /// freeze starts after them (`capsa-e2e --resume`).
+    Progress(ProgressLine),
     SuiteStart {
         suite_start: String,
     },
@@ -32,6 +37,36 @@ pub enum Line {
         suite_end: String,
         ms: u64,
     },
+}
+
+/// A point a suite can be picked up from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u32,
+    pub hung: u32,
+}
+
+/// A suite's progress, as printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressLine {
+    pub suite: String,
+    #[serde(flatten)]
+    pub at: Progress,
+}
+
+impl Progress {
+    /// `DONE:HUNG`, as `capsa-e2e --resume SUITE=DONE:HUNG` takes it.
+    pub fn to_arg(&self) -> String {
+        format!("{}:{}", self.done, self.hung)
+    }
+
+    pub fn from_arg(text: &str) -> Option<Progress> {
+        let (done, hung) = text.split_once(':')?;
+        Some(Progress {
+            done: done.parse().ok()?,
+            hung: hung.parse().ok()?,
+        })
+    }
 }
 
 impl Line {
@@ -68,6 +103,10 @@ mod tests {
                 suite: "agent".into(),
                 fault: "a microVM triple-faulted".into(),
             },
+            Line::Progress(ProgressLine {
+                suite: "cycles".into(),
+                at: Progress { done: 20, hung: 1 },
+            }),
             Line::SuiteStart {
                 suite_start: "devices".into(),
             },
@@ -79,6 +118,14 @@ mod tests {
         for line in lines {
             assert_eq!(Line::parse(&line.to_json()), Some(line));
         }
+    }
+
+    #[test]
+    fn a_resume_point_reads_back_from_its_argument() {
+        let at = Progress { done: 30, hung: 2 };
+        assert_eq!(Progress::from_arg(&at.to_arg()), Some(at));
+        assert_eq!(Progress::from_arg("30"), None);
+        assert_eq!(Progress::from_arg("x:1"), None);
     }
 
     #[test]

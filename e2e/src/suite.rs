@@ -131,6 +131,14 @@ impl<'a> Suite<'a> {
         let _ = self.out.flush();
     }
 
+    /// Says how far the suite has come (see `report::Progress`).
+    pub fn progress(&mut self, at: crate::report::Progress) {
+        self.print(&Line::Progress(crate::report::ProgressLine {
+            suite: self.name.to_string(),
+            at,
+        }));
+    }
+
     /// Whether `check` is to run.
     pub fn wants(&self, check: &str) -> bool {
         self.only.is_none_or(|only| only == check)

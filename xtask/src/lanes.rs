@@ -10,6 +10,8 @@ use std::sync::{Condvar, Mutex};
 
 use anyhow::Result;
 
+use capsa_e2e::report::Progress;
+
 use crate::outcome::Outcomes;
 
 /// Each lane's first suites: the heaviest first to the lane with the least
@@ -47,9 +49,11 @@ struct Shared {
     stopped: bool,
 }
 
-/// One run of an outer machine: its number, its suites, and whether it is
-/// its lane's first; returns what it printed.
-pub type RunOnce<'a> = dyn Fn(u32, &[String], bool) -> Result<String> + Sync + 'a;
+/// One run of an outer machine: its number, its suites, whether it is its
+/// lane's first, and where suites an earlier run got partway through pick
+/// up; returns what it printed.
+pub type RunOnce<'a> =
+    dyn Fn(u32, &[String], bool, &[(String, Progress)]) -> Result<String> + Sync + 'a;
 
 /// Runs every suite of `outcomes` to its end over `first.len()` lanes,
 /// each lane starting with its batch of `first`.
@@ -105,7 +109,7 @@ fn lane(
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
     let mut claimed = Some(first);
     loop {
-        let (number, batch, is_first) = {
+        let (number, batch, is_first, resume) = {
             let mut s = lock();
             let is_first = claimed.is_some();
             let batch = match claimed.take() {
@@ -131,9 +135,10 @@ fn lane(
                 return Ok(());
             }
             s.next_run += 1;
-            (s.next_run - 1, batch, is_first)
+            let resume = s.outcomes.resume_points(&batch);
+            (s.next_run - 1, batch, is_first, resume)
         };
-        let printed = run_once(number, &batch, is_first);
+        let printed = run_once(number, &batch, is_first, &resume);
         let mut s = lock();
         match printed {
             Ok(log) => {
@@ -213,14 +218,15 @@ mod tests {
         let first = vec![names(&["boot", "agent"]), names(&["cycles"])];
         let runs = Mutex::new(Vec::new());
         let cycles_ran = std::sync::atomic::AtomicBool::new(false);
-        let once = |n: u32, suites: &[String], _first: bool| -> Result<String> {
-            runs.lock().unwrap().push((n, suites.to_vec()));
-            // cycles is hit by a fault in its first run only (whichever
-            // number that run got: the lanes' threads start in any order).
-            let first_cycles =
-                suites == ["cycles"] && !cycles_ran.swap(true, std::sync::atomic::Ordering::SeqCst);
-            Ok(ran(suites, if first_cycles { &["cycles"] } else { &[] }))
-        };
+        let once =
+            |n: u32, suites: &[String], _first: bool, _: &[(String, Progress)]| -> Result<String> {
+                runs.lock().unwrap().push((n, suites.to_vec()));
+                // cycles is hit by a fault in its first run only (whichever
+                // number that run got: the lanes' threads start in any order).
+                let first_cycles = suites == ["cycles"]
+                    && !cycles_ran.swap(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(ran(suites, if first_cycles { &["cycles"] } else { &[] }))
+            };
         let outcomes = run(outcomes, first, &once).unwrap();
         let runs = runs.into_inner().unwrap();
         assert_eq!(runs.len(), 3, "{runs:?}");
@@ -241,10 +247,11 @@ mod tests {
         let all = names(&["boot", "cycles"]);
         let outcomes = Outcomes::new(&all, |_| 3);
         let first = vec![names(&["boot"]), names(&["cycles"])];
-        let once = |_: u32, suites: &[String], _: bool| -> Result<String> {
-            anyhow::ensure!(!suites.contains(&"cycles".to_string()), "no QEMU");
-            Ok(ran(suites, &["boot"]))
-        };
+        let once =
+            |_: u32, suites: &[String], _: bool, _: &[(String, Progress)]| -> Result<String> {
+                anyhow::ensure!(!suites.contains(&"cycles".to_string()), "no QEMU");
+                Ok(ran(suites, &["boot"]))
+            };
         match run(outcomes, first, &once) {
             Ok(_) => panic!("a run that could not be made passed"),
             Err(e) => assert!(e.to_string().contains("no QEMU"), "{e}"),

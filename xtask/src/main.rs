@@ -52,6 +52,16 @@ pub struct E2eArgs {
     /// default the suite's own figure: more for more microVM boots).
     #[arg(long)]
     pub attempts: Option<u32>,
+    /// Seconds after the start during which a suite that a fault hit may
+    /// be run again; none starts later, so that the whole run ends within
+    /// CI's time (90 minutes, fmt, clippy, the unit tests and the
+    /// containment bench included).
+    #[arg(long, env = "CAPSA_E2E_RETRY_SECS", default_value_t = 4200)]
+    pub retry_secs: u64,
+    /// Starts SUITE's first run after its first DONE steps, as a run after
+    /// a freeze does (`SUITE=DONE:HUNG`; repeatable).
+    #[arg(long, value_name = "SUITE=DONE:HUNG")]
+    pub resume: Vec<String>,
     /// Reports an emulation fault in this suite on its first run, to show
     /// that only that suite is run again.
     #[arg(long, value_name = "SUITE")]
@@ -107,13 +117,14 @@ fn e2e(args: &E2eArgs) -> Result<bool> {
     let outcomes = Outcomes::new(&suites, |name| {
         args.attempts
             .unwrap_or_else(|| capsa_e2e::suites::runs_allowed(name))
-    });
+    })
+    .retry_until(began + std::time::Duration::from_secs(args.retry_secs));
     let lanes = if payload.nested() { args.lanes } else { 1 };
     let first = lanes::first_batches(&suites, lanes, capsa_e2e::suites::usual_secs);
     // A forced fault hits its suite's first run only.
-    let run_once = |number: u32, suites: &[String], first: bool| {
+    let run_once = |number: u32, suites: &[String], first: bool, resume: &[_]| {
         let force = first.then_some(args.force_fault.as_deref()).flatten();
-        payload.run(suites, args, force, number)
+        payload.run(suites, args, force, resume, number)
     };
     let outcomes = lanes::run(outcomes, first, &run_once)?;
     let report = outcomes.report(began.elapsed());

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use capsa_e2e::report::{CheckLine, Line};
+use capsa_e2e::report::{CheckLine, Line, Progress};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,8 @@ struct Suite {
     name: String,
     state: State,
     runs: u32,
+    /// Its runs that count against `allowed` (not those that got further).
+    charged: u32,
     /// Runs it may have in all, when faults keep hitting it.
     allowed: u32,
     ended: bool,
@@ -33,10 +35,14 @@ struct Suite {
     retries: Vec<String>,
     /// The fault of the last run, when one hit it.
     fault: Option<String>,
+    /// Where its next run picks up (its last run's last progress line).
+    resume: Option<Progress>,
 }
 
 pub struct Outcomes {
     suites: Vec<Suite>,
+    /// No retry starts after this: the suites must end within CI's time.
+    retry_deadline: Option<std::time::Instant>,
 }
 
 /// What one run printed of one suite.
@@ -46,6 +52,7 @@ struct Seen {
     ended: Option<u64>,
     faults: Vec<String>,
     checks: Vec<CheckLine>,
+    progress: Option<Progress>,
 }
 
 fn seen(log: &str, suite: &str) -> Seen {
@@ -56,6 +63,7 @@ fn seen(log: &str, suite: &str) -> Seen {
             Line::SuiteEnd { suite_end, ms } if suite_end == suite => seen.ended = Some(ms),
             Line::Fault { suite: s, fault } if s == suite => seen.faults.push(fault),
             Line::Check(check) if check.suite == suite => seen.checks.push(check),
+            Line::Progress(p) if p.suite == suite => seen.progress = Some(p.at),
             _ => {}
         }
     }
@@ -72,22 +80,31 @@ impl Outcomes {
                     name: name.clone(),
                     state: State::Pending,
                     runs: 0,
+                    charged: 0,
                     allowed: allowed(name),
                     ended: false,
                     ms: 0,
                     checks: Vec::new(),
                     retries: Vec::new(),
                     fault: None,
+                    resume: None,
                 })
                 .collect(),
+            retry_deadline: None,
         }
+    }
+
+    /// No retry is started after `deadline`.
+    pub fn retry_until(mut self, deadline: std::time::Instant) -> Self {
+        self.retry_deadline = Some(deadline);
+        self
     }
 
     /// The suites still to run that no run has taken.
     pub fn pending(&self) -> Vec<String> {
         self.suites
             .iter()
-            .filter(|s| s.state == State::Pending && s.runs < s.allowed)
+            .filter(|s| s.state == State::Pending && s.charged < s.allowed)
             .map(|s| s.name.clone())
             .collect()
     }
@@ -104,6 +121,16 @@ impl Outcomes {
             }
         }
         taken
+    }
+
+    /// Where each of `suites` that an earlier run got partway through
+    /// picks up.
+    pub fn resume_points(&self, suites: &[String]) -> Vec<(String, Progress)> {
+        self.suites
+            .iter()
+            .filter(|s| suites.contains(&s.name))
+            .filter_map(|s| Some((s.name.clone(), s.resume?)))
+            .collect()
     }
 
     /// Whether a run holds any suite now.
@@ -135,7 +162,19 @@ impl Outcomes {
                 ));
                 continue;
             }
+            // A run that a freeze stopped after it had got further costs
+            // no attempt: the next picks up there, and there are only so
+            // many points to pick up from.
+            let advanced = seen.progress.is_some_and(|p| {
+                seen.ended.is_none() && suite.resume.is_none_or(|r| p.done > r.done)
+            });
             suite.runs += 1;
+            if !advanced {
+                suite.charged += 1;
+            }
+            if seen.ended.is_none() {
+                suite.resume = seen.progress.or(suite.resume);
+            }
             suite.checks = seen.checks;
             suite.ended = seen.ended.is_some();
             suite.ms = seen
@@ -151,18 +190,31 @@ impl Outcomes {
                 continue;
             };
             let attempts = suite.allowed;
-            if suite.runs < attempts {
+            if self
+                .retry_deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                suite.state = State::Done;
+                retries.push(format!(
+                    "suite {} is not run again: the time for retries is spent; this run counts: {fault}",
+                    suite.name
+                ));
+            } else if suite.charged < attempts {
+                let from = match suite.resume {
+                    Some(p) => format!(", from step {}", p.done + 1),
+                    None => String::new(),
+                };
                 let retry = format!(
-                    "suite {} is run again on its own (run {} of at most {attempts}): {fault}",
+                    "suite {} is run again on its own (run {} of at most {attempts}{from}): {fault}",
                     suite.name,
-                    suite.runs + 1
+                    suite.charged + 1
                 );
                 suite.retries.push(retry.clone());
                 retries.push(retry);
             } else {
                 suite.state = State::Done;
                 retries.push(format!(
-                    "suite {} hit an emulation fault in each of its {attempts} runs; the last one counts: {fault}",
+                    "suite {} hit an emulation fault in {attempts} of its runs; the last one counts: {fault}",
                     suite.name
                 ));
             }
@@ -377,5 +429,60 @@ mod tests {
         let report = outcomes.report(Duration::ZERO);
         assert!(!report.suites[0].finished);
         assert!(!report.passed());
+    }
+
+    fn progress(suite: &str, done: u32) -> String {
+        Line::Progress(capsa_e2e::report::ProgressLine {
+            suite: suite.into(),
+            at: Progress { done, hung: 1 },
+        })
+        .to_json()
+    }
+
+    #[test]
+    fn a_freeze_after_progress_picks_up_there_and_costs_no_attempt() {
+        let all = names(&["cycles"]);
+        let mut outcomes = Outcomes::new(&all, |_| 1);
+        let froze_at = |done: u32| {
+            [
+                start("cycles"),
+                progress("cycles", 10),
+                progress("cycles", done),
+            ]
+            .join("\n")
+        };
+        let retries = outcomes.record(&all, &froze_at(20));
+        assert!(
+            retries.iter().any(|r| r.contains("from step 21")),
+            "{retries:?}"
+        );
+        assert_eq!(outcomes.pending(), ["cycles"]);
+        assert_eq!(
+            outcomes.resume_points(&all),
+            [("cycles".to_string(), Progress { done: 20, hung: 1 })]
+        );
+        // No further this time: that run is charged, and the one allowed
+        // is spent.
+        outcomes.record(&all, &froze_at(20));
+        assert!(outcomes.pending().is_empty());
+        let report = outcomes.report(Duration::ZERO);
+        assert_eq!(report.suites[0].runs, 2);
+        assert!(!report.passed());
+    }
+
+    #[test]
+    fn a_suite_that_ends_keeps_no_resume_point() {
+        let all = names(&["cycles"]);
+        let mut outcomes = Outcomes::new(&all, |_| 3);
+        let log = [
+            start("cycles"),
+            progress("cycles", 10),
+            check("cycles", "a", true),
+            end("cycles"),
+        ]
+        .join("\n");
+        assert!(outcomes.record(&all, &log).is_empty());
+        assert!(outcomes.resume_points(&all).is_empty());
+        assert!(outcomes.report(Duration::ZERO).passed());
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
+use capsa_e2e::report::Progress;
 
 use crate::E2eArgs;
 
@@ -254,8 +255,25 @@ impl Payload {
     }
 
     /// capsa-e2e's arguments for a run of `suites`.
-    fn e2e_args(&self, suites: &[String], args: &E2eArgs, force: Option<&str>) -> Vec<String> {
+    fn e2e_args(
+        &self,
+        suites: &[String],
+        args: &E2eArgs,
+        force: Option<&str>,
+        resume: &[(String, Progress)],
+    ) -> Vec<String> {
         let mut argv = Vec::new();
+        for (suite, at) in resume {
+            argv.extend(["--resume".to_string(), format!("{suite}={}", at.to_arg())]);
+        }
+        for asked in &args.resume {
+            if !resume
+                .iter()
+                .any(|(suite, _)| asked.starts_with(&format!("{suite}=")))
+            {
+                argv.extend(["--resume".to_string(), asked.clone()]);
+            }
+        }
         for suite in suites {
             argv.extend(["--suite".to_string(), suite.clone()]);
         }
@@ -282,9 +300,10 @@ impl Payload {
         suites: &[String],
         args: &E2eArgs,
         force: Option<&str>,
+        resume: &[(String, Progress)],
         number: u32,
     ) -> Result<String> {
-        let e2e_args = self.e2e_args(suites, args, force);
+        let e2e_args = self.e2e_args(suites, args, force, resume);
         eprintln!(
             "xtask e2e: run {number}: {} ({})",
             suites.join(", "),

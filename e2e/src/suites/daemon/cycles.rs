@@ -1,11 +1,13 @@
 //! 50 create/start/delete cycles, each publishing a port, leave nothing
 //! behind: no tap on the bridge, no VMM, no mount, no descriptor of
 //! capsad's, no group state, and no address (the next group gets the
-//! first one again).
+//! first one again). Every 10 cycles what is left is checked, and a run
+//! after a freeze of the outer machine picks up from the last such check.
 
 use anyhow::{ensure, Context, Result};
 
 use super::harness::{Capsad, NETNS};
+use crate::report::Progress;
 use crate::suite::{EmulationFault, Suite};
 
 pub const CYCLES: u32 = 50;
@@ -134,7 +136,19 @@ fn spread(took: &mut [f64]) -> String {
     }
 }
 
-pub fn run(s: &mut Suite, d: &mut Capsad, allowed_hangs: u32) -> Result<()> {
+/// Cycles between two checks of what is left: each check that finds
+/// nothing left is a point a later run can pick up from.
+const CHECKPOINT: u32 = 10;
+
+/// `resume`: cycles an earlier run did and checked before its outer
+/// machine froze; this run does the rest, with a capsad of its own.
+pub fn run(
+    s: &mut Suite,
+    d: &mut Capsad,
+    allowed_hangs: u32,
+    resume: Option<Progress>,
+) -> Result<()> {
+    let earlier = resume.unwrap_or(Progress { done: 0, hung: 0 });
     d.start()?;
     let import = d.import_busybox()?;
     s.verdict(
@@ -147,7 +161,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad, allowed_hangs: u32) -> Result<()> {
     let before = settled(d, None)?;
     let (mut failed, mut hung) = (Vec::new(), Vec::new());
     let mut took = Vec::new();
-    for i in 1..=CYCLES {
+    for i in earlier.done + 1..=CYCLES {
         let name = format!("cycle-{i}");
         let began = std::time::Instant::now();
         let result = cycle(d, &name);
@@ -163,26 +177,50 @@ pub fn run(s: &mut Suite, d: &mut Capsad, allowed_hangs: u32) -> Result<()> {
             }
             Err(e) => failed.push(format!("{e:#}")),
         }
+        if i % CHECKPOINT == 0
+            && i < CYCLES
+            && failed.is_empty()
+            && settled(d, Some(&before))? == before
+        {
+            s.progress(Progress {
+                done: i,
+                hung: earlier.hung + hung.len() as u32,
+            });
+        }
     }
     let after = settled(d, Some(&before))?;
+    let span = if earlier.done == 0 {
+        String::new()
+    } else {
+        format!(
+            " (cycles 1 to {} in an earlier run, which had left nothing behind at its last check; {} to {CYCLES} in this one)",
+            earlier.done,
+            earlier.done + 1
+        )
+    };
     s.verdict(
         &format!("{CYCLES} create/start/delete cycles, a port published each time, all ran"),
         failed.is_empty(),
         if failed.is_empty() {
-            spread(&mut took)
+            format!("{}{span}", spread(&mut took))
         } else {
             failed.join("\n")
         },
     );
+    let hangs = earlier.hung + hung.len() as u32;
     s.verdict(
         &format!("with at most {allowed_hangs} microVMs that stopped answering"),
-        hung.len() as u32 <= allowed_hangs,
-        format!("{} hung: {}", hung.len(), hung.join("\n")),
+        hangs <= allowed_hangs,
+        format!(
+            "{hangs} hung ({} in earlier runs): {}",
+            earlier.hung,
+            hung.join("\n")
+        ),
     );
     s.verdict(
         "and left no tap, VMM, mount, descriptor or group state behind",
         before == after,
-        format!("before: {before}; after: {after}"),
+        format!("before: {before}; after: {after}{span}"),
     );
     s.check(
         "nor an address: the next group gets the first one again",

@@ -146,7 +146,6 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 .exited_with(0, &["hi"])
         },
     );
-    super::verbs::run(s, d)?;
     s.check(
         "a container writes 256 MiB into its root filesystem, twice its VM's memory, and reads it back",
         || {

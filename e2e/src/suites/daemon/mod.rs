@@ -1,5 +1,6 @@
 //! capsad and the capsa CLI end to end: the `daemon` suite (every feature
-//! a user of the daemon meets), the `hostile` suite (guests that
+//! a user of the daemon meets), the `verbs` suite (the everyday verbs,
+//! attached and interactive runs), the `hostile` suite (guests that
 //! misbehave, and the host's limits on each VM), the `images` suite (a real-size image from
 //! cached layer disks), the `logs` suite (a daemon killed again
 //! and again loses and doubles no line), the `networks` suite (tenant
@@ -30,6 +31,18 @@ use crate::vm::Artifacts;
 
 pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
     with_capsad(suite, artifacts, "daemon", main_checks::run);
+}
+
+/// The everyday verbs, attached and interactive runs, cp, probes and
+/// init containers: a suite of their own, so that a freeze of the outer
+/// machine costs a rerun of these or of the daemon suite, not of both.
+pub fn run_verbs(suite: &mut Suite, artifacts: &Artifacts) {
+    with_capsad(suite, artifacts, "verbs", |s, d| {
+        d.start()?;
+        let import = d.import_busybox()?;
+        anyhow::ensure!(import.code == Some(0), "import: {}", import.describe());
+        verbs::run(s, d)
+    });
 }
 
 pub fn run_hostile(suite: &mut Suite, artifacts: &Artifacts) {
@@ -77,9 +90,15 @@ fn with_capsad(
 
 /// `allowed_hangs`: microVMs that may stop answering (the nested
 /// emulation's; none on real KVM).
-pub fn run_cycles(suite: &mut Suite, artifacts: &Artifacts, allowed_hangs: u32) {
+/// `resume`: where an earlier run that froze left off.
+pub fn run_cycles(
+    suite: &mut Suite,
+    artifacts: &Artifacts,
+    allowed_hangs: u32,
+    resume: Option<crate::report::Progress>,
+) {
     let result = harness::Capsad::new(artifacts, "cycles")
-        .and_then(|mut d| cycles::run(suite, &mut d, allowed_hangs));
+        .and_then(|mut d| cycles::run(suite, &mut d, allowed_hangs, resume));
     if let Err(e) = result {
         suite.check("the suite ran to its end", || Err(e));
     }
