@@ -32,6 +32,7 @@ pub const ALL: &[&str] = &[
     "daemon",
     "verbs",
     "hostile",
+    "fake-agents",
     "images",
     "logs",
     "conformance",
@@ -45,7 +46,8 @@ pub const ALL: &[&str] = &[
 pub fn budget_secs(name: &str) -> u64 {
     match name {
         "boot" => 300,
-        "agent" | "verbs" | "shim" | "cri" | "logs" | "conformance" | "networks" => 600,
+        "agent" | "verbs" | "fake-agents" | "shim" | "cri" | "logs" | "conformance"
+        | "networks" => 600,
         "cycles" | "hostile" => 1500,
         _ => 900,
     }
@@ -60,7 +62,8 @@ pub fn usual_secs(name: &str) -> u64 {
         "devices" => 100,
         "daemon" => 290,
         "verbs" => 110,
-        "hostile" => 300,
+        "hostile" => 140,
+        "fake-agents" => 170,
         "images" => 140,
         "logs" => 100,
         "conformance" => 50,
@@ -92,6 +95,7 @@ pub fn run(name: &str, suite: &mut Suite, artifacts: &Artifacts, options: &Optio
         "daemon" => daemon::run(suite, artifacts),
         "verbs" => daemon::run_verbs(suite, artifacts),
         "hostile" => daemon::run_hostile(suite, artifacts),
+        "fake-agents" => daemon::run_fake_agents(suite, artifacts),
         "images" => daemon::run_images(suite, artifacts),
         "logs" => daemon::run_logs(suite, artifacts),
         "conformance" => conformance::run(suite, artifacts),

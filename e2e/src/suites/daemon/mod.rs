@@ -1,7 +1,8 @@
 //! capsad and the capsa CLI end to end: the `daemon` suite (every feature
 //! a user of the daemon meets), the `verbs` suite (the everyday verbs,
 //! attached and interactive runs), the `hostile` suite (guests that
-//! misbehave, and the host's limits on each VM), the `images` suite (a real-size image from
+//! misbehave, and the host's limits on each VM), the `fake-agents` suite
+//! (agents gone bad, adopted by a restarted capsad), the `images` suite (a real-size image from
 //! cached layer disks), the `logs` suite (a daemon killed again
 //! and again loses and doubles no line), the `networks` suite (tenant
 //! networks: isolation, anti-spoofing, a closed host, egress; tenants over
@@ -51,7 +52,17 @@ pub fn run_hostile(suite: &mut Suite, artifacts: &Artifacts) {
         let import = d.import_busybox()?;
         anyhow::ensure!(import.code == Some(0), "import: {}", import.describe());
         hostile::run(s, d)?;
-        limits::run(s, d)?;
+        limits::run(s, d)
+    });
+}
+
+/// Agents gone bad, adopted by a restarted capsad: a suite of their own,
+/// for the same reason as `verbs`.
+pub fn run_fake_agents(suite: &mut Suite, artifacts: &Artifacts) {
+    with_capsad(suite, artifacts, "fake-agents", |s, d| {
+        d.start()?;
+        let import = d.import_busybox()?;
+        anyhow::ensure!(import.code == Some(0), "import: {}", import.describe());
         fake_agents::run(s, d)
     });
 }
