@@ -91,6 +91,11 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(Empty::default())
     }
 
+    fn reseed(&self, _ctx: &TtrpcContext, request: ReseedRequest) -> Reply<Empty> {
+        crate::sandbox::reseed(&request.entropy)?;
+        Ok(Empty::default())
+    }
+
     fn start_layer(
         &self,
         _ctx: &TtrpcContext,

@@ -133,6 +133,49 @@ pub fn set_time(unix_ns: i64) -> Result<(), ApiError> {
         .map_err(|e| ApiError::internal(format!("setting the clock: {e}")))
 }
 
+/// Bytes of host entropy a reseed takes: enough to matter, bounded.
+const RESEED_BYTES: std::ops::RangeInclusive<usize> = 16..=4096;
+
+// RNDADDENTROPY and RNDRESEEDCRNG (linux/random.h).
+nix::ioctl_write_ptr!(add_entropy, b'R', 0x03, [libc::c_int; 2]);
+nix::ioctl_none!(reseed_crng, b'R', 0x07);
+
+/// Mixes `entropy` into the kernel's pool, credited, and reseeds the CRNG
+/// from it, so that what /dev/urandom and getrandom give from now on
+/// differs from any other VM restored from the same snapshot.
+pub fn reseed(entropy: &[u8]) -> Result<(), ApiError> {
+    if !RESEED_BYTES.contains(&entropy.len()) {
+        return Err(ApiError::invalid(format!(
+            "{} bytes of entropy: give {} to {}",
+            entropy.len(),
+            RESEED_BYTES.start(),
+            RESEED_BYTES.end()
+        )));
+    }
+    // struct rand_pool_info: entropy_count (bits), buf_size (bytes), buf.
+    let mut info: Vec<libc::c_int> = vec![
+        (entropy.len() * 8) as libc::c_int,
+        entropy.len() as libc::c_int,
+    ];
+    for word in entropy.chunks(4) {
+        let mut bytes = [0u8; 4];
+        bytes[..word.len()].copy_from_slice(word);
+        info.push(libc::c_int::from_ne_bytes(bytes));
+    }
+    let urandom = std::fs::File::open("/dev/urandom")
+        .map_err(|e| ApiError::internal(format!("opening /dev/urandom: {e}")))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&urandom);
+    // SAFETY: `info` is a rand_pool_info header followed by `buf_size`
+    // bytes of buffer, all of it owned and alive for the call; the kernel
+    // reads no more than the header says.
+    unsafe { add_entropy(fd, info.as_ptr().cast()) }
+        .map_err(|e| ApiError::internal(format!("adding entropy: {e}")))?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    unsafe { reseed_crng(fd) }
+        .map_err(|e| ApiError::internal(format!("reseeding the CRNG: {e}")))?;
+    Ok(())
+}
+
 fn validate_hostname(hostname: &str) -> Result<(), ApiError> {
     let valid = hostname.len() <= 64
         && hostname.split('.').all(|label| {

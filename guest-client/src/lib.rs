@@ -698,6 +698,22 @@ impl Guest {
             .uptime_ms)
     }
 
+    /// Gives the guest's CRNG fresh entropy from the host (`entropy`: 16
+    /// to 4096 bytes the caller drew): after a restore, each clone's
+    /// random bytes are its own from then on.
+    pub fn reseed(&self, entropy: &[u8]) -> Result<(), GuestError> {
+        self.agent
+            .reseed(
+                timeout(CALL_TIMEOUT),
+                &ReseedRequest {
+                    entropy: entropy.to_vec(),
+                    ..Default::default()
+                },
+            )
+            .map_err(call("Reseed"))?;
+        Ok(())
+    }
+
     /// Stops every container (SIGTERM, then SIGKILL after `grace`) and
     /// powers the VM off.
     pub fn shutdown(&self, grace: Duration) -> Result<(), GuestError> {

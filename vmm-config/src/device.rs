@@ -142,7 +142,7 @@ impl DiskConfig {
 
 /// `fd=N` as an option: a descriptor the VMM inherits (0 to 2 are its
 /// standard streams).
-fn parse_fd(text: &str) -> Result<i32, ArgError> {
+pub(crate) fn parse_fd(text: &str) -> Result<i32, ArgError> {
     text.parse::<i32>()
         .ok()
         .filter(|fd| *fd > 2)

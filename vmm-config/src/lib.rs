@@ -7,6 +7,7 @@
 mod device;
 mod jail;
 mod rate;
+mod snapshot;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use clap::Parser;
 pub use device::{ArgError, DiskConfig, MacAddr, NetConfig, VsockConfig, DEFAULT_GUEST_CID};
 pub use jail::JailConfig;
 pub use rate::{RateLimit, DEFAULT_BURST_MS};
+pub use snapshot::{RestoreFrom, SnapshotTo};
 
 /// What the VMM appends to the kernel command line unless told otherwise.
 pub const DEFAULT_CMDLINE: &str = "quiet";
@@ -81,6 +83,18 @@ pub struct VmmArgs {
     /// Devices are then best passed as descriptors (fd=N).
     #[arg(long, value_name = "ROOT,uid=U,gid=G")]
     pub jail: Option<JailConfig>,
+    /// Snapshot the VM when asked: a byte read on the socket CONTROL
+    /// pauses the guest, writes its state to STATE and its memory to
+    /// MEMORY (descriptors), answers `ok` or `error: WHY` on CONTROL and
+    /// ends the VMM.
+    #[arg(long, value_name = "control=N,state=N,memory=N")]
+    pub snapshot_to: Option<SnapshotTo>,
+    /// Restore the VM from a snapshot's STATE and MEMORY (descriptors)
+    /// instead of booting it: its devices get the backends given here,
+    /// in the snapshot's order and kinds; --kernel and --initrd are not
+    /// read.
+    #[arg(long, value_name = "state=N,memory=N", conflicts_with = "snapshot_to")]
+    pub restore_from: Option<RestoreFrom>,
 }
 
 impl VmmArgs {
@@ -100,13 +114,24 @@ impl VmmArgs {
             no_rng: false,
             seccomp: Seccomp::Kill,
             jail: None,
+            snapshot_to: None,
+            restore_from: None,
         }
     }
 
     /// The descriptors the VMM inherits for its devices, each given to
     /// one device only.
     pub fn inherited_fds(&self) -> Result<Vec<i32>, ArgError> {
-        inherited_fds(&self.disks, &self.nets, self.vsock.as_ref())
+        let mut fds = inherited_fds(&self.disks, &self.nets, self.vsock.as_ref())?;
+        let snapshot = self.snapshot_to.iter().flat_map(|s| s.fds());
+        let restore = self.restore_from.iter().flat_map(|r| r.fds());
+        for fd in snapshot.chain(restore) {
+            if fds.contains(&fd) {
+                return Err(ArgError::SharedFd(fd));
+            }
+            fds.push(fd);
+        }
+        Ok(fds)
     }
 
     /// The arguments (without the program name) that parse back into
@@ -143,6 +168,14 @@ impl VmmArgs {
         if let Some(jail) = &self.jail {
             args.push("--jail".into());
             args.push(jail.to_arg()?.into());
+        }
+        if let Some(to) = &self.snapshot_to {
+            args.push("--snapshot-to".into());
+            args.push(to.to_arg().into());
+        }
+        if let Some(from) = &self.restore_from {
+            args.push("--restore-from".into());
+            args.push(from.to_arg().into());
         }
         if self.seccomp != Seccomp::Kill {
             args.push("--seccomp".into());
@@ -227,9 +260,14 @@ mod tests {
                 uid: 900000,
                 gid: 900000,
             }),
+            snapshot_to: None,
+            restore_from: Some(RestoreFrom {
+                state: 10,
+                memory: 11,
+            }),
         };
         assert_eq!(parse(args.to_args().unwrap()), args);
-        assert_eq!(args.inherited_fds(), Ok(vec![7, 8, 9]));
+        assert_eq!(args.inherited_fds(), Ok(vec![7, 8, 9, 10, 11]));
         let mut shared = args.clone();
         shared.disks[1].fd = Some(9);
         assert_eq!(shared.inherited_fds(), Err(ArgError::SharedFd(9)));

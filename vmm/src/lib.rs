@@ -9,6 +9,7 @@ mod fds;
 pub mod layout;
 pub mod memory;
 pub mod seccomp;
+pub mod snapshot;
 mod vcpu;
 pub mod virtio;
 pub mod vm;

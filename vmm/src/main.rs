@@ -68,6 +68,8 @@ fn boot(args: VmmArgs) -> Result<ExitCode, capsa_vmm::VmError> {
         nets: args.nets,
         seccomp: args.seccomp,
         jail: args.jail,
+        snapshot_to: args.snapshot_to,
+        restore_from: args.restore_from,
     };
     let outcome = capsa_vmm::run(&config)?;
     if !outcome.exit.is_clean() {

@@ -166,8 +166,12 @@ const DEVICE_LOOP: &[i64] = &[
 /// A thread's part in the VMM, and so the filter it adds to the process's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Waits for the guest's end, then stops the others.
-    Main,
+    /// Waits for the guest's end, then stops the others; where the VMM
+    /// takes snapshots, reads the VM's and vCPUs' state from KVM and
+    /// writes it and the memory to the snapshot's files.
+    Main { snapshots: bool },
+    /// Waits for the byte that asks for a snapshot.
+    Control,
     /// Runs guest code and the register files it exits to: the serial
     /// port, the virtio-mmio transports (whose activation makes a device's
     /// eventfds, epoll and rate-limit timers, and hands its loop to the
@@ -185,6 +189,80 @@ pub const KVM_GET_REGS: u64 = ioctl_expr(
     0x81,
     std::mem::size_of::<kvm_bindings::kvm_regs>() as u32,
 ) as u64;
+
+/// What the main thread reads of KVM for a snapshot.
+pub fn snapshot_ioctls() -> Vec<u64> {
+    use std::mem::size_of;
+    use vmm_sys_util::ioctl::ioctl_expr as io;
+    let k = kvm_bindings::KVMIO;
+    let rw = _IOC_READ | _IOC_WRITE;
+    vec![
+        KVM_GET_REGS,
+        io(
+            _IOC_READ,
+            k,
+            0x83,
+            size_of::<kvm_bindings::kvm_sregs>() as u32,
+        ) as u64,
+        io(rw, k, 0x88, size_of::<kvm_bindings::kvm_msrs>() as u32) as u64,
+        io(
+            _IOC_READ,
+            k,
+            0x8c,
+            size_of::<kvm_bindings::kvm_fpu>() as u32,
+        ) as u64,
+        io(
+            _IOC_READ,
+            k,
+            0x8e,
+            size_of::<kvm_bindings::kvm_lapic_state>() as u32,
+        ) as u64,
+        io(rw, k, 0x91, size_of::<kvm_bindings::kvm_cpuid2>() as u32) as u64,
+        io(
+            _IOC_READ,
+            k,
+            0x98,
+            size_of::<kvm_bindings::kvm_mp_state>() as u32,
+        ) as u64,
+        io(
+            _IOC_READ,
+            k,
+            0x9f,
+            size_of::<kvm_bindings::kvm_vcpu_events>() as u32,
+        ) as u64,
+        io(
+            _IOC_READ,
+            k,
+            0xa1,
+            size_of::<kvm_bindings::kvm_debugregs>() as u32,
+        ) as u64,
+        io(
+            _IOC_READ,
+            k,
+            0xa4,
+            size_of::<kvm_bindings::kvm_xsave>() as u32,
+        ) as u64,
+        io(
+            _IOC_READ,
+            k,
+            0xa6,
+            size_of::<kvm_bindings::kvm_xcrs>() as u32,
+        ) as u64,
+        io(rw, k, 0x62, size_of::<kvm_bindings::kvm_irqchip>() as u32) as u64,
+        io(
+            _IOC_READ,
+            k,
+            0x9f,
+            size_of::<kvm_bindings::kvm_pit_state2>() as u32,
+        ) as u64,
+        io(
+            _IOC_READ,
+            k,
+            0x7c,
+            size_of::<kvm_bindings::kvm_clock_data>() as u32,
+        ) as u64,
+    ]
+}
 
 /// What virtio-net's activation sets on the tap: the offloads the
 /// guest's driver accepted.
@@ -217,7 +295,19 @@ impl Role {
             Ok((libc::SYS_ioctl, rules))
         };
         let mut calls = match self {
-            Role::Main => plain(&[libc::SYS_read]),
+            Role::Main { snapshots: false } => plain(&[libc::SYS_read]),
+            Role::Main { snapshots: true } => {
+                let mut calls = plain(&[
+                    libc::SYS_read,
+                    libc::SYS_pwrite64,
+                    libc::SYS_fsync,
+                    libc::SYS_fstat,
+                    libc::SYS_statx,
+                ]);
+                calls.push(ioctls(&snapshot_ioctls())?);
+                calls
+            }
+            Role::Control => plain(&[libc::SYS_read]),
             Role::Vcpu => {
                 let mut calls = plain(&[
                     libc::SYS_read,
@@ -415,7 +505,9 @@ mod tests {
     fn every_role_has_a_filter_within_the_process_filter() {
         let process: Vec<i64> = ALLOWED.to_vec();
         for role in [
-            Role::Main,
+            Role::Main { snapshots: false },
+            Role::Main { snapshots: true },
+            Role::Control,
             Role::Vcpu,
             Role::Device(1),
             Role::Device(2),

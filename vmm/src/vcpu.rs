@@ -40,17 +40,29 @@ pub fn spawn(
     events: EventSender,
     stop: Arc<AtomicBool>,
     filter: Option<BpfProgram>,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<JoinHandle<Option<VcpuFd>>> {
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
             // A vCPU's own filter goes in before it runs guest code.
             if let Err(e) = crate::seccomp::install_on_this_thread(filter.as_ref()) {
                 events.send(GuestEvent::VcpuFailure(e.to_string()));
-                return;
+                return None;
             }
-            if let Stop::Guest(event) = run_loop(&mut vcpu, &devices, &stop) {
-                events.send(event);
+            match run_loop(&mut vcpu, &devices, &stop) {
+                Stop::Guest(event) => {
+                    events.send(event);
+                    None
+                }
+                Stop::Requested => {
+                    // An exit handled just before the stop (a port or MMIO
+                    // read) is completed by entering KVM_RUN once more,
+                    // told to leave at once: the vCPU's state is then whole.
+                    vcpu.set_kvm_immediate_exit(1);
+                    let _ = vcpu.run();
+                    vcpu.set_kvm_immediate_exit(0);
+                    Some(vcpu)
+                }
             }
         })
 }
@@ -107,17 +119,27 @@ fn run_loop(vcpu: &mut VcpuFd, devices: &DeviceBus, stop: &AtomicBool) -> Stop {
 
 /// Stops every vCPU thread: raise the flag, then signal each thread until it
 /// leaves KVM_RUN (a signal that lands just before KVM_RUN is entered would
-/// otherwise be missed). Threads that never stop are left behind.
-pub fn stop_all(handles: Vec<JoinHandle<()>>, stop: &AtomicBool, timeout: Duration) {
+/// otherwise be missed). Threads that never stop are left behind. Returns
+/// the vCPUs of the threads that stopped because they were told to, in
+/// order, or None where one did not (it stopped on its own, or never).
+pub fn stop_all(
+    handles: Vec<JoinHandle<Option<VcpuFd>>>,
+    stop: &AtomicBool,
+    timeout: Duration,
+) -> Vec<Option<VcpuFd>> {
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + timeout;
+    let mut vcpus = Vec::with_capacity(handles.len());
     for handle in handles {
         while !handle.is_finished() && Instant::now() < deadline {
             let _ = handle.kill(kick_signal());
             std::thread::sleep(Duration::from_millis(2));
         }
-        if handle.is_finished() {
-            let _ = handle.join();
-        }
+        vcpus.push(if handle.is_finished() {
+            handle.join().ok().flatten()
+        } else {
+            None
+        });
     }
+    vcpus
 }

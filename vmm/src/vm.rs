@@ -24,6 +24,8 @@ use crate::layout::{
 };
 use crate::memory::{self, MemoryError};
 use crate::seccomp::{self, Role};
+use crate::snapshot::take::{self, SnapshotFiles};
+use crate::snapshot::{SnapshotError, VcpuState, VmState};
 use crate::vcpu;
 use crate::virtio::block::{Block, DiskConfig, DiskError};
 use crate::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW_SIZE};
@@ -76,6 +78,10 @@ pub struct VmConfig {
     /// The jail the VMM enters once its backends are open, before the VM
     /// exists (see capsa-jail).
     pub jail: Option<capsa_vmm_config::JailConfig>,
+    /// Where a snapshot goes when asked for (see capsa-vmm-config).
+    pub snapshot_to: Option<capsa_vmm_config::SnapshotTo>,
+    /// A snapshot to restore instead of booting.
+    pub restore_from: Option<capsa_vmm_config::RestoreFrom>,
 }
 
 /// Descriptors a jailed VMM may hold: KVM's, its vCPUs', eventfds, epoll,
@@ -130,6 +136,12 @@ pub enum VmError {
     Acpi(#[from] AcpiError),
     #[error(transparent)]
     Cpu(#[from] CpuError),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("restoring the devices: {0}")]
+    DeviceState(#[from] crate::virtio::mmio::StateError),
+    #[error("restoring the serial port: {0}")]
+    Serial(String),
 }
 
 /// How the guest's run ended.
@@ -140,18 +152,23 @@ pub enum GuestExit {
     Panic,
     TripleFault,
     VcpuFailure(String),
+    /// Stopped for a snapshot, which was written.
+    Snapshotted,
 }
 
 impl GuestExit {
     /// Power-off and reset are the guest's own orderly ways out.
     pub fn is_clean(&self) -> bool {
-        matches!(self, GuestExit::PowerOff | GuestExit::Reset)
+        matches!(
+            self,
+            GuestExit::PowerOff | GuestExit::Reset | GuestExit::Snapshotted
+        )
     }
 
     /// The VMM process's exit status for this outcome.
     pub fn exit_code(&self) -> i32 {
         match self {
-            GuestExit::PowerOff | GuestExit::Reset => 0,
+            GuestExit::PowerOff | GuestExit::Reset | GuestExit::Snapshotted => 0,
             GuestExit::Panic => 2,
             GuestExit::TripleFault => 3,
             GuestExit::VcpuFailure(_) => 4,
@@ -165,6 +182,7 @@ impl GuestExit {
             GuestExit::Panic => "guest kernel panicked".into(),
             GuestExit::TripleFault => "guest triple-faulted".into(),
             GuestExit::VcpuFailure(why) => format!("vCPU failed: {why}"),
+            GuestExit::Snapshotted => "snapshot taken".into(),
         }
     }
 }
@@ -228,6 +246,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     let setup = |what| move |source| VmError::KvmSetup { what, source };
 
     let virtio = config.virtio_devices()?;
+    let device_types: Vec<u32> = virtio.iter().map(|d| d.device_type()).collect();
     let console = console_sink(config)?;
     let memory_size = config.memory_mib * MIB;
     let cmdline = config.full_cmdline();
@@ -237,7 +256,21 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
         cmdline: &cmdline,
         memory_size,
     };
-    let images = boot::open(&boot_spec)?;
+    // A restored VM reads no kernel: its memory has it.
+    let images = match config.restore_from {
+        None => Some(boot::open(&boot_spec)?),
+        Some(_) => None,
+    };
+    let restore_files = config.restore_from.map(restore_files).transpose()?;
+    let mut snapshot_files = config.snapshot_to.map(snapshot_files).transpose()?;
+    let msr_list = match snapshot_files {
+        Some(_) => kvm
+            .get_msr_index_list()
+            .map_err(setup("list the MSRs to save"))?
+            .as_slice()
+            .to_vec(),
+        None => Vec::new(),
+    };
     if let Some(jail) = &config.jail {
         let largest_disk = virtio.iter().map(|d| d.backing_bytes()).max().unwrap_or(0);
         capsa_jail::enter(&capsa_jail::Jail {
@@ -247,11 +280,22 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
             limits: capsa_jail::Limits {
                 open_files: JAIL_OPEN_FILES,
                 threads: JAIL_THREADS,
-                // Writes reach the disks' ends and the console its bound.
-                file_size: largest_disk.max(CONSOLE_LIMIT_BYTES + MIB),
+                // Writes reach the disks' ends, the console its bound and
+                // a snapshot's memory file the guest's size.
+                file_size: largest_disk.max(CONSOLE_LIMIT_BYTES + MIB).max(memory_size),
             },
         })?;
     }
+    // A snapshot's state is read in the jail, with no more privilege than
+    // the guest's VMM has.
+    let restored = match restore_files {
+        Some((state, memory)) => {
+            let state = VmState::read(&state)?;
+            state.check_fits(config.vcpus, config.memory_mib, &device_types)?;
+            Some((state, memory))
+        }
+        None => None,
+    };
 
     let vm = kvm.create_vm().map_err(setup("create a VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR as usize)
@@ -266,32 +310,37 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     })
     .map_err(setup("create the in-kernel PIT"))?;
 
-    let memory = memory::allocate(memory_size)?;
+    let (state, memory) = match restored {
+        Some((state, file)) => (
+            Some(state),
+            crate::snapshot::memory::map(file, memory_size)?,
+        ),
+        None => (None, memory::allocate(memory_size)?),
+    };
     memory::register(&vm, &memory)?;
 
     let (events_tx, events_rx) = channel();
     let events = EventSender(events_tx);
     let tail = ConsoleTail::default();
-    let mut bus = DeviceBus::new(create_legacy_devices(&vm, console, &tail, events.clone())?);
+    let serial = state.as_ref().map(|s| (&s.serial).into());
+    let legacy = create_legacy_devices(&vm, console, &tail, events.clone(), serial.as_ref())?;
+    let mut bus = DeviceBus::new(legacy);
     let virtio_layout = attach_virtio(&vm, &memory, &mut bus, virtio)?;
     let devices = Arc::new(bus);
-    let entry = boot::load(&memory, &boot_spec, images)?;
-    acpi::write_tables(&memory, config.vcpus, &virtio_layout)?;
-    cpu::write_gdt(&memory)?;
-
-    let supported_cpuid = cpu::supported_cpuid(&kvm)?;
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
-        let vcpu = vm
-            .create_vcpu(u64::from(index))
-            .map_err(setup("create a vCPU"))?;
-        let topology = Topology {
-            cpu: index,
-            count: config.vcpus,
-        };
-        cpu::configure(&vcpu, &supported_cpuid, topology, entry)?;
-        vcpus.push(vcpu);
-    }
+    let vcpus = match (&state, images) {
+        (Some(state), _) => restore_vcpus(&vm, state)?,
+        (None, Some(images)) => {
+            let entry = boot::load(&memory, &boot_spec, images)?;
+            acpi::write_tables(&memory, config.vcpus, &virtio_layout)?;
+            cpu::write_gdt(&memory)?;
+            boot_vcpus(&kvm, &vm, config.vcpus, entry)?
+        }
+        (None, None) => {
+            return Err(VmError::Snapshot(SnapshotError::Refused(
+                "neither a kernel nor a snapshot to start from".into(),
+            )))
+        }
+    };
 
     vcpu::install_kick_handler().map_err(VmError::Thread)?;
     // Everything is open and mapped: from here on the VMM only runs. Then
@@ -306,8 +355,23 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
             .map_err(VmError::Thread)??;
         Ok::<(), VmError>(())
     })?;
+    if let Some(state) = &state {
+        // Live devices start serving on their threads, filtered already.
+        devices.restore_virtio(&state.devices)?;
+    }
+    if let Some(files) = &snapshot_files {
+        let filter = seccomp::role_program(Role::Control, config.seccomp)?;
+        files
+            .watch(events.clone(), filter)
+            .map_err(VmError::Thread)?;
+    }
     let vcpu_filter = seccomp::role_program(Role::Vcpu, config.seccomp)?;
-    let main_filter = seccomp::role_program(Role::Main, config.seccomp)?;
+    let main_filter = seccomp::role_program(
+        Role::Main {
+            snapshots: snapshot_files.is_some(),
+        },
+        config.seccomp,
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
@@ -333,14 +397,98 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     }
 
     let exit = wait_for_exit(&events_rx, &tail);
-    vcpu::stop_all(handles, &stop, Duration::from_secs(2));
+    let stopped = vcpu::stop_all(handles, &stop, Duration::from_secs(2));
+    let mut result = Ok(());
+    if exit == GuestExit::Snapshotted {
+        if let Some(files) = snapshot_files.as_mut() {
+            let machine = take::Machine {
+                vm: &vm,
+                memory: &memory,
+                devices: &devices,
+                memory_mib: config.memory_mib,
+                msr_list: &msr_list,
+            };
+            result = take::take(&machine, &stopped, files);
+            files.answer(&result);
+        }
+    }
     devices.shut_down();
     // The guest's memory and VM fd must outlive the vCPU threads.
+    drop(stopped);
     drop(vm);
     drop(memory);
+    result?;
     Ok(VmOutcome {
         exit,
         console_tail: tail,
+    })
+}
+
+/// The vCPUs of a fresh VM, each set up to enter the kernel at `entry`.
+fn boot_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    count: u8,
+    entry: boot::BootEntry,
+) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
+    let supported_cpuid = cpu::supported_cpuid(kvm)?;
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
+        let vcpu = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VmError::KvmSetup {
+                what: "create a vCPU",
+                source,
+            })?;
+        let topology = Topology { cpu: index, count };
+        cpu::configure(&vcpu, &supported_cpuid, topology, entry)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// The VM-wide state and the vCPUs of a snapshot, written into `vm`.
+fn restore_vcpus(vm: &VmFd, state: &VmState) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
+    state.machine.restore(vm)?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in state.vcpus.iter().enumerate() {
+        let vcpu = vm
+            .create_vcpu(index as u64)
+            .map_err(|source| VmError::KvmSetup {
+                what: "create a vCPU",
+                source,
+            })?;
+        VcpuState::restore(saved, &vcpu)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Takes over the descriptors of `--restore-from`.
+fn restore_files(from: capsa_vmm_config::RestoreFrom) -> Result<(File, File), VmError> {
+    let adopt = |fd, what| {
+        crate::fds::adopt(fd)
+            .map_err(|source| VmError::Snapshot(SnapshotError::Io { what, source }))
+    };
+    Ok((
+        File::from(adopt(from.state, "take the snapshot's state descriptor")?),
+        File::from(adopt(from.memory, "take the snapshot's memory descriptor")?),
+    ))
+}
+
+/// Takes over the descriptors of `--snapshot-to`.
+fn snapshot_files(to: capsa_vmm_config::SnapshotTo) -> Result<SnapshotFiles, VmError> {
+    let adopt = |fd, what| {
+        crate::fds::adopt(fd)
+            .map_err(|source| VmError::Snapshot(SnapshotError::Io { what, source }))
+    };
+    Ok(SnapshotFiles {
+        control: std::os::unix::net::UnixStream::from(adopt(
+            to.control,
+            "take the snapshot control descriptor",
+        )?),
+        state: File::from(adopt(to.state, "take the snapshot's state descriptor")?),
+        memory: File::from(adopt(to.memory, "take the snapshot's memory descriptor")?),
     })
 }
 
@@ -362,6 +510,7 @@ fn create_legacy_devices(
     sink: Box<dyn Write + Send>,
     tail: &ConsoleTail,
     events: EventSender,
+    serial: Option<&vm_superio::serial::SerialState>,
 ) -> Result<LegacyDevices, VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::KvmSetup {
         what: "create the serial interrupt eventfd",
@@ -372,11 +521,13 @@ fn create_legacy_devices(
             what: "register the serial irqfd",
             source,
         })?;
-    Ok(LegacyDevices::new(
-        serial_irq,
-        ConsoleWriter::new(sink, tail.clone()),
-        events,
-    ))
+    let console = ConsoleWriter::new(sink, tail.clone());
+    match serial {
+        Some(state) => {
+            LegacyDevices::restored(serial_irq, console, events, state).map_err(VmError::Serial)
+        }
+        None => Ok(LegacyDevices::new(serial_irq, console, events)),
+    }
 }
 
 /// Puts each virtio device in its MMIO window with its own interrupt line,
@@ -436,5 +587,6 @@ fn wait_for_exit(events: &Receiver<GuestEvent>, tail: &ConsoleTail) -> GuestExit
         GuestEvent::PowerOff => GuestExit::PowerOff,
         GuestEvent::TripleFault => GuestExit::TripleFault,
         GuestEvent::VcpuFailure(why) => GuestExit::VcpuFailure(why),
+        GuestEvent::SnapshotAsked => GuestExit::Snapshotted,
     }
 }

@@ -7,6 +7,7 @@ pub mod cri;
 pub mod daemon;
 pub mod devices;
 pub mod shim;
+pub mod snapshot;
 
 use crate::suite::Suite;
 use crate::vm::Artifacts;
@@ -28,6 +29,7 @@ pub struct Options {
 pub const ALL: &[&str] = &[
     "boot",
     "agent",
+    "snapshot",
     "devices",
     "daemon",
     "verbs",
@@ -45,7 +47,7 @@ pub const ALL: &[&str] = &[
 /// Seconds the outer machine gets for suite `name`.
 pub fn budget_secs(name: &str) -> u64 {
     match name {
-        "boot" => 300,
+        "boot" | "snapshot" => 300,
         "agent" | "verbs" | "fake-agents" | "shim" | "cri" | "logs" | "conformance"
         | "networks" => 600,
         "cycles" | "hostile" => 1500,
@@ -59,6 +61,7 @@ pub fn usual_secs(name: &str) -> u64 {
     match name {
         "boot" => 10,
         "agent" => 15,
+        "snapshot" => 40,
         "devices" => 100,
         "daemon" => 290,
         "verbs" => 110,
@@ -91,6 +94,7 @@ pub fn run(name: &str, suite: &mut Suite, artifacts: &Artifacts, options: &Optio
     match name {
         "boot" => boot::run(suite, artifacts),
         "agent" => agent::run(suite, artifacts),
+        "snapshot" => snapshot::run(suite, artifacts),
         "devices" => devices::run(suite, artifacts, options.bulk_bytes),
         "daemon" => daemon::run(suite, artifacts),
         "verbs" => daemon::run_verbs(suite, artifacts),

@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 
 use super::legacy::LegacyDevices;
-use crate::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+use crate::virtio::mmio::{MmioTransport, StateError, TransportState, MMIO_WINDOW_SIZE};
 
 pub struct DeviceBus {
     pub legacy: LegacyDevices,
@@ -62,6 +62,32 @@ impl DeviceBus {
             let transport = lock(&slot.transport);
             let (device_type, thread) = transport.device_thread();
             arm(device_type, thread)?;
+        }
+        Ok(())
+    }
+
+    /// The virtio devices' types, in the guest's order.
+    pub fn virtio_types(&self) -> Vec<u32> {
+        self.virtio
+            .iter()
+            .map(|slot| lock(&slot.transport).device_type())
+            .collect()
+    }
+
+    /// Stops every device worker and returns each transport's state, for
+    /// a snapshot; the devices serve nothing after this.
+    pub fn pause_virtio(&self) -> Vec<TransportState> {
+        self.virtio
+            .iter()
+            .map(|slot| lock(&slot.transport).pause())
+            .collect()
+    }
+
+    /// Takes a snapshot's transport states over, one per device in order,
+    /// bringing live again the devices the guest had live.
+    pub fn restore_virtio(&self, states: &[TransportState]) -> Result<(), StateError> {
+        for (index, (slot, state)) in self.virtio.iter().zip(states).enumerate() {
+            lock(&slot.transport).restore(index, state)?;
         }
         Ok(())
     }

@@ -51,6 +51,36 @@ impl LegacyDevices {
         }
     }
 
+    /// The devices of a VM restored from a snapshot: the serial port with
+    /// its saved registers (raising the interrupt the guest was owed).
+    pub fn restored(
+        serial_irq: EventFd,
+        console: ConsoleWriter,
+        events: EventSender,
+        serial: &vm_superio::serial::SerialState,
+    ) -> Result<Self, String> {
+        let serial = Serial::from_state(serial, IrqTrigger(serial_irq), NoEvents, console)
+            .map_err(|e| match e {
+                vm_superio::serial::Error::FullFifo => {
+                    "the serial port's saved receive buffer is over its size".to_string()
+                }
+                _ => "cannot raise the serial port's interrupt".to_string(),
+            })?;
+        Ok(Self {
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(I8042Device::new(events.clone())),
+            events,
+        })
+    }
+
+    /// The serial port's registers, for a snapshot.
+    pub fn serial_state(&self) -> vm_superio::serial::SerialState {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+    }
+
     /// Handles an `in` from the guest. Unknown ports read as 0xff.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         data.fill(UNCLAIMED_READ);

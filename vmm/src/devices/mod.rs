@@ -19,6 +19,8 @@ pub enum GuestEvent {
     TripleFault,
     /// A vCPU stopped for a reason KVM reported as an error.
     VcpuFailure(String),
+    /// Whoever started the VMM asked for a snapshot (not the guest's doing).
+    SnapshotAsked,
 }
 
 /// Where devices report guest events; cloned into each device and vCPU.

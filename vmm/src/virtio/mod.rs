@@ -57,6 +57,10 @@ pub trait VirtioDevice: Send {
     fn backing_bytes(&self) -> u64 {
         0
     }
+    /// The device is about to go live again in a VM restored from a
+    /// snapshot, with a new backend: whatever the guest still believes of
+    /// the old one (vsock's connections) is to be undone at activation.
+    fn restored(&mut self) {}
     /// Starts serving the queues with the features the driver accepted.
     fn activate(&mut self, context: ActivateContext) -> Result<worker::Worker, ActivateError>;
 }
@@ -129,6 +133,20 @@ impl Interrupt {
 
     pub fn ack(&self, bits: u32) {
         self.inner.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// Takes the status a snapshot saved, raising the line again if
+    /// anything was pending (the guest had not acknowledged it yet).
+    pub fn restore(&self, status: u32) {
+        let status = status & (VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        if status != 0 {
+            self.raise(status);
+        }
+    }
+
+    /// Tells the driver that the configuration space changed.
+    pub fn signal_config_change(&self) {
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
 
     /// Back to the state of a fresh device.

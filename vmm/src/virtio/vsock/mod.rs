@@ -47,6 +47,9 @@ pub struct Vsock {
     config: VsockConfig,
     listener: Arc<UnixListener>,
     config_space: [u8; 8],
+    /// Restored from a snapshot: the guest's connections are to be reset
+    /// at the next activation.
+    reset_guest: bool,
 }
 
 impl Vsock {
@@ -70,6 +73,7 @@ impl Vsock {
             config: config.clone(),
             listener: Arc::new(listener),
             config_space: config.guest_cid.to_le_bytes(),
+            reset_guest: false,
         })
     }
 }
@@ -118,8 +122,17 @@ impl super::VirtioDevice for Vsock {
         read_config_bytes(&self.config_space, offset, data);
     }
 
+    fn restored(&mut self) {
+        self.reset_guest = true;
+    }
+
     fn activate(&mut self, context: ActivateContext) -> Result<Worker, ActivateError> {
-        let muxer = self.muxer(context.memory, context.queues, context.interrupt.clone());
+        let mut muxer = self.muxer(context.memory, context.queues, context.interrupt.clone());
+        if std::mem::take(&mut self.reset_guest) {
+            muxer
+                .reset_guest_transport()
+                .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        }
         Worker::spawn(
             muxer,
             context.queue_events,

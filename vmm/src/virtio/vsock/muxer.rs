@@ -28,6 +28,10 @@ const MAX_CONNECT_LINE: usize = 32;
 /// from the low ports guest services listen on.
 const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
 
+/// The event queue, and its one event's ID (virtio spec 5.10.6.4).
+const EVENT_QUEUE: usize = 2;
+const TRANSPORT_RESET_EVENT: u32 = 0;
+
 /// (host port, guest port)
 type Key = (u32, u32);
 
@@ -84,6 +88,29 @@ impl VsockMuxer {
             scratch: vec![0u8; MAX_PACKET_DATA as usize],
             bad_packets: 0,
         }
+    }
+
+    /// Tells the guest, on its event queue, that every connection it had
+    /// is gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET): a VM restored from a
+    /// snapshot still believes in the connections of the VMM that took it.
+    /// The guest then drops them and reads its CID again.
+    pub fn reset_guest_transport(&mut self) -> Result<(), DeviceBroken> {
+        use std::io::Write as _;
+        let memory = self.memory.clone();
+        let queue = &mut self.queues[EVENT_QUEUE];
+        let Some(chain) = next_chain(queue, &memory)? else {
+            // No event buffer posted: nothing the guest could be told.
+            return Ok(());
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(&memory) {
+            Ok(mut writer) => writer
+                .write_all(&TRANSPORT_RESET_EVENT.to_le_bytes())
+                .map_or(0, |()| 4),
+            Err(_) => 0,
+        };
+        complete(queue, &memory, head, written)?;
+        notify(queue, &memory, &self.interrupt)
     }
 
     fn guest_cid(&self) -> u64 {

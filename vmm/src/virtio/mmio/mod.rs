@@ -12,6 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use std::sync::Arc;
 
+mod state;
+pub use state::{StateError, TransportState};
+
 use super::worker::{DeviceThread, Worker};
 use super::{
     ActivateContext, Interrupt, Memory, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
