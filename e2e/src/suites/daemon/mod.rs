@@ -39,30 +39,32 @@ pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
 /// machine costs a rerun of these or of the daemon suite, not of both.
 pub fn run_verbs(suite: &mut Suite, artifacts: &Artifacts) {
     with_capsad(suite, artifacts, "verbs", |s, d| {
-        d.start()?;
-        let import = d.import_busybox()?;
-        anyhow::ensure!(import.code == Some(0), "import: {}", import.describe());
+        started_with_busybox(d)?;
         verbs::run(s, d)
     });
 }
 
 pub fn run_hostile(suite: &mut Suite, artifacts: &Artifacts) {
     with_capsad(suite, artifacts, "hostile", |s, d| {
-        d.start()?;
-        let import = d.import_busybox()?;
-        anyhow::ensure!(import.code == Some(0), "import: {}", import.describe());
+        started_with_busybox(d)?;
         hostile::run(s, d)?;
         limits::run(s, d)
     });
+}
+
+/// Starts the suite's capsad and imports busybox into it.
+fn started_with_busybox(d: &mut harness::Capsad) -> anyhow::Result<()> {
+    d.start()?;
+    let import = d.import_busybox()?;
+    anyhow::ensure!(import.code == Some(0), "import: {}", import.describe());
+    Ok(())
 }
 
 /// Agents gone bad, adopted by a restarted capsad: a suite of their own,
 /// for the same reason as `verbs`.
 pub fn run_fake_agents(suite: &mut Suite, artifacts: &Artifacts) {
     with_capsad(suite, artifacts, "fake-agents", |s, d| {
-        d.start()?;
-        let import = d.import_busybox()?;
-        anyhow::ensure!(import.code == Some(0), "import: {}", import.describe());
+        started_with_busybox(d)?;
         fake_agents::run(s, d)
     });
 }
