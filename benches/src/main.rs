@@ -5,6 +5,10 @@
 //! uptime at the ready line; for capsa-vmm and, in the same run, QEMU's
 //! `microvm` machine booting the same kernel and initramfs.
 //!
+//! `restore`: a VM restored from a snapshot next to the same VM booted
+//! cold, each from starting capsa-vmm to its agent's first answer, and
+//! the host memory (PSS) of idle VMs of each kind.
+//!
 //! `devices`: vsock throughput both ways and virtio-blk sequential and
 //! random-read speed measured in the guest, with the host's own Unix
 //! sockets and disk file measured by the same code as the reference.
@@ -35,6 +39,7 @@ mod ctr;
 mod devices;
 mod network;
 mod process;
+mod restore;
 mod stats;
 mod unpack;
 mod workdir;
@@ -55,6 +60,9 @@ struct Cli {
 enum Bench {
     /// Boot to the agent's ready line and power off, N times per runner.
     Boot(boot::BootArgs),
+    /// Restore from a snapshot next to a cold boot, to the agent's first
+    /// answer, and idle VMs' memory.
+    Restore(restore::RestoreArgs),
     /// vsock and virtio-blk throughput in the guest, next to the host's.
     Devices(devices::DevicesArgs),
     /// OCI layer import (verify, decompress, unpack) next to GNU tar.
@@ -83,6 +91,7 @@ enum Bench {
 fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Boot(args) => boot::run(&args),
+        Bench::Restore(args) => restore::run(&args),
         Bench::Devices(args) => devices::run(&args),
         Bench::Unpack(args) => unpack::run(&args),
         Bench::Containers(args) => containers::run(&args),

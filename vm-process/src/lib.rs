@@ -258,21 +258,11 @@ pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err);
-    let inherited: Vec<i32> = handed.fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    // SAFETY: runs in the forked child before exec and only calls
-    // fcntl(2), which is async-signal-safe, on descriptors open in it
-    // (`handed` holds them until the spawn returns): they lose
-    // close-on-exec there, and only there.
-    unsafe {
-        command.pre_exec(move || {
-            for &fd in &inherited {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    // `handed` holds them open until the spawn returns.
+    inherit_fds(
+        &mut command,
+        handed.fds.iter().map(|fd| fd.as_raw_fd()).collect(),
+    );
     // SAFETY: setsid(2) is async-signal-safe and touches no memory. A
     // session of its own: neither a signal to its starter's group nor the
     // starter's death reaches the VMM (a stopped VMM in a process group
@@ -326,6 +316,23 @@ pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
 /// The processes of the VMM started as `pid`: that one and, when it is
 /// jailed, the VMM itself, its child in the jail's PID namespace (`pid`
 /// then only waits for it).
+/// Has `command`'s child inherit `fds` (they lose close-on-exec there,
+/// and only there). They must stay open until the spawn returns.
+pub fn inherit_fds(command: &mut Command, fds: Vec<std::os::fd::RawFd>) {
+    // SAFETY: runs in the forked child before exec and only calls
+    // fcntl(2), which is async-signal-safe, on descriptors open in it.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 pub fn vmm_processes(pid: u32) -> Vec<u32> {
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();

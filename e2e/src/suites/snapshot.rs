@@ -9,7 +9,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -26,22 +25,9 @@ const BOOT_PATIENCE: Duration = Duration::from_secs(120);
 const RESTORE_PATIENCE: Duration = Duration::from_secs(60);
 const CLONES: usize = 2;
 
-/// `program args` with `fds` open in the child (they lose close-on-exec
-/// there only).
+/// `command` with `fds` open in its child.
 fn with_fds(mut command: Command, fds: Vec<RawFd>) -> Command {
-    // SAFETY: runs in the forked child before exec and only calls
-    // fcntl(2), async-signal-safe, on descriptors the parent holds open
-    // until the spawn returns.
-    unsafe {
-        command.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    capsa_vm_process::inherit_fds(&mut command, fds);
     command
 }
 
