@@ -299,6 +299,8 @@ impl Role {
             Role::Main { snapshots: true } => {
                 let mut calls = plain(&[
                     libc::SYS_read,
+                    // The answer on the control socket.
+                    libc::SYS_sendto,
                     libc::SYS_pwrite64,
                     libc::SYS_fsync,
                     libc::SYS_fstat,
@@ -307,7 +309,8 @@ impl Role {
                 calls.push(ioctls(&snapshot_ioctls())?);
                 calls
             }
-            Role::Control => plain(&[libc::SYS_read]),
+            // A read on the control socket (recv, to Rust's std).
+            Role::Control => plain(&[libc::SYS_read, libc::SYS_recvfrom]),
             Role::Vcpu => {
                 let mut calls = plain(&[
                     libc::SYS_read,
