@@ -206,9 +206,22 @@ pub fn run(suite: &mut Suite, artifacts: &Artifacts) {
             }
             let mut uptimes = Vec::new();
             for (_, socket) in &clones {
-                let guest = Guest::connect(socket, RESTORE_PATIENCE)
-                    .map_err(|e| unanswered_is_fault(e.into()))?;
-                let uptime = guest.ping().map_err(|e| unanswered_is_fault(e.into()))?;
+                let answer = Guest::connect(socket, RESTORE_PATIENCE)
+                    .and_then(|guest| guest.ping());
+                let uptime = match answer {
+                    Ok(uptime) => uptime,
+                    Err(e) => {
+                        // What the VMMs said is the best clue.
+                        let said: Vec<String> = clones
+                            .drain(..)
+                            .map(|(vmm, _)| match vmm.finish(Duration::from_secs(5)) {
+                                Ok(run) => format!("status {:?}: {}", run.status, run.tail(10)),
+                                Err(e) => format!("{e:#}"),
+                            })
+                            .collect();
+                        bail!("{e}; the VMMs: {}", said.join(" | "));
+                    }
+                };
                 ensure!(
                     uptime >= snapshot.uptime_ms,
                     "uptime {uptime} ms, below the snapshot's {} ms",
