@@ -19,6 +19,10 @@ use crate::virtio::worker::{DeviceBroken, QueueHandler, Registrar, FIRST_BACKEND
 use crate::virtio::{complete, next_chain, notify, Interrupt, Memory};
 
 const LISTENER_TOKEN: u64 = FIRST_BACKEND_TOKEN;
+/// The timer that stops waiting for the guest to take a transport reset.
+const RESET_TIMER_TOKEN: u64 = FIRST_BACKEND_TOKEN + 1;
+/// How long host clients wait, at most, for the guest to take a reset.
+const RESET_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bounds what a guest (or host clients) can make the VMM hold.
 const MAX_CONNECTIONS: usize = 1024;
 const MAX_QUEUED_CONTROL: usize = 4096;
@@ -62,6 +66,10 @@ pub struct VsockMuxer {
     next_host_port: u32,
     scratch: Vec<u8>,
     bad_packets: u64,
+    /// A transport reset the guest has not taken yet: host clients are
+    /// not served until it has (a connection made before would be reset
+    /// with the old ones), or until the timer gives up waiting.
+    reset_timer: Option<vmm_sys_util::timerfd::TimerFd>,
 }
 
 impl VsockMuxer {
@@ -83,10 +91,11 @@ impl VsockMuxer {
             owners: HashMap::new(),
             control: VecDeque::new(),
             rx_ready: VecDeque::new(),
-            next_token: LISTENER_TOKEN + 1,
+            next_token: RESET_TIMER_TOKEN + 1,
             next_host_port: FIRST_EPHEMERAL_PORT,
             scratch: vec![0u8; MAX_PACKET_DATA as usize],
             bad_packets: 0,
+            reset_timer: None,
         }
     }
 
@@ -110,7 +119,27 @@ impl VsockMuxer {
             Err(_) => 0,
         };
         complete(queue, &memory, head, written)?;
-        notify(queue, &memory, &self.interrupt)
+        notify(queue, &memory, &self.interrupt)?;
+        // The guest gives the event's buffer back (a notification on the
+        // event queue) once it has reset its connections.
+        let mut timer = vmm_sys_util::timerfd::TimerFd::new()
+            .map_err(|e| DeviceBroken(format!("cannot make the reset timer: {e}")))?;
+        timer
+            .reset(RESET_PATIENCE, None)
+            .map_err(|e| DeviceBroken(format!("cannot arm the reset timer: {e}")))?;
+        self.reset_timer = Some(timer);
+        Ok(())
+    }
+
+    /// The guest took the transport reset (or was waited for long
+    /// enough): host clients are served from now on.
+    fn reset_taken(&mut self, registrar: &Registrar) {
+        if let Some(timer) = self.reset_timer.take() {
+            registrar.remove(timer.as_raw_fd());
+            // Failing that, host clients cannot reach the guest; there is
+            // nobody to tell but the client, who sees no answer.
+            let _ = registrar.add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN);
+        }
     }
 
     fn guest_cid(&self) -> u64 {
@@ -665,12 +694,18 @@ impl QueueHandler for VsockMuxer {
     }
 
     fn register(&mut self, registrar: &Registrar) -> std::io::Result<()> {
-        registrar.add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)
+        match &self.reset_timer {
+            Some(timer) => registrar.add(timer.as_raw_fd(), RESET_TIMER_TOKEN, EventSet::IN),
+            None => registrar.add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN),
+        }
     }
 
     fn queue_event(&mut self, index: usize, registrar: &Registrar) -> Result<(), DeviceBroken> {
         if index == TX_QUEUE {
             self.process_tx(registrar)?;
+        }
+        if index == EVENT_QUEUE {
+            self.reset_taken(registrar);
         }
         // New RX buffers, or replies the TX packets produced.
         self.process_rx(registrar)
@@ -684,6 +719,8 @@ impl QueueHandler for VsockMuxer {
     ) -> Result<(), DeviceBroken> {
         if token == LISTENER_TOKEN {
             self.accept_clients(registrar);
+        } else if token == RESET_TIMER_TOKEN {
+            self.reset_taken(registrar);
         } else {
             match self.owners.get(&token) {
                 Some(Owner::Handshake) => self.read_handshake(token, registrar),
@@ -699,6 +736,9 @@ impl QueueHandler for VsockMuxer {
 
     fn quiesce(&mut self, registrar: &Registrar) {
         registrar.remove(self.listener.as_raw_fd());
+        if let Some(timer) = self.reset_timer.take() {
+            registrar.remove(timer.as_raw_fd());
+        }
         for (_, hs) in self.handshakes.drain() {
             registrar.remove(hs.stream.as_raw_fd());
         }
