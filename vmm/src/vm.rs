@@ -136,7 +136,7 @@ pub enum VmError {
     Acpi(#[from] AcpiError),
     #[error(transparent)]
     Cpu(#[from] CpuError),
-    #[error("snapshot: {0}")]
+    #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("restoring the devices: {0}")]
     DeviceState(#[from] crate::virtio::mmio::StateError),
