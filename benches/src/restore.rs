@@ -185,7 +185,10 @@ impl Bench<'_> {
 
     fn cold(&self, n: usize) -> Result<(Child, PathBuf)> {
         let socket = self.dir.join(format!("cold-{n}.sock"));
-        Ok((start(&self.args.vmm, &self.vm(&socket), Vec::new())?, socket))
+        Ok((
+            start(&self.args.vmm, &self.vm(&socket), Vec::new())?,
+            socket,
+        ))
     }
 
     /// Starts `runs` VMs one after another, timing each to its agent's

@@ -176,26 +176,48 @@ pub struct Ready {
 /// Keeps what `pipe` says, and shows each line on stderr as it comes (for
 /// whoever watches the run: the nested runner takes a quiet console for a
 /// frozen machine). stdout is the JSON lines' alone.
-fn read_in_background(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+/// What a pipe's reader has collected so far, shared with the thread that
+/// reads it (which may never see the pipe's end: see `wait_for`).
+type Collected = std::sync::Arc<std::sync::Mutex<(String, bool)>>;
+
+fn read_in_background(pipe: Option<impl Read + Send + 'static>) -> Collected {
+    let collected: Collected = Default::default();
+    let text = collected.clone();
     std::thread::spawn(move || {
-        let mut text = String::new();
-        let Some(pipe) = pipe else { return text };
-        for line in BufReader::new(pipe).split(b'\n').map_while(Result::ok) {
-            let line = String::from_utf8_lossy(&line).into_owned();
-            // One write for the whole line, so that it stays whole.
-            let _ = std::io::stderr().write_all(format!("  | {line}\n").as_bytes());
-            text.push_str(&line);
-            text.push('\n');
+        if let Some(pipe) = pipe {
+            for line in BufReader::new(pipe).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).into_owned();
+                // One write for the whole line, so that it stays whole.
+                let _ = std::io::stderr().write_all(format!("  | {line}\n").as_bytes());
+                let mut shared = text.lock().unwrap_or_else(|e| e.into_inner());
+                shared.0.push_str(&line);
+                shared.0.push('\n');
+            }
         }
-        text
-    })
+        text.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+    });
+    collected
+}
+
+/// The text a reader collected, once it has seen its pipe's end or
+/// `patience` has passed (a process stuck in the kernel, which even
+/// SIGKILL does not end at once, holds its pipes open).
+fn collected(text: &Collected, patience: Duration) -> String {
+    let deadline = Instant::now() + patience;
+    loop {
+        let (text, ended) = text.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if ended || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A VMM (or any program) running in the background, its output kept.
 pub struct Background {
     child: Child,
-    stdout: std::thread::JoinHandle<String>,
-    stderr: std::thread::JoinHandle<String>,
+    stdout: Collected,
+    stderr: Collected,
 }
 
 impl Background {
@@ -236,15 +258,22 @@ impl Background {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                let _ = self.child.wait();
+                // A process stuck in the kernel (a vCPU thread inside the
+                // nested KVM) may not die at once: it is not waited for
+                // long, so that the check fails and says so.
+                let killed = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < killed && matches!(self.child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 break None;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let patience = Duration::from_secs(if status.is_some() { 30 } else { 2 });
         let run = Run {
             status: status.and_then(|s| s.code()),
-            stdout: self.stdout.join().unwrap_or_default(),
-            stderr: self.stderr.join().unwrap_or_default(),
+            stdout: collected(&self.stdout, patience),
+            stderr: collected(&self.stderr, patience),
         };
         Ok((run, status.is_none()))
     }
