@@ -157,3 +157,65 @@ impl MmioTransport {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::testing::{writable, Guest, DATA_START};
+    use crate::virtio::Interrupt;
+
+    #[test]
+    fn a_paused_device_goes_on_in_a_new_transport_from_where_it_stood() {
+        let mut g = Guest::new(Box::new(Rng));
+        g.activate(0, 1, 16);
+        for n in 1..=3u16 {
+            g.add_chain(0, &[writable(DATA_START, 32)]);
+            g.notify(0);
+            assert!(g.wait_used(0, n));
+        }
+        let state = g.transport.pause();
+        assert!(!g.transport.is_active());
+        assert_eq!(state.queues.len(), 1);
+        assert!(state.queues[0].ready);
+
+        let interrupt = Interrupt::for_test();
+        let mut fresh =
+            MmioTransport::new(Box::new(Rng), g.memory.clone(), interrupt.clone()).unwrap();
+        fresh.restore(0, &state).unwrap();
+        assert!(fresh.is_active());
+        g.transport = fresh;
+        g.interrupt = interrupt;
+        // The driver's next request is served, after the three before.
+        g.add_chain(0, &[writable(DATA_START, 32)]);
+        g.notify(0);
+        assert!(g.wait_used(0, 4), "the restored device serves its queue");
+    }
+
+    #[test]
+    fn a_state_of_another_device_or_shape_is_refused() {
+        let mut g = Guest::new(Box::new(Rng));
+        g.activate(0, 1, 16);
+        let mut state = g.transport.pause();
+        let fresh = |g: &Guest| {
+            MmioTransport::new(Box::new(Rng), g.memory.clone(), Interrupt::for_test()).unwrap()
+        };
+        state.device_type = 2;
+        assert!(matches!(
+            fresh(&g).restore(3, &state),
+            Err(StateError::DeviceType { index: 3, .. })
+        ));
+        state.device_type = 4;
+        state.queues.push(state.queues[0].clone());
+        assert!(matches!(
+            fresh(&g).restore(0, &state),
+            Err(StateError::QueueCount { .. })
+        ));
+        state.queues.truncate(1);
+        state.queues[0].used_ring = u64::MAX - 8;
+        assert!(matches!(
+            fresh(&g).restore(0, &state),
+            Err(StateError::Queue { .. })
+        ));
+    }
+}

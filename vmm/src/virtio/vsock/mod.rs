@@ -347,6 +347,48 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_device_resets_the_guest_and_serves_host_clients_once_it_took_that() {
+        use crate::virtio::VirtioDevice;
+        const EVENT_BUFFER: u64 = DATA_START + 0x20_0000;
+        let dir = tempfile::tempdir().unwrap();
+        let config = VsockConfig {
+            guest_cid: GUEST_CID,
+            ..VsockConfig::at(dir.path().join("vsock.sock"))
+        };
+        let mut device = Vsock::new(&config).unwrap();
+        device.restored();
+        let mut g = Guest::new(Box::new(device));
+        g.negotiate(crate::virtio::VIRTIO_F_VERSION_1);
+        for index in 0..3 {
+            g.setup_queue(index, 64);
+        }
+        g.write(EVENT_BUFFER, &[0xff; 4]);
+        g.add_chain(2, &[writable(EVENT_BUFFER, 4)]);
+        g.driver_ok();
+        assert!(g.wait_used(2, 1), "the reset event is delivered");
+        assert_eq!(g.read(EVENT_BUFFER, 4), 0u32.to_le_bytes());
+        let mut h = Harness {
+            g,
+            dir,
+            rx_heads: HashMap::new(),
+            rx_seen: 0,
+            tx_sent: 0,
+        };
+        for i in 0..16 {
+            h.post_rx(i);
+        }
+        // A host client now waits: the guest has not taken the reset.
+        let mut host = UnixStream::connect(h.path()).unwrap();
+        host.write_all(b"CONNECT 6000\n").unwrap();
+        assert!(h.nothing_received(), "a request before the reset was taken");
+        // The guest gives the event buffer back: it took the reset.
+        h.g.add_chain(2, &[writable(EVENT_BUFFER, 4)]);
+        h.g.notify(2);
+        let request = h.receive();
+        assert_eq!((request.op, request.dst_port), (OP_REQUEST, 6000));
+    }
+
+    #[test]
     fn host_data_waits_for_guest_credit() {
         let mut h = Harness::new();
         let listener =
