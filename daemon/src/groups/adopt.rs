@@ -124,7 +124,7 @@ fn adopt(daemon: Arc<Daemon>, group: Arc<Group>) {
         }
     };
     let guest = sandbox.guest().clone();
-    group.lock().sandbox = Some(sandbox);
+    group.set_sandbox(sandbox);
     for name in containers {
         let copiers = record
             .spec

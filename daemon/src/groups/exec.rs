@@ -32,6 +32,7 @@ impl Daemon {
         request: &ExecRequest,
     ) -> Result<Exec, ApiError> {
         let group = self.group(name)?;
+        let guest = group.guest_within(super::ADOPTION_PATIENCE);
         let record = group.snapshot();
         let spec = record
             .spec
@@ -43,7 +44,7 @@ impl Daemon {
             .containers
             .iter()
             .any(|c| c.name == container && c.status == ContainerStatus::Running);
-        let (Some(guest), true) = (group.guest(), running) else {
+        let (Some(guest), true) = (guest, running) else {
             return Err(conflict(format!(
                 "container {name}/{container} is not running"
             )));

@@ -158,6 +158,38 @@ impl Group {
         self.lock().sandbox.as_ref().map(|s| s.guest().clone())
     }
 
+    /// Gives the group its running VM's sandbox, waking whoever waits for
+    /// its agent.
+    pub fn set_sandbox(&self, sandbox: Arc<Sandbox>) {
+        self.lock().sandbox = Some(sandbox);
+        self.changed.notify_all();
+    }
+
+    /// The agent of the group's VM. A group a restarted daemon is still
+    /// adopting is running with no agent yet: that is waited for,
+    /// `patience` at most, rather than answered as not running.
+    pub fn guest_within(&self, patience: Duration) -> Option<Arc<Guest>> {
+        let deadline = Instant::now() + patience;
+        let mut state = self.lock();
+        loop {
+            if let Some(sandbox) = &state.sandbox {
+                return Some(sandbox.guest().clone());
+            }
+            let now = Instant::now();
+            if state.life.record().status != GroupStatus::Running
+                || state.life.stopping()
+                || now >= deadline
+            {
+                return None;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Whether `container` still runs the incarnation started at
     /// `started_at`.
     pub fn runs(&self, container: &str, started_at: u64) -> bool {
@@ -209,5 +241,41 @@ impl Group {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::lifecycle::tests::record;
+
+    fn group(status: GroupStatus) -> Arc<Group> {
+        let dir = std::env::temp_dir().join("capsa-group-tests");
+        let mut record = record("Never");
+        record.status = status;
+        let (events, _) = tokio::sync::broadcast::channel(4);
+        Group::new(GroupPaths::new(&dir, "g"), record, events)
+    }
+
+    #[test]
+    fn a_group_not_running_has_no_agent_to_wait_for() {
+        let began = Instant::now();
+        assert!(group(GroupStatus::Stopped)
+            .guest_within(Duration::from_secs(5))
+            .is_none());
+        assert!(began.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_running_group_still_being_adopted_is_waited_for_a_bounded_time() {
+        let began = Instant::now();
+        assert!(group(GroupStatus::Running)
+            .guest_within(Duration::from_millis(200))
+            .is_none());
+        let waited = began.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
     }
 }

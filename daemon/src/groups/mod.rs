@@ -54,6 +54,9 @@ use lifecycle::group_word;
 
 /// How long containers get between SIGTERM and SIGKILL when a group stops.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a call on a running group waits for a restarted daemon to
+/// reach its agent again (adoption gives the agent 10 s to answer).
+pub const ADOPTION_PATIENCE: Duration = Duration::from_secs(15);
 
 pub struct Daemon {
     pub root: PathBuf,
@@ -443,12 +446,12 @@ impl Daemon {
         name: &str,
         container: &str,
     ) -> Result<Arc<capsa_guest_client::Guest>, ApiError> {
+        let guest = group.guest_within(ADOPTION_PATIENCE);
         let record = group.snapshot();
         let Some(c) = record.containers.iter().find(|c| c.name == container) else {
             return Err(no_container(name, container));
         };
-        group
-            .guest()
+        guest
             .filter(|_| c.status == ContainerStatus::Running)
             .ok_or_else(|| {
                 conflict(format!(

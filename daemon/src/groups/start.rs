@@ -215,7 +215,7 @@ impl Daemon {
         guest
             .setup_sandbox(&self.sandbox_request(&record, volumes))
             .map_err(|e| guest_failed(&group.paths.console(), "setting up the sandbox", e))?;
-        group.lock().sandbox = Some(Arc::new(sandbox));
+        group.set_sandbox(Arc::new(sandbox));
         for init in &record.spec.init_containers {
             self.run_init(group, &guest, init, report)?;
         }

@@ -115,8 +115,9 @@ pub fn guest_rss_kib(smaps: &str, guest_kib: u64) -> Option<u64> {
 impl Daemon {
     pub fn stats(&self, name: &str) -> Result<GroupStats, ApiError> {
         let group = self.group(name)?;
+        let guest = group.guest_within(super::ADOPTION_PATIENCE);
         let record = group.snapshot();
-        let (Some(pid), Some(guest)) = (record.vmm_pid, group.guest()) else {
+        let (Some(pid), Some(guest)) = (record.vmm_pid, guest) else {
             return Err(conflict(format!("group {name:?} is not running")));
         };
         // A jailed VMM is two processes: the one started, which waits, and
