@@ -31,7 +31,7 @@ cp "$kernel" "$payload/vmlinux"
 cp "$initrd" "$payload/initramfs.cpio"
 cat > "$payload/run.sh" <<RUN
 ./capsa-bench restore --vmm ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio \
-    --runs $runs --json /tmp/bench-restore.json 2>&1
+    --runs $runs --idle ${CAPSA_BENCH_IDLE:-5} --json /tmp/bench-restore.json 2>&1
 echo "=== JSON"
 cat /tmp/bench-restore.json
 echo

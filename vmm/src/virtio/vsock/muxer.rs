@@ -120,6 +120,12 @@ impl VsockMuxer {
         };
         complete(queue, &memory, head, written)?;
         notify(queue, &memory, &self.interrupt)?;
+        // With event indexes the driver kicks only past the index the
+        // device asks for: ask for the buffer the guest gives back.
+        use virtio_queue::QueueT;
+        queue
+            .enable_notification(&memory)
+            .map_err(|e| DeviceBroken(format!("cannot ask for the event queue's kick: {e}")))?;
         // The guest gives the event's buffer back (a notification on the
         // event queue) once it has reset its connections.
         let mut timer = vmm_sys_util::timerfd::TimerFd::new()
