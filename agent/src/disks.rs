@@ -16,6 +16,8 @@ use crate::errors::ApiError;
 pub const CONTAINERS_DIR: &str = "/run/capsa/containers";
 /// Where layer disks are mounted, one directory per serial.
 const LAYER_DISKS_DIR: &str = "/run/capsa/layer-disks";
+/// How long a disk found empty gets to show its size.
+const SIZE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 /// The longest serial virtio-blk reports.
 const MAX_SERIAL: usize = 20;
 
@@ -96,9 +98,24 @@ fn disk(what: &str, serial: &str) -> Result<PathBuf, ApiError> {
             "{what} serial {serial:?}: use 1 to {MAX_SERIAL} letters, digits or '-'"
         )));
     }
-    find(serial).ok_or_else(|| {
+    let device = find(serial).ok_or_else(|| {
         ApiError::not_found(format!("{what} {serial}: no virtio disk has that serial"))
-    })
+    })?;
+    sized(device).map_err(|e| ApiError::precondition(format!("{what} {serial}: {e}")))
+}
+
+/// `device`, once the kernel knows its size. In a VM restored from a
+/// template a disk takes an empty slot, and the kernel learns its size from
+/// the configuration interrupt the restore raised: moments, not more.
+pub fn sized(device: PathBuf) -> Result<PathBuf, String> {
+    let deadline = std::time::Instant::now() + SIZE_PATIENCE;
+    while size_bytes(&device) == Some(0) {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{} is empty", device.display()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(device)
 }
 
 /// Mounts the scratch disk (an empty ext4 the host made) where the

@@ -14,6 +14,8 @@ use crate::errors::ApiError;
 
 struct InterfacePlan {
     mac: [u8; 6],
+    /// The MAC to find it by, when it does not have `mac` yet.
+    found_by: Option<[u8; 6]>,
     name: Option<String>,
     mtu: Option<u32>,
     addresses: Vec<(IpAddr, u8)>,
@@ -98,6 +100,7 @@ async fn set_up_by_name(handle: &Handle, name: &str) -> Result<(), ApiError> {
 
 async fn configure_interface(handle: &Handle, plan: &InterfacePlan) -> Result<(), ApiError> {
     let mac = format_mac(&plan.mac);
+    let wanted = plan.found_by.unwrap_or(plan.mac);
     let mut links = handle.link().get().execute();
     let mut index = None;
     while let Some(link) = links
@@ -108,20 +111,33 @@ async fn configure_interface(handle: &Handle, plan: &InterfacePlan) -> Result<()
         let matches = link
             .attributes
             .iter()
-            .any(|a| matches!(a, LinkAttribute::Address(bytes) if bytes.as_slice() == plan.mac));
+            .any(|a| matches!(a, LinkAttribute::Address(bytes) if bytes.as_slice() == wanted));
         if matches {
             index = Some(link.header.index);
             break;
         }
     }
-    let index =
-        index.ok_or_else(|| ApiError::precondition(format!("no interface has MAC {mac}")))?;
+    let index = index.ok_or_else(|| {
+        ApiError::precondition(format!("no interface has MAC {}", format_mac(&wanted)))
+    })?;
     let set = |message| handle.link().set(message).execute();
-    if let Some(name) = &plan.name {
-        // A link is renamed only while down.
+    if plan.name.is_some() || plan.found_by.is_some() {
+        // A link is renamed, and given an address, only while down.
         set(LinkUnspec::new_with_index(index).down().build())
             .await
             .map_err(netlink_error(format!("taking {mac} down")))?;
+    }
+    if plan.found_by.is_some() {
+        set(LinkUnspec::new_with_index(index)
+            .address(plan.mac.to_vec())
+            .build())
+        .await
+        .map_err(netlink_error(format!(
+            "giving {} the MAC {mac}",
+            format_mac(&wanted)
+        )))?;
+    }
+    if let Some(name) = &plan.name {
         set(LinkUnspec::new_with_index(index).name(name.clone()).build())
             .await
             .map_err(netlink_error(format!("renaming {mac} to {name}")))?;
@@ -187,6 +203,10 @@ async fn add_route(handle: &Handle, plan: &RoutePlan) -> Result<(), ApiError> {
 
 fn plan_interface(interface: &Interface) -> Result<InterfacePlan, ApiError> {
     let mac = parse_mac(&interface.mac)?;
+    let found_by = (!interface.found_by_mac.is_empty())
+        .then(|| parse_mac(&interface.found_by_mac))
+        .transpose()?
+        .filter(|found_by| *found_by != mac);
     let name = (!interface.name.is_empty()).then(|| interface.name.clone());
     if let Some(name) = &name {
         let valid = name.len() < 16
@@ -206,6 +226,7 @@ fn plan_interface(interface: &Interface) -> Result<InterfacePlan, ApiError> {
         .collect::<Result<_, _>>()?;
     Ok(InterfacePlan {
         mac,
+        found_by,
         name,
         mtu: (interface.mtu > 0).then_some(interface.mtu),
         addresses,

@@ -323,6 +323,7 @@ fn mount_volume(volume: &Volume) -> Result<(), ApiError> {
                     &format!("no virtio disk has serial {:?}", block.serial),
                 )
             })?;
+            let device = crate::disks::sized(device).map_err(|e| failed("finding its disk", &e))?;
             let mut flags = nodev;
             let fstype = if block.fstype.is_empty() {
                 "ext4"

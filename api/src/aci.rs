@@ -408,6 +408,7 @@ fn map_group(group: AciGroup, problems: &mut Vec<String>) -> GroupSpec {
         network_rate_limit: None,
         network: None,
         auto_remove: false,
+        cold_boot: false,
     }
 }
 

@@ -158,6 +158,10 @@ pub struct GroupView {
     /// The init containers' runs at the last start, in their order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub init_containers: Vec<ContainerView>,
+    /// The template its running microVM was restored from; none when it
+    /// booted from its kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     pub labels: std::collections::BTreeMap<String, String>,
     /// The spec it was created from, whole: `capsa create -f` takes it
     /// (or this whole view) back.
@@ -346,6 +350,29 @@ pub struct SystemInfoView {
     pub max_vm_memory_mib: Option<u64>,
     pub max_vm_cpus: Option<u8>,
     pub memory_budget_mib: Option<u64>,
+    /// The microVM templates kept (the admin only): a VM booted to its
+    /// agent and snapshotted, restored at the start of a group of its
+    /// shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub templates: Option<Vec<TemplateView>>,
+}
+
+/// A microVM template: what it was built for, and when.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(rename = "Template")]
+pub struct TemplateView {
+    pub id: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    /// Whether it has a network interface (capsad with networking).
+    pub nic: bool,
+    /// Unix milliseconds.
+    pub built_at: u64,
+    /// Boot to snapshot, in milliseconds.
+    pub build_ms: u64,
+    /// Bytes its files hold on disk (the memory file is sparse).
+    pub disk_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]

@@ -66,6 +66,10 @@ pub struct GroupSpec {
     /// whether or not a client is still there.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auto_remove: bool,
+    /// Boot the group's microVM from its kernel at every start, never
+    /// restoring it from one of capsad's templates.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold_boot: bool,
     /// Run one after another to completion, each exiting 0, before the
     /// containers start, at each start of the group (Kubernetes' and ACI's
     /// initContainers); one that fails fails the start.

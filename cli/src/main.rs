@@ -74,6 +74,10 @@ enum Command {
         /// not this command is still there.
         #[arg(long)]
         rm: bool,
+        /// Boot the group's microVM from its kernel at every start, never
+        /// from one of capsad's templates.
+        #[arg(long)]
+        cold_boot: bool,
         /// Keep the container's input open and send this terminal's to it.
         #[arg(short = 'i', long)]
         interactive: bool,
@@ -401,6 +405,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Run {
             detach,
             rm,
+            cold_boot,
             interactive,
             tty,
             name,
@@ -469,6 +474,7 @@ fn run(cli: Cli) -> Result<u8> {
                 network_rate_limit: None,
                 network,
                 auto_remove: rm,
+                cold_boot,
                 init_containers: Vec::new(),
             };
             create_pulling(&client, &spec, &image, pull)?;

@@ -158,9 +158,16 @@ struct Args {
     /// group; none may be an id anything else on the host uses.
     #[arg(long, default_value_t = capsa_jail::DEFAULT_IDS.first)]
     jail_first_id: u32,
-    /// How many jail ids there are (the most groups this daemon keeps).
+    /// How many jail ids there are: one per group, and the last for the
+    /// VMs templates are built from.
     #[arg(long, default_value_t = capsa_jail::DEFAULT_IDS.count)]
     jail_ids: u32,
+    /// Whether group starts restore a clone of a template (a VM of the
+    /// group's shape booted to its agent once, and snapshotted) instead
+    /// of booting a kernel; the first start of a shape boots, and builds
+    /// its template after. Off, every VM boots.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    templates: Switch,
     /// The rate limit of each disk of a group whose spec sets none, in
     /// bytes per second (reads and writes together); none by default.
     #[arg(long)]
@@ -280,6 +287,25 @@ fn main() -> Result<()> {
         capsa_image_store::layer_images::LayerImages::open(&args.root.join("layer-images"))
             .and_then(|l| l.isolated(PathBuf::from("/proc/self/exe")))
             .context("cannot open the layer images")?;
+    // The last id is the template builds'.
+    let jail_ids = match args.jail {
+        Switch::Off => None,
+        Switch::On => {
+            anyhow::ensure!(
+                args.jail_ids >= 2,
+                "--jail-ids must be at least 2: one per group, and one for building templates"
+            );
+            Some((
+                capsa_jail::IdRange {
+                    first: args.jail_first_id,
+                    count: args.jail_ids - 1,
+                },
+                args.jail_first_id
+                    .checked_add(args.jail_ids - 1)
+                    .context("--jail-first-id and --jail-ids go past the last user id")?,
+            ))
+        }
+    };
     let daemon = groups::Daemon::new(
         args.root.clone(),
         images,
@@ -304,10 +330,15 @@ fn main() -> Result<()> {
                 args.max_vm_cpus,
                 args.memory_budget_mib,
             ),
-            jail_ids: (args.jail == Switch::On).then_some(capsa_jail::IdRange {
-                first: args.jail_first_id,
-                count: args.jail_ids,
-            }),
+            jail_ids: jail_ids.map(|(groups, _)| groups),
+            template_jail_id: jail_ids.map(|(_, template)| template),
+            templates: match args.templates {
+                Switch::On => Some(
+                    capsa_templates::Templates::open(&args.root.join("templates"))
+                        .context("opening the templates")?,
+                ),
+                Switch::Off => None,
+            },
             default_disk_rate: default_rate(
                 "--disk-*-per-sec",
                 args.disk_bytes_per_sec,

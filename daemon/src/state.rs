@@ -44,6 +44,9 @@ pub struct GroupRecord {
     /// The init containers' runs at the last start.
     #[serde(default)]
     pub init_containers: Vec<ContainerRecord>,
+    /// The template the running VM was restored from, if it was.
+    #[serde(default)]
+    pub template: Option<String>,
 }
 
 impl GroupRecord {
@@ -74,6 +77,7 @@ impl GroupRecord {
             started_at: None,
             containers,
             init_containers,
+            template: None,
         }
     }
 
@@ -97,6 +101,7 @@ impl GroupRecord {
             labels: self.spec.labels.clone(),
             containers: self.containers.clone(),
             init_containers: self.init_containers.clone(),
+            template: self.template.clone(),
             spec: self.spec.clone(),
         }
     }

@@ -49,6 +49,8 @@ pub enum GuestError {
     Spec(#[from] serde_json::Error),
     #[error("copy: {message}")]
     Copy { message: String },
+    #[error("reading the host's /dev/urandom: {0}")]
+    Entropy(#[source] std::io::Error),
 }
 
 impl GuestError {
@@ -712,6 +714,15 @@ impl Guest {
             )
             .map_err(call("Reseed"))?;
         Ok(())
+    }
+
+    /// [`Guest::reseed`] with 64 bytes of the host's /dev/urandom.
+    pub fn reseed_from_host(&self) -> Result<(), GuestError> {
+        let mut entropy = [0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut entropy))
+            .map_err(GuestError::Entropy)?;
+        self.reseed(&entropy)
     }
 
     /// Stops every container (SIGTERM, then SIGKILL after `grace`) and

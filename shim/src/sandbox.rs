@@ -206,6 +206,7 @@ impl Sandbox {
                     uid: id,
                     gid: id,
                 }),
+                snapshot: vm::Snapshot::None,
             },
         );
         let (booting, child) = match booted {

@@ -12,7 +12,7 @@
 pub mod sandbox;
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -57,6 +57,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("handing the snapshot's files to the VMM: {0}")]
+    Snapshot(#[source] std::io::Error),
     #[error("starting {}: {source}", vmm.display())]
     Spawn {
         vmm: PathBuf,
@@ -92,6 +94,30 @@ pub struct VmSpec<'a> {
     pub cgroup_procs: Option<&'a Path>,
     /// Where and as whom the VMM confines itself, if it does.
     pub jail: Option<JailSpec<'a>>,
+    /// Whether the VM is booted, booted to be snapshotted, or restored.
+    pub snapshot: Snapshot<'a>,
+}
+
+/// Where a VM's first state comes from, and where its last goes: the
+/// snapshot's files are opened by the starter and handed over, so that a
+/// jailed VMM never opens them by path.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Snapshot<'a> {
+    /// Booted from the kernel.
+    #[default]
+    None,
+    /// Booted, and snapshotted into `state` and `memory` (then ended) when
+    /// a byte arrives on `control`, which then gets the VMM's answer.
+    To {
+        control: BorrowedFd<'a>,
+        state: BorrowedFd<'a>,
+        memory: BorrowedFd<'a>,
+    },
+    /// Restored from a snapshot's `state` and `memory` instead of booted.
+    From {
+        state: BorrowedFd<'a>,
+        memory: BorrowedFd<'a>,
+    },
 }
 
 /// A VMM's jail: an empty directory of its own (made here) and the
@@ -240,8 +266,37 @@ pub fn spawn(config: &VmConfig, vm: &VmSpec) -> Result<Child, VmError> {
         }
         None => None,
     };
+    let mut pass = |fd: BorrowedFd| {
+        fd.try_clone_to_owned()
+            .and_then(|fd| handed.pass(fd))
+            .map_err(VmError::Snapshot)
+    };
+    let (snapshot_to, restore_from) = match vm.snapshot {
+        Snapshot::None => (None, None),
+        Snapshot::To {
+            control,
+            state,
+            memory,
+        } => (
+            Some(capsa_vmm_config::SnapshotTo {
+                control: pass(control)?,
+                state: pass(state)?,
+                memory: pass(memory)?,
+            }),
+            None,
+        ),
+        Snapshot::From { state, memory } => (
+            None,
+            Some(capsa_vmm_config::RestoreFrom {
+                state: pass(state)?,
+                memory: pass(memory)?,
+            }),
+        ),
+    };
     let args = VmmArgs {
         initrd: Some(config.initrd.clone()),
+        snapshot_to,
+        restore_from,
         cpus: vm.cpus,
         memory_mib: vm.memory_mib,
         disks,
@@ -457,6 +512,7 @@ mod tests {
                 console: &console,
                 cgroup_procs: None,
                 jail: None,
+                snapshot: Snapshot::None,
             },
         )
         .unwrap_err();

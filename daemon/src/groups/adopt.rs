@@ -168,7 +168,12 @@ mod tests {
     #[test]
     fn a_running_group_whose_vmm_lives_is_watched_with_its_running_containers() {
         let mut life = Lifecycle::new(record("Never"));
-        life.apply(Transition::Boot { vmm_pid: 42, at: 0 }).unwrap();
+        life.apply(Transition::Boot {
+            vmm_pid: 42,
+            at: 0,
+            template: None,
+        })
+        .unwrap();
         life.apply(Transition::ContainerStarted {
             name: "b".into(),
             at: 1,
@@ -187,7 +192,12 @@ mod tests {
     #[test]
     fn a_lost_group_fails_once_and_is_not_adopted_again() {
         let mut life = Lifecycle::new(record("OnFailure"));
-        life.apply(Transition::Boot { vmm_pid: 42, at: 0 }).unwrap();
+        life.apply(Transition::Boot {
+            vmm_pid: 42,
+            at: 0,
+            template: None,
+        })
+        .unwrap();
         assert_eq!(adoption(life.record(), |_| false), Adoption::Lost);
         life.apply(Transition::Fail {
             error: "the VMM exited while the daemon was down".into(),

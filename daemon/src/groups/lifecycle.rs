@@ -23,6 +23,8 @@ pub enum Transition {
     Boot {
         vmm_pid: u32,
         at: u64,
+        /// The template the VM was restored from, if it was.
+        template: Option<String>,
     },
     /// A container's process runs (again, by the restart policy, when it
     /// had exited in this boot).
@@ -169,7 +171,11 @@ impl Lifecycle {
             return Err(Refused::Deleted { group });
         }
         match transition {
-            Transition::Boot { vmm_pid, at } => {
+            Transition::Boot {
+                vmm_pid,
+                at,
+                template,
+            } => {
                 if status == GroupStatus::Running {
                     return Err(Refused::AlreadyRunning { group });
                 }
@@ -177,6 +183,7 @@ impl Lifecycle {
                 next.error = None;
                 next.vmm_pid = Some(vmm_pid);
                 next.started_at = Some(at);
+                next.template = template;
                 for c in next.containers.iter_mut().chain(&mut next.init_containers) {
                     c.status = ContainerStatus::Created;
                     c.exit_code = None;
@@ -438,14 +445,25 @@ pub(crate) mod tests {
 
     fn booted() -> Lifecycle {
         let mut life = Lifecycle::new(record("Never"));
-        life.apply(Transition::Boot { vmm_pid: 7, at: 10 }).unwrap();
+        life.apply(Transition::Boot {
+            vmm_pid: 7,
+            at: 10,
+            template: None,
+        })
+        .unwrap();
         life
     }
 
     #[test]
     fn boot_runs_a_created_stopped_or_failed_group_and_resets_its_containers() {
         let mut life = Lifecycle::new(record("Never"));
-        let events = life.apply(Transition::Boot { vmm_pid: 7, at: 10 }).unwrap();
+        let events = life
+            .apply(Transition::Boot {
+                vmm_pid: 7,
+                at: 10,
+                template: None,
+            })
+            .unwrap();
         assert_eq!(actions(&events), [(None, "started")]);
         let r = life.record();
         assert_eq!(
@@ -453,7 +471,11 @@ pub(crate) mod tests {
             (GroupStatus::Running, Some(7), Some(10))
         );
         assert_eq!(
-            life.apply(Transition::Boot { vmm_pid: 8, at: 11 }),
+            life.apply(Transition::Boot {
+                vmm_pid: 8,
+                at: 11,
+                template: None,
+            }),
             Err(Refused::AlreadyRunning { group: "g".into() })
         );
         life.apply(started("a")).unwrap();
@@ -462,7 +484,12 @@ pub(crate) mod tests {
         life.apply(Transition::Stopped).unwrap();
         assert_eq!(life.record().status, GroupStatus::Stopped);
         assert!(life.stopping());
-        life.apply(Transition::Boot { vmm_pid: 9, at: 12 }).unwrap();
+        life.apply(Transition::Boot {
+            vmm_pid: 9,
+            at: 12,
+            template: None,
+        })
+        .unwrap();
         assert!(!life.stopping(), "a new boot is not being stopped");
         let a = &life.record().containers[0];
         assert_eq!((a.status, a.exit_code), (ContainerStatus::Created, None));
@@ -473,6 +500,7 @@ pub(crate) mod tests {
         life.apply(Transition::Boot {
             vmm_pid: 10,
             at: 13,
+            template: None,
         })
         .unwrap();
         assert_eq!(life.record().error, None, "a new boot clears the old error");
@@ -618,7 +646,11 @@ pub(crate) mod tests {
         for again in [
             Transition::Delete,
             Transition::Restarting,
-            Transition::Boot { vmm_pid: 3, at: 4 },
+            Transition::Boot {
+                vmm_pid: 3,
+                at: 4,
+                template: None,
+            },
         ] {
             assert!(
                 matches!(life.apply(again), Err(Refused::Deleted { .. })),
@@ -633,7 +665,13 @@ pub(crate) mod tests {
         life.apply(started("a")).unwrap();
         let before = life.record().clone();
         assert!(life.apply(started("a")).is_err());
-        assert!(life.apply(Transition::Boot { vmm_pid: 1, at: 1 }).is_err());
+        assert!(life
+            .apply(Transition::Boot {
+                vmm_pid: 1,
+                at: 1,
+                template: None,
+            })
+            .is_err());
         assert_eq!(format!("{:?}", life.record()), format!("{before:?}"));
     }
 
@@ -646,7 +684,12 @@ pub(crate) mod tests {
         )
         .unwrap();
         let mut life = Lifecycle::new(GroupRecord::new(spec));
-        life.apply(Transition::Boot { vmm_pid: 7, at: 10 }).unwrap();
+        life.apply(Transition::Boot {
+            vmm_pid: 7,
+            at: 10,
+            template: None,
+        })
+        .unwrap();
         life.apply(started("a")).unwrap();
         life.apply(started("b")).unwrap();
         let ready = |life: &Lifecycle, name: &str| {
@@ -695,7 +738,12 @@ pub(crate) mod tests {
         };
         // Not while the group does not run.
         assert!(life.apply(init_exit(0)).is_err());
-        life.apply(Transition::Boot { vmm_pid: 7, at: 10 }).unwrap();
+        life.apply(Transition::Boot {
+            vmm_pid: 7,
+            at: 10,
+            template: None,
+        })
+        .unwrap();
         let events = life.apply(init_exit(3)).unwrap();
         assert_eq!(actions(&events), [(Some("setup"), "init-exited")]);
         let setup = &life.record().init_containers[0];
@@ -717,7 +765,12 @@ pub(crate) mod tests {
             error: "init failed".into(),
         })
         .unwrap();
-        life.apply(Transition::Boot { vmm_pid: 8, at: 20 }).unwrap();
+        life.apply(Transition::Boot {
+            vmm_pid: 8,
+            at: 20,
+            template: None,
+        })
+        .unwrap();
         let setup = &life.record().init_containers[0];
         assert_eq!(
             (setup.status, setup.exit_code),

@@ -26,6 +26,7 @@ mod restart;
 mod start;
 mod stats;
 mod system;
+mod templates;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -97,6 +98,12 @@ pub struct Settings {
     /// The ids the VMMs' jails run as, one per group; None runs VMMs
     /// unjailed.
     pub jail_ids: Option<capsa_jail::IdRange>,
+    /// The jail id of the VMs that templates are built from (none of a
+    /// group's).
+    pub template_jail_id: Option<u32>,
+    /// The microVM templates group starts restore clones of; None boots
+    /// every VM from its kernel (capsad --templates off).
+    pub templates: Option<capsa_templates::Templates>,
     /// The rate limits of groups whose spec sets none.
     pub default_disk_rate: Option<capsa_api::RateLimitSpec>,
     pub default_network_rate: Option<capsa_api::RateLimitSpec>,

@@ -223,7 +223,12 @@ mod tests {
     /// 1000 ms, and `a` exited with `code` after `ran_ms`.
     fn after(policy: &str, code: i32, ran_ms: u64, b_running: bool) -> Lifecycle {
         let mut life = Lifecycle::new(record(policy));
-        life.apply(Transition::Boot { vmm_pid: 1, at: 0 }).unwrap();
+        life.apply(Transition::Boot {
+            vmm_pid: 1,
+            at: 0,
+            template: None,
+        })
+        .unwrap();
         for name in ["a", "b"] {
             life.apply(Transition::ContainerStarted {
                 name: name.into(),

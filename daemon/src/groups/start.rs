@@ -131,35 +131,52 @@ impl Daemon {
                 )))
             }
         };
-        let (booting, mut child) = sandbox::boot(
-            &self.vm,
-            &VmSpec {
-                cpus: record.spec.cpus(),
-                memory_mib: record.spec.memory_mib(),
-                net,
-                disks: &disks,
-                vsock: &group.paths.vsock(),
-                console: &group.paths.console(),
-                cgroup_procs: cgroup.as_ref().map(|c| c.procs()).as_deref(),
-                jail,
-            },
-        )
-        .map_err(|e| {
-            // No VMM: nothing will end in that cgroup to remove it later.
-            if let Some(cgroup) = &cgroup {
-                let _ = cgroup.remove(Duration::ZERO);
+        let (vsock, console) = (group.paths.vsock(), group.paths.console());
+        let cgroup_procs = cgroup.as_ref().map(|c| c.procs());
+        let cold = VmSpec {
+            cpus: record.spec.cpus(),
+            memory_mib: record.spec.memory_mib(),
+            net,
+            disks: &disks,
+            vsock: &vsock,
+            console: &console,
+            cgroup_procs: cgroup_procs.as_deref(),
+            jail,
+            snapshot: vm::Snapshot::None,
+        };
+        let shape = self.template_shape(&record.spec, cold.net.is_some());
+        let restored = shape
+            .as_ref()
+            .and_then(|shape| self.restore_clone(&group, shape, &cold, report));
+        let (origin, mut child, template) = match restored {
+            Some(clone) => (
+                Origin::Restored(clone.sandbox),
+                clone.child,
+                Some(clone.template),
+            ),
+            None => {
+                let (booting, child) = sandbox::boot(&self.vm, &cold).map_err(|e| {
+                    // No VMM: nothing will end in that cgroup to remove it later.
+                    if let Some(cgroup) = &cgroup {
+                        let _ = cgroup.remove(Duration::ZERO);
+                    }
+                    internal(e)
+                })?;
+                (Origin::Booting(booting), child, None)
             }
-            internal(e)
-        })?;
-        let pid = booting.pid();
-        report(format!(
-            "booting the microVM: {} vCPU, {} MiB (VMM pid {pid})",
-            record.spec.cpus(),
-            record.spec.memory_mib()
-        ));
+        };
+        let pid = origin.pid();
+        if let Origin::Booting(_) = origin {
+            report(format!(
+                "booting the microVM: {} vCPU, {} MiB (VMM pid {pid})",
+                record.spec.cpus(),
+                record.spec.memory_mib()
+            ));
+        }
         if let Err(e) = group.transition(Transition::Boot {
             vmm_pid: pid,
             at: now_ms(),
+            template: template.clone(),
         }) {
             // Started meanwhile by someone else: this VMM is not wanted.
             vm::kill(pid);
@@ -175,11 +192,14 @@ impl Daemon {
                 .unwrap_or_else(|e| e.to_string());
             vm_exited(&daemon, &watched, how);
         });
-        match self.run_containers(&group, booting, volumes.sandbox, report) {
+        match self.run_containers(&group, origin, volumes.sandbox, report) {
             Ok(()) => {
                 self.metrics
                     .start_seconds
                     .observe(began.elapsed().as_secs_f64());
+                if let (Some(shape), None) = (shape, &template) {
+                    self.build_template_later(shape);
+                }
                 crate::metrics::read_in_background(self, name.to_string());
                 Ok(group.snapshot().view())
             }
@@ -197,23 +217,30 @@ impl Daemon {
     fn run_containers(
         self: &Arc<Self>,
         group: &Arc<Group>,
-        booting: sandbox::Booting,
+        origin: Origin,
         volumes: Vec<capsa_protocol::agent::Volume>,
         report: &mut dyn FnMut(String),
     ) -> Result<(), ApiError> {
         let record = group.snapshot();
         let began = Instant::now();
-        // The error carries the console: the best clue to why.
-        let sandbox = booting
-            .connect(BOOT_PATIENCE)
-            .map_err(|e| internal(format!("the guest did not answer: {e}")))?;
-        report(format!(
-            "the guest agent answered after {} ms",
-            began.elapsed().as_millis()
-        ));
+        let restored = matches!(origin, Origin::Restored(_));
+        let sandbox = match origin {
+            // The error carries the console: the best clue to why.
+            Origin::Booting(booting) => {
+                let sandbox = booting
+                    .connect(BOOT_PATIENCE)
+                    .map_err(|e| internal(format!("the guest did not answer: {e}")))?;
+                report(format!(
+                    "the guest agent answered after {} ms",
+                    began.elapsed().as_millis()
+                ));
+                sandbox
+            }
+            Origin::Restored(sandbox) => sandbox,
+        };
         let guest = sandbox.guest().clone();
         guest
-            .setup_sandbox(&self.sandbox_request(&record, volumes))
+            .setup_sandbox(&self.sandbox_request(&record, volumes, restored))
             .map_err(|e| guest_failed(&group.paths.console(), "setting up the sandbox", e))?;
         group.set_sandbox(Arc::new(sandbox));
         for init in &record.spec.init_containers {
@@ -234,10 +261,13 @@ impl Daemon {
 
     /// What the agent sets up before any container: the hostname, the
     /// clock, the volumes and, with networking, eth0, its route and DNS.
+    /// A VM `restored` from a template has the template's MAC: its agent
+    /// finds the NIC by that one and gives it the group's.
     fn sandbox_request(
         &self,
         record: &crate::state::GroupRecord,
         volumes: Vec<capsa_protocol::agent::Volume>,
+        restored: bool,
     ) -> capsa_protocol::agent::SetupSandboxRequest {
         let mut sandbox = capsa_protocol::agent::SetupSandboxRequest {
             hostname: record.spec.name.clone(),
@@ -259,6 +289,11 @@ impl Daemon {
             let gateway = addressing.gateway.to_string();
             sandbox.interfaces.push(capsa_protocol::agent::Interface {
                 mac: capsa_network::mac_for(ip).to_string(),
+                found_by_mac: if restored {
+                    capsa_templates::TEMPLATE_MAC.to_string()
+                } else {
+                    String::new()
+                },
                 name: "eth0".into(),
                 addresses: vec![format!("{ip}/{}", addressing.prefix_len)],
                 ..Default::default()
@@ -410,6 +445,23 @@ impl Daemon {
             }
         }
         Ok(copiers)
+    }
+}
+
+/// Where a starting group's VM comes from.
+enum Origin {
+    /// Booted from its kernel; its agent not reached yet.
+    Booting(sandbox::Booting),
+    /// Restored from a template, its agent answering and reseeded.
+    Restored(sandbox::Sandbox),
+}
+
+impl Origin {
+    fn pid(&self) -> u32 {
+        match self {
+            Origin::Booting(booting) => booting.pid(),
+            Origin::Restored(sandbox) => sandbox.pid(),
+        }
     }
 }
 

@@ -68,6 +68,26 @@ impl Daemon {
             max_vm_memory_mib: admin.then_some(capacity.max_memory_mib),
             max_vm_cpus: admin.then_some(capacity.max_cpus),
             memory_budget_mib: admin.then_some(capacity.memory_budget_mib),
+            templates: self
+                .settings
+                .templates
+                .as_ref()
+                .filter(|_| admin)
+                .map(|templates| {
+                    templates
+                        .list()
+                        .iter()
+                        .map(|t| capsa_api::TemplateView {
+                            id: t.id.clone(),
+                            cpus: t.shape.cpus,
+                            memory_mib: t.shape.memory_mib,
+                            nic: t.shape.nic,
+                            built_at: t.built_at_ms,
+                            build_ms: t.build_ms,
+                            disk_bytes: t.disk_bytes(),
+                        })
+                        .collect()
+                }),
         })
     }
 

@@ -35,6 +35,7 @@ pub const ALL: &[&str] = &[
     "verbs",
     "hostile",
     "fake-agents",
+    "templates",
     "images",
     "logs",
     "conformance",
@@ -48,8 +49,8 @@ pub const ALL: &[&str] = &[
 pub fn budget_secs(name: &str) -> u64 {
     match name {
         "boot" | "snapshot" => 300,
-        "agent" | "verbs" | "fake-agents" | "shim" | "cri" | "logs" | "conformance"
-        | "networks" => 600,
+        "agent" | "verbs" | "fake-agents" | "templates" | "shim" | "cri" | "logs"
+        | "conformance" | "networks" => 600,
         "cycles" | "hostile" => 1500,
         _ => 900,
     }
@@ -67,6 +68,7 @@ pub fn usual_secs(name: &str) -> u64 {
         "verbs" => 110,
         "hostile" => 140,
         "fake-agents" => 170,
+        "templates" => 120,
         "images" => 140,
         "logs" => 100,
         "conformance" => 50,
@@ -100,6 +102,7 @@ pub fn run(name: &str, suite: &mut Suite, artifacts: &Artifacts, options: &Optio
         "verbs" => daemon::run_verbs(suite, artifacts),
         "hostile" => daemon::run_hostile(suite, artifacts),
         "fake-agents" => daemon::run_fake_agents(suite, artifacts),
+        "templates" => daemon::run_templates(suite, artifacts),
         "images" => daemon::run_images(suite, artifacts),
         "logs" => daemon::run_logs(suite, artifacts),
         "conformance" => conformance::run(suite, artifacts),

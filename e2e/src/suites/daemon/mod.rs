@@ -6,7 +6,8 @@
 //! cached layer disks), the `logs` suite (a daemon killed again
 //! and again loses and doubles no line), the `networks` suite (tenant
 //! networks: isolation, anti-spoofing, a closed host, egress; tenants over
-//! the TLS listener) and the `cycles` suite (50 groups
+//! the TLS listener), the `templates` suite (groups restored from
+//! templates) and the `cycles` suite (50 groups
 //! in a row leave nothing behind).
 
 mod copies;
@@ -24,6 +25,7 @@ mod main_checks;
 mod metrics;
 mod netns;
 mod networks;
+mod templates;
 mod tenants;
 mod verbs;
 
@@ -67,6 +69,11 @@ pub fn run_fake_agents(suite: &mut Suite, artifacts: &Artifacts) {
         started_with_busybox(d)?;
         fake_agents::run(s, d)
     });
+}
+
+/// Starts restored from templates, and what each clone must be.
+pub fn run_templates(suite: &mut Suite, artifacts: &Artifacts) {
+    with_capsad(suite, artifacts, "templates", templates::run);
 }
 
 pub fn run_logs(suite: &mut Suite, artifacts: &Artifacts) {
