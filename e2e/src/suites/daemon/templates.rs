@@ -168,7 +168,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 "cold came from {:?}",
                 view.template
             );
-            exits(d, &["rm", "-f", "cold"])?;
+            exits(d, &["rm", "cold"])?;
             Ok("booted".into())
         },
     );
@@ -200,7 +200,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         },
     );
     for name in ["first", "clone-a", "clone-b", "clone-d"] {
-        let _ = d.capsa(&["rm", "-f", name]);
+        let _ = d.capsa(&["rm", name]);
     }
     Ok(())
 }
