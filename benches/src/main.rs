@@ -9,6 +9,11 @@
 //! cold, each from starting capsa-vmm to its agent's first answer, and
 //! the host memory (PSS) of idle VMs of each kind.
 //!
+//! `starts`: `capsa run --rm IMAGE true` through capsad, restored from the
+//! template of its shape and booted cold (`--cold-boot`), next to crun and
+//! runc on the same rootfs; and the host memory (PSS) of N idle groups
+//! restored from the template next to N booted cold.
+//!
 //! `devices`: vsock throughput both ways and virtio-blk sequential and
 //! random-read speed measured in the guest, with the host's own Unix
 //! sockets and disk file measured by the same code as the reference.
@@ -40,6 +45,7 @@ mod devices;
 mod network;
 mod process;
 mod restore;
+mod starts;
 mod stats;
 mod unpack;
 mod workdir;
@@ -63,6 +69,9 @@ enum Bench {
     /// Restore from a snapshot next to a cold boot, to the agent's first
     /// answer, and idle VMs' memory.
     Restore(restore::RestoreArgs),
+    /// `capsa run --rm IMAGE true` from a template, cold and by the peers,
+    /// and the memory of N idle groups of each kind.
+    Starts(starts::StartsArgs),
     /// vsock and virtio-blk throughput in the guest, next to the host's.
     Devices(devices::DevicesArgs),
     /// OCI layer import (verify, decompress, unpack) next to GNU tar.
@@ -92,6 +101,7 @@ fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Boot(args) => boot::run(&args),
         Bench::Restore(args) => restore::run(&args),
+        Bench::Starts(args) => starts::run(&args),
         Bench::Devices(args) => devices::run(&args),
         Bench::Unpack(args) => unpack::run(&args),
         Bench::Containers(args) => containers::run(&args),

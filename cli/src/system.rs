@@ -81,6 +81,23 @@ pub fn run(client: &Client, command: SystemCommand, json: bool) -> Result<u8> {
             ) {
                 println!("one VM: at most {cpus} vCPUs, {memory} MiB; all VMs: {budget} MiB");
             }
+            match info.templates {
+                None => {}
+                Some(templates) if templates.is_empty() => println!("templates: none yet"),
+                Some(templates) => {
+                    for t in templates {
+                        println!(
+                            "template {}: {} vCPU, {} MiB{}, {} on disk, built in {} ms",
+                            t.id,
+                            t.cpus,
+                            t.memory_mib,
+                            if t.nic { ", with a NIC" } else { "" },
+                            megabytes(t.disk_bytes),
+                            t.build_ms
+                        );
+                    }
+                }
+            }
             Ok(0)
         }
         SystemCommand::Df => {

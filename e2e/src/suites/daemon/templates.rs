@@ -175,7 +175,11 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     s.check(
         "a corrupted template is deleted, and the group boots from its kernel with an event saying so",
         || {
-            let state = d.root().join("templates").join(&template.id).join("state");
+            let state = d
+                .root()
+                .join("root/templates")
+                .join(&template.id)
+                .join("state");
             let bytes = std::fs::read(&state).context("the template's state")?;
             std::fs::write(&state, &bytes[..bytes.len() / 2])?;
             let run = d.capsa(&["run", "-d", "--name", "clone-d", "busybox", "sleep", "600"])?;
