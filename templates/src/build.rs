@@ -139,7 +139,7 @@ impl Claim<'_> {
                 // Bridged nowhere: the template's guest sends nothing
                 // anywhere, and its tap goes with its VMM.
                 net: shape.nic.then(|| NetConfig {
-                    tap: format!("capsa-t{}", &self.id[..8]),
+                    tap: format!("tpl-{}", &self.id[..11]),
                     mac: crate::TEMPLATE_MAC,
                     bridge: None,
                     fd: None,

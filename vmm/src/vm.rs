@@ -154,6 +154,8 @@ pub enum GuestExit {
     VcpuFailure(String),
     /// Stopped for a snapshot, which was written.
     Snapshotted,
+    /// Stopped because the snapshot's control socket closed unasked.
+    SnapshotAbandoned,
 }
 
 impl GuestExit {
@@ -172,6 +174,7 @@ impl GuestExit {
             GuestExit::Panic => 2,
             GuestExit::TripleFault => 3,
             GuestExit::VcpuFailure(_) => 4,
+            GuestExit::SnapshotAbandoned => 5,
         }
     }
 
@@ -183,6 +186,9 @@ impl GuestExit {
             GuestExit::TripleFault => "guest triple-faulted".into(),
             GuestExit::VcpuFailure(why) => format!("vCPU failed: {why}"),
             GuestExit::Snapshotted => "snapshot taken".into(),
+            GuestExit::SnapshotAbandoned => {
+                "the snapshot's control socket closed before it asked: stopped".into()
+            }
         }
     }
 }
@@ -588,5 +594,6 @@ fn wait_for_exit(events: &Receiver<GuestEvent>, tail: &ConsoleTail) -> GuestExit
         GuestEvent::TripleFault => GuestExit::TripleFault,
         GuestEvent::VcpuFailure(why) => GuestExit::VcpuFailure(why),
         GuestEvent::SnapshotAsked => GuestExit::Snapshotted,
+        GuestEvent::SnapshotAbandoned => GuestExit::SnapshotAbandoned,
     }
 }

@@ -73,25 +73,29 @@ impl ProcFigures {
 }
 
 /// The resident KiB of the guest's memory in a VMM's /proc/PID/smaps: its
-/// largest anonymous mappings that together are `guest_kib` (the guest's
-/// RAM, below and above the MMIO gap), None when none add up to it.
+/// largest anonymous or private writable mappings (a VM restored from a
+/// template maps its memory file privately) that together are `guest_kib`
+/// (the guest's RAM, below and above the MMIO gap), None when none add up
+/// to it.
 pub fn guest_rss_kib(smaps: &str, guest_kib: u64) -> Option<u64> {
-    // (size, rss) of each anonymous mapping.
+    // (size, rss) of each such mapping.
     let mut mappings: Vec<(u64, u64)> = Vec::new();
-    let mut anonymous = false;
+    let mut candidate = false;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
             // A mapping's header: address perms offset dev inode [path].
-            anonymous = words.nth(4).is_none();
-            if anonymous {
+            let perms = words.next().unwrap_or("");
+            let private_writable = perms.starts_with("rw") && perms.ends_with('p');
+            candidate = words.nth(3).is_none() || private_writable;
+            if candidate {
                 mappings.push((0, 0));
             }
             continue;
         }
         let mut value = || words.next().and_then(|v| v.parse::<u64>().ok());
-        match (anonymous, first, mappings.last_mut()) {
+        match (candidate, first, mappings.last_mut()) {
             (true, "Size:", Some(last)) => last.0 = value().unwrap_or(0),
             (true, "Rss:", Some(last)) => last.1 = value().unwrap_or(0),
             _ => {}
@@ -217,6 +221,19 @@ Rss:                 500 kB
         assert_eq!(guest_rss_kib(smaps, 262144 + 8192), Some(30064));
         assert_eq!(guest_rss_kib(smaps, 999), None);
         assert_eq!(guest_rss_kib("", 262144), None);
+        // A clone's memory: its template's file, mapped privately.
+        let restored = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 08:01 1234 /payload/capsa-vmm
+Size:               1024 kB
+Rss:                 900 kB
+7f0000000000-7f0010000000 rw-p 00000000 08:01 99 /templates/6aa3f9691e8da0ff/memory
+Size:             262144 kB
+Rss:               12000 kB
+7f0020000000-7f0020100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Rss:                 500 kB
+";
+        assert_eq!(guest_rss_kib(restored, 262144), Some(12000));
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub enum GuestEvent {
     VcpuFailure(String),
     /// Whoever started the VMM asked for a snapshot (not the guest's doing).
     SnapshotAsked,
+    /// Whoever was to ask for a snapshot closed the control socket without
+    /// asking: it is gone, and so is the VM's purpose.
+    SnapshotAbandoned,
 }
 
 /// Where devices report guest events; cloned into each device and vCPU.

@@ -23,7 +23,7 @@ pub struct SnapshotFiles {
 impl SnapshotFiles {
     /// Waits, on a thread of its own, for the byte that asks for the
     /// snapshot, and reports it as a guest event; a control socket closed
-    /// without it asks nothing.
+    /// without it ends the VM (its starter died: nobody will ever ask).
     /// `filter`: the thread's own seccomp filter (`Role::Control`).
     pub fn watch(
         &self,
@@ -39,9 +39,10 @@ impl SnapshotFiles {
                     return;
                 }
                 let mut byte = [0u8; 1];
-                if matches!(control.read(&mut byte), Ok(1)) {
-                    events.send(GuestEvent::SnapshotAsked);
-                }
+                events.send(match control.read(&mut byte) {
+                    Ok(1) => GuestEvent::SnapshotAsked,
+                    _ => GuestEvent::SnapshotAbandoned,
+                });
             })
     }
 
@@ -96,4 +97,39 @@ pub fn take(
     };
     state.write(&files.state)?;
     memory::dump(machine.memory, &files.memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> (SnapshotFiles, UnixStream) {
+        let (control, theirs) = UnixStream::pair().unwrap();
+        let files = SnapshotFiles {
+            control,
+            state: tempfile::tempfile().unwrap(),
+            memory: tempfile::tempfile().unwrap(),
+        };
+        (files, theirs)
+    }
+
+    #[test]
+    fn a_byte_asks_for_the_snapshot_and_a_closed_socket_ends_the_vm() {
+        let (asked, mut theirs) = files();
+        let (sender, events) = std::sync::mpsc::channel();
+        let watcher = asked.watch(EventSender(sender), None).unwrap();
+        theirs.write_all(b"s").unwrap();
+        watcher.join().unwrap();
+        assert!(matches!(events.recv().unwrap(), GuestEvent::SnapshotAsked));
+
+        let (abandoned, theirs) = files();
+        let (sender, events) = std::sync::mpsc::channel();
+        let watcher = abandoned.watch(EventSender(sender), None).unwrap();
+        drop(theirs);
+        watcher.join().unwrap();
+        assert!(matches!(
+            events.recv().unwrap(),
+            GuestEvent::SnapshotAbandoned
+        ));
+    }
 }

@@ -156,8 +156,12 @@ pub fn run(
         import.code == Some(0),
         import.describe(),
     );
-    // One cycle first, so that what capsad sets up once is not counted.
+    // One cycle first, so that what capsad sets up once is not counted:
+    // the template it builds after that first boot included.
     cycle(d, "warm")?;
+    if let Err(e) = super::templates::wait_for_template(d) {
+        eprintln!("cycles: {e:#}; the cycles boot from the kernel");
+    }
     let before = settled(d, None)?;
     let (mut failed, mut hung) = (Vec::new(), Vec::new());
     let mut took = Vec::new();

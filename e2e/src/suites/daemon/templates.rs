@@ -227,7 +227,8 @@ fn templates(d: &Capsad) -> Result<Vec<TemplateView>> {
     info.templates.context("system info shows no templates")
 }
 
-fn wait_for_template(d: &Capsad) -> Result<TemplateView> {
+/// The first template capsad lists, once it lists one.
+pub(super) fn wait_for_template(d: &Capsad) -> Result<TemplateView> {
     let deadline = Instant::now() + BUILD_PATIENCE;
     loop {
         if let Some(template) = templates(d)?.into_iter().next() {
