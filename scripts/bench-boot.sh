@@ -6,11 +6,23 @@
 # On a PVM host (README, "Hosts with PVM") both run on a KVM nested in QEMU
 # TCG: absolute times there are emulation times; only the ratio means much.
 #
+# CAPSA_BOOT_VARIANTS (NAME=PARAMS;NAME=PARAMS...) adds capsa-vmm runners
+# with those kernel parameters; CAPSA_BOOT_PROFILE=1 boots once more with
+# initcall_debug and prints the kernel's slowest initcalls.
+#
 #   scripts/bench-boot.sh [RUNS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/scripts/lib.sh"
 runs=${1:-10}
+extra=()
+IFS=';' read -r -a variants <<< "${CAPSA_BOOT_VARIANTS:-}"
+for variant in "${variants[@]}"; do
+    if [ -n "$variant" ]; then extra+=(--variant "$variant"); fi
+done
+if [ "${CAPSA_BOOT_PROFILE:-0}" = 1 ]; then extra+=(--profile); fi
+extra_text=
+if [ "${#extra[@]}" -gt 0 ]; then extra_text=$(printf '%q ' "${extra[@]}"); fi
 { read -r kernel; read -r initrd; } < <("$root/scripts/setup.sh")
 dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "install ok installed" ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >&2
@@ -21,7 +33,7 @@ mkdir -p "$(dirname "$json")"
 
 if ! "$root/scripts/kvm-is-pvm.sh"; then
     exec "$bin/capsa-bench" boot --vmm "$bin/capsa-vmm" --kernel "$kernel" --initrd "$initrd" \
-        --qemu "$(command -v qemu-system-x86_64)" --runs "$runs" --json "$json"
+        --qemu "$(command -v qemu-system-x86_64)" --runs "$runs" --json "$json" "${extra[@]}"
 fi
 
 echo "bench-boot: /dev/kvm here is PVM; measuring on a KVM nested in QEMU TCG" >&2
@@ -35,7 +47,8 @@ cp "$initrd" "$payload/initramfs.cpio"
 cp /usr/share/qemu/bios-microvm.bin "$payload/qemu-share/"
 cat > "$payload/run.sh" <<RUN
 ./capsa-bench boot --vmm ./capsa-vmm --kernel vmlinux --initrd initramfs.cpio \
-    --qemu ./bin/qemu-system-x86_64 --qemu-data-dir ./qemu-share --runs $runs --json /tmp/bench-boot.json 2>&1
+    --qemu ./bin/qemu-system-x86_64 --qemu-data-dir ./qemu-share --runs $runs --json /tmp/bench-boot.json \
+    $extra_text 2>&1
 echo "=== JSON"
 cat /tmp/bench-boot.json
 echo

@@ -35,9 +35,63 @@ pub struct BootArgs {
     /// Give up on one boot after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// More runners: NAME=PARAMS, capsa-vmm with these kernel parameters
+    /// added (to try what a trimmed command line saves). Repeatable.
+    #[arg(long = "variant")]
+    variants: Vec<String>,
+    /// Boot once more with `initcall_debug` and print where the kernel's
+    /// time went: its slowest initcalls and when it ran /init.
+    #[arg(long)]
+    profile: bool,
     /// Where to write the JSON results.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// Where one boot's kernel time went, from its console with
+/// `initcall_debug`.
+#[derive(Serialize)]
+struct Profile {
+    /// The kernel's clock when it ran /init.
+    init_at_ms: Option<f64>,
+    /// The slowest initcalls, slowest first: (name, milliseconds).
+    slowest_initcalls: Vec<(String, f64)>,
+    /// All initcalls together.
+    initcalls_ms: f64,
+}
+
+/// Reads `initcall X+0x.. returned 0 after N usecs` lines and the
+/// `[ seconds] Run /init` line.
+fn profile_of(console: &str) -> Profile {
+    let mut calls: Vec<(String, f64)> = console
+        .lines()
+        .filter_map(|line| {
+            let rest = line.split("initcall ").nth(1)?;
+            let name = rest.split('+').next()?.trim().to_string();
+            let usecs: f64 = rest
+                .split(" after ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name, usecs / 1000.0))
+        })
+        .collect();
+    let initcalls_ms = calls.iter().map(|(_, ms)| ms).sum();
+    calls.sort_by(|a, b| b.1.total_cmp(&a.1));
+    calls.truncate(15);
+    let init_at_ms = console
+        .lines()
+        .find(|l| l.contains("Run /init as init process"))
+        .and_then(|l| l.split(']').next())
+        .and_then(|t| t.trim_start_matches('[').trim().parse::<f64>().ok())
+        .map(|s| s * 1000.0);
+    Profile {
+        init_at_ms,
+        slowest_initcalls: calls,
+        initcalls_ms,
+    }
 }
 
 #[derive(Serialize)]
@@ -55,6 +109,8 @@ struct Report<'a> {
     cpus: u8,
     memory_mib: u64,
     results: Vec<RunnerResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    profile: Option<Profile>,
 }
 
 struct Sample {
@@ -187,11 +243,44 @@ pub fn run(args: &BootArgs) -> Result<()> {
             c
         },
     )?);
+    for variant in &args.variants {
+        let Some((name, params)) = variant.split_once('=') else {
+            bail!("--variant {variant}: expected NAME=PARAMS");
+        };
+        let argv = capsa_vmm_config::VmmArgs {
+            cmdline: format!("{GUEST_CMDLINE} {params}"),
+            ..capsa_args(args)
+        }
+        .to_args()?;
+        results.push(measure(
+            &format!("capsa-vmm, {name}"),
+            args.runs,
+            timeout,
+            || {
+                let mut c = Command::new(&args.vmm);
+                c.args(&argv);
+                c
+            },
+        )?);
+    }
     if let Some(qemu) = &args.qemu {
         results.push(measure("qemu -M microvm", args.runs, timeout, || {
             qemu_command(qemu, args)
         })?);
     }
+    let profile = if args.profile {
+        let argv = capsa_vmm_config::VmmArgs {
+            cmdline: "capsa.exit_after_ready=1 initcall_debug printk.time=1 loglevel=8".into(),
+            ..capsa_args(args)
+        }
+        .to_args()?;
+        let mut c = Command::new(&args.vmm);
+        c.args(&argv);
+        let finished = crate::process::run(c, timeout)?.success()?;
+        Some(profile_of(&finished.stdout))
+    } else {
+        None
+    };
 
     println!(
         "boot to ready line and power-off, {} vCPU, {} MiB, {} runs each; median (min-max) ms",
@@ -216,16 +305,52 @@ pub fn run(args: &BootArgs) -> Result<()> {
             );
         }
     }
+    if let Some(profile) = &profile {
+        println!(
+            "initcall_debug boot: /init at {} ms; initcalls {:.1} ms in all; the slowest:",
+            profile
+                .init_at_ms
+                .map_or("?".to_string(), |ms| format!("{ms:.1}")),
+            profile.initcalls_ms
+        );
+        for (name, ms) in &profile.slowest_initcalls {
+            println!("  {ms:>9.2} ms  {name}");
+        }
+    }
     let report = Report {
         benchmark: "boot",
         kernel: &args.kernel,
         cpus: args.cpus,
         memory_mib: args.memory_mib,
         results,
+        profile,
     };
     let path = args
         .json
         .clone()
         .unwrap_or_else(|| crate::default_json("boot"));
     crate::write_json(&path, &report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_is_read_from_an_initcall_debug_console() {
+        let console = "\
+[    0.101000] calling  pci_subsys_init+0x0/0x60 @ 1
+[    0.150000] initcall pci_subsys_init+0x0/0x60 returned 0 after 49000 usecs
+[    0.150100] initcall fast_one+0x0/0x10 returned 0 after 12 usecs
+[    0.400000] Run /init as init process
+";
+        let profile = profile_of(console);
+        assert_eq!(profile.init_at_ms, Some(400.0));
+        assert_eq!(
+            profile.slowest_initcalls[0],
+            ("pci_subsys_init".into(), 49.0)
+        );
+        assert_eq!(profile.slowest_initcalls.len(), 2);
+        assert!((profile.initcalls_ms - 49.012).abs() < 1e-9);
+    }
 }
