@@ -19,9 +19,11 @@ pub const POWER_OFF_MARGIN: Duration = Duration::from_secs(10);
 
 /// A guest that did not come up, with what its console last said.
 #[derive(Debug, thiserror::Error)]
-#[error("{error}; console:\n{console}")]
+#[error("{}{error}; console:\n{console}", if *.vmm_ended { "its VMM ended before the guest answered: " } else { "" })]
 pub struct BootError {
     pub error: GuestError,
+    /// The VMM process was gone when the guest was last tried.
+    pub vmm_ended: bool,
     pub console: String,
 }
 
@@ -72,6 +74,7 @@ impl Booting {
                 Err(error) => {
                     return Err(BootError {
                         error,
+                        vmm_ended: !is_our_vmm(self.pid, &self.vsock),
                         console: console_tail(&self.console),
                     })
                 }
@@ -123,6 +126,7 @@ impl Sandbox {
     pub fn failure(&self, error: GuestError) -> BootError {
         BootError {
             error,
+            vmm_ended: !self.is_alive(),
             console: console_tail(&self.console),
         }
     }
@@ -168,6 +172,13 @@ mod tests {
         let err = booting.connect(Duration::from_millis(200)).err().unwrap();
         assert!(err.console.ends_with("Kernel panic - not syncing"), "{err}");
         assert!(err.to_string().contains("; console:\nearly line"), "{err}");
+        // No process has that PID: the VMM is told to have ended.
+        assert!(err.vmm_ended);
+        assert!(
+            err.to_string()
+                .starts_with("its VMM ended before the guest answered: "),
+            "{err}"
+        );
     }
 
     #[test]
