@@ -19,10 +19,14 @@ use crate::virtio::worker::{DeviceBroken, QueueHandler, Registrar, FIRST_BACKEND
 use crate::virtio::{complete, next_chain, notify, Interrupt, Memory};
 
 const LISTENER_TOKEN: u64 = FIRST_BACKEND_TOKEN;
-/// The timer that stops waiting for the guest to take a transport reset.
+/// The timer that looks, while host clients wait for the guest to take a
+/// transport reset, whether it has.
 const RESET_TIMER_TOKEN: u64 = FIRST_BACKEND_TOKEN + 1;
-/// How long host clients wait, at most, for the guest to take a reset.
-const RESET_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the event queue is looked at for the reset's buffer.
+const RESET_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long host clients wait, at most, for the guest to take a reset (a
+/// guest that never does is not to hold them forever).
+const RESET_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
 /// Bounds what a guest (or host clients) can make the VMM hold.
 const MAX_CONNECTIONS: usize = 1024;
 const MAX_QUEUED_CONTROL: usize = 4096;
@@ -68,8 +72,19 @@ pub struct VsockMuxer {
     bad_packets: u64,
     /// A transport reset the guest has not taken yet: host clients are
     /// not served until it has (a connection made before would be reset
-    /// with the old ones), or until the timer gives up waiting.
-    reset_timer: Option<vmm_sys_util::timerfd::TimerFd>,
+    /// with the old ones), or until RESET_PATIENCE is over.
+    reset_timer: Option<PendingReset>,
+}
+
+/// A transport reset told to the guest and not taken yet.
+struct PendingReset {
+    timer: vmm_sys_util::timerfd::TimerFd,
+    /// The event queue's available index when the reset's buffer was
+    /// used: the guest posts a buffer again once it has reset its
+    /// connections (and kicks, unless notifications are suppressed, which
+    /// is why the index is looked at too).
+    avail_then: std::num::Wrapping<u16>,
+    give_up_at: std::time::Instant,
 }
 
 impl VsockMuxer {
@@ -120,27 +135,45 @@ impl VsockMuxer {
         };
         complete(queue, &memory, head, written)?;
         notify(queue, &memory, &self.interrupt)?;
+        use virtio_queue::QueueT;
+        let avail_then = queue
+            .avail_idx(&memory, std::sync::atomic::Ordering::Acquire)
+            .map_err(|e| DeviceBroken(format!("cannot read the event queue: {e}")))?;
         // With event indexes the driver kicks only past the index the
         // device asks for: ask for the buffer the guest gives back.
-        use virtio_queue::QueueT;
         queue
             .enable_notification(&memory)
             .map_err(|e| DeviceBroken(format!("cannot ask for the event queue's kick: {e}")))?;
-        // The guest gives the event's buffer back (a notification on the
-        // event queue) once it has reset its connections.
         let mut timer = vmm_sys_util::timerfd::TimerFd::new()
             .map_err(|e| DeviceBroken(format!("cannot make the reset timer: {e}")))?;
         timer
-            .reset(RESET_PATIENCE, None)
+            .reset(RESET_POLL, Some(RESET_POLL))
             .map_err(|e| DeviceBroken(format!("cannot arm the reset timer: {e}")))?;
-        self.reset_timer = Some(timer);
+        self.reset_timer = Some(PendingReset {
+            timer,
+            avail_then,
+            give_up_at: std::time::Instant::now() + RESET_PATIENCE,
+        });
         Ok(())
+    }
+
+    /// Whether the guest has taken the pending reset: it posted an event
+    /// buffer again, or it had its time.
+    fn reset_is_taken(&self) -> bool {
+        use virtio_queue::QueueT;
+        let Some(pending) = &self.reset_timer else {
+            return true;
+        };
+        let reposted = self.queues[EVENT_QUEUE]
+            .avail_idx(&self.memory, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|now| now != pending.avail_then);
+        reposted || std::time::Instant::now() >= pending.give_up_at
     }
 
     /// The guest took the transport reset (or was waited for long
     /// enough): host clients are served from now on.
     fn reset_taken(&mut self, registrar: &Registrar) {
-        if let Some(timer) = self.reset_timer.take() {
+        if let Some(PendingReset { timer, .. }) = self.reset_timer.take() {
             registrar.remove(timer.as_raw_fd());
             // Failing that, host clients cannot reach the guest; there is
             // nobody to tell but the client, who sees no answer.
@@ -701,7 +734,9 @@ impl QueueHandler for VsockMuxer {
 
     fn register(&mut self, registrar: &Registrar) -> std::io::Result<()> {
         match &self.reset_timer {
-            Some(timer) => registrar.add(timer.as_raw_fd(), RESET_TIMER_TOKEN, EventSet::IN),
+            Some(pending) => {
+                registrar.add(pending.timer.as_raw_fd(), RESET_TIMER_TOKEN, EventSet::IN)
+            }
             None => registrar.add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN),
         }
     }
@@ -726,7 +761,13 @@ impl QueueHandler for VsockMuxer {
         if token == LISTENER_TOKEN {
             self.accept_clients(registrar);
         } else if token == RESET_TIMER_TOKEN {
-            self.reset_taken(registrar);
+            if let Some(pending) = &mut self.reset_timer {
+                // Read, or the expired timer stays readable.
+                let _ = pending.timer.wait();
+            }
+            if self.reset_is_taken() {
+                self.reset_taken(registrar);
+            }
         } else {
             match self.owners.get(&token) {
                 Some(Owner::Handshake) => self.read_handshake(token, registrar),
@@ -742,8 +783,8 @@ impl QueueHandler for VsockMuxer {
 
     fn quiesce(&mut self, registrar: &Registrar) {
         registrar.remove(self.listener.as_raw_fd());
-        if let Some(timer) = self.reset_timer.take() {
-            registrar.remove(timer.as_raw_fd());
+        if let Some(pending) = self.reset_timer.take() {
+            registrar.remove(pending.timer.as_raw_fd());
         }
         for (_, hs) in self.handshakes.drain() {
             registrar.remove(hs.stream.as_raw_fd());
