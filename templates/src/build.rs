@@ -194,7 +194,7 @@ impl Claim<'_> {
             }
         })();
         if snapshotted.is_err() {
-            vm::kill(child.id());
+            vm::kill_and_wait(child.id(), Duration::from_secs(10));
             let _ = child.wait();
         }
         snapshotted?;

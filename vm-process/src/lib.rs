@@ -418,20 +418,46 @@ pub fn is_our_vmm(pid: u32, vsock: &Path) -> bool {
         return false;
     };
     let text = String::from_utf8_lossy(&cmdline);
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true);
-    !zombie && text.contains("capsa-vmm") && text.contains(&*vsock.to_string_lossy())
+    is_running(pid) && text.contains("capsa-vmm") && text.contains(&*vsock.to_string_lossy())
 }
 
+/// Whether process `pid` exists and is no zombie (a zombie has closed its
+/// files already).
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Kills the VMM started as `pid`: both its processes when it is jailed
+/// (the jailed one would only notice its waiter's death a moment later).
 pub fn kill(pid: u32) {
-    // SAFETY: kill(2) with a PID and a signal number touches no memory.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
+    for pid in vmm_processes(pid) {
+        // SAFETY: kill(2) with a PID and a signal number touches no memory.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+}
+
+/// Kills the VMM started as `pid` and waits up to `within` for its
+/// processes to end, so that what it held (its tap, its disks' locks) is
+/// free for the next VMM. Returns whether they ended in time.
+pub fn kill_and_wait(pid: u32, within: std::time::Duration) -> bool {
+    let processes = vmm_processes(pid);
+    kill(pid);
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if !processes.iter().any(|&p| is_running(p)) {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
@@ -518,6 +544,16 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/capsa-vmm"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_killed_process_is_waited_for_until_it_ended() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        // Reaped meanwhile, as capsad's watcher does.
+        let reaper = std::thread::spawn(move || child.wait());
+        assert!(kill_and_wait(pid, std::time::Duration::from_secs(10)));
+        assert!(!reaper.join().unwrap().unwrap().success());
     }
 
     #[test]

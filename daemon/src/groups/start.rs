@@ -21,6 +21,8 @@ use crate::state::now_ms;
 const BOOT_PATIENCE: Duration = Duration::from_secs(120);
 /// The serial of a group's scratch disk.
 const SCRATCH_SERIAL: &str = "scratch";
+/// How long a killed VMM gets to end before its group goes on without it.
+pub(super) const VMM_EXIT_PATIENCE: Duration = Duration::from_secs(10);
 /// Disks a VM may have (volumes and image layers): the VMM's 19 virtio
 /// slots, less the network, vsock and entropy devices.
 const MAX_DISKS: usize = 16;
@@ -205,7 +207,11 @@ impl Daemon {
             }
             Err(e) => {
                 let _ = group.transition(Transition::Stop);
-                vm::kill(pid);
+                // Gone before the group is: its tap and address may be
+                // the next group's at once.
+                if !vm::kill_and_wait(pid, VMM_EXIT_PATIENCE) {
+                    tracing::warn!("group {name}: its VMM {pid} outlived SIGKILL");
+                }
                 let _ = group.transition(Transition::Fail {
                     error: e.message.clone(),
                 });

@@ -118,7 +118,8 @@ impl Daemon {
                 template: template.id,
             }),
             Err(why) => {
-                vm::kill(child.id());
+                // Gone before the cold boot that takes its tap.
+                vm::kill_and_wait(child.id(), super::start::VMM_EXIT_PATIENCE);
                 let _ = child.wait();
                 give_up(why)
             }
