@@ -206,19 +206,8 @@ fn bench_image(args: &ContainersArgs, image: &Image, first: bool) -> Result<Imag
         });
     }
     for peer in &args.peers {
-        let Some((name, path)) = peer.split_once('=') else {
-            bail!("--peer {peer}: expected NAME=PATH");
-        };
-        let samples = process::wall_samples(name, args.runs, |run| {
-            let mut command = Command::new(path);
-            command
-                .arg("run")
-                .args(&args.peer_run_args)
-                .arg("--bundle")
-                .arg(&image.bundle)
-                .arg(format!("bench-{}-{run}", std::process::id()));
-            command
-        });
+        let (name, samples) =
+            process::peer_samples(peer, &args.peer_run_args, &image.bundle, args.runs)?;
         rows.push(WallRow {
             runtime: format!("{}: {name} run (same rootfs, no VM)", image.name),
             wall_ms: Summary::of(&samples),

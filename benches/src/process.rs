@@ -77,6 +77,31 @@ pub fn wall_samples(label: &str, runs: usize, mut make: impl FnMut(usize) -> Com
     samples
 }
 
+/// `runs` runs of `peer` (NAME=PATH of an OCI runtime: runc, crun) on the
+/// OCI bundle `bundle`, `run_args` before its `--bundle`: its name and its
+/// wall samples.
+pub fn peer_samples(
+    peer: &str,
+    run_args: &[String],
+    bundle: &std::path::Path,
+    runs: usize,
+) -> Result<(String, Vec<f64>)> {
+    let Some((name, path)) = peer.split_once('=') else {
+        anyhow::bail!("--peer {peer}: expected NAME=PATH");
+    };
+    let samples = wall_samples(name, runs, |run| {
+        let mut command = Command::new(path);
+        command
+            .arg("run")
+            .args(run_args)
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(format!("bench-{}-{run}", std::process::id()));
+        command
+    });
+    Ok((name.to_string(), samples))
+}
+
 /// Runs `command` to the end, killing it after `timeout`.
 pub fn run(mut command: Command, timeout: Duration) -> Result<Finished> {
     let start = Instant::now();

@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -102,14 +101,7 @@ fn pss_mib(pid: u32) -> Result<f64> {
 }
 
 fn private_file(path: &Path) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))
+    capsa_vm_process::snapshot_file(path).with_context(|| format!("creating {}", path.display()))
 }
 
 struct Bench<'a> {

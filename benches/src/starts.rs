@@ -178,19 +178,11 @@ pub fn run(args: &StartsArgs) -> Result<()> {
         },
     ];
     for peer in &args.peers {
-        let (Some((name, path)), Some(bundle)) = (peer.split_once('='), &args.bundle) else {
-            bail!("--peer {peer}: expected NAME=PATH, and a --bundle");
-        };
-        let samples = process::wall_samples(name, args.runs, |run| {
-            let mut command = Command::new(path);
-            command
-                .arg("run")
-                .args(&args.peer_run_args)
-                .arg("--bundle")
-                .arg(bundle)
-                .arg(format!("bench-starts-{}-{run}", std::process::id()));
-            command
-        });
+        let bundle = args
+            .bundle
+            .as_ref()
+            .with_context(|| format!("--peer {peer} needs a --bundle"))?;
+        let (name, samples) = process::peer_samples(peer, &args.peer_run_args, bundle, args.runs)?;
         rows.push(WallRow {
             runtime: format!("{name} run (same rootfs, no VM)"),
             wall_ms: Summary::of(&samples),

@@ -5,7 +5,6 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,14 +19,7 @@ pub(crate) const CONSOLE: &str = "console.log";
 
 /// A file only root may read, made empty.
 fn private_file(path: &Path) -> Result<File, TemplateError> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_error("creating", path))
+    vm::snapshot_file(path).map_err(io_error("creating", path))
 }
 
 fn now_ms() -> u64 {

@@ -216,6 +216,19 @@ impl Handed {
     }
 }
 
+/// A snapshot's file (state or memory) at `path`, made empty, readable by
+/// its maker only: a VMM is handed it open ([`Snapshot`]).
+pub fn snapshot_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// The jail's directory: made if missing, root's, empty.
 fn make_jail_root(root: &Path) -> Result<(), VmError> {
     use std::os::unix::fs::PermissionsExt;

@@ -7,7 +7,6 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,14 +31,7 @@ fn with_fds(mut command: Command, fds: Vec<RawFd>) -> Command {
 }
 
 fn private_file(path: &Path) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))
+    capsa_vm_process::snapshot_file(path).with_context(|| format!("creating {}", path.display()))
 }
 
 struct Snapshot {
