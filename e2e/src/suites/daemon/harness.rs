@@ -86,6 +86,29 @@ impl Output {
         )
     }
 
+    /// Whether capsad said the guest gave no answer (its words for a call
+    /// to the guest that timed out): the nested emulation's doing, as the
+    /// suites count it (a suite it hits runs again; a failure in every
+    /// run still counts).
+    pub fn unanswered(&self) -> bool {
+        self.stderr.contains("the guest is not responding")
+            || self.stderr.contains("Receiver timeout")
+    }
+
+    /// Ok when it exited 0; an emulation fault when the guest gave no
+    /// answer; else an error saying what it did.
+    pub fn succeeded(&self, what: &str) -> Result<()> {
+        match self.code {
+            Some(0) => Ok(()),
+            _ if self.unanswered() => Err(crate::suite::EmulationFault(format!(
+                "{what}: the microVM stopped answering: {}",
+                self.stderr.trim()
+            ))
+            .into()),
+            _ => bail!("{what}: {}", self.describe()),
+        }
+    }
+
     pub fn lines(&self) -> Vec<&str> {
         self.stdout.lines().collect()
     }

@@ -30,7 +30,7 @@ struct Identity {
 pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
     d.start()?;
     let import = d.import_busybox()?;
-    ensure!(import.code == Some(0), "import: {}", import.describe());
+    import.succeeded("import")?;
     let mut template = None;
     s.check(
         "a shape's first group boots from its kernel, and capsad builds its template after",
@@ -39,7 +39,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 "run", "-d", "--name", "first", "busybox", "sh", "-c",
                 "mkdir -p /www && echo served-by-first > /www/index.html && exec httpd -f -p 80 -h /www",
             ])?;
-            ensure!(web.code == Some(0), "run -d first: {}", web.describe());
+            web.succeeded("run -d first")?;
             let view = d.group("first")?;
             ensure!(view.template.is_none(), "first came from {:?}", view.template);
             let built = wait_for_template(d)?;
@@ -79,7 +79,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 "-c",
                 "echo hello-from-a; echo written-by-a > /data/file; exec sleep 600",
             ])?;
-            ensure!(run.code == Some(0), "run -d clone-a: {}", run.describe());
+            run.succeeded("run -d clone-a")?;
             restored_from(d, "clone-a", &template.id)?;
             let logs = wait_for_log(d, "clone-a", "hello-from-a")?;
             let read = exec(d, "clone-a", "cat /data/file")?;
@@ -100,7 +100,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
         "two clones of one template differ: random bytes, boot id, MAC and address",
         || {
             let run = d.capsa(&["run", "-d", "--name", "clone-b", "busybox", "sleep", "600"])?;
-            ensure!(run.code == Some(0), "run -d clone-b: {}", run.describe());
+            run.succeeded("run -d clone-b")?;
             restored_from(d, "clone-b", &template.id)?;
             for name in ["clone-a", "clone-b"] {
                 let identity = identity(d, name)?;
@@ -161,7 +161,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
                 "sleep",
                 "600",
             ])?;
-            ensure!(run.code == Some(0), "run -d cold: {}", run.describe());
+            run.succeeded("run -d cold")?;
             let view = d.group("cold")?;
             ensure!(
                 view.template.is_none() && view.spec.cold_boot,
@@ -183,7 +183,7 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
             let bytes = std::fs::read(&state).context("the template's state")?;
             std::fs::write(&state, &bytes[..bytes.len() / 2])?;
             let run = d.capsa(&["run", "-d", "--name", "clone-d", "busybox", "sleep", "600"])?;
-            ensure!(run.code == Some(0), "run -d clone-d: {}", run.describe());
+            run.succeeded("run -d clone-d")?;
             let view = d.group("clone-d")?;
             ensure!(
                 view.status == GroupStatus::Running && view.template.is_none(),
@@ -211,14 +211,14 @@ pub fn run(s: &mut Suite, d: &mut Capsad) -> Result<()> {
 
 fn exits(d: &Capsad, args: &[&str]) -> Result<()> {
     let out = d.capsa(args)?;
-    ensure!(out.code == Some(0), "capsa {args:?}: {}", out.describe());
+    out.succeeded(&format!("capsa {args:?}"))?;
     Ok(())
 }
 
 /// What `script` prints in `group`'s container, trimmed.
 fn exec(d: &Capsad, group: &str, script: &str) -> Result<String> {
     let out = d.capsa(&["exec", group, "--", "sh", "-c", script])?;
-    ensure!(out.code == Some(0), "exec in {group}: {}", out.describe());
+    out.succeeded(&format!("exec in {group}"))?;
     Ok(out.stdout.trim().to_string())
 }
 
